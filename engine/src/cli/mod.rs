@@ -1,0 +1,103 @@
+//! Command-line definitions and dispatch.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod replay;
+
+/// reel: a durable job engine for CI. Every lifecycle transition of every job is
+/// an event in a crash-safe log; the tools below read that log offline.
+#[derive(Parser, Debug)]
+#[command(name = "reel", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// State directory holding the log. Default: $REEL_STATE_DIR, else
+    /// $XDG_STATE_HOME/reel, else ~/.local/state/reel.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Log verbosity for reel's own diagnostics on stderr (error, warn, info,
+    /// debug, trace); RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "warn", value_name = "LEVEL")]
+    pub log_level: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// List every job in the log: id, name, runner, state, start and end.
+    Jobs(replay::JobsArgs),
+    /// Show a job's timeline (seq, time, event, details, time between events)
+    /// and its folded state, optionally as of an earlier seq.
+    Replay(replay::ReplayArgs),
+    /// Show a job's folded state now: phase, resources held, step results, and
+    /// what recovery would have to undo.
+    Inspect(replay::InspectArgs),
+    /// Print a job's events as JSON lines, one event per line.
+    Export(replay::ExportArgs),
+    /// Check every stored event and output chunk; report each corrupt one.
+    Verify(replay::VerifyArgs),
+}
+
+/// The state directory: the flag, else $REEL_STATE_DIR, else the XDG state dir.
+pub fn state_dir(flag: &Option<PathBuf>) -> PathBuf {
+    if let Some(d) = flag {
+        return d.clone();
+    }
+    if let Some(d) = std::env::var_os("REEL_STATE_DIR").filter(|v| !v.is_empty()) {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(d).join("reel");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/"), PathBuf::from);
+    home.join(".local/state/reel")
+}
+
+fn init_tracing(level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Parses the command line and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log_level);
+    let dir = state_dir(&cli.state_dir);
+    let result = match &cli.command {
+        Command::Jobs(a) => replay::jobs(&dir, a),
+        Command::Replay(a) => replay::replay(&dir, a),
+        Command::Inspect(a) => replay::inspect(&dir, a),
+        Command::Export(a) => replay::export(&dir, a),
+        Command::Verify(a) => replay::verify(&dir, a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("reel: {}", chain(&e));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// An error and its causes on one line, each said once.
+pub fn chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !out.contains(&c) {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+    }
+    out
+}

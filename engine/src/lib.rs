@@ -1,0 +1,15 @@
+//! The reel engine library: the event model, the durable event log, the pure state
+//! machine, the plugin loader and (later) the executor. The `reel` binary in
+//! `main.rs` is a thin command-line layer over this crate.
+
+pub mod codec;
+pub mod event;
+pub mod jobfile;
+pub mod log;
+#[cfg(feature = "plugins")]
+pub mod plugin;
+pub mod secrets;
+pub mod simulate;
+pub mod spec;
+pub mod state;
+pub mod time;

@@ -1,0 +1,1088 @@
+//! The durable event log: the only module that opens sled.
+//!
+//! # Layout
+//!
+//! One sled `Db` in `<state dir>/log/`, with five trees. Keys are raw big-endian
+//! bytes (never bincode) so they sort numerically; values are envelopes
+//! (`codec.rs`).
+//!
+//! | tree     | key                                   | value                            |
+//! |----------|---------------------------------------|----------------------------------|
+//! | `events` | job id u64 ++ seq u32                 | event envelope (kind 1..=0x7fff) |
+//! | `jobs`   | job id u64                            | [`JobSummary`] (kind 0x8001)     |
+//! | `live`   | job id u64                            | empty: the job is not terminal   |
+//! | `output` | job id u64 ++ step u32 ++ offset u64  | [`OutputChunk`] (kind 0x8002)    |
+//! | `meta`   | `format`, `next_job`                  | u16 BE, u64 BE                   |
+//!
+//! # Writing: one writer, group commit
+//!
+//! All mutation goes through one writer thread (running an async task on its
+//! own `smol::block_on`). Callers send requests over a bounded `async_channel`.
+//! Each round the writer takes every request waiting (up to a cap), checks each
+//! event against the job's folded state (an event the state machine rejects is
+//! refused and never written), writes all trees in **one sled transaction**,
+//! awaits `flush_async` (and, in [`Durability::Fsync`] mode, an `fdatasync` of
+//! the log file), and only then answers every caller. An append that returned
+//! `Ok` is durable; one that returned `Err` was not written.
+//!
+//! # Reading
+//!
+//! Readers go straight to the trees. A value that fails its checksum or does not
+//! decode is reported as [`LogError::Corrupt`] naming the job and seq (or output
+//! offset); other jobs stay readable.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+use crate::codec::{self, DecodeError};
+use crate::event::{Event, JobId, Outcome, Record, Seq};
+use crate::spec::JobSpec;
+use crate::state::{IllegalTransition, JobState, Phase};
+use crate::time::now_ms;
+
+/// Envelope kind of a job summary in the `jobs` tree.
+pub const KIND_SUMMARY: u16 = 0x8001;
+/// Envelope kind of an output chunk in the `output` tree.
+pub const KIND_OUTPUT: u16 = 0x8002;
+
+/// Requests the writer takes in one round at most.
+const MAX_BATCH: usize = 4096;
+/// Output bytes the writer takes in one round at most (a round may exceed it by one chunk).
+const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// Depth of the request channel: submitters wait (backpressure) beyond it.
+const CHANNEL_DEPTH: usize = 8192;
+
+/// How hard an acknowledged append is pushed to stable storage.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Durability {
+    /// sled's `flush`: `pwrite` + `sync_file_range(WAIT_BEFORE|WRITE|WAIT_AFTER)`
+    /// on the written range. Survives a crash of the process; survives power loss
+    /// only if the drive has no volatile write cache and the file's size and
+    /// extents were already on disk.
+    Flush,
+    /// `flush` and then `fdatasync` of the log file: also pushes the drive's
+    /// write cache and the file metadata needed to read the data back. Survives
+    /// power loss on a drive that honours cache flushes. The default.
+    #[default]
+    Fsync,
+}
+
+/// Options for opening a log.
+#[derive(Clone, Debug, Default)]
+pub struct LogOptions {
+    /// Durability of acknowledged appends.
+    pub durability: Durability,
+}
+
+/// Why a log operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// Another process (a running engine) has the log open.
+    #[error(
+        "the log at {} is in use by another process{}; stop it, or ask the running engine instead",
+        path.display(),
+        holder.map(|p| format!(" (engine pid {p})")).unwrap_or_default()
+    )]
+    Locked {
+        /// The log directory.
+        path: PathBuf,
+        /// The pid recorded by the engine that holds it, if known.
+        holder: Option<u32>,
+    },
+    /// No log exists at the path (only for read-only opens).
+    #[error("no reel log at {}", .0.display())]
+    Missing(PathBuf),
+    /// sled failed.
+    #[error("the log's storage failed")]
+    Storage(#[from] sled::Error),
+    /// A filesystem operation around the log failed.
+    #[error("{what} {}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A stored event does not decode.
+    #[error("job {job} seq {seq}: stored event is corrupt")]
+    Corrupt {
+        /// The job.
+        job: JobId,
+        /// The seq of the corrupt event.
+        seq: Seq,
+        /// What is wrong with the bytes.
+        #[source]
+        source: DecodeError,
+    },
+    /// A stored job summary or output chunk does not decode.
+    #[error("job {job}: stored {what} is corrupt")]
+    CorruptRecord {
+        /// The job.
+        job: JobId,
+        /// What kind of record.
+        what: String,
+        /// What is wrong with the bytes.
+        #[source]
+        source: DecodeError,
+    },
+    /// A key that does not have the layout its tree uses.
+    #[error("malformed key in tree {tree}: {len} bytes")]
+    BadKey {
+        /// The tree.
+        tree: &'static str,
+        /// The key's length.
+        len: usize,
+    },
+    /// The log was written by a newer or unknown format.
+    #[error("the log is format {found}; this build reads format {expected}")]
+    Format {
+        /// Format found in `meta`.
+        found: u16,
+        /// Format this build reads.
+        expected: u16,
+    },
+    /// The state machine refused the event; nothing was written.
+    #[error(transparent)]
+    Illegal(#[from] IllegalTransition),
+    /// The job does not exist.
+    #[error("no job {0} in the log")]
+    UnknownJob(JobId),
+    /// Output would leave a gap in a step's stream.
+    #[error("job {job} step {step}: output at offset {offset} leaves a gap after {end}")]
+    OutputGap {
+        /// The job.
+        job: JobId,
+        /// The step index.
+        step: u32,
+        /// The chunk's offset.
+        offset: u64,
+        /// Where the stored stream ends.
+        end: u64,
+    },
+    /// The writer stopped (after a storage failure, or on close).
+    #[error("the log writer has stopped{}", .0.as_ref().map(|r| format!(": {r}")).unwrap_or_default())]
+    WriterStopped(Option<String>),
+}
+
+/// Which stream a chunk of output came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// A stored piece of a step's output.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputChunk {
+    /// Byte offset of the first byte in the step's combined output.
+    pub offset: u64,
+    /// Which stream.
+    pub stream: Stream,
+    /// The bytes, exactly as the step wrote them (after secret masking).
+    pub bytes: Vec<u8>,
+}
+
+/// What `reel jobs` lists, kept per job in the `jobs` tree.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSummary {
+    /// The job.
+    pub id: JobId,
+    /// The job's name.
+    pub name: String,
+    /// Its runner.
+    pub runner: String,
+    /// Who submitted it.
+    pub owner: String,
+    /// Current phase (snake case).
+    pub phase: String,
+    /// Outcome, once decided.
+    pub outcome: Option<Outcome>,
+    /// Submission time, Unix ms.
+    pub submitted_ms: u64,
+    /// End time, Unix ms.
+    pub finished_ms: Option<u64>,
+    /// Seq of the last event.
+    pub last_seq: Seq,
+    /// Steps in the spec.
+    pub steps: u32,
+}
+
+impl JobSummary {
+    fn of(state: &JobState) -> JobSummary {
+        let spec = state.spec.as_ref();
+        JobSummary {
+            id: state.id,
+            name: spec.map(|s| s.name.clone()).unwrap_or_default(),
+            runner: spec.map(|s| s.runner.clone()).unwrap_or_default(),
+            owner: spec.map(|s| s.owner.clone()).unwrap_or_default(),
+            phase: state.phase.as_str().to_string(),
+            outcome: state.outcome,
+            submitted_ms: state.submitted_ms.unwrap_or(0),
+            finished_ms: state.finished_ms,
+            last_seq: state.seq,
+            steps: u32::try_from(state.step_count()).unwrap_or(u32::MAX),
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        codec::wrap(KIND_SUMMARY, &codec::encode_payload(self))
+    }
+
+    fn decode(bytes: &[u8]) -> Result<JobSummary, DecodeError> {
+        let env = codec::unwrap(bytes)?;
+        if env.kind != KIND_SUMMARY {
+            return Err(DecodeError::UnknownKind(env.kind));
+        }
+        codec::decode_payload(env.kind, env.payload)
+    }
+}
+
+fn encode_chunk(stream: Stream, bytes: &[u8]) -> Vec<u8> {
+    codec::wrap(KIND_OUTPUT, &codec::encode_payload(&(stream, bytes)))
+}
+
+fn decode_chunk(bytes: &[u8]) -> Result<(Stream, Vec<u8>), DecodeError> {
+    let env = codec::unwrap(bytes)?;
+    if env.kind != KIND_OUTPUT {
+        return Err(DecodeError::UnknownKind(env.kind));
+    }
+    codec::decode_payload(env.kind, env.payload)
+}
+
+/// `job ++ seq`, big-endian.
+pub fn event_key(job: JobId, seq: Seq) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..8].copy_from_slice(&job.to_be_bytes());
+    k[8..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn output_key(job: JobId, step: u32, offset: u64) -> [u8; 20] {
+    let mut k = [0u8; 20];
+    k[..8].copy_from_slice(&job.to_be_bytes());
+    k[8..12].copy_from_slice(&step.to_be_bytes());
+    k[12..].copy_from_slice(&offset.to_be_bytes());
+    k
+}
+
+fn be_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?))
+}
+
+fn be_u32(bytes: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?))
+}
+
+/// A request to the writer.
+enum Request {
+    Submit {
+        spec: Box<JobSpec>,
+        reply: async_channel::Sender<Result<JobId, LogError>>,
+    },
+    Append {
+        job: JobId,
+        event: Event,
+        reply: async_channel::Sender<Result<Seq, LogError>>,
+    },
+    Output {
+        job: JobId,
+        step: u32,
+        offset: u64,
+        stream: Stream,
+        bytes: Vec<u8>,
+        reply: async_channel::Sender<Result<u64, LogError>>,
+    },
+}
+
+struct Trees {
+    db: sled::Db,
+    events: sled::Tree,
+    jobs: sled::Tree,
+    live: sled::Tree,
+    output: sled::Tree,
+    meta: sled::Tree,
+}
+
+struct Shared {
+    trees: Trees,
+    dir: PathBuf,
+    tx: async_channel::Sender<Request>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    /// In-memory state of every live job, shared with the writer for reads.
+    live: Arc<Mutex<HashMap<JobId, JobState>>>,
+}
+
+/// The event log. Cheap to clone; the writer stops when the last clone drops.
+#[derive(Clone)]
+pub struct EventLog {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for EventLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLog").field("dir", &self.shared.dir).finish()
+    }
+}
+
+const PID_FILE: &str = "engine.pid";
+const DB_DIR: &str = "log";
+
+/// Whether a state directory holds a log.
+pub fn exists(state_dir: &Path) -> bool {
+    state_dir.join(DB_DIR).join("conf").exists()
+}
+
+fn read_holder(state_dir: &Path) -> Option<u32> {
+    std::fs::read_to_string(state_dir.join(PID_FILE)).ok()?.trim().parse().ok()
+}
+
+fn is_lock_error(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+}
+
+fn open_trees(state_dir: &Path) -> Result<Trees, LogError> {
+    let path = state_dir.join(DB_DIR);
+    let db = sled::Config::new()
+        .path(&path)
+        .cache_capacity(256 * 1024 * 1024)
+        .flush_every_ms(None)
+        .open()
+        .map_err(|e| {
+            if is_lock_error(&e) {
+                LogError::Locked {
+                    path: path.clone(),
+                    holder: read_holder(state_dir),
+                }
+            } else {
+                LogError::Storage(e)
+            }
+        })?;
+    let meta = db.open_tree("meta")?;
+    match meta.get("format")? {
+        Some(v) => {
+            let found = u16::from_be_bytes(v.as_ref().try_into().map_err(|_| LogError::BadKey {
+                tree: "meta",
+                len: v.len(),
+            })?);
+            if found != codec::FORMAT_VERSION {
+                return Err(LogError::Format {
+                    found,
+                    expected: codec::FORMAT_VERSION,
+                });
+            }
+        }
+        None => {
+            meta.insert("format", &codec::FORMAT_VERSION.to_be_bytes())?;
+        }
+    }
+    Ok(Trees {
+        events: db.open_tree("events")?,
+        jobs: db.open_tree("jobs")?,
+        live: db.open_tree("live")?,
+        output: db.open_tree("output")?,
+        meta,
+        db,
+    })
+}
+
+impl EventLog {
+    /// Opens (creating if needed) the log in `state_dir` and starts its writer.
+    ///
+    /// Folds every live job into memory so appends can be checked; the cost is
+    /// proportional to the live jobs' histories, not to the whole log.
+    pub fn open(state_dir: &Path, options: LogOptions) -> Result<EventLog, LogError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| LogError::Io {
+            what: "cannot create the state directory",
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        let trees = open_trees(state_dir)?;
+        let _ = std::fs::write(state_dir.join(PID_FILE), std::process::id().to_string());
+        let fsync_file = match options.durability {
+            Durability::Fsync => {
+                let p = state_dir.join(DB_DIR).join("db");
+                Some(File::open(&p).map_err(|source| LogError::Io {
+                    what: "cannot open for fdatasync",
+                    path: p,
+                    source,
+                })?)
+            }
+            Durability::Flush => None,
+        };
+        let mut live = HashMap::new();
+        for id in live_ids(&trees.live)? {
+            let state = fold_from(&trees.events, id)?;
+            live.insert(id, state);
+        }
+        let next_job = match trees.meta.get("next_job")? {
+            Some(v) => be_u64(&v).ok_or(LogError::BadKey {
+                tree: "meta",
+                len: v.len(),
+            })?,
+            None => 1,
+        };
+        let live = Arc::new(Mutex::new(live));
+        let (tx, rx) = async_channel::bounded(CHANNEL_DEPTH);
+        let writer = Writer {
+            trees: Trees {
+                db: trees.db.clone(),
+                events: trees.events.clone(),
+                jobs: trees.jobs.clone(),
+                live: trees.live.clone(),
+                output: trees.output.clone(),
+                meta: trees.meta.clone(),
+            },
+            rx,
+            live: live.clone(),
+            next_job,
+            fsync_file,
+            output_ends: HashMap::new(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("reel-log-writer".into())
+            .spawn(move || smol::block_on(writer.run()))
+            .map_err(|source| LogError::Io {
+                what: "cannot start the log writer thread for",
+                path: state_dir.to_path_buf(),
+                source,
+            })?;
+        Ok(EventLog {
+            shared: Arc::new(Shared {
+                trees,
+                dir: state_dir.to_path_buf(),
+                tx,
+                writer: Mutex::new(Some(handle)),
+                live,
+            }),
+        })
+    }
+
+    /// Opens the log of an engine that is not running, for reading, without
+    /// changing a byte of it: the log directory is copied to a temporary
+    /// directory and the copy is opened. Refuses (with [`LogError::Locked`]) a
+    /// log another process holds.
+    pub fn open_snapshot(state_dir: &Path) -> Result<(EventLog, Snapshot), LogError> {
+        let src = state_dir.join(DB_DIR);
+        if !exists(state_dir) {
+            return Err(LogError::Missing(state_dir.to_path_buf()));
+        }
+        check_unlocked(state_dir)?;
+        let tmp = std::env::temp_dir().join(format!(
+            "reel-snapshot-{}-{}",
+            std::process::id(),
+            now_ms()
+        ));
+        copy_dir(&src, &tmp.join(DB_DIR))?;
+        let log = EventLog::open(
+            &tmp,
+            LogOptions {
+                durability: Durability::Flush,
+            },
+        )?;
+        Ok((log, Snapshot { dir: tmp }))
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(async_channel::Sender<Result<T, LogError>>) -> Request,
+    ) -> Result<T, LogError> {
+        let (reply, answer) = async_channel::bounded(1);
+        self.shared
+            .tx
+            .send(make(reply))
+            .await
+            .map_err(|_| LogError::WriterStopped(None))?;
+        answer
+            .recv()
+            .await
+            .map_err(|_| LogError::WriterStopped(None))?
+    }
+
+    /// Submits a job: allocates its id and appends `Submitted`. Returns once durable.
+    pub async fn submit(&self, spec: JobSpec) -> Result<JobId, LogError> {
+        self.request(|reply| Request::Submit {
+            spec: Box::new(spec),
+            reply,
+        })
+        .await
+    }
+
+    /// Appends an event to a job. Returns its seq once it is durable; an event the
+    /// state machine refuses is not written and returns [`LogError::Illegal`].
+    pub async fn append(&self, job: JobId, event: Event) -> Result<Seq, LogError> {
+        self.request(|reply| Request::Append { job, event, reply }).await
+    }
+
+    /// Stores a piece of a step's output at `offset` in its combined stream.
+    /// Returns the stream's stored end once durable. Bytes below the stored end
+    /// are duplicates (a resumed stream) and are skipped; a chunk starting past
+    /// the end is refused with [`LogError::OutputGap`].
+    pub async fn append_output(
+        &self,
+        job: JobId,
+        step: u32,
+        offset: u64,
+        stream: Stream,
+        bytes: Vec<u8>,
+    ) -> Result<u64, LogError> {
+        self.request(|reply| Request::Output {
+            job,
+            step,
+            offset,
+            stream,
+            bytes,
+            reply,
+        })
+        .await
+    }
+
+    /// Blocking form of [`EventLog::append`], for threads outside an executor.
+    pub fn append_blocking(&self, job: JobId, event: Event) -> Result<Seq, LogError> {
+        smol::block_on(self.append(job, event))
+    }
+
+    /// Blocking form of [`EventLog::submit`].
+    pub fn submit_blocking(&self, spec: JobSpec) -> Result<JobId, LogError> {
+        smol::block_on(self.submit(spec))
+    }
+
+    /// The folded state of a live job, from memory.
+    pub fn live_state(&self, job: JobId) -> Option<JobState> {
+        lock(&self.shared.live).get(&job).cloned()
+    }
+
+    /// Ids of every non-terminal job, ascending. Reads only the `live` tree.
+    pub fn live_jobs(&self) -> Result<Vec<JobId>, LogError> {
+        live_ids(&self.shared.trees.live)
+    }
+
+    /// Every job's summary, ascending by id. A corrupt summary is an `Err` item;
+    /// the iteration goes on past it.
+    pub fn jobs(&self) -> impl Iterator<Item = Result<JobSummary, LogError>> + '_ {
+        self.shared.trees.jobs.iter().map(|item| {
+            let (k, v) = item?;
+            let id = be_u64(&k).ok_or(LogError::BadKey {
+                tree: "jobs",
+                len: k.len(),
+            })?;
+            JobSummary::decode(&v).map_err(|source| LogError::CorruptRecord {
+                job: id,
+                what: "job summary".into(),
+                source,
+            })
+        })
+    }
+
+    /// A job's summary.
+    pub fn summary(&self, job: JobId) -> Result<JobSummary, LogError> {
+        let v = self
+            .shared
+            .trees
+            .jobs
+            .get(job.to_be_bytes())?
+            .ok_or(LogError::UnknownJob(job))?;
+        JobSummary::decode(&v).map_err(|source| LogError::CorruptRecord {
+            job,
+            what: "job summary".into(),
+            source,
+        })
+    }
+
+    /// A job's events in seq order. A corrupt event is an `Err` item naming its
+    /// seq; the iteration goes on past it.
+    pub fn events(&self, job: JobId) -> impl Iterator<Item = Result<Record, LogError>> + '_ {
+        events_of(&self.shared.trees.events, job)
+    }
+
+    /// Folds a job's whole history.
+    pub fn fold(&self, job: JobId) -> Result<JobState, LogError> {
+        fold_from(&self.shared.trees.events, job)
+    }
+
+    /// Folds a job's history up to and including `seq`.
+    pub fn fold_at(&self, job: JobId, seq: Seq) -> Result<JobState, LogError> {
+        let mut state = JobState::new(job);
+        for r in self.events(job) {
+            let r = r?;
+            if r.seq > seq {
+                break;
+            }
+            state.apply_mut(r.at_ms, &r.event)?;
+        }
+        if state.seq == 0 {
+            return Err(LogError::UnknownJob(job));
+        }
+        Ok(state)
+    }
+
+    /// A step's stored output from `from` on, in offset order.
+    pub fn output(
+        &self,
+        job: JobId,
+        step: u32,
+        from: u64,
+    ) -> impl Iterator<Item = Result<OutputChunk, LogError>> + '_ {
+        let start = output_key(job, step, 0);
+        let end = output_key(job, step, u64::MAX);
+        self.shared
+            .trees
+            .output
+            .range(start..=end)
+            .map(move |item| {
+                let (k, v) = item?;
+                let offset = be_u64(&k[12..]).ok_or(LogError::BadKey {
+                    tree: "output",
+                    len: k.len(),
+                })?;
+                let (stream, bytes) = decode_chunk(&v).map_err(|source| LogError::CorruptRecord {
+                    job,
+                    what: format!("output chunk of step {step} at offset {offset}"),
+                    source,
+                })?;
+                Ok(OutputChunk {
+                    offset,
+                    stream,
+                    bytes,
+                })
+            })
+            .filter(move |c| match c {
+                Ok(c) => c.offset + c.bytes.len() as u64 > from,
+                Err(_) => true,
+            })
+    }
+
+    /// Where a step's stored output ends (the next offset to write).
+    pub fn output_end(&self, job: JobId, step: u32) -> Result<u64, LogError> {
+        output_end(&self.shared.trees.output, job, step)
+    }
+
+    /// Bytes the log occupies on disk.
+    pub fn size_on_disk(&self) -> Result<u64, LogError> {
+        Ok(self.shared.trees.db.size_on_disk()?)
+    }
+
+    /// Stops the writer after it has answered every request sent before, and
+    /// flushes. Further appends fail with [`LogError::WriterStopped`].
+    pub fn close(&self) {
+        self.shared.tx.close();
+        if let Some(h) = lock(&self.shared.writer).take() {
+            let _ = h.join();
+        }
+        let _ = self.shared.trees.db.flush();
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.tx.close();
+        if let Some(h) = lock(&self.writer).take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// A temporary copy of a log, removed when dropped.
+#[derive(Debug)]
+pub struct Snapshot {
+    dir: PathBuf,
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding this lock cannot leave the map half-updated in a way
+    // that matters (inserts and removes are single operations), so recover it.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn check_unlocked(state_dir: &Path) -> Result<(), LogError> {
+    let db = state_dir.join(DB_DIR).join("db");
+    let file = match File::open(&db) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(LogError::Io {
+                what: "cannot open",
+                path: db,
+                source,
+            });
+        }
+    };
+    // sled holds an exclusive flock on `db` while open; a shared, non-blocking
+    // try tells whether a live process holds it without disturbing it.
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockShared) {
+        Ok(()) => {
+            let _ = rustix::fs::flock(&file, rustix::fs::FlockOperation::Unlock);
+            Ok(())
+        }
+        Err(_) => Err(LogError::Locked {
+            path: state_dir.join(DB_DIR),
+            holder: read_holder(state_dir),
+        }),
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<(), LogError> {
+    let io = |what: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| LogError::Io { what, path, source }
+    };
+    std::fs::create_dir_all(to).map_err(io("cannot create", to))?;
+    for entry in std::fs::read_dir(from).map_err(io("cannot read", from))? {
+        let entry = entry.map_err(io("cannot read", from))?;
+        let target = to.join(entry.file_name());
+        let ty = entry.file_type().map_err(io("cannot stat", &entry.path()))?;
+        if ty.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else if ty.is_file() {
+            std::fs::copy(entry.path(), &target).map_err(io("cannot copy", &entry.path()))?;
+        }
+    }
+    Ok(())
+}
+
+fn live_ids(live: &sled::Tree) -> Result<Vec<JobId>, LogError> {
+    live.iter()
+        .keys()
+        .map(|k| {
+            let k = k?;
+            be_u64(&k).ok_or(LogError::BadKey {
+                tree: "live",
+                len: k.len(),
+            })
+        })
+        .collect()
+}
+
+fn events_of(events: &sled::Tree, job: JobId) -> impl Iterator<Item = Result<Record, LogError>> + '_ {
+    events
+        .range(event_key(job, 0)..=event_key(job, Seq::MAX))
+        .map(move |item| {
+            let (k, v) = item?;
+            let seq = be_u32(&k[8..]).ok_or(LogError::BadKey {
+                tree: "events",
+                len: k.len(),
+            })?;
+            let (at_ms, event) =
+                Event::decode(&v).map_err(|source| LogError::Corrupt { job, seq, source })?;
+            Ok(Record {
+                job,
+                seq,
+                at_ms,
+                event,
+            })
+        })
+}
+
+fn fold_from(events: &sled::Tree, job: JobId) -> Result<JobState, LogError> {
+    let mut state = JobState::new(job);
+    for r in events_of(events, job) {
+        let r = r?;
+        state.apply_mut(r.at_ms, &r.event)?;
+    }
+    if state.seq == 0 {
+        return Err(LogError::UnknownJob(job));
+    }
+    Ok(state)
+}
+
+fn output_end(output: &sled::Tree, job: JobId, step: u32) -> Result<u64, LogError> {
+    let last = output
+        .range(output_key(job, step, 0)..=output_key(job, step, u64::MAX))
+        .next_back();
+    match last {
+        None => Ok(0),
+        Some(item) => {
+            let (k, v) = item?;
+            let offset = be_u64(&k[12..]).ok_or(LogError::BadKey {
+                tree: "output",
+                len: k.len(),
+            })?;
+            let (_, bytes) = decode_chunk(&v).map_err(|source| LogError::CorruptRecord {
+                job,
+                what: format!("output chunk of step {step} at offset {offset}"),
+                source,
+            })?;
+            Ok(offset + bytes.len() as u64)
+        }
+    }
+}
+
+/// The writer: owns every mutation of the trees.
+struct Writer {
+    trees: Trees,
+    rx: async_channel::Receiver<Request>,
+    live: Arc<Mutex<HashMap<JobId, JobState>>>,
+    next_job: JobId,
+    fsync_file: Option<File>,
+    /// Stored end of each live step's output stream (cache of the `output` tree).
+    output_ends: HashMap<(JobId, u32), u64>,
+}
+
+/// One round's writes, grouped per tree.
+#[derive(Default)]
+struct Round {
+    events: sled::Batch,
+    jobs: BTreeMap<JobId, Vec<u8>>,
+    live_add: Vec<JobId>,
+    live_remove: Vec<JobId>,
+    output: sled::Batch,
+    next_job: Option<JobId>,
+    replies: Vec<Reply>,
+    output_bytes: usize,
+}
+
+enum Reply {
+    Job(async_channel::Sender<Result<JobId, LogError>>, JobId),
+    Seq(async_channel::Sender<Result<Seq, LogError>>, Seq),
+    End(async_channel::Sender<Result<u64, LogError>>, u64),
+}
+
+impl Reply {
+    fn ok(self) {
+        // A caller that gave up waiting has dropped its receiver; nothing to do.
+        match self {
+            Reply::Job(tx, v) => drop(tx.try_send(Ok(v))),
+            Reply::Seq(tx, v) => drop(tx.try_send(Ok(v))),
+            Reply::End(tx, v) => drop(tx.try_send(Ok(v))),
+        }
+    }
+
+    fn fail(self, why: &str) {
+        let err = || LogError::WriterStopped(Some(why.to_string()));
+        match self {
+            Reply::Job(tx, _) => drop(tx.try_send(Err(err()))),
+            Reply::Seq(tx, _) => drop(tx.try_send(Err(err()))),
+            Reply::End(tx, _) => drop(tx.try_send(Err(err()))),
+        }
+    }
+}
+
+impl Writer {
+    async fn run(mut self) {
+        while let Ok(first) = self.rx.recv().await {
+            let mut round = Round::default();
+            // Jobs touched this round, with the state before the round, so a
+            // failed commit can put memory back the way the disk is.
+            let mut touched: HashMap<JobId, Option<JobState>> = HashMap::new();
+            self.take(first, &mut round, &mut touched);
+            while round.replies.len() < MAX_BATCH && round.output_bytes < MAX_BATCH_BYTES {
+                match self.rx.try_recv() {
+                    Ok(req) => self.take(req, &mut round, &mut touched),
+                    Err(_) => break,
+                }
+            }
+            if round.replies.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.commit(&round).await {
+                let why = e.to_string();
+                tracing::error!(error = %why, "log commit failed; the writer stops");
+                for r in round.replies.drain(..) {
+                    r.fail(&why);
+                }
+                self.rx.close();
+                while let Ok(req) = self.rx.try_recv() {
+                    let reply = match req {
+                        Request::Submit { reply, .. } => Reply::Job(reply, 0),
+                        Request::Append { reply, .. } => Reply::Seq(reply, 0),
+                        Request::Output { reply, .. } => Reply::End(reply, 0),
+                    };
+                    reply.fail(&why);
+                }
+                let mut live = lock(&self.live);
+                for (job, before) in touched {
+                    match before {
+                        Some(s) => live.insert(job, s),
+                        None => live.remove(&job),
+                    };
+                }
+                return;
+            }
+            for r in round.replies.drain(..) {
+                r.ok();
+            }
+        }
+    }
+
+    /// Checks one request and stages its writes, or answers it with an error.
+    fn take(
+        &mut self,
+        req: Request,
+        round: &mut Round,
+        touched: &mut HashMap<JobId, Option<JobState>>,
+    ) {
+        let at = now_ms();
+        match req {
+            Request::Submit { spec, reply } => {
+                let id = self.next_job;
+                let mut state = JobState::new(id);
+                let event = Event::Submitted { spec: *spec };
+                if let Err(e) = state.apply_mut(at, &event) {
+                    let _ = reply.try_send(Err(e.into()));
+                    return;
+                }
+                self.next_job += 1;
+                round.next_job = Some(self.next_job);
+                round.events.insert(&event_key(id, 1), event.encode(at));
+                round.jobs.insert(id, JobSummary::of(&state).encode());
+                round.live_add.push(id);
+                touched.entry(id).or_insert(None);
+                lock(&self.live).insert(id, state);
+                round.replies.push(Reply::Job(reply, id));
+            }
+            Request::Append { job, event, reply } => {
+                let mut live = lock(&self.live);
+                let Some(state) = live.get_mut(&job) else {
+                    drop(live);
+                    let err = self.not_live(job, &event);
+                    let _ = reply.try_send(Err(err));
+                    return;
+                };
+                let before = state.clone();
+                if let Err(e) = state.apply_mut(at, &event) {
+                    let _ = reply.try_send(Err(e.into()));
+                    return;
+                }
+                touched.entry(job).or_insert(Some(before));
+                let seq = state.seq;
+                round.events.insert(&event_key(job, seq), event.encode(at));
+                round.jobs.insert(job, JobSummary::of(state).encode());
+                if state.phase == Phase::Terminal {
+                    round.live_remove.push(job);
+                    live.remove(&job);
+                    self.output_ends.retain(|(j, _), _| *j != job);
+                }
+                round.replies.push(Reply::Seq(reply, seq));
+            }
+            Request::Output {
+                job,
+                step,
+                offset,
+                stream,
+                bytes,
+                reply,
+            } => {
+                if !lock(&self.live).contains_key(&job) {
+                    let _ = reply.try_send(Err(self.not_live(job, &Event::Queued {})));
+                    return;
+                }
+                let end = match self.output_ends.get(&(job, step)) {
+                    Some(e) => *e,
+                    None => match output_end(&self.trees.output, job, step) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            let _ = reply.try_send(Err(e));
+                            return;
+                        }
+                    },
+                };
+                if offset > end {
+                    let _ = reply.try_send(Err(LogError::OutputGap {
+                        job,
+                        step,
+                        offset,
+                        end,
+                    }));
+                    return;
+                }
+                let skip = usize::try_from(end - offset).unwrap_or(usize::MAX);
+                let mut new_end = end;
+                if skip < bytes.len() {
+                    let fresh = &bytes[skip..];
+                    round
+                        .output
+                        .insert(&output_key(job, step, end), encode_chunk(stream, fresh));
+                    round.output_bytes += fresh.len();
+                    new_end = end + fresh.len() as u64;
+                }
+                self.output_ends.insert((job, step), new_end);
+                round.replies.push(Reply::End(reply, new_end));
+            }
+        }
+    }
+
+    fn not_live(&self, job: JobId, event: &Event) -> LogError {
+        match self.trees.jobs.get(job.to_be_bytes()) {
+            Ok(Some(v)) => match JobSummary::decode(&v) {
+                Ok(s) => LogError::Illegal(IllegalTransition {
+                    job,
+                    seq: s.last_seq,
+                    phase: "terminal",
+                    event: event.name(),
+                    why: "the job has already ended".into(),
+                }),
+                Err(source) => LogError::CorruptRecord {
+                    job,
+                    what: "job summary".into(),
+                    source,
+                },
+            },
+            Ok(None) => LogError::UnknownJob(job),
+            Err(e) => LogError::Storage(e),
+        }
+    }
+
+    async fn commit(&mut self, round: &Round) -> Result<(), LogError> {
+        let mut jobs = sled::Batch::default();
+        for (id, v) in &round.jobs {
+            jobs.insert(&id.to_be_bytes(), v.clone());
+        }
+        let mut live = sled::Batch::default();
+        for id in &round.live_add {
+            live.insert(&id.to_be_bytes(), &[]);
+        }
+        for id in &round.live_remove {
+            live.remove(&id.to_be_bytes());
+        }
+        let mut meta = sled::Batch::default();
+        if let Some(n) = round.next_job {
+            meta.insert("next_job", &n.to_be_bytes());
+        }
+        let t = &self.trees;
+        (&t.events, &t.jobs, &t.live, &t.output, &t.meta)
+            .transaction(|(e, j, l, o, m)| {
+                e.apply_batch(&round.events)?;
+                j.apply_batch(&jobs)?;
+                l.apply_batch(&live)?;
+                o.apply_batch(&round.output)?;
+                m.apply_batch(&meta)?;
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => LogError::Storage(e),
+                TransactionError::Abort(()) => LogError::WriterStopped(Some("transaction aborted".into())),
+            })?;
+        t.db.flush_async().await?;
+        if let Some(f) = &self.fsync_file {
+            f.sync_data().map_err(|source| LogError::Io {
+                what: "fdatasync failed on",
+                path: PathBuf::from("log/db"),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}

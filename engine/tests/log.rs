@@ -1,0 +1,216 @@
+//! The event log against a real sled directory: ordering, refusals, the live
+//! set, output streams, reopening, and durability across a real SIGKILL.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use reel_engine::event::{Event, Outcome};
+use reel_engine::log::{EventLog, LogError, LogOptions, Stream};
+use reel_engine::simulate::{Ending, run_job, spec};
+use reel_engine::state::Phase;
+
+fn open(dir: &std::path::Path) -> EventLog {
+    EventLog::open(dir, LogOptions::default()).unwrap()
+}
+
+#[test]
+fn events_come_back_in_order_and_fold_to_the_live_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path());
+    let job = smol::block_on(run_job(&log, spec("a", 3), 1, Ending::StopAfter(2))).unwrap();
+    let records: Vec<_> = log.events(job).map(Result::unwrap).collect();
+    assert_eq!(
+        records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (1..=records.len() as u32).collect::<Vec<_>>()
+    );
+    assert!(matches!(records[0].event, Event::Submitted { .. }));
+    assert!(matches!(records.last().unwrap().event, Event::StepFinished { index: 1, .. }));
+    let folded = log.fold(job).unwrap();
+    assert_eq!(Some(folded.clone()), log.live_state(job));
+    assert_eq!(folded.phase, Phase::Connected);
+    assert_eq!(folded.steps_finished(), 2);
+}
+
+#[test]
+fn an_illegal_event_is_refused_and_not_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path());
+    let job = log.submit_blocking(spec("a", 1)).unwrap();
+    let err = log.append_blocking(job, Event::SlotGranted {}).unwrap_err();
+    assert!(matches!(err, LogError::Illegal(_)), "{err}");
+    assert!(err.to_string().contains("SlotGranted is not allowed in phase submitted"), "{err}");
+    assert_eq!(log.events(job).count(), 1);
+    assert_eq!(log.append_blocking(job, Event::Queued {}).unwrap(), 2);
+}
+
+#[test]
+fn unknown_and_ended_jobs_refuse_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path());
+    assert!(matches!(
+        log.append_blocking(99, Event::Queued {}),
+        Err(LogError::UnknownJob(99))
+    ));
+    let job = smol::block_on(run_job(&log, spec("a", 1), 1, Ending::Success)).unwrap();
+    let err = log.append_blocking(job, Event::RunnerNotice { message: "x".into() }).unwrap_err();
+    assert!(err.to_string().contains("already ended"), "{err}");
+}
+
+#[test]
+fn the_live_set_holds_exactly_the_unfinished_jobs_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (done, live_a, live_b);
+    {
+        let log = open(dir.path());
+        done = smol::block_on(run_job(&log, spec("done", 2), 1, Ending::Success)).unwrap();
+        live_a = smol::block_on(run_job(&log, spec("a", 2), 2, Ending::StopAfter(1))).unwrap();
+        live_b = log.submit_blocking(spec("b", 1)).unwrap();
+        assert_eq!(log.live_jobs().unwrap(), vec![live_a, live_b]);
+        log.close();
+    }
+    let log = open(dir.path());
+    assert_eq!(log.live_jobs().unwrap(), vec![live_a, live_b]);
+    assert!(log.live_state(done).is_none());
+    assert_eq!(log.live_state(live_a).unwrap().phase, Phase::Connected);
+    assert_eq!(log.summary(done).unwrap().outcome, Some(Outcome::Succeeded));
+    // Ids keep counting after a reopen.
+    assert_eq!(log.submit_blocking(spec("c", 1)).unwrap(), live_b + 1);
+    let all: Vec<_> = log.jobs().map(|s| s.unwrap().id).collect();
+    assert_eq!(all, vec![done, live_a, live_b, live_b + 1]);
+}
+
+#[test]
+fn output_is_stored_without_gap_or_duplicate() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path());
+    let job = smol::block_on(run_job(&log, spec("a", 2), 1, Ending::StopAfter(0))).unwrap();
+    log.append_blocking(job, Event::StepStarted { index: 0, exec_id: 1 }).unwrap();
+    let put = |offset, bytes: &[u8]| {
+        smol::block_on(log.append_output(job, 0, offset, Stream::Stdout, bytes.to_vec()))
+    };
+    assert_eq!(put(0, b"hello ").unwrap(), 6);
+    assert_eq!(put(6, b"wor").unwrap(), 9);
+    // A resumed stream re-sends bytes already stored: only the new tail is kept.
+    assert_eq!(put(3, b"lo world\xff\n").unwrap(), 13);
+    assert_eq!(put(0, b"hel").unwrap(), 13);
+    let gap = put(20, b"x").unwrap_err();
+    assert!(matches!(gap, LogError::OutputGap { end: 13, offset: 20, .. }), "{gap}");
+    log.close();
+    drop(log);
+    let log = open(dir.path());
+    let bytes: Vec<u8> = log.output(job, 0, 0).flat_map(|c| c.unwrap().bytes).collect();
+    assert_eq!(bytes, b"hello world\xff\n");
+    assert_eq!(log.output_end(job, 0).unwrap(), 13);
+    let from_7: Vec<u64> = log.output(job, 0, 7).map(|c| c.unwrap().offset).collect();
+    assert_eq!(from_7, vec![6, 9], "chunks overlapping offset 7 onwards");
+}
+
+#[test]
+fn many_concurrent_submitters_all_land_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path());
+    let jobs: Vec<u64> = smol::block_on(async {
+        let tasks: Vec<_> = (0..64)
+            .map(|i| {
+                let log = log.clone();
+                smol::spawn(async move { run_job(&log, spec(&format!("j{i}"), 3), i, Ending::Success).await })
+            })
+            .collect();
+        let mut ids = Vec::new();
+        for t in tasks {
+            ids.push(t.await.unwrap());
+        }
+        ids
+    });
+    for job in jobs {
+        let s = log.fold(job).unwrap();
+        assert_eq!(s.phase, Phase::Terminal);
+        assert_eq!(s.outcome, Some(Outcome::Succeeded));
+    }
+    assert!(log.live_jobs().unwrap().is_empty());
+}
+
+/// Child side of the SIGKILL test: appends as fast as it can and prints every
+/// acknowledged (job, seq) to stdout; runs only when the parent sets the env var.
+#[test]
+fn child_appender() {
+    let Some(dir) = std::env::var_os("REEL_TEST_APPENDER_DIR") else {
+        return;
+    };
+    let log = open(std::path::Path::new(&dir));
+    smol::block_on(async {
+        let tasks: Vec<_> = (0..8)
+            .map(|t| {
+                let log = log.clone();
+                smol::spawn(async move {
+                    for i in 0.. {
+                        let job = log.submit(spec(&format!("t{t}-{i}"), 50)).await.unwrap();
+                        println!("ack {job} 1");
+                        let mut seq = 1;
+                        for e in [Event::Queued {}, Event::SlotGranted {}] {
+                            seq = log.append(job, e).await.unwrap();
+                            println!("ack {job} {seq}");
+                        }
+                        for n in 0..20 {
+                            seq = log
+                                .append(job, Event::RunnerNotice { message: format!("n{n}") })
+                                .await
+                                .unwrap();
+                            println!("ack {job} {seq}");
+                        }
+                        let _ = seq;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await;
+        }
+    });
+}
+
+#[test]
+fn acknowledged_appends_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["child_appender", "--exact", "--nocapture", "--test-threads=1"])
+        .env("REEL_TEST_APPENDER_DIR", dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut acks = Vec::new();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    while acks.len() < 3000 {
+        let line = lines.next().expect("child ended early").unwrap();
+        if let Some(rest) = line.strip_prefix("ack ") {
+            let mut it = rest.split(' ').map(|n| n.parse::<u64>().unwrap());
+            acks.push((it.next().unwrap(), it.next().unwrap() as u32));
+        }
+    }
+    // While the child holds the log, opening it is refused with a plain message.
+    let err = EventLog::open(dir.path(), LogOptions::default()).unwrap_err();
+    assert!(matches!(err, LogError::Locked { .. }), "{err}");
+    assert!(err.to_string().contains("in use by another process"), "{err}");
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let log = open(dir.path());
+    for (job, seq) in &acks {
+        let records: Vec<_> = log.events(*job).map(Result::unwrap).collect();
+        assert!(
+            records.iter().any(|r| r.seq == *seq),
+            "acknowledged job {job} seq {seq} is missing after SIGKILL"
+        );
+        log.fold(*job).unwrap();
+    }
+    // Every job the child touched is still live (none was finished) and folds.
+    for job in log.live_jobs().unwrap() {
+        assert!(log.live_state(job).is_some());
+    }
+}

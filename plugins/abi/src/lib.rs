@@ -1,0 +1,222 @@
+//! The C ABI between the reel engine and its runner plugins.
+//!
+//! Nothing but the `repr(C)` types in this crate crosses the plugin boundary.
+//!
+//! ```text
+//! plugin .so
+//!   reel_runner_abi_major : u32                      unversioned, so a host can name a
+//!                                                    plugin built for another major
+//!   reel_runner_entry_v1  : extern "C" fn() -> *const RunnerVTable
+//!
+//! RunnerVTable (static, never freed)
+//!   abi_version  {major, minor}
+//!   struct_size  size_of::<RunnerVTable>() as the plugin saw it; a host reads a field
+//!                only if the field ends within struct_size (minor versions append)
+//!   init, free_buffer, create, destroy, <one function per operation>
+//! ```
+//!
+//! Payloads are bincode envelopes (standard configuration) of the SDK's boundary
+//! types. An input [`Slice`] is borrowed for the duration of the call only. A result
+//! [`Buffer`] is allocated by the plugin and must be given back to the plugin's own
+//! [`RunnerVTable::free_buffer`]. Host callbacks receive borrowed slices that are valid
+//! for the callback only.
+//!
+//! Every operation returns a [`Status`]: on [`STATUS_OK`] the buffer holds the encoded
+//! result; on [`STATUS_ERR`] it holds an encoded `RunnerError` (or is empty if even that
+//! could not be encoded). Functions never unwind across the boundary.
+
+#![no_std]
+
+use core::ffi::c_void;
+
+/// The ABI major version this crate describes. A host refuses any other major.
+pub const ABI_MAJOR: u32 = 1;
+/// The ABI minor version: the number of append-only revisions of [`RunnerVTable`].
+pub const ABI_MINOR: u32 = 0;
+/// The NUL-terminated name of the entry symbol for [`ABI_MAJOR`].
+pub const ENTRY_SYMBOL: &[u8] = b"reel_runner_entry_v1\0";
+/// The NUL-terminated name of the unversioned `u32` symbol holding a plugin's major.
+pub const ABI_MAJOR_SYMBOL: &[u8] = b"reel_runner_abi_major\0";
+/// The highest major a host probes `reel_runner_entry_v{N}` for when a plugin does
+/// not export [`ABI_MAJOR_SYMBOL`].
+pub const MAX_PROBED_MAJOR: u32 = 16;
+
+/// The result of a plugin function.
+pub type Status = u32;
+/// The call succeeded; the out buffer holds the encoded result.
+pub const STATUS_OK: Status = 0;
+/// The call failed; the out buffer holds an encoded `RunnerError`, or is empty.
+pub const STATUS_ERR: Status = 1;
+
+/// `Stream::Stdout` in an output chunk.
+pub const STREAM_STDOUT: u32 = 1;
+/// `Stream::Stderr` in an output chunk.
+pub const STREAM_STDERR: u32 = 2;
+
+/// Log levels in a [`LogRecord`], in `tracing` order.
+pub const LOG_ERROR: u32 = 1;
+/// Warn level.
+pub const LOG_WARN: u32 = 2;
+/// Info level.
+pub const LOG_INFO: u32 = 3;
+/// Debug level.
+pub const LOG_DEBUG: u32 = 4;
+/// Trace level.
+pub const LOG_TRACE: u32 = 5;
+
+/// An ABI version.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AbiVersion {
+    /// Incompatible revisions; carried in the entry symbol's name.
+    pub major: u32,
+    /// Compatible revisions: fields appended to [`RunnerVTable`].
+    pub minor: u32,
+}
+
+/// Bytes borrowed from the caller for the duration of one call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Slice {
+    /// Start of the bytes; may be dangling when `len` is zero.
+    pub ptr: *const u8,
+    /// Number of bytes.
+    pub len: usize,
+}
+
+/// Bytes allocated by the plugin and owned by the receiver until it passes them to
+/// [`RunnerVTable::free_buffer`].
+#[repr(C)]
+#[derive(Debug)]
+pub struct Buffer {
+    /// Start of the allocation; null for an empty buffer.
+    pub ptr: *mut u8,
+    /// Initialised bytes.
+    pub len: usize,
+    /// Allocated capacity, as the plugin's allocator needs it back.
+    pub cap: usize,
+}
+
+impl Buffer {
+    /// A buffer that owns nothing; freeing it is a no-op.
+    pub const EMPTY: Buffer = Buffer {
+        ptr: core::ptr::null_mut(),
+        len: 0,
+        cap: 0,
+    };
+}
+
+/// One log record from a plugin's `tracing` calls.
+#[repr(C)]
+#[derive(Debug)]
+pub struct LogRecord {
+    /// One of the `LOG_*` constants.
+    pub level: u32,
+    /// UTF-8 target (module path).
+    pub target: Slice,
+    /// UTF-8 message with its fields already formatted.
+    pub message: Slice,
+}
+
+/// Callbacks the host gives a plugin once, at [`RunnerVTable::init`]. The host keeps
+/// this struct and `ctx` alive for as long as the process runs, and the functions may
+/// be called from any thread.
+#[repr(C)]
+#[derive(Debug)]
+pub struct HostCallbacks {
+    /// `size_of::<HostCallbacks>()` as the host saw it.
+    pub struct_size: usize,
+    /// Opaque host state passed back to every callback.
+    pub ctx: *const c_void,
+    /// A runner notice: UTF-8 `kind` and UTF-8 `message`.
+    pub event: unsafe extern "C" fn(ctx: *const c_void, kind: Slice, message: Slice),
+    /// A log record.
+    pub log: unsafe extern "C" fn(ctx: *const c_void, record: *const LogRecord),
+    /// The most verbose `LOG_*` level the host wants; records above it are not sent.
+    pub max_level: u32,
+}
+
+/// The host's output sink for one exec call; valid for that call only.
+#[repr(C)]
+#[derive(Debug)]
+pub struct OutputCallback {
+    /// Opaque host state for this exec.
+    pub ctx: *mut c_void,
+    /// One chunk: `stream` is a `STREAM_*` constant, `offset` the byte offset of the
+    /// chunk in the exec's combined output. Called on the thread running the exec.
+    pub chunk: unsafe extern "C" fn(ctx: *mut c_void, stream: u32, offset: u64, bytes: Slice),
+}
+
+/// A plugin's runner instance, opaque to the host.
+#[repr(C)]
+pub struct Instance {
+    _private: [u8; 0],
+}
+
+/// An operation taking one encoded input and producing one encoded output.
+pub type OpFn =
+    unsafe extern "C" fn(instance: *const Instance, input: Slice, out: *mut Buffer) -> Status;
+
+/// `exec`: like [`OpFn`] with the host's output sink.
+pub type ExecFn = unsafe extern "C" fn(
+    instance: *const Instance,
+    input: Slice,
+    sink: *const OutputCallback,
+    out: *mut Buffer,
+) -> Status;
+
+/// The table a plugin's entry symbol returns. It is static in the plugin and never
+/// freed. Version 1.0 ends at `reattach`; later minors append fields.
+#[repr(C)]
+#[derive(Debug)]
+pub struct RunnerVTable {
+    /// The ABI this table implements.
+    pub abi_version: AbiVersion,
+    /// `size_of::<RunnerVTable>()` in the plugin.
+    pub struct_size: usize,
+    /// Called once per loaded library before anything else; `host` lives forever.
+    pub init: unsafe extern "C" fn(host: *const HostCallbacks) -> Status,
+    /// Frees a buffer this plugin allocated.
+    pub free_buffer: unsafe extern "C" fn(buffer: Buffer),
+    /// Creates an instance from an encoded `RunnerConfig`. On success `*instance` is
+    /// set; on failure `out` holds the encoded error.
+    pub create: unsafe extern "C" fn(
+        config: Slice,
+        instance: *mut *const Instance,
+        out: *mut Buffer,
+    ) -> Status,
+    /// Destroys an instance; no call on it may be running or follow.
+    pub destroy: unsafe extern "C" fn(instance: *const Instance),
+    /// `()` -> `Description`.
+    pub describe: OpFn,
+    /// `JobRequest` -> `Vec<String>` warnings.
+    pub validate: OpFn,
+    /// `JobRequest` -> `Handle`.
+    pub plan: OpFn,
+    /// `Handle` -> `Handle`.
+    pub prepare: OpFn,
+    /// `Handle` -> `Handle`.
+    pub boot: OpFn,
+    /// `Handle` -> `Handle`.
+    pub connect: OpFn,
+    /// `(Handle, StepRequest)` -> `ExecResult`, output through the sink.
+    pub exec: ExecFn,
+    /// `(Handle, u64 exec id)` -> `()`; called while `exec` runs on another thread.
+    pub cancel: OpFn,
+    /// `Handle` -> `()`.
+    pub drain: OpFn,
+    /// `(Handle, bool graceful, u64 deadline_ms)` -> `()`.
+    pub poweroff: OpFn,
+    /// `Handle` -> `()`.
+    pub cleanup: OpFn,
+    /// `Handle` -> `Probe`.
+    pub probe: OpFn,
+    /// `Handle` -> `Handle`.
+    pub reattach: OpFn,
+}
+
+/// The size of a version 1.0 table: the least `struct_size` a 1.x host accepts.
+pub const VTABLE_V1_0_SIZE: usize = core::mem::size_of::<RunnerVTable>();
+
+/// The signature of the entry symbol.
+pub type EntryFn = unsafe extern "C" fn() -> *const RunnerVTable;

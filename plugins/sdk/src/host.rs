@@ -1,0 +1,137 @@
+//! The plugin's view of its host: runner notices and log forwarding.
+//!
+//! A cdylib has its own copy of `tracing` and so its own dispatcher: events a plugin
+//! records never reach the engine's subscriber on their own. At `init` the glue
+//! installs [`HostLogLayer`] as this plugin's global subscriber, which hands each
+//! record to the host's log callback. Before `init` (for example in a plugin's own
+//! unit tests) nothing is installed and `tracing` behaves as usual.
+
+use std::fmt::Write as _;
+use std::sync::OnceLock;
+
+use reel_plugin_abi as abi;
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Metadata, Subscriber};
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt as _};
+
+/// The host callbacks, kept for the life of the process.
+struct HostRef(*const abi::HostCallbacks);
+
+// SAFETY: the host promises (see `abi::HostCallbacks`) that the struct and its `ctx`
+// live for the life of the process and that its functions may be called from any
+// thread.
+unsafe impl Send for HostRef {}
+// SAFETY: as above; the struct is only read.
+unsafe impl Sync for HostRef {}
+
+static HOST: OnceLock<HostRef> = OnceLock::new();
+
+fn host() -> Option<&'static abi::HostCallbacks> {
+    // SAFETY: the pointer was non-null when stored and the host keeps it alive and
+    // unchanged for the life of the process.
+    HOST.get().map(|h| unsafe { &*h.0 })
+}
+
+fn slice(bytes: &[u8]) -> abi::Slice {
+    abi::Slice {
+        ptr: bytes.as_ptr(),
+        len: bytes.len(),
+    }
+}
+
+/// Stores the host callbacks and installs the log layer. Called by the glue's `init`.
+///
+/// # Safety
+/// `host` must be null or point to a `HostCallbacks` that lives for the rest of the
+/// process.
+pub(crate) unsafe fn install(host: *const abi::HostCallbacks) {
+    if host.is_null() {
+        return;
+    }
+    // SAFETY: the caller guarantees a non-null `host` is valid for the process life.
+    let callbacks = unsafe { &*host };
+    if callbacks.struct_size < std::mem::size_of::<abi::HostCallbacks>() {
+        return;
+    }
+    if HOST.set(HostRef(host)).is_ok() {
+        let max = callbacks.max_level;
+        let subscriber = tracing_subscriber::registry().with(HostLogLayer { max_level: max });
+        // Another subscriber may already be set if the plugin installed its own;
+        // theirs wins.
+        let _ = tracing::subscriber::set_global_default(subscriber);
+    }
+}
+
+/// Sends a runner notice (an event the engine records against the job, such as
+/// `"vm-exited"`) to the host. Without a host it is logged instead.
+pub fn notice(kind: &str, message: &str) {
+    match host() {
+        // SAFETY: the callbacks are valid for the life of the process (see `install`)
+        // and the slices are borrowed for the duration of the call.
+        Some(h) => unsafe { (h.event)(h.ctx, slice(kind.as_bytes()), slice(message.as_bytes())) },
+        None => tracing::info!(kind, message, "runner notice"),
+    }
+}
+
+fn level_code(level: &Level) -> u32 {
+    match *level {
+        Level::ERROR => abi::LOG_ERROR,
+        Level::WARN => abi::LOG_WARN,
+        Level::INFO => abi::LOG_INFO,
+        Level::DEBUG => abi::LOG_DEBUG,
+        Level::TRACE => abi::LOG_TRACE,
+    }
+}
+
+/// A `tracing` layer that forwards each event to the host's log callback, with its
+/// fields formatted into the message as `message key=value ...`.
+#[derive(Debug)]
+pub struct HostLogLayer {
+    max_level: u32,
+}
+
+#[derive(Default)]
+struct MessageVisitor {
+    message: String,
+    fields: String,
+}
+
+impl Visit for MessageVisitor {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.message.push_str(value);
+        } else {
+            let _ = write!(self.fields, " {}={value:?}", field.name());
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            let _ = write!(self.message, "{value:?}");
+        } else {
+            let _ = write!(self.fields, " {}={value:?}", field.name());
+        }
+    }
+}
+
+impl<S: Subscriber> Layer<S> for HostLogLayer {
+    fn enabled(&self, metadata: &Metadata<'_>, _ctx: Context<'_, S>) -> bool {
+        level_code(metadata.level()) <= self.max_level
+    }
+
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let Some(h) = host() else { return };
+        let mut visitor = MessageVisitor::default();
+        event.record(&mut visitor);
+        visitor.message.push_str(&visitor.fields);
+        let target = event.metadata().target();
+        let record = abi::LogRecord {
+            level: level_code(event.metadata().level()),
+            target: slice(target.as_bytes()),
+            message: slice(visitor.message.as_bytes()),
+        };
+        // SAFETY: the callbacks are valid for the life of the process; the record and
+        // the bytes it borrows outlive the call.
+        unsafe { (h.log)(h.ctx, &record) };
+    }
+}

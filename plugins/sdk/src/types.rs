@@ -1,0 +1,314 @@
+//! The boundary types: everything a plugin and the engine exchange, and nothing else.
+//!
+//! They cross the C ABI as bincode envelopes (see [`crate::codec`]). The engine also
+//! stores [`Handle`]s in its event log, so changing a field here changes what the log
+//! holds: add fields only with a new ABI minor and keep old ones decodable.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// A runner's opaque, versioned record of the resources of one job.
+///
+/// The engine never looks inside: it logs the handle after each step of the
+/// lifecycle and gives it back, possibly to a new process after a restart. `version`
+/// is the runner's own format version of `bytes`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Handle {
+    /// The runner's format version of `bytes`.
+    pub version: u32,
+    /// The runner's state, in a format only the runner reads.
+    pub bytes: Vec<u8>,
+}
+
+impl Handle {
+    /// Encodes `state` as the bytes of a handle with the given format version.
+    pub fn encode<T: Serialize>(version: u32, state: &T) -> Result<Handle, RunnerError> {
+        Ok(Handle {
+            version,
+            bytes: crate::codec::encode(state)?,
+        })
+    }
+
+    /// Decodes the state, refusing a handle of another format version.
+    pub fn decode<T: DeserializeOwned>(&self, version: u32) -> Result<T, RunnerError> {
+        if self.version != version {
+            return Err(RunnerError::invalid_input(format!(
+                "handle format version {} is not the version {version} this runner reads",
+                self.version
+            )));
+        }
+        crate::codec::decode(&self.bytes)
+            .map_err(|e| RunnerError::invalid_input(format!("malformed handle: {}", e.message)))
+    }
+}
+
+/// What a runner says about itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Description {
+    /// The runner's name, as jobs select it (e.g. `"process"`).
+    pub name: String,
+    /// The runner's own version.
+    pub version: String,
+    /// The ABI major the runner was built against.
+    pub abi_major: u32,
+    /// The ABI minor the runner was built against.
+    pub abi_minor: u32,
+    /// Free-form feature names (e.g. `"cancel"`, `"reattach"`).
+    pub capabilities: Vec<String>,
+}
+
+/// Configuration given once, when the engine creates a runner instance.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunnerConfig {
+    /// The directory under which the runner keeps per-job state (workdirs, sockets).
+    pub sandbox_root: PathBuf,
+    /// The directory the plugin was loaded from.
+    pub plugin_dir: PathBuf,
+    /// Runner-specific options from the engine configuration.
+    pub options: BTreeMap<String, String>,
+}
+
+/// Resources a job asks for.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Scratch disk in MiB.
+    pub disk_mib: u64,
+}
+
+/// One job, as the runner sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRequest {
+    /// The engine's job id.
+    pub job_id: u64,
+    /// The engine's sandbox slot; unique among live jobs.
+    pub sandbox_id: u32,
+    /// The job's name.
+    pub name: String,
+    /// The image to boot, for runners that boot one.
+    pub image: Option<String>,
+    /// Requested resources.
+    pub resources: Resources,
+    /// Environment for every step.
+    pub environment: BTreeMap<String, String>,
+}
+
+/// One step to execute inside a prepared, booted and connected job.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepRequest {
+    /// The engine's id of this execution; `cancel` names it.
+    pub exec_id: u64,
+    /// The step's position in the job.
+    pub index: u32,
+    /// The step's name.
+    pub name: String,
+    /// The command line, interpreted by the runner (usually `sh -c`).
+    pub command: String,
+    /// Environment on top of the job's.
+    pub environment: BTreeMap<String, String>,
+    /// Kill the step after this long and report `timed_out`.
+    pub timeout_ms: Option<u64>,
+    /// Output offset already stored by the engine; chunks before it may be skipped.
+    pub resume_from: u64,
+}
+
+/// Which output stream a chunk came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// How a step ended.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecResult {
+    /// The exit code, if the step exited.
+    pub exit_code: Option<i32>,
+    /// The signal that ended the step, if one did.
+    pub signal: Option<i32>,
+    /// Whether the runner ended the step because `timeout_ms` passed.
+    pub timed_out: bool,
+    /// Total bytes of combined output, equal to the end offset of the last chunk.
+    pub output_bytes: u64,
+}
+
+impl ExecResult {
+    /// Whether the step exited with code 0.
+    pub fn success(&self) -> bool {
+        self.exit_code == Some(0) && self.signal.is_none() && !self.timed_out
+    }
+}
+
+/// What a runner can tell about a job's resources from its handle alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Probe {
+    /// Whether anything the handle names is still running.
+    pub alive: bool,
+    /// Whether `reattach` would succeed.
+    pub reattachable: bool,
+    /// A one-line human explanation.
+    pub detail: String,
+}
+
+/// The class of a [`RunnerError`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// The request or handle was malformed or contradictory.
+    InvalidInput,
+    /// Something the handle names does not exist.
+    NotFound,
+    /// The runner does not implement this operation or option.
+    Unsupported,
+    /// A deadline passed.
+    Timeout,
+    /// The operation failed.
+    Failed,
+    /// The plugin panicked; the message is the panic message.
+    Panicked,
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ErrorKind::InvalidInput => "invalid input",
+            ErrorKind::NotFound => "not found",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Timeout => "timed out",
+            ErrorKind::Failed => "failed",
+            ErrorKind::Panicked => "panicked",
+        })
+    }
+}
+
+/// An error from a runner operation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct RunnerError {
+    /// The class of error.
+    pub kind: ErrorKind,
+    /// A sentence explaining it.
+    pub message: String,
+}
+
+impl RunnerError {
+    /// An error of the given kind.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> RunnerError {
+        RunnerError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// An [`ErrorKind::InvalidInput`] error.
+    pub fn invalid_input(message: impl Into<String>) -> RunnerError {
+        RunnerError::new(ErrorKind::InvalidInput, message)
+    }
+
+    /// An [`ErrorKind::NotFound`] error.
+    pub fn not_found(message: impl Into<String>) -> RunnerError {
+        RunnerError::new(ErrorKind::NotFound, message)
+    }
+
+    /// An [`ErrorKind::Unsupported`] error.
+    pub fn unsupported(message: impl Into<String>) -> RunnerError {
+        RunnerError::new(ErrorKind::Unsupported, message)
+    }
+
+    /// An [`ErrorKind::Timeout`] error.
+    pub fn timeout(message: impl Into<String>) -> RunnerError {
+        RunnerError::new(ErrorKind::Timeout, message)
+    }
+
+    /// An [`ErrorKind::Failed`] error.
+    pub fn failed(message: impl Into<String>) -> RunnerError {
+        RunnerError::new(ErrorKind::Failed, message)
+    }
+
+    /// An [`ErrorKind::Panicked`] error.
+    pub fn panicked(message: impl Into<String>) -> RunnerError {
+        RunnerError::new(ErrorKind::Panicked, message)
+    }
+}
+
+impl From<std::io::Error> for RunnerError {
+    fn from(e: std::io::Error) -> RunnerError {
+        let kind = match e.kind() {
+            std::io::ErrorKind::NotFound => ErrorKind::NotFound,
+            std::io::ErrorKind::TimedOut => ErrorKind::Timeout,
+            std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData => {
+                ErrorKind::InvalidInput
+            }
+            _ => ErrorKind::Failed,
+        };
+        RunnerError::new(kind, e.to_string())
+    }
+}
+
+/// Where a runner writes a step's output while `exec` runs.
+pub trait OutputSink {
+    /// One chunk; `offset` is the byte offset of `bytes` in the exec's combined output,
+    /// so consecutive chunks have consecutive offsets across both streams.
+    fn chunk(&mut self, stream: Stream, offset: u64, bytes: &[u8]);
+}
+
+/// A runner backend. One instance serves many jobs concurrently: every call names
+/// the job by its handle, and `cancel` arrives on another thread while `exec` blocks.
+///
+/// Every operation blocks the calling thread (the engine calls them on a thread pool)
+/// and must return within any deadline it is given.
+pub trait Runner: Send + Sync + 'static {
+    /// Creates an instance. Must have no side effects: the engine also creates an
+    /// instance only to call `describe` when it lists plugins.
+    fn new(config: &RunnerConfig) -> Result<Self, RunnerError>
+    where
+        Self: Sized;
+    /// Name, version, ABI and capabilities.
+    fn describe(&self) -> Description;
+    /// Checks a job; `Ok(warnings)` names fields the runner cannot honour.
+    fn validate(&self, job: &JobRequest) -> Result<Vec<String>, RunnerError>;
+    /// Names every resource of the job deterministically, with no side effect. The
+    /// engine logs the result as its intent before `prepare`.
+    fn plan(&self, job: &JobRequest) -> Result<Handle, RunnerError>;
+    /// Creates the workdir, volumes, cgroup.
+    fn prepare(&self, handle: &Handle) -> Result<Handle, RunnerError>;
+    /// Starts the VM or agent.
+    fn boot(&self, handle: &Handle) -> Result<Handle, RunnerError>;
+    /// Completes the agent handshake.
+    fn connect(&self, handle: &Handle) -> Result<Handle, RunnerError>;
+    /// Runs one step to its end, streaming output into `sink`.
+    fn exec(
+        &self,
+        handle: &Handle,
+        step: &StepRequest,
+        sink: &mut dyn OutputSink,
+    ) -> Result<ExecResult, RunnerError>;
+    /// Ends a running `exec` (called from another thread). Unknown or finished exec
+    /// ids are not an error.
+    fn cancel(&self, handle: &Handle, exec_id: u64) -> Result<(), RunnerError>;
+    /// Stops accepting steps and lets running ones finish.
+    fn drain(&self, handle: &Handle) -> Result<(), RunnerError>;
+    /// Stops the VM or agent, gracefully if asked, never blocking past `deadline_ms`.
+    fn poweroff(
+        &self,
+        handle: &Handle,
+        graceful: bool,
+        deadline_ms: u64,
+    ) -> Result<(), RunnerError>;
+    /// Removes everything the handle names. Idempotent, and works from the `plan`
+    /// handle alone.
+    fn cleanup(&self, handle: &Handle) -> Result<(), RunnerError>;
+    /// Reports whether the handle's resources are alive, by pid and start time or
+    /// equivalent, never by the handle's say-so.
+    fn probe(&self, handle: &Handle) -> Result<Probe, RunnerError>;
+    /// Takes back a live job after an engine restart.
+    fn reattach(&self, handle: &Handle) -> Result<Handle, RunnerError>;
+}

@@ -1,0 +1,460 @@
+//! Blocking client for the agent protocol, used by runner plugins.
+//!
+//! # Threads and cancellation
+//!
+//! The agent serves one host connection at a time (a new connection replaces the old
+//! one), so cancellation does not open a second connection. Instead the client's write
+//! half is shared: [`AgentClient::cancel_handle`] returns a [`CancelHandle`] holding a
+//! `try_clone` of the same socket behind the same write lock, so another thread can send
+//! `Cancel` while [`AgentClient::run_exec`] is blocked reading output. Frames never
+//! interleave because every write takes the lock.
+//!
+//! # Resuming
+//!
+//! After a reconnect, call [`AgentClient::resume_exec`] with the offset up to which the
+//! output was stored; the agent resends from there, continues live and finishes with the
+//! `ExecExit` (also when the step ended while nobody was connected). [`run_exec`] and
+//! [`resume_exec`] check that offsets are contiguous, so a gap or a duplicate is an error,
+//! never silently passed on.
+//!
+//! [`run_exec`]: AgentClient::run_exec
+//! [`resume_exec`]: AgentClient::resume_exec
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::proto::{
+    self, FrameReader, MAX_VERSION, MIN_VERSION, Message, ProtoError, Role, Stream,
+};
+
+/// Errors from [`AgentClient`].
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Could not connect to the agent's socket before the deadline.
+    #[error("Could not connect to the agent at {path}: {source}")]
+    Connect {
+        /// Socket path.
+        path: String,
+        /// Last connection error.
+        source: io::Error,
+    },
+    /// Framing or I/O failed.
+    #[error(transparent)]
+    Proto(#[from] ProtoError),
+    /// The agent answered with an `Error` message.
+    #[error("The agent reported an error{}: {message}", exec_id.map(|e| format!(" for exec {e}")).unwrap_or_default())]
+    Agent {
+        /// The exec the error concerns, if any.
+        exec_id: Option<u64>,
+        /// The agent's message.
+        message: String,
+    },
+    /// The agent sent something the protocol does not allow here.
+    #[error("Protocol violation by the agent: {0}")]
+    Protocol(String),
+    /// No answer arrived in time.
+    #[error("Timed out waiting for the agent to answer {0}.")]
+    Timeout(&'static str),
+}
+
+/// Result alias for the client.
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// What to run; the fields of `ExecStart`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecRequest {
+    /// Host-chosen id, unique within the agent's lifetime.
+    pub exec_id: u64,
+    /// Program and arguments, typically `["sh", "-c", cmd]`.
+    pub argv: Vec<String>,
+    /// The step's complete environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory, relative to the agent's workdir; `None` is the workdir.
+    pub cwd: Option<String>,
+    /// Timeout in milliseconds; 0 means none.
+    pub timeout_ms: u64,
+}
+
+/// How an exec ended (the fields of `ExecExit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecOutcome {
+    /// The exec.
+    pub exec_id: u64,
+    /// Exit code if the step exited normally.
+    pub code: Option<i32>,
+    /// Signal number if the step was killed by a signal.
+    pub signal: Option<i32>,
+    /// Whether the agent killed the step for exceeding its timeout.
+    pub timed_out: bool,
+    /// Total bytes of combined output the step produced.
+    pub total_bytes: u64,
+}
+
+/// Sends `Cancel` from another thread over the client's own connection.
+#[derive(Debug, Clone)]
+pub struct CancelHandle {
+    writer: Arc<Mutex<UnixStream>>,
+}
+
+impl CancelHandle {
+    /// Asks the agent to stop `exec_id` with the INT → TERM → KILL ladder.
+    pub fn cancel(&self, exec_id: u64, grace: Duration) -> Result<()> {
+        send_locked(
+            &self.writer,
+            &Message::Cancel {
+                exec_id,
+                grace_ms: millis(grace),
+            },
+        )
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn send_locked(writer: &Mutex<UnixStream>, msg: &Message) -> Result<()> {
+    let mut guard = writer.lock().unwrap_or_else(|p| p.into_inner());
+    proto::write_message(&mut *guard, msg)?;
+    Ok(())
+}
+
+/// A blocking connection to an agent.
+#[derive(Debug)]
+pub struct AgentClient {
+    reader: UnixStream,
+    writer: Arc<Mutex<UnixStream>>,
+    frames: FrameReader,
+    pending: VecDeque<Message>,
+    version: u16,
+    /// Acknowledge delivered output after this many bytes (see [`Self::set_ack_every`]).
+    ack_every: u64,
+}
+
+impl AgentClient {
+    /// Connects to the agent's socket, retrying until `timeout`, and performs `Hello`.
+    pub fn connect(socket_path: impl AsRef<Path>, timeout: Duration) -> Result<Self> {
+        Self::connect_with_versions(socket_path, timeout, MIN_VERSION, MAX_VERSION)
+    }
+
+    /// Like [`Self::connect`] but offering a specific version range (mostly for tests).
+    pub fn connect_with_versions(
+        socket_path: impl AsRef<Path>,
+        timeout: Duration,
+        min_version: u16,
+        max_version: u16,
+    ) -> Result<Self> {
+        let path = socket_path.as_ref();
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(source) => {
+                    return Err(ClientError::Connect {
+                        path: path.display().to_string(),
+                        source,
+                    });
+                }
+            }
+        };
+        let writer = stream.try_clone().map_err(ProtoError::Io)?;
+        let mut client = AgentClient {
+            reader: stream,
+            writer: Arc::new(Mutex::new(writer)),
+            frames: FrameReader::new(),
+            pending: VecDeque::new(),
+            version: 0,
+            ack_every: 256 * 1024,
+        };
+        client.send(&Message::Hello {
+            min_version,
+            max_version,
+            role: Role::Host,
+        })?;
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1));
+        match client.read_raw(Some(left))? {
+            Some(Message::Hello {
+                min_version: v,
+                max_version: v2,
+                role: Role::Agent,
+            }) if v == v2 && v >= min_version && v <= max_version => {
+                client.version = v;
+                Ok(client)
+            }
+            Some(Message::Error { exec_id, message }) => {
+                Err(ClientError::Agent { exec_id, message })
+            }
+            Some(other) => Err(ClientError::Protocol(format!(
+                "expected Hello from the agent, got {}",
+                other.name()
+            ))),
+            None => Err(ClientError::Timeout("Hello")),
+        }
+    }
+
+    /// The negotiated protocol version.
+    pub fn version(&self) -> u16 {
+        self.version
+    }
+
+    /// How many delivered bytes [`Self::run_exec`] lets pass before sending `Ack`
+    /// (it also acknowledges at the end). 0 disables automatic acknowledgements.
+    pub fn set_ack_every(&mut self, bytes: u64) {
+        self.ack_every = bytes;
+    }
+
+    /// A handle another thread can use to send `Cancel` on this connection.
+    pub fn cancel_handle(&self) -> CancelHandle {
+        CancelHandle {
+            writer: Arc::clone(&self.writer),
+        }
+    }
+
+    /// Sends any message.
+    pub fn send(&mut self, msg: &Message) -> Result<()> {
+        send_locked(&self.writer, msg)
+    }
+
+    fn read_raw(&mut self, timeout: Option<Duration>) -> Result<Option<Message>> {
+        if let Some(m) = self.frames.try_decode()? {
+            return Ok(Some(m));
+        }
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let wait = match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Ok(None);
+                    }
+                    Some(left)
+                }
+                None => None,
+            };
+            self.reader.set_read_timeout(wait).map_err(ProtoError::Io)?;
+            if let Some(m) = self.frames.read_message(&mut self.reader)? {
+                return Ok(Some(m));
+            }
+        }
+    }
+
+    /// Receives the next message, waiting at most `timeout` (`None`: forever).
+    /// Returns `Ok(None)` on timeout.
+    pub fn recv(&mut self, timeout: Option<Duration>) -> Result<Option<Message>> {
+        if let Some(m) = self.pending.pop_front() {
+            return Ok(Some(m));
+        }
+        self.read_raw(timeout)
+    }
+
+    /// Waits for a message `want` accepts; others are queued for [`Self::recv`].
+    /// An `Error` without an exec id fails the wait.
+    fn wait_for(
+        &mut self,
+        what: &'static str,
+        timeout: Duration,
+        want: impl Fn(&Message) -> bool,
+    ) -> Result<Message> {
+        if let Some(i) = self.pending.iter().position(&want)
+            && let Some(m) = self.pending.remove(i)
+        {
+            return Ok(m);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.read_raw(Some(left))? {
+                None => return Err(ClientError::Timeout(what)),
+                Some(m) if want(&m) => return Ok(m),
+                Some(Message::Error {
+                    exec_id: None,
+                    message,
+                }) => {
+                    return Err(ClientError::Agent {
+                        exec_id: None,
+                        message,
+                    });
+                }
+                Some(m) => self.pending.push_back(m),
+            }
+        }
+    }
+
+    /// Binds the connection to a job. A reconnect must present the same token.
+    pub fn init(&mut self, job_id: &str, session_token: &str) -> Result<()> {
+        self.send(&Message::Init {
+            job_id: job_id.to_owned(),
+            session_token: session_token.to_owned(),
+        })?;
+        self.wait_for("Init", Duration::from_secs(30), |m| {
+            matches!(m, Message::Initialized { .. })
+        })?;
+        Ok(())
+    }
+
+    /// Sends `ExecStart` without waiting; follow with [`Self::recv`].
+    pub fn exec_start(&mut self, req: &ExecRequest) -> Result<()> {
+        self.send(&Message::ExecStart {
+            exec_id: req.exec_id,
+            argv: req.argv.clone(),
+            env: req.env.clone(),
+            cwd: req.cwd.clone(),
+            timeout_ms: req.timeout_ms,
+        })
+    }
+
+    /// Sends `Resume` without waiting.
+    pub fn resume(&mut self, exec_id: u64, from_offset: u64) -> Result<()> {
+        self.send(&Message::Resume {
+            exec_id,
+            from_offset,
+        })
+    }
+
+    /// Tells the agent output below `offset` is durably stored.
+    pub fn ack(&mut self, exec_id: u64, offset: u64) -> Result<()> {
+        self.send(&Message::Ack { exec_id, offset })
+    }
+
+    /// Sends `Cancel` (see also [`Self::cancel_handle`]).
+    pub fn cancel(&mut self, exec_id: u64, grace: Duration) -> Result<()> {
+        self.send(&Message::Cancel {
+            exec_id,
+            grace_ms: millis(grace),
+        })
+    }
+
+    /// Round-trips a `Ping`.
+    pub fn ping(&mut self, timeout: Duration) -> Result<()> {
+        self.send(&Message::Ping {})?;
+        self.wait_for("Ping", timeout, |m| matches!(m, Message::Pong {}))?;
+        Ok(())
+    }
+
+    /// Waits until the agent has sent all buffered output of this connection's execs.
+    /// Output arriving meanwhile is queued for [`Self::recv`].
+    pub fn drain(&mut self, timeout: Duration) -> Result<()> {
+        self.send(&Message::Drain {})?;
+        self.wait_for("Drain", timeout, |m| matches!(m, Message::Drained {}))?;
+        Ok(())
+    }
+
+    /// Asks the agent to kill its steps and exit; returns once it acknowledged.
+    pub fn poweroff(&mut self, timeout: Duration) -> Result<()> {
+        self.send(&Message::Poweroff {})?;
+        self.wait_for("Poweroff", timeout, |m| {
+            matches!(m, Message::PoweringOff {})
+        })?;
+        Ok(())
+    }
+
+    /// Starts `req` and follows it to its end, passing each output chunk to `on_output`
+    /// as `(stream, offset, bytes)`. Output is acknowledged once `on_output` returned
+    /// (so `on_output` must only return once the bytes are stored), every
+    /// [`Self::set_ack_every`] bytes and at the end.
+    pub fn run_exec(
+        &mut self,
+        req: &ExecRequest,
+        on_output: impl FnMut(Stream, u64, &[u8]),
+    ) -> Result<ExecOutcome> {
+        self.exec_start(req)?;
+        self.follow(req.exec_id, 0, on_output)
+    }
+
+    /// Resumes following `exec_id` from `from_offset` (typically after a reconnect),
+    /// then as [`Self::run_exec`].
+    pub fn resume_exec(
+        &mut self,
+        exec_id: u64,
+        from_offset: u64,
+        on_output: impl FnMut(Stream, u64, &[u8]),
+    ) -> Result<ExecOutcome> {
+        self.resume(exec_id, from_offset)?;
+        self.follow(exec_id, from_offset, on_output)
+    }
+
+    fn follow(
+        &mut self,
+        exec_id: u64,
+        from_offset: u64,
+        mut on_output: impl FnMut(Stream, u64, &[u8]),
+    ) -> Result<ExecOutcome> {
+        let mut next = from_offset;
+        let mut acked = from_offset;
+        let mut deferred = VecDeque::new();
+        let result = loop {
+            let msg = match self.recv(None)? {
+                Some(m) => m,
+                None => continue,
+            };
+            match msg {
+                Message::Output {
+                    exec_id: id,
+                    stream,
+                    offset,
+                    bytes,
+                } if id == exec_id => {
+                    if offset != next {
+                        break Err(ClientError::Protocol(format!(
+                            "output of exec {exec_id} arrived at offset {offset}, expected {next}"
+                        )));
+                    }
+                    on_output(stream, offset, &bytes);
+                    next += bytes.len() as u64;
+                    if self.ack_every > 0 && next - acked >= self.ack_every {
+                        self.ack(exec_id, next)?;
+                        acked = next;
+                    }
+                }
+                Message::ExecExit {
+                    exec_id: id,
+                    code,
+                    signal,
+                    timed_out,
+                    total_bytes,
+                } if id == exec_id => {
+                    if total_bytes != next {
+                        break Err(ClientError::Protocol(format!(
+                            "exec {exec_id} ended with {total_bytes} bytes of output but {next} were received"
+                        )));
+                    }
+                    if self.ack_every > 0 && next > acked {
+                        self.ack(exec_id, next)?;
+                    }
+                    break Ok(ExecOutcome {
+                        exec_id,
+                        code,
+                        signal,
+                        timed_out,
+                        total_bytes,
+                    });
+                }
+                Message::ExecStarted { exec_id: id, .. } if id == exec_id => {}
+                Message::Error {
+                    exec_id: id,
+                    message,
+                } if id == Some(exec_id) || id.is_none() => {
+                    break Err(ClientError::Agent {
+                        exec_id: id,
+                        message,
+                    });
+                }
+                other => deferred.push_back(other),
+            }
+        };
+        // Keep messages for other execs for later `recv` calls, in order.
+        deferred.extend(self.pending.drain(..));
+        self.pending = deferred;
+        result
+    }
+}

@@ -1,0 +1,12 @@
+//! The reel agent: the protocol, a blocking client for runner plugins, and the agent
+//! side (used by the `reel-agent` binary).
+//!
+//! See [`proto`] for the frame layout and the conversation, [`client::AgentClient`] for
+//! the host side and [`server`] for the agent side.
+
+pub mod client;
+pub mod proto;
+pub mod server;
+
+pub use client::{AgentClient, CancelHandle, ClientError, ExecOutcome, ExecRequest};
+pub use proto::{Message, ProtoError, Role, Stream};

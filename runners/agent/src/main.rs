@@ -1,0 +1,165 @@
+//! The reel agent binary.
+//!
+//! ```text
+//! reel-agent --socket PATH [--pidfile PATH] [--workdir DIR] [--max-buffer BYTES]
+//!            [--timeout-grace-ms MS] [--log PATH] [--daemonize]
+//! ```
+//!
+//! With `--daemonize` the process re-executes itself (with the hidden `--daemon-child`
+//! flag) detached from its stdio; the child calls `setsid` to get its own session and
+//! process group, binds the socket and only then writes the pidfile. The parent waits
+//! until the pidfile names the child (or, without `--pidfile`, until the socket accepts
+//! connections), prints the child's pid and exits 0; if the child dies first, the parent
+//! fails. Instead of a second fork the child simply never opens a terminal, so being a
+//! session leader cannot give it a controlling terminal.
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use reel_agent::server::{self, Options};
+
+const USAGE: &str = "usage: reel-agent --socket PATH [--pidfile PATH] [--workdir DIR] \
+[--max-buffer BYTES] [--timeout-grace-ms MS] [--log PATH] [--daemonize]";
+
+struct Args {
+    socket: PathBuf,
+    pidfile: Option<PathBuf>,
+    workdir: Option<PathBuf>,
+    max_buffer: u64,
+    timeout_grace_ms: u64,
+    log: Option<PathBuf>,
+    daemonize: bool,
+    daemon_child: bool,
+}
+
+fn parse() -> Result<Args, String> {
+    let mut socket = None;
+    let mut args = Args {
+        socket: PathBuf::new(),
+        pidfile: None,
+        workdir: None,
+        max_buffer: 64 << 20,
+        timeout_grace_ms: 2000,
+        log: None,
+        daemonize: false,
+        daemon_child: false,
+    };
+    let mut it = std::env::args_os().skip(1);
+    while let Some(a) = it.next() {
+        let a = a.to_string_lossy().into_owned();
+        let mut value = |name: &str| {
+            it.next()
+                .ok_or_else(|| format!("{name} needs a value.\n{USAGE}"))
+        };
+        match a.as_str() {
+            "--socket" => socket = Some(PathBuf::from(value("--socket")?)),
+            "--pidfile" => args.pidfile = Some(PathBuf::from(value("--pidfile")?)),
+            "--workdir" => args.workdir = Some(PathBuf::from(value("--workdir")?)),
+            "--log" => args.log = Some(PathBuf::from(value("--log")?)),
+            "--max-buffer" => {
+                let v = value("--max-buffer")?;
+                args.max_buffer = v
+                    .to_string_lossy()
+                    .parse()
+                    .map_err(|e| format!("Invalid --max-buffer {v:?}: {e}."))?;
+            }
+            "--timeout-grace-ms" => {
+                let v = value("--timeout-grace-ms")?;
+                args.timeout_grace_ms = v
+                    .to_string_lossy()
+                    .parse()
+                    .map_err(|e| format!("Invalid --timeout-grace-ms {v:?}: {e}."))?;
+            }
+            "--daemonize" => args.daemonize = true,
+            "--daemon-child" => args.daemon_child = true,
+            "-h" | "--help" => return Err(USAGE.to_owned()),
+            other => return Err(format!("Unknown argument {other:?}.\n{USAGE}")),
+        }
+    }
+    args.socket = socket.ok_or_else(|| format!("--socket is required.\n{USAGE}"))?;
+    Ok(args)
+}
+
+fn daemonize_parent(args: &Args) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| format!("Cannot find own executable: {e}."))?;
+    let child_args: Vec<_> = std::env::args_os()
+        .skip(1)
+        .filter(|a| a != "--daemonize")
+        .chain(std::iter::once("--daemon-child".into()))
+        .collect();
+    let stderr = match &args.log {
+        Some(p) => Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| format!("Cannot open log {}: {e}.", p.display()))?,
+        ),
+        None => Stdio::null(),
+    };
+    let mut child = Command::new(exe)
+        .args(child_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .map_err(|e| format!("Cannot start the agent: {e}."))?;
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("The agent exited during startup ({status})."));
+        }
+        let ready = match &args.pidfile {
+            Some(p) => std::fs::read_to_string(p).is_ok_and(|s| s.trim() == pid.to_string()),
+            None => std::os::unix::net::UnixStream::connect(&args.socket).is_ok(),
+        };
+        if ready {
+            println!("{pid}");
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err("The agent did not start listening within 30 seconds.".to_owned());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    if args.daemonize {
+        return daemonize_parent(&args);
+    }
+    if args.daemon_child {
+        rustix::process::setsid().map_err(|e| format!("setsid failed: {e}."))?;
+    }
+    let cwd =
+        std::env::current_dir().map_err(|e| format!("Cannot read the current directory: {e}."))?;
+    let workdir = cwd.join(args.workdir.clone().unwrap_or_default());
+    let socket = cwd.join(&args.socket);
+    let pidfile = args.pidfile.as_ref().map(|p| cwd.join(p));
+    let listener = server::bind(&socket)
+        .map_err(|e| format!("Cannot listen on {}: {e}.", socket.display()))?;
+    if let Some(p) = &pidfile {
+        server::write_pidfile(p, std::process::id())
+            .map_err(|e| format!("Cannot write pidfile {}: {e}.", p.display()))?;
+    }
+    let opts = Options {
+        socket,
+        pidfile,
+        workdir,
+        max_buffer: args.max_buffer,
+        timeout_grace: Duration::from_millis(args.timeout_grace_ms),
+    };
+    server::serve(listener, opts).map_err(|e| format!("The agent failed: {e}."))
+}
+
+fn main() -> ExitCode {
+    match parse().and_then(run) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("reel-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

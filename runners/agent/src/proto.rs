@@ -1,0 +1,500 @@
+//! The agent protocol: framed, versioned, checksummed messages on a byte stream.
+//!
+//! # Frame layout
+//!
+//! Every message travels in exactly one frame. All integers are big-endian.
+//!
+//! ```text
+//!  offset 0        4          6        8                  8+n        12+n
+//!         +--------+----------+--------+------------------+----------+
+//!         |  len   |  format  |  kind  |  payload         |  crc32c  |
+//!         |  u32   |   u16    |  u16   |  n = len bytes   |   u32    |
+//!         +--------+----------+--------+------------------+----------+
+//!         \______ header (8 bytes) ____/                   \_trailer_/
+//! ```
+//!
+//! - `len` is the payload length `n` only (not the header or trailer). A frame whose
+//!   `len` exceeds [`MAX_PAYLOAD`] is refused before anything is allocated for it.
+//! - `format` is the payload encoding; [`FORMAT_BINCODE`] (bincode 2, standard
+//!   configuration, with a decode limit of [`MAX_PAYLOAD`]) is the only one defined.
+//! - `kind` says which [`Message`] the payload is (see [`Message::kind`]); the payload is
+//!   the message's fields encoded in declaration order as a tuple.
+//! - `crc32c` is the CRC-32C (Castagnoli) of `format`, `kind` and the payload bytes.
+//!
+//! A malformed, oversized, bad-CRC, unknown-format or unknown-kind frame is a
+//! [`ProtoError`]; whoever reads it sends an [`Message::Error`] if it still can and
+//! closes the connection. Decoding never panics on any input.
+//!
+//! # Conversation
+//!
+//! 1. The host sends `Hello { min_version, max_version, role: Host }`. The agent picks the
+//!    highest version both support and answers `Hello { min_version: v, max_version: v,
+//!    role: Agent }`; with no overlap it answers `Error` and closes. Any other message
+//!    before a successful `Hello` is answered with `Error` and the connection is closed.
+//! 2. The host sends `Init { job_id, session_token }`; the agent remembers the first token
+//!    and answers `Initialized`. A later connection must present the same token, otherwise
+//!    it gets `Error` and is closed. Exec messages before `Init` are refused with `Error`.
+//! 3. `ExecStart` starts a step; its output arrives as `Output` frames whose `offset` is the
+//!    byte offset in the exec's combined output (stdout and stderr interleaved in the order
+//!    the agent read them), then one `ExecExit`. A connection only receives output of the
+//!    execs it started or `Resume`d (from the offset it asked for), so nothing is
+//!    duplicated across reconnects.
+//! 4. `Ack` lets the agent drop buffered output below an offset. Unacknowledged output is
+//!    bounded by the agent's `--max-buffer`; past it the exec's output is marked lost and
+//!    the host gets an `Error` naming the exec (never silent truncation).
+//! 5. `Cancel`, `Drain` → `Drained`, `Poweroff` → `PoweringOff`, `Ping` → `Pong`.
+
+use std::io::{self, Read, Write};
+
+use bincode::config::{Config, standard};
+use serde::{Deserialize, Serialize};
+
+/// Lowest protocol version this build speaks.
+pub const MIN_VERSION: u16 = 1;
+/// Highest protocol version this build speaks.
+pub const MAX_VERSION: u16 = 1;
+/// The only payload format defined: bincode 2, standard configuration.
+pub const FORMAT_BINCODE: u16 = 1;
+/// Hard maximum payload size of one frame (1 MiB).
+pub const MAX_PAYLOAD: usize = 1 << 20;
+/// Size of the frame header (`len`, `format`, `kind`).
+pub const HEADER_LEN: usize = 8;
+/// Size of the frame trailer (`crc32c`).
+pub const TRAILER_LEN: usize = 4;
+/// Hard maximum size of a whole frame.
+pub const MAX_FRAME: usize = HEADER_LEN + MAX_PAYLOAD + TRAILER_LEN;
+/// Largest `Output` chunk the agent sends in one frame.
+pub const MAX_OUTPUT_CHUNK: usize = 64 * 1024;
+
+fn config() -> impl Config {
+    standard().with_limit::<MAX_PAYLOAD>()
+}
+
+/// Which side of the conversation a peer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// The engine (or a runner plugin on its behalf).
+    Host,
+    /// The agent inside the sandbox.
+    Agent,
+}
+
+/// Which output stream a chunk was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Stream {
+    /// The step's standard output.
+    Stdout,
+    /// The step's standard error.
+    Stderr,
+}
+
+/// Errors reading or writing frames.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    /// The underlying stream failed.
+    #[error("I/O error on the agent connection: {0}")]
+    Io(#[from] io::Error),
+    /// The peer closed the connection.
+    #[error("The agent connection was closed by the peer.")]
+    Closed,
+    /// A frame announced a payload larger than [`MAX_PAYLOAD`].
+    #[error("Frame payload of {0} bytes exceeds the maximum of {MAX_PAYLOAD} bytes.")]
+    Oversized(usize),
+    /// The frame's checksum did not match its contents.
+    #[error("Frame checksum mismatch: expected {expected:#010x}, computed {actual:#010x}.")]
+    BadCrc {
+        /// Checksum carried by the frame.
+        expected: u32,
+        /// Checksum computed over the received bytes.
+        actual: u32,
+    },
+    /// The frame's format is not one this build understands.
+    #[error("Unknown frame format {0}.")]
+    UnknownFormat(u16),
+    /// The frame's kind is not a known message.
+    #[error("Unknown message kind {0}.")]
+    UnknownKind(u16),
+    /// The payload could not be decoded as the message its kind names.
+    #[error("Malformed payload for message kind {kind}: {reason}.")]
+    Malformed {
+        /// The frame's kind.
+        kind: u16,
+        /// Why decoding failed.
+        reason: String,
+    },
+    /// A message could not be encoded (for example it is larger than a frame allows).
+    #[error("Cannot encode message: {0}.")]
+    Encode(String),
+}
+
+macro_rules! messages {
+    ($(
+        $(#[$meta:meta])*
+        $kind:literal => $name:ident { $( $(#[$fmeta:meta])* $field:ident : $ty:ty ),* $(,)? }
+    ),* $(,)?) => {
+        /// A protocol message. See the module documentation for the conversation.
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub enum Message {
+            $( $(#[$meta])* $name { $( $(#[$fmeta])* $field: $ty ),* }, )*
+        }
+
+        impl Message {
+            /// The frame `kind` of this message.
+            pub fn kind(&self) -> u16 {
+                match self { $( Message::$name { .. } => $kind, )* }
+            }
+
+            /// The message's name, for diagnostics.
+            pub fn name(&self) -> &'static str {
+                match self { $( Message::$name { .. } => stringify!($name), )* }
+            }
+
+            fn encode_payload(&self) -> Result<Vec<u8>, ProtoError> {
+                match self {
+                    $( Message::$name { $( $field ),* } => {
+                        bincode::serde::encode_to_vec(( $( $field, )* ), config())
+                            .map_err(|e| ProtoError::Encode(e.to_string()))
+                    } )*
+                }
+            }
+
+            fn decode_payload(kind: u16, payload: &[u8]) -> Result<Message, ProtoError> {
+                match kind {
+                    $( $kind => {
+                        #[allow(unused_parens)]
+                        let (( $( $field, )* ), used): (( $( $ty, )* ), usize) =
+                            bincode::serde::decode_from_slice(payload, config()).map_err(|e| {
+                                ProtoError::Malformed { kind, reason: e.to_string() }
+                            })?;
+                        if used != payload.len() {
+                            return Err(ProtoError::Malformed {
+                                kind,
+                                reason: format!("{} trailing bytes", payload.len() - used),
+                            });
+                        }
+                        Ok(Message::$name { $( $field ),* })
+                    } )*
+                    other => Err(ProtoError::UnknownKind(other)),
+                }
+            }
+        }
+    };
+}
+
+messages! {
+    /// Version negotiation; the first message in each direction.
+    1 => Hello { min_version: u16, max_version: u16, role: Role },
+    /// Binds the connection to a job; the agent remembers the first token.
+    2 => Init { job_id: String, session_token: String },
+    /// The agent accepted `Init`.
+    3 => Initialized { job_id: String },
+    /// Start a step. `cwd` is relative to the agent's workdir (or absolute); `None` means
+    /// the workdir. The step gets exactly `env`. `timeout_ms` of 0 means no timeout.
+    4 => ExecStart {
+        exec_id: u64,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: Option<String>,
+        timeout_ms: u64,
+    },
+    /// The agent started the step as process group `pid`.
+    5 => ExecStarted { exec_id: u64, pid: u32 },
+    /// A chunk of a step's output at byte `offset` of its combined output.
+    6 => Output { exec_id: u64, stream: Stream, offset: u64, bytes: Vec<u8> },
+    /// The step ended; sent after all of its output.
+    7 => ExecExit {
+        exec_id: u64,
+        code: Option<i32>,
+        signal: Option<i32>,
+        timed_out: bool,
+        total_bytes: u64,
+    },
+    /// Resend an exec's output from `from_offset`, then continue live, then `ExecExit`.
+    8 => Resume { exec_id: u64, from_offset: u64 },
+    /// The host durably stored the exec's output below `offset`.
+    9 => Ack { exec_id: u64, offset: u64 },
+    /// Stop a step: SIGINT, wait `grace_ms`, SIGTERM, wait `grace_ms`, SIGKILL.
+    10 => Cancel { exec_id: u64, grace_ms: u64 },
+    /// Flush all buffered output of this connection's execs; answered by `Drained`.
+    11 => Drain {},
+    /// Everything buffered when `Drain` arrived has been sent.
+    12 => Drained {},
+    /// Kill every remaining step and exit; answered by `PoweringOff`.
+    13 => Poweroff {},
+    /// The agent is about to kill its steps and exit.
+    14 => PoweringOff {},
+    /// Liveness probe.
+    15 => Ping {},
+    /// Answer to `Ping`.
+    16 => Pong {},
+    /// Something went wrong; `exec_id` names the exec it concerns, if any.
+    17 => Error { exec_id: Option<u64>, message: String },
+}
+
+/// Encodes `msg` as one complete frame.
+pub fn encode_frame(msg: &Message) -> Result<Vec<u8>, ProtoError> {
+    let payload = msg.encode_payload()?;
+    if payload.len() > MAX_PAYLOAD {
+        return Err(ProtoError::Encode(format!(
+            "{} message payload of {} bytes exceeds the maximum of {MAX_PAYLOAD} bytes",
+            msg.name(),
+            payload.len()
+        )));
+    }
+    let mut frame = Vec::with_capacity(HEADER_LEN + payload.len() + TRAILER_LEN);
+    let len = u32::try_from(payload.len()).map_err(|e| ProtoError::Encode(e.to_string()))?;
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(&FORMAT_BINCODE.to_be_bytes());
+    frame.extend_from_slice(&msg.kind().to_be_bytes());
+    frame.extend_from_slice(&payload);
+    let crc = crc32c::crc32c(&frame[4..]);
+    frame.extend_from_slice(&crc.to_be_bytes());
+    Ok(frame)
+}
+
+/// Tries to decode one frame from the front of `buf`.
+///
+/// Returns `Ok(None)` when more bytes are needed, `Ok(Some((message, used)))` when a
+/// frame of `used` bytes was decoded, and an error for anything malformed. An oversized
+/// length is reported as soon as the header is complete.
+pub fn decode_frame(buf: &[u8]) -> Result<Option<(Message, usize)>, ProtoError> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len > MAX_PAYLOAD {
+        return Err(ProtoError::Oversized(len));
+    }
+    let total = HEADER_LEN + len + TRAILER_LEN;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    let format = u16::from_be_bytes([buf[4], buf[5]]);
+    let kind = u16::from_be_bytes([buf[6], buf[7]]);
+    let body = &buf[4..HEADER_LEN + len];
+    let t = &buf[HEADER_LEN + len..total];
+    let expected = u32::from_be_bytes([t[0], t[1], t[2], t[3]]);
+    let actual = crc32c::crc32c(body);
+    if expected != actual {
+        return Err(ProtoError::BadCrc { expected, actual });
+    }
+    if format != FORMAT_BINCODE {
+        return Err(ProtoError::UnknownFormat(format));
+    }
+    let msg = Message::decode_payload(kind, &buf[HEADER_LEN..HEADER_LEN + len])?;
+    Ok(Some((msg, total)))
+}
+
+/// Writes one frame for `msg` to `w` and flushes it.
+pub fn write_message(w: &mut impl Write, msg: &Message) -> Result<(), ProtoError> {
+    let frame = encode_frame(msg)?;
+    w.write_all(&frame)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Incremental frame reader keeping partial frames across reads (and read timeouts).
+#[derive(Debug, Default)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    /// A reader with an empty buffer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Decodes a frame already buffered, if there is a complete one.
+    pub fn try_decode(&mut self) -> Result<Option<Message>, ProtoError> {
+        match decode_frame(&self.buf)? {
+            Some((msg, used)) => {
+                self.buf.drain(..used);
+                Ok(Some(msg))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Reads until one whole message is available.
+    ///
+    /// Returns `Ok(None)` if the read timed out (`WouldBlock`/`TimedOut`); buffered
+    /// partial frames are kept for the next call. End of stream is
+    /// [`ProtoError::Closed`].
+    pub fn read_message(&mut self, r: &mut impl Read) -> Result<Option<Message>, ProtoError> {
+        let mut chunk = [0u8; 64 * 1024];
+        loop {
+            if let Some(msg) = self.try_decode()? {
+                return Ok(Some(msg));
+            }
+            match r.read(&mut chunk) {
+                Ok(0) => return Err(ProtoError::Closed),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(None);
+                }
+                Err(e) => return Err(ProtoError::Io(e)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<Message> {
+        vec![
+            Message::Hello {
+                min_version: 1,
+                max_version: 3,
+                role: Role::Host,
+            },
+            Message::Init {
+                job_id: "j".into(),
+                session_token: "t".into(),
+            },
+            Message::ExecStart {
+                exec_id: 7,
+                argv: vec!["sh".into(), "-c".into(), "echo hi".into()],
+                env: vec![("A".into(), "b".into())],
+                cwd: Some("sub".into()),
+                timeout_ms: 100,
+            },
+            Message::Output {
+                exec_id: 7,
+                stream: Stream::Stderr,
+                offset: 12,
+                bytes: vec![0xff, 0xfe, 0, 1],
+            },
+            Message::ExecExit {
+                exec_id: 7,
+                code: None,
+                signal: Some(9),
+                timed_out: true,
+                total_bytes: 99,
+            },
+            Message::Drain {},
+            Message::Pong {},
+            Message::Error {
+                exec_id: None,
+                message: "x".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn round_trip() {
+        for msg in samples() {
+            let frame = encode_frame(&msg).unwrap();
+            assert_eq!(&frame[4..6], &FORMAT_BINCODE.to_be_bytes());
+            let len = u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize;
+            assert_eq!(frame.len(), HEADER_LEN + len + TRAILER_LEN);
+            // Every strict prefix needs more bytes.
+            for cut in 0..frame.len() {
+                assert!(decode_frame(&frame[..cut]).unwrap().is_none());
+            }
+            let (back, used) = decode_frame(&frame).unwrap().unwrap();
+            assert_eq!(used, frame.len());
+            assert_eq!(back, msg);
+        }
+    }
+
+    #[test]
+    fn frame_reader_handles_concatenated_frames() {
+        let mut bytes = Vec::new();
+        for msg in samples() {
+            bytes.extend(encode_frame(&msg).unwrap());
+        }
+        let mut r = FrameReader::new();
+        let mut cursor = io::Cursor::new(bytes);
+        let mut got = Vec::new();
+        loop {
+            match r.read_message(&mut cursor) {
+                Ok(Some(m)) => got.push(m),
+                Err(ProtoError::Closed) => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(got, samples());
+    }
+
+    #[test]
+    fn bad_crc_oversized_unknown() {
+        let mut frame = encode_frame(&Message::Ping {}).unwrap();
+        let last = frame.len() - 1;
+        frame[last] ^= 1;
+        assert!(matches!(
+            decode_frame(&frame),
+            Err(ProtoError::BadCrc { .. })
+        ));
+
+        let mut big = Vec::new();
+        big.extend_from_slice(&((MAX_PAYLOAD as u32) + 1).to_be_bytes());
+        big.extend_from_slice(&[0, 1, 0, 1]);
+        assert!(matches!(decode_frame(&big), Err(ProtoError::Oversized(_))));
+
+        let mut unknown = Vec::new();
+        unknown.extend_from_slice(&0u32.to_be_bytes());
+        unknown.extend_from_slice(&FORMAT_BINCODE.to_be_bytes());
+        unknown.extend_from_slice(&999u16.to_be_bytes());
+        let crc = crc32c::crc32c(&unknown[4..]);
+        unknown.extend_from_slice(&crc.to_be_bytes());
+        assert!(matches!(
+            decode_frame(&unknown),
+            Err(ProtoError::UnknownKind(999))
+        ));
+
+        let too_big = Message::Output {
+            exec_id: 1,
+            stream: Stream::Stdout,
+            offset: 0,
+            bytes: vec![0; MAX_PAYLOAD + 1],
+        };
+        assert!(matches!(encode_frame(&too_big), Err(ProtoError::Encode(_))));
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        // xorshift64*: deterministic pseudo-random inputs.
+        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        };
+        let valid: Vec<Vec<u8>> = samples().iter().map(|m| encode_frame(m).unwrap()).collect();
+        for i in 0..20_000 {
+            let mut buf = if i % 2 == 0 {
+                let len = (next() % 64) as usize;
+                (0..len).map(|_| next() as u8).collect::<Vec<u8>>()
+            } else {
+                valid[(next() as usize) % valid.len()].clone()
+            };
+            // Corrupt a few bytes, then fix up the CRC half of the time so the payload
+            // decoder itself sees garbage.
+            if !buf.is_empty() {
+                for _ in 0..(1 + next() % 3) {
+                    let at = (next() as usize) % buf.len();
+                    buf[at] = next() as u8;
+                }
+            }
+            if i % 4 == 1 && buf.len() >= HEADER_LEN + TRAILER_LEN {
+                let n = buf.len() - TRAILER_LEN;
+                let len = (n - HEADER_LEN) as u32;
+                buf[..4].copy_from_slice(&len.to_be_bytes());
+                buf[4..6].copy_from_slice(&FORMAT_BINCODE.to_be_bytes());
+                let crc = crc32c::crc32c(&buf[4..n]);
+                buf[n..].copy_from_slice(&crc.to_be_bytes());
+            }
+            let _ = decode_frame(&buf);
+        }
+    }
+}

@@ -1,0 +1,835 @@
+//! The agent side: serves one host connection at a time and runs steps.
+//!
+//! Threads (all plain std threads):
+//! - the accept loop; each accepted connection gets a thread that performs the `Hello`
+//!   handshake and only then *replaces* the current connection (so a stray or broken
+//!   connection never kicks out the real host), and then reads that connection's messages;
+//! - one writer thread per active connection, which sends queued replies, live and
+//!   resumed `Output`, `ExecExit` and `Drained`, waiting on a condition variable;
+//! - per exec: a stdout reader, a stderr reader, a waiter (reaps the process, joins the
+//!   readers, records the exit), and optionally a timeout watcher; a ladder thread per
+//!   cancel.
+//!
+//! Output goes into a per-exec buffer keyed by offset, independent of any connection;
+//! the writer only reads from it. So a slow or absent host never blocks a step: the
+//! buffer absorbs output up to `max_buffer` unacknowledged bytes, after which the exec's
+//! output is marked lost and the host is told with an `Error`.
+
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rustix::process::{Pid, Signal, kill_process_group, test_kill_process_group};
+
+use crate::proto::{
+    self, FrameReader, MAX_OUTPUT_CHUNK, MAX_VERSION, MIN_VERSION, Message, ProtoError, Role,
+    Stream,
+};
+
+/// How long a new connection may take to send its `Hello`.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes of frames the writer batches per lock acquisition.
+const WRITE_BATCH: usize = 1 << 20;
+
+/// Agent configuration.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Socket path (already bound by the caller; kept for cleanup at poweroff).
+    pub socket: PathBuf,
+    /// Pidfile, removed at poweroff.
+    pub pidfile: Option<PathBuf>,
+    /// Base directory for steps' working directories.
+    pub workdir: PathBuf,
+    /// Maximum unacknowledged output bytes buffered per exec.
+    pub max_buffer: u64,
+    /// Grace period between the signals of the ladder when a timeout fires.
+    pub timeout_grace: Duration,
+}
+
+struct Chunk {
+    stream: Stream,
+    offset: u64,
+    data: Vec<u8>,
+}
+
+struct ExitInfo {
+    code: Option<i32>,
+    signal: Option<i32>,
+}
+
+struct Exec {
+    pgid: Pid,
+    chunks: VecDeque<Chunk>,
+    acked: u64,
+    total: u64,
+    lost: bool,
+    timed_out: bool,
+    /// Set once the process is reaped *and* both pipes hit end of file.
+    exit: Option<ExitInfo>,
+}
+
+impl Exec {
+    /// Lowest offset still buffered.
+    fn start(&self) -> u64 {
+        self.chunks.front().map_or(self.total, |c| c.offset)
+    }
+}
+
+struct Sub {
+    next: u64,
+    lost_reported: bool,
+}
+
+struct Conn {
+    generation: u64,
+    stream: UnixStream,
+    initialized: bool,
+    closed: bool,
+    /// Close once the queued replies are written.
+    close_after_replies: bool,
+    subs: BTreeMap<u64, Sub>,
+    replies: VecDeque<Message>,
+    drains: VecDeque<Vec<(u64, u64)>>,
+    poweroff_sent: bool,
+}
+
+#[derive(Default)]
+struct State {
+    job: Option<(String, String)>,
+    execs: HashMap<u64, Exec>,
+    conn: Option<Conn>,
+    generation: u64,
+    powering_off: bool,
+}
+
+struct Agent {
+    st: Mutex<State>,
+    cv: Condvar,
+    opts: Options,
+}
+
+impl Agent {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Serves `listener` forever (until `Poweroff`, which exits the process).
+pub fn serve(listener: UnixListener, opts: Options) -> io::Result<()> {
+    let agent = Arc::new(Agent {
+        st: Mutex::new(State::default()),
+        cv: Condvar::new(),
+        opts,
+    });
+    for stream in listener.incoming() {
+        match stream {
+            Ok(stream) => {
+                let agent = Arc::clone(&agent);
+                thread::spawn(move || handle_conn(&agent, stream));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                eprintln!("reel-agent: accept failed: {e}");
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn send_direct(stream: &mut UnixStream, msg: &Message) {
+    let _ = proto::write_message(stream, msg);
+}
+
+fn error(exec_id: Option<u64>, message: impl Into<String>) -> Message {
+    Message::Error {
+        exec_id,
+        message: message.into(),
+    }
+}
+
+fn handle_conn(agent: &Arc<Agent>, mut stream: UnixStream) {
+    let mut frames = FrameReader::new();
+    // Handshake, before this connection replaces the current one.
+    let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    let first = frames.read_message(&mut stream);
+    let (min, max) = match first {
+        Ok(Some(Message::Hello {
+            min_version,
+            max_version,
+            role: Role::Host,
+        })) => (min_version, max_version),
+        Ok(Some(Message::Hello { role, .. })) => {
+            let msg = format!("The agent only accepts Hello from a host, not from {role:?}.");
+            send_direct(&mut stream, &error(None, msg));
+            return;
+        }
+        Ok(Some(other)) => {
+            let msg = format!(
+                "Expected Hello before any other message, got {}.",
+                other.name()
+            );
+            send_direct(&mut stream, &error(None, msg));
+            return;
+        }
+        Ok(None) => {
+            send_direct(&mut stream, &error(None, "Timed out waiting for Hello."));
+            return;
+        }
+        Err(ProtoError::Closed) => return,
+        Err(e) => {
+            send_direct(&mut stream, &error(None, format!("Bad frame: {e}")));
+            return;
+        }
+    };
+    let lo = min.max(MIN_VERSION);
+    let hi = max.min(MAX_VERSION);
+    if lo > hi {
+        let msg = format!(
+            "No common protocol version: the host offers {min}..={max}, the agent supports {MIN_VERSION}..={MAX_VERSION}."
+        );
+        send_direct(&mut stream, &error(None, msg));
+        return;
+    }
+    let hello = Message::Hello {
+        min_version: hi,
+        max_version: hi,
+        role: Role::Agent,
+    };
+    if proto::write_message(&mut stream, &hello).is_err() {
+        return;
+    }
+    let _ = stream.set_read_timeout(None);
+    let (Ok(writer_stream), Ok(shutdown_stream)) = (stream.try_clone(), stream.try_clone()) else {
+        return;
+    };
+
+    // Activate: replace the current connection.
+    let generation = {
+        let mut st = agent.lock();
+        st.generation += 1;
+        let generation = st.generation;
+        if let Some(old) = st.conn.take() {
+            let _ = old.stream.shutdown(Shutdown::Both);
+        }
+        st.conn = Some(Conn {
+            generation,
+            stream: shutdown_stream,
+            initialized: false,
+            closed: false,
+            close_after_replies: false,
+            subs: BTreeMap::new(),
+            replies: VecDeque::new(),
+            drains: VecDeque::new(),
+            poweroff_sent: false,
+        });
+        agent.cv.notify_all();
+        generation
+    };
+    {
+        let agent = Arc::clone(agent);
+        thread::spawn(move || writer(&agent, generation, writer_stream));
+    }
+
+    loop {
+        let msg = match frames.read_message(&mut stream) {
+            Ok(Some(m)) => m,
+            Ok(None) => continue,
+            Err(ProtoError::Closed) | Err(ProtoError::Io(_)) => {
+                close_conn(agent, generation, None);
+                return;
+            }
+            Err(e) => {
+                close_conn(
+                    agent,
+                    generation,
+                    Some(error(None, format!("Bad frame: {e}"))),
+                );
+                return;
+            }
+        };
+        if !handle_message(agent, generation, msg) {
+            return;
+        }
+    }
+}
+
+/// Marks connection `generation` closed, optionally after sending `last`.
+fn close_conn(agent: &Agent, generation: u64, last: Option<Message>) {
+    let mut st = agent.lock();
+    if let Some(c) = st.conn.as_mut().filter(|c| c.generation == generation) {
+        match last {
+            Some(m) => {
+                c.replies.push_back(m);
+                c.close_after_replies = true;
+            }
+            None => {
+                c.closed = true;
+                let _ = c.stream.shutdown(Shutdown::Both);
+            }
+        }
+    }
+    agent.cv.notify_all();
+}
+
+/// Handles one message from connection `generation`; false means stop reading it.
+fn handle_message(agent: &Arc<Agent>, generation: u64, msg: Message) -> bool {
+    let mut st = agent.lock();
+    let state = &mut *st;
+    let Some(conn) = state
+        .conn
+        .as_mut()
+        .filter(|c| c.generation == generation && !c.closed)
+    else {
+        return false;
+    };
+    let needs_init = !matches!(
+        msg,
+        Message::Init { .. } | Message::Ping {} | Message::Hello { .. }
+    );
+    if needs_init && !conn.initialized {
+        let m = format!("Send Init before {}.", msg.name());
+        conn.replies.push_back(error(None, m));
+        agent.cv.notify_all();
+        return true;
+    }
+    match msg {
+        Message::Hello { .. } => {
+            conn.replies.push_back(error(
+                None,
+                "Hello was already negotiated on this connection.",
+            ));
+        }
+        Message::Init {
+            job_id,
+            session_token,
+        } => match &state.job {
+            Some((j, t)) if *j != job_id || *t != session_token => {
+                let m = format!(
+                    "This agent belongs to job {j}; Init for job {job_id} with a different session token is refused."
+                );
+                drop(st);
+                close_conn(agent, generation, Some(error(None, m)));
+                return false;
+            }
+            _ => {
+                state.job = Some((job_id.clone(), session_token));
+                conn.initialized = true;
+                conn.replies.push_back(Message::Initialized { job_id });
+            }
+        },
+        Message::Ping {} => conn.replies.push_back(Message::Pong {}),
+        Message::ExecStart {
+            exec_id,
+            argv,
+            env,
+            cwd,
+            timeout_ms,
+        } => match state.execs.entry(exec_id) {
+            Entry::Occupied(_) => {
+                conn.replies.push_back(error(
+                    Some(exec_id),
+                    format!("Exec {exec_id} already exists."),
+                ));
+            }
+            Entry::Vacant(slot) => match spawn_exec(agent, &argv, env, cwd.as_deref()) {
+                Ok((exec, pid, children)) => {
+                    slot.insert(exec);
+                    conn.subs.insert(
+                        exec_id,
+                        Sub {
+                            next: 0,
+                            lost_reported: false,
+                        },
+                    );
+                    conn.replies
+                        .push_back(Message::ExecStarted { exec_id, pid });
+                    drop(st);
+                    start_exec_threads(agent, exec_id, children, timeout_ms);
+                    agent.cv.notify_all();
+                    return true;
+                }
+                Err(e) => {
+                    let m = format!("Failed to start exec {exec_id} ({argv:?}): {e}.");
+                    conn.replies.push_back(error(Some(exec_id), m));
+                }
+            },
+        },
+        Message::Resume {
+            exec_id,
+            from_offset,
+        } => match state.execs.get(&exec_id) {
+            None => conn
+                .replies
+                .push_back(error(Some(exec_id), format!("Unknown exec {exec_id}."))),
+            Some(e) if e.lost => {
+                conn.replies.push_back(error(
+                    Some(exec_id),
+                    lost_message(exec_id, agent.opts.max_buffer),
+                ));
+                conn.subs.insert(
+                    exec_id,
+                    Sub {
+                        next: e.total,
+                        lost_reported: true,
+                    },
+                );
+            }
+            Some(e) if from_offset < e.start() => {
+                let m = format!(
+                    "Cannot resume exec {exec_id} from offset {from_offset}: output below offset {} was acknowledged and dropped.",
+                    e.start()
+                );
+                conn.replies.push_back(error(Some(exec_id), m));
+            }
+            Some(e) if from_offset > e.total => {
+                let m = format!(
+                    "Cannot resume exec {exec_id} from offset {from_offset}: only {} bytes were produced.",
+                    e.total
+                );
+                conn.replies.push_back(error(Some(exec_id), m));
+            }
+            Some(_) => {
+                conn.subs.insert(
+                    exec_id,
+                    Sub {
+                        next: from_offset,
+                        lost_reported: false,
+                    },
+                );
+            }
+        },
+        Message::Ack { exec_id, offset } => {
+            if let Some(e) = state.execs.get_mut(&exec_id) {
+                e.acked = e.acked.max(offset.min(e.total));
+                while e
+                    .chunks
+                    .front()
+                    .is_some_and(|c| c.offset + c.data.len() as u64 <= e.acked)
+                {
+                    e.chunks.pop_front();
+                }
+            } else {
+                conn.replies.push_back(error(
+                    Some(exec_id),
+                    format!("Ack for unknown exec {exec_id}."),
+                ));
+            }
+        }
+        Message::Cancel { exec_id, grace_ms } => match state.execs.get(&exec_id) {
+            None => conn.replies.push_back(error(
+                Some(exec_id),
+                format!("Cancel for unknown exec {exec_id}."),
+            )),
+            Some(e) if e.exit.is_some() => {}
+            Some(e) => {
+                let pgid = e.pgid;
+                thread::spawn(move || signal_ladder(pgid, Duration::from_millis(grace_ms)));
+            }
+        },
+        Message::Drain {} => {
+            let targets = conn
+                .subs
+                .keys()
+                .filter_map(|id| state.execs.get(id).map(|e| (*id, e.total)))
+                .collect();
+            conn.drains.push_back(targets);
+        }
+        Message::Poweroff {} => {
+            state.powering_off = true;
+            conn.replies.push_back(Message::PoweringOff {});
+            agent.cv.notify_all();
+            drop(st);
+            poweroff(agent, generation);
+        }
+        other => {
+            let m = format!("The host may not send {}.", other.name());
+            drop(st);
+            close_conn(agent, generation, Some(error(None, m)));
+            return false;
+        }
+    }
+    agent.cv.notify_all();
+    true
+}
+
+fn lost_message(exec_id: u64, max_buffer: u64) -> String {
+    format!(
+        "Output of exec {exec_id} was lost: more than {max_buffer} unacknowledged bytes were buffered (the agent's --max-buffer)."
+    )
+}
+
+type Children = (
+    std::process::Child,
+    std::process::ChildStdout,
+    std::process::ChildStderr,
+);
+
+fn spawn_exec(
+    agent: &Agent,
+    argv: &[String],
+    env: Vec<(String, String)>,
+    cwd: Option<&str>,
+) -> io::Result<(Exec, u32, Children)> {
+    let Some((prog, args)) = argv.split_first() else {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "argv is empty"));
+    };
+    let dir = match cwd {
+        Some(c) => agent.opts.workdir.join(c),
+        None => agent.opts.workdir.clone(),
+    };
+    let mut child = Command::new(prog)
+        .args(args)
+        .env_clear()
+        .envs(env)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()?;
+    let pid = child.id();
+    let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err(io::Error::other("child pipes missing"));
+    };
+    let pgid = Pid::from_child(&child);
+    let exec = Exec {
+        pgid,
+        chunks: VecDeque::new(),
+        acked: 0,
+        total: 0,
+        lost: false,
+        timed_out: false,
+        exit: None,
+    };
+    Ok((exec, pid, (child, out, err)))
+}
+
+fn start_exec_threads(agent: &Arc<Agent>, exec_id: u64, children: Children, timeout_ms: u64) {
+    let (mut child, out, err) = children;
+    let r1 = {
+        let agent = Arc::clone(agent);
+        thread::spawn(move || pump(&agent, exec_id, Stream::Stdout, out))
+    };
+    let r2 = {
+        let agent = Arc::clone(agent);
+        thread::spawn(move || pump(&agent, exec_id, Stream::Stderr, err))
+    };
+    {
+        let agent = Arc::clone(agent);
+        thread::spawn(move || {
+            let status = child.wait();
+            let _ = r1.join();
+            let _ = r2.join();
+            let info = match status {
+                Ok(s) => ExitInfo {
+                    code: s.code(),
+                    signal: s.signal(),
+                },
+                Err(_) => ExitInfo {
+                    code: None,
+                    signal: None,
+                },
+            };
+            let mut st = agent.lock();
+            if let Some(e) = st.execs.get_mut(&exec_id) {
+                e.exit = Some(info);
+            }
+            agent.cv.notify_all();
+        });
+    }
+    if timeout_ms > 0 {
+        let agent = Arc::clone(agent);
+        thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+            let mut st = agent.lock();
+            loop {
+                let Some(e) = st.execs.get_mut(&exec_id) else {
+                    return;
+                };
+                if e.exit.is_some() {
+                    return;
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    e.timed_out = true;
+                    let pgid = e.pgid;
+                    drop(st);
+                    signal_ladder(pgid, agent.opts.timeout_grace);
+                    return;
+                }
+                st = agent
+                    .cv
+                    .wait_timeout(st, deadline - now)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        });
+    }
+}
+
+/// Reads one pipe of an exec into its buffer until end of file.
+fn pump(agent: &Agent, exec_id: u64, stream: Stream, mut pipe: impl Read) {
+    let mut buf = vec![0u8; MAX_OUTPUT_CHUNK];
+    loop {
+        let n = match pipe.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+        let mut st = agent.lock();
+        let Some(e) = st.execs.get_mut(&exec_id) else {
+            return;
+        };
+        let offset = e.total;
+        e.total += n as u64;
+        if !e.lost {
+            if e.total - e.acked > agent.opts.max_buffer {
+                e.lost = true;
+                e.chunks.clear();
+            } else {
+                e.chunks.push_back(Chunk {
+                    stream,
+                    offset,
+                    data: buf[..n].to_vec(),
+                });
+            }
+        }
+        agent.cv.notify_all();
+    }
+}
+
+fn group_gone(pgid: Pid) -> bool {
+    test_kill_process_group(pgid).is_err()
+}
+
+fn wait_group_gone(pgid: Pid, grace: Duration) -> bool {
+    let deadline = Instant::now() + grace;
+    loop {
+        if group_gone(pgid) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// SIGINT, wait `grace`, SIGTERM, wait `grace`, SIGKILL to the process group.
+fn signal_ladder(pgid: Pid, grace: Duration) {
+    for sig in [Signal::INT, Signal::TERM] {
+        if kill_process_group(pgid, sig).is_err() || wait_group_gone(pgid, grace) {
+            return;
+        }
+    }
+    let _ = kill_process_group(pgid, Signal::KILL);
+}
+
+/// Collects the next batch of frames for connection `generation`; returns `(frames, close,
+/// poweroff_in_batch)`, or `None` if the connection is no longer current.
+fn collect(state: &mut State, generation: u64, max_buffer: u64) -> Option<(Vec<u8>, bool, bool)> {
+    let State { conn, execs, .. } = state;
+    let conn = conn
+        .as_mut()
+        .filter(|c| c.generation == generation && !c.closed)?;
+    let mut out = Vec::new();
+    let mut poweroff = false;
+    let push = |out: &mut Vec<u8>, m: &Message| match proto::encode_frame(m) {
+        Ok(f) => out.extend_from_slice(&f),
+        Err(e) => eprintln!("reel-agent: cannot encode {}: {e}", m.name()),
+    };
+    while let Some(m) = conn.replies.pop_front() {
+        poweroff |= matches!(m, Message::PoweringOff {});
+        push(&mut out, &m);
+    }
+    if conn.close_after_replies {
+        return Some((out, true, poweroff));
+    }
+    let mut finished = Vec::new();
+    for (&exec_id, sub) in conn.subs.iter_mut() {
+        let Some(e) = execs.get(&exec_id) else {
+            continue;
+        };
+        if e.lost {
+            if !sub.lost_reported {
+                sub.lost_reported = true;
+                push(
+                    &mut out,
+                    &error(Some(exec_id), lost_message(exec_id, max_buffer)),
+                );
+            }
+            sub.next = e.total;
+        } else {
+            if sub.next < e.start() {
+                let m = format!(
+                    "Output of exec {exec_id} from offset {} to {} was acknowledged and dropped before it was sent.",
+                    sub.next,
+                    e.start()
+                );
+                push(&mut out, &error(Some(exec_id), m));
+                sub.next = e.start();
+            }
+            while sub.next < e.total && out.len() < WRITE_BATCH {
+                let i = e
+                    .chunks
+                    .partition_point(|c| c.offset + c.data.len() as u64 <= sub.next);
+                let Some(c) = e.chunks.get(i) else { break };
+                let from = (sub.next - c.offset) as usize;
+                let bytes = c.data[from..].to_vec();
+                let len = bytes.len() as u64;
+                push(
+                    &mut out,
+                    &Message::Output {
+                        exec_id,
+                        stream: c.stream,
+                        offset: sub.next,
+                        bytes,
+                    },
+                );
+                sub.next += len;
+            }
+        }
+        if let Some(x) = &e.exit
+            && sub.next >= e.total
+        {
+            push(
+                &mut out,
+                &Message::ExecExit {
+                    exec_id,
+                    code: x.code,
+                    signal: x.signal,
+                    timed_out: e.timed_out,
+                    total_bytes: e.total,
+                },
+            );
+            finished.push(exec_id);
+        }
+    }
+    for id in finished {
+        conn.subs.remove(&id);
+    }
+    while let Some(targets) = conn.drains.front() {
+        let done = targets.iter().all(|(id, target)| {
+            conn.subs.get(id).is_none_or(|s| s.next >= *target)
+                || execs.get(id).is_none_or(|e| e.lost)
+        });
+        if !done {
+            break;
+        }
+        conn.drains.pop_front();
+        push(&mut out, &Message::Drained {});
+    }
+    Some((out, false, poweroff))
+}
+
+fn writer(agent: &Agent, generation: u64, mut stream: UnixStream) {
+    loop {
+        let (bytes, close, poweroff) = {
+            let mut st = agent.lock();
+            loop {
+                match collect(&mut st, generation, agent.opts.max_buffer) {
+                    None => return,
+                    Some((bytes, close, poweroff)) if !bytes.is_empty() || close => {
+                        break (bytes, close, poweroff);
+                    }
+                    Some(_) => st = agent.cv.wait(st).unwrap_or_else(|p| p.into_inner()),
+                }
+            }
+        };
+        let ok = stream
+            .write_all(&bytes)
+            .and_then(|()| stream.flush())
+            .is_ok();
+        if poweroff {
+            let mut st = agent.lock();
+            if let Some(c) = st.conn.as_mut().filter(|c| c.generation == generation) {
+                c.poweroff_sent = true;
+            }
+            agent.cv.notify_all();
+        }
+        if !ok || close {
+            let mut st = agent.lock();
+            if let Some(c) = st.conn.as_mut().filter(|c| c.generation == generation) {
+                c.closed = true;
+            }
+            let _ = stream.shutdown(Shutdown::Both);
+            agent.cv.notify_all();
+            return;
+        }
+    }
+}
+
+/// Waits for `PoweringOff` to be written, kills every step's process group and exits.
+fn poweroff(agent: &Agent, generation: u64) -> ! {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut st = agent.lock();
+    loop {
+        let sent = st
+            .conn
+            .as_ref()
+            .is_none_or(|c| c.generation != generation || c.poweroff_sent || c.closed);
+        let now = Instant::now();
+        if sent || now >= deadline {
+            break;
+        }
+        st = agent
+            .cv
+            .wait_timeout(st, deadline - now)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
+    let groups: Vec<Pid> = st.execs.values().map(|e| e.pgid).collect();
+    drop(st);
+    for &pgid in &groups {
+        let _ = kill_process_group(pgid, Signal::KILL);
+    }
+    for &pgid in &groups {
+        wait_group_gone(pgid, Duration::from_secs(2));
+    }
+    remove_files(&agent.opts);
+    std::process::exit(0);
+}
+
+fn remove_files(opts: &Options) {
+    let _ = std::fs::remove_file(&opts.socket);
+    if let Some(p) = &opts.pidfile {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+/// Binds the socket, replacing a stale socket file but refusing a live agent.
+pub fn bind(socket: &Path) -> io::Result<UnixListener> {
+    if socket.exists() {
+        if UnixStream::connect(socket).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("another agent is already listening on {}", socket.display()),
+            ));
+        }
+        std::fs::remove_file(socket)?;
+    }
+    UnixListener::bind(socket)
+}
+
+/// Writes `pid` to `path` atomically (temporary file, then rename).
+pub fn write_pidfile(path: &Path, pid: u32) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        writeln!(f, "{pid}")?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}

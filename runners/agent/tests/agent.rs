@@ -1,0 +1,637 @@
+//! Integration tests against the real `reel-agent` binary.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use reel_agent::proto::{self, FrameReader, Message, ProtoError, Role, Stream};
+use reel_agent::{AgentClient, ClientError, ExecOutcome, ExecRequest};
+use rustix::process::{Pid, test_kill_process, test_kill_process_group};
+
+const BIN: &str = env!("CARGO_BIN_EXE_reel-agent");
+const T: Duration = Duration::from_secs(10);
+
+struct Agent {
+    child: Child,
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+}
+
+impl Agent {
+    fn start(extra: &[&str]) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.sock");
+        let child = Command::new(BIN)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--workdir")
+            .arg(dir.path())
+            .args(extra)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let agent = Agent {
+            child,
+            _dir: dir,
+            socket,
+        };
+        let deadline = Instant::now() + T;
+        while UnixStream::connect(&agent.socket).is_err() {
+            assert!(Instant::now() < deadline, "agent did not start");
+            thread::sleep(Duration::from_millis(10));
+        }
+        agent
+    }
+
+    fn client(&self) -> AgentClient {
+        let mut c = AgentClient::connect(&self.socket, T).unwrap();
+        c.init("job-1", "token-1").unwrap();
+        c
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sh(exec_id: u64, cmd: &str) -> ExecRequest {
+    ExecRequest {
+        exec_id,
+        argv: vec!["sh".into(), "-c".into(), cmd.into()],
+        env: vec![(
+            "PATH".into(),
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()),
+        )],
+        cwd: None,
+        timeout_ms: 0,
+    }
+}
+
+type Chunks = Vec<(Stream, u64, Vec<u8>)>;
+
+/// Runs `req` with the low-level API; returns (pid, chunks, outcome).
+fn run_low(c: &mut AgentClient, req: &ExecRequest) -> (u32, Chunks, ExecOutcome) {
+    c.exec_start(req).unwrap();
+    let mut pid = 0;
+    let mut chunks = Vec::new();
+    loop {
+        match c
+            .recv(Some(Duration::from_secs(60)))
+            .unwrap()
+            .expect("timed out")
+        {
+            Message::ExecStarted { exec_id, pid: p } if exec_id == req.exec_id => pid = p,
+            Message::Output {
+                exec_id,
+                stream,
+                offset,
+                bytes,
+            } if exec_id == req.exec_id => {
+                chunks.push((stream, offset, bytes));
+            }
+            Message::ExecExit {
+                exec_id,
+                code,
+                signal,
+                timed_out,
+                total_bytes,
+            } if exec_id == req.exec_id => {
+                return (
+                    pid,
+                    chunks,
+                    ExecOutcome {
+                        exec_id,
+                        code,
+                        signal,
+                        timed_out,
+                        total_bytes,
+                    },
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+fn group_gone(pid: u32) -> bool {
+    let pid = Pid::from_raw(pid as i32).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if test_kill_process_group(pid).is_err() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+fn raw_read_all(s: &mut UnixStream) -> (Vec<Message>, bool) {
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut r = FrameReader::new();
+    let mut msgs = Vec::new();
+    loop {
+        match r.read_message(s) {
+            Ok(Some(m)) => msgs.push(m),
+            Ok(None) => return (msgs, false),
+            Err(ProtoError::Closed) | Err(ProtoError::Io(_)) => return (msgs, true),
+            Err(e) => panic!("agent sent a bad frame: {e}"),
+        }
+    }
+}
+
+fn raw_hello(s: &mut UnixStream) {
+    proto::write_message(
+        s,
+        &Message::Hello {
+            min_version: 1,
+            max_version: 1,
+            role: Role::Host,
+        },
+    )
+    .unwrap();
+    let mut r = FrameReader::new();
+    s.set_read_timeout(Some(T)).unwrap();
+    assert!(matches!(
+        r.read_message(s).unwrap(),
+        Some(Message::Hello {
+            role: Role::Agent,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn handshake_and_ping() {
+    let agent = Agent::start(&[]);
+    let mut c = agent.client();
+    assert_eq!(c.version(), 1);
+    c.ping(T).unwrap();
+}
+
+#[test]
+fn version_mismatch_refused() {
+    let agent = Agent::start(&[]);
+    let err = AgentClient::connect_with_versions(&agent.socket, T, 5, 9).unwrap_err();
+    match err {
+        ClientError::Agent { message, .. } => {
+            assert!(message.contains("No common protocol version"), "{message}")
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // Overlapping ranges pick the highest common version.
+    let c = AgentClient::connect_with_versions(&agent.socket, T, 0, 7).unwrap();
+    assert_eq!(c.version(), 1);
+}
+
+#[test]
+fn message_before_hello_refused() {
+    let agent = Agent::start(&[]);
+    let mut s = UnixStream::connect(&agent.socket).unwrap();
+    proto::write_message(&mut s, &Message::Ping {}).unwrap();
+    let (msgs, closed) = raw_read_all(&mut s);
+    assert!(closed);
+    assert!(
+        matches!(&msgs[..], [Message::Error { message, .. }] if message.contains("Hello")),
+        "{msgs:?}"
+    );
+    // Exec messages before Init are refused too.
+    let mut c = AgentClient::connect(&agent.socket, T).unwrap();
+    c.exec_start(&sh(1, "true")).unwrap();
+    assert!(
+        matches!(c.recv(Some(T)).unwrap(), Some(Message::Error { message, .. }) if message.contains("Init"))
+    );
+    // A different session token is refused.
+    c.init("job-1", "token-1").unwrap();
+    let mut c2 = AgentClient::connect(&agent.socket, T).unwrap();
+    assert!(matches!(
+        c2.init("job-1", "other"),
+        Err(ClientError::Agent { .. })
+    ));
+}
+
+#[test]
+fn output_is_byte_exact_with_offsets() {
+    let agent = Agent::start(&[]);
+    let mut c = agent.client();
+    let mut req = sh(
+        1,
+        r"printf 'a\377\376b'; sleep 0.05; printf 'err\200' >&2; sleep 0.05; printf 'tail'; printf '%s' $FOO; test -z $HOME",
+    );
+    req.env.push(("FOO".into(), "bar".into()));
+    let (_, chunks, exit) = run_low(&mut c, &req);
+    assert_eq!(exit.code, Some(0));
+    let mut next = 0;
+    let (mut out, mut err, mut all) = (Vec::new(), Vec::new(), Vec::new());
+    for (stream, offset, bytes) in &chunks {
+        assert_eq!(*offset, next);
+        next += bytes.len() as u64;
+        all.extend_from_slice(bytes);
+        match stream {
+            Stream::Stdout => out.extend_from_slice(bytes),
+            Stream::Stderr => err.extend_from_slice(bytes),
+        }
+    }
+    assert_eq!(out, b"a\xff\xfebtailbar");
+    assert_eq!(err, b"err\x80");
+    assert_eq!(all, b"a\xff\xfeberr\x80tailbar");
+    assert_eq!(exit.total_bytes, next);
+}
+
+#[test]
+fn twenty_mib_streamed_exactly() {
+    let agent = Agent::start(&[]);
+    let mut c = agent.client();
+    let n = 20 << 20;
+    let req = sh(1, &format!("yes 0123456789abcdef | head -c {n}"));
+    let mut got = Vec::with_capacity(n);
+    let exit = c
+        .run_exec(&req, |_, offset, bytes| {
+            assert_eq!(offset, got.len() as u64);
+            got.extend_from_slice(bytes);
+        })
+        .unwrap();
+    assert_eq!(exit.code, Some(0));
+    assert_eq!(exit.total_bytes, n as u64);
+    let expected: Vec<u8> = b"0123456789abcdef\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(n)
+        .collect();
+    assert!(got == expected, "output differs");
+}
+
+#[test]
+fn exit_code_signal_and_timeout() {
+    let agent = Agent::start(&["--timeout-grace-ms", "200"]);
+    let mut c = agent.client();
+    let exit = c.run_exec(&sh(1, "exit 3"), |_, _, _| {}).unwrap();
+    assert_eq!(
+        (exit.code, exit.signal, exit.timed_out),
+        (Some(3), None, false)
+    );
+    let exit = c.run_exec(&sh(2, "kill -9 $$"), |_, _, _| {}).unwrap();
+    assert_eq!((exit.code, exit.signal), (None, Some(9)));
+
+    // The background sleep ignores SIGINT (non-interactive shell), so the ladder must
+    // escalate; the whole group must be gone afterwards.
+    let mut req = sh(3, "sleep 30 & sleep 30");
+    req.timeout_ms = 300;
+    let started = Instant::now();
+    let (pid, _, exit) = run_low(&mut c, &req);
+    assert!(exit.timed_out);
+    assert!(exit.code.is_none() || exit.signal.is_some() || exit.code != Some(0));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(group_gone(pid), "process group survived the timeout");
+}
+
+#[test]
+fn cancel_ladder_escalates() {
+    let agent = Agent::start(&[]);
+    let mut c = agent.client();
+    let handle = c.cancel_handle();
+    let (tx, rx) = mpsc::channel::<()>();
+    let canceller = thread::spawn(move || {
+        rx.recv().unwrap();
+        handle.cancel(1, Duration::from_millis(200)).unwrap();
+        rx.recv().unwrap();
+        handle.cancel(2, Duration::from_millis(200)).unwrap();
+    });
+    // Traps INT: dies by TERM.
+    let tx1 = tx.clone();
+    let mut sent = false;
+    let exit = c
+        .run_exec(
+            &sh(
+                1,
+                "trap 'echo got-int' INT; echo ready; while :; do sleep 0.05; done",
+            ),
+            |_, _, b| {
+                if !sent && b.starts_with(b"ready") {
+                    sent = true;
+                    tx1.send(()).unwrap();
+                }
+            },
+        )
+        .unwrap();
+    assert_eq!(exit.signal, Some(15), "{exit:?}");
+    // Ignores INT and TERM: dies by KILL.
+    let mut sent = false;
+    let started = Instant::now();
+    let exit = c
+        .run_exec(
+            &sh(
+                2,
+                "trap '' INT TERM; echo ready; while :; do sleep 0.05; done",
+            ),
+            |_, _, b| {
+                if !sent && b.starts_with(b"ready") {
+                    sent = true;
+                    tx.send(()).unwrap();
+                }
+            },
+        )
+        .unwrap();
+    assert_eq!(exit.signal, Some(9), "{exit:?}");
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    canceller.join().unwrap();
+}
+
+fn expected_lines(n: u32) -> Vec<u8> {
+    (1..=n)
+        .flat_map(|i| format!("line-{i}\n").into_bytes())
+        .collect()
+}
+
+#[test]
+fn reconnect_and_resume_without_gap_or_duplicate() {
+    let agent = Agent::start(&[]);
+    let req = sh(
+        1,
+        "i=1; while [ $i -le 300 ]; do echo line-$i; i=$((i+1)); sleep 0.003; done",
+    );
+    let mut first = Vec::new();
+    {
+        let mut c = agent.client();
+        c.exec_start(&req).unwrap();
+        while first.len() < 200 {
+            match c.recv(Some(T)).unwrap().unwrap() {
+                Message::Output { offset, bytes, .. } => {
+                    assert_eq!(offset, first.len() as u64);
+                    first.extend_from_slice(&bytes);
+                }
+                Message::ExecStarted { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // Disconnect mid-exec (dropping the client closes the socket).
+    }
+    thread::sleep(Duration::from_millis(100));
+    let mut c = agent.client();
+    // Resume a little before what we have, as if only part had been persisted.
+    let keep = first.len() - 50;
+    first.truncate(keep);
+    let exit = c
+        .resume_exec(1, keep as u64, |_, offset, bytes| {
+            assert_eq!(offset, first.len() as u64);
+            first.extend_from_slice(bytes);
+        })
+        .unwrap();
+    assert_eq!(exit.code, Some(0));
+    assert_eq!(first, expected_lines(300));
+}
+
+#[test]
+fn exit_collected_after_reconnect() {
+    let agent = Agent::start(&[]);
+    {
+        let mut c = agent.client();
+        c.exec_start(&sh(4, "echo hi; echo there >&2; exit 7"))
+            .unwrap();
+    }
+    thread::sleep(Duration::from_millis(300));
+    let mut c = agent.client();
+    let mut got = Vec::new();
+    let exit = c
+        .resume_exec(4, 0, |_, _, b| got.extend_from_slice(b))
+        .unwrap();
+    assert_eq!(exit.code, Some(7));
+    assert_eq!(got.len(), 9);
+    // Acked output cannot be resumed any more, and that is an error, not a gap.
+    thread::sleep(Duration::from_millis(100));
+    let mut c = agent.client();
+    let err = c.resume_exec(4, 0, |_, _, _| {}).unwrap_err();
+    assert!(err.to_string().contains("acknowledged"), "{err}");
+}
+
+#[test]
+fn buffer_bound_gives_clear_error() {
+    let agent = Agent::start(&["--max-buffer", "65536"]);
+    let mut c = agent.client();
+    c.set_ack_every(0);
+    let err = c
+        .run_exec(&sh(1, "head -c 1000000 /dev/zero"), |_, _, _| {})
+        .unwrap_err();
+    match err {
+        ClientError::Agent {
+            exec_id: Some(1),
+            message,
+        } => assert!(message.contains("lost"), "{message}"),
+        other => panic!("unexpected {other:?}"),
+    }
+    // The ExecExit still arrives, with the true total.
+    loop {
+        if let Message::ExecExit { total_bytes, .. } = c.recv(Some(T)).unwrap().unwrap() {
+            assert_eq!(total_bytes, 1_000_000);
+            break;
+        }
+    }
+}
+
+#[test]
+fn bad_frames_close_connection_and_agent_keeps_serving() {
+    let agent = Agent::start(&[]);
+    let mut host = agent.client();
+
+    let ping = proto::encode_frame(&Message::Ping {}).unwrap();
+    let mut bad_crc = ping.clone();
+    *bad_crc.last_mut().unwrap() ^= 0xff;
+    let mut oversized = Vec::new();
+    oversized.extend_from_slice(&u32::MAX.to_be_bytes());
+    oversized.extend_from_slice(&[0, 1, 0, 15]);
+    let mut unknown = vec![0, 0, 0, 0, 0, 1, 0x12, 0x34];
+    let crc = crc32c_of(&unknown[4..]);
+    unknown.extend_from_slice(&crc.to_be_bytes());
+    let mut malformed = vec![0, 0, 0, 2, 0, 1, 0, 2, 0xff, 0xff];
+    let crc = crc32c_of(&malformed[4..]);
+    malformed.extend_from_slice(&crc.to_be_bytes());
+
+    for (i, junk) in [bad_crc, oversized, unknown, malformed]
+        .into_iter()
+        .enumerate()
+    {
+        for after_hello in [false, true] {
+            let mut s = UnixStream::connect(&agent.socket).unwrap();
+            if after_hello {
+                raw_hello(&mut s);
+            }
+            s.write_all(&junk).unwrap();
+            let (msgs, closed) = raw_read_all(&mut s);
+            assert!(closed, "case {i}: connection not closed");
+            assert!(
+                msgs.iter().any(|m| matches!(m, Message::Error { .. })),
+                "case {i}: no error in {msgs:?}"
+            );
+        }
+    }
+    // Random garbage without a handshake does not disturb anything either.
+    let mut s = UnixStream::connect(&agent.socket).unwrap();
+    let _ = s.write_all(&[7u8; 100]);
+    drop(s);
+    // The last good connection was replaced by the raw ones that completed Hello, so a
+    // fresh client must work.
+    drop(host.ping(Duration::from_millis(200)));
+    let mut c = agent.client();
+    c.ping(T).unwrap();
+    let exit = c.run_exec(&sh(1, "echo ok"), |_, _, _| {}).unwrap();
+    assert_eq!(exit.code, Some(0));
+}
+
+fn crc32c_of(b: &[u8]) -> u32 {
+    // Same checksum as the protocol: build a frame with the real encoder would hide bugs,
+    // so compute CRC-32C bitwise here.
+    let mut crc = !0u32;
+    for &byte in b {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+#[test]
+fn poweroff_kills_steps_and_exits() {
+    let mut agent = Agent::start(&[]);
+    let mut c = agent.client();
+    c.exec_start(&sh(1, "sleep 100 & sleep 100")).unwrap();
+    let pid = loop {
+        if let Message::ExecStarted { pid, .. } = c.recv(Some(T)).unwrap().unwrap() {
+            break pid;
+        }
+    };
+    c.poweroff(T).unwrap();
+    let status = agent
+        .wait_exit(Duration::from_secs(10))
+        .expect("agent did not exit");
+    assert!(status.success());
+    assert!(group_gone(pid));
+    assert!(!agent.socket.exists());
+}
+
+#[test]
+fn daemonized_agent_survives_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("d.sock");
+    let pidfile = dir.path().join("d.pid");
+    let out = Command::new(BIN)
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .arg("--daemonize")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let from_file: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(printed, from_file);
+    let pid = Pid::from_raw(from_file).unwrap();
+    // The parent has exited; the agent lives on in its own session.
+    test_kill_process(pid).unwrap();
+    assert_eq!(rustix::process::getsid(Some(pid)).unwrap(), pid);
+    let mut c = AgentClient::connect(&socket, T).unwrap();
+    c.init("j", "t").unwrap();
+    c.ping(T).unwrap();
+    c.poweroff(T).unwrap();
+    assert!(process_gone(from_file), "daemon did not exit");
+    assert!(!pidfile.exists());
+}
+
+fn process_gone(pid: i32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
+        match stat {
+            Err(_) => return true,
+            Ok(s)
+                if s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z')) =>
+            {
+                return true;
+            }
+            Ok(_) => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    false
+}
+
+#[test]
+fn drain_flushes_buffered_output_first() {
+    let agent = Agent::start(&[]);
+    let mut c = agent.client();
+    c.exec_start(&sh(1, "printf abc; printf def >&2; sleep 1"))
+        .unwrap();
+    thread::sleep(Duration::from_millis(300));
+    c.drain(T).unwrap();
+    // Everything produced before Drain was received before Drained (queued for recv).
+    let mut got = Vec::new();
+    while let Some(m) = c.recv(Some(Duration::from_millis(1))).unwrap() {
+        if let Message::Output { bytes, .. } = m {
+            got.extend_from_slice(&bytes);
+        }
+    }
+    assert_eq!(got.len(), 6);
+    // Follow the rest from where we are (offset 6): no more output, then the exit.
+    let exit = c.resume_exec(1, 6, |_, _, _| {}).unwrap();
+    assert_eq!((exit.code, exit.total_bytes), (Some(0), 6));
+}
+
+#[test]
+fn spawn_failure_is_reported() {
+    let agent = Agent::start(&[]);
+    let mut c = agent.client();
+    let req = ExecRequest {
+        exec_id: 9,
+        argv: vec!["/nonexistent/prog".into()],
+        ..Default::default()
+    };
+    match c.run_exec(&req, |_, _, _| {}) {
+        Err(ClientError::Agent {
+            exec_id: Some(9),
+            message,
+        }) => {
+            assert!(message.contains("Failed to start exec 9"), "{message}")
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // Duplicate exec ids are refused.
+    c.run_exec(&sh(10, "true"), |_, _, _| {}).unwrap();
+    assert!(matches!(
+        c.run_exec(&sh(10, "true"), |_, _, _| {}),
+        Err(ClientError::Agent { .. })
+    ));
+}

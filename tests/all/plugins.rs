@@ -1,0 +1,314 @@
+//! Runner plugins through the real loader: cdylibs built by these tests, loaded with
+//! `reel_engine::plugin::load_dir`, and called across the C ABI.
+//!
+//! The cdylibs are built once per test run by a nested cargo with its own target
+//! directory (`target/plugin-tests`): a nested cargo on the outer target directory
+//! would wait forever for the build lock the outer cargo holds.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+use reel_engine::plugin::{self, ErrorKind, Handle, JobRequest, RunnerConfig, StepRequest};
+use reel_plugin_sdk::conformance::Suite;
+use reel_plugin_sdk::{OutputSink, Stream};
+
+/// The built plugin files.
+struct Built {
+    template: PathBuf,
+    panicky: PathBuf,
+    abi_v2: PathBuf,
+    not_a_plugin: PathBuf,
+}
+
+fn workspace_root() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    match here.parent() {
+        Some(root) if root.join("plugins/template/Cargo.toml").exists() => root.to_path_buf(),
+        _ => PathBuf::from(
+            std::env::var("REEL_WORKSPACE_ROOT")
+                .expect("the tests crate is not in the reel workspace; set REEL_WORKSPACE_ROOT"),
+        ),
+    }
+}
+
+fn cargo_build(root: &Path, target: &Path, args: &[&str]) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let output = Command::new(cargo)
+        .arg("build")
+        .args(args)
+        .current_dir(root)
+        .env("CARGO_TARGET_DIR", target)
+        .output()
+        .expect("cannot run cargo");
+    assert!(
+        output.status.success(),
+        "cargo build {args:?} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn built() -> &'static Built {
+    static BUILT: OnceLock<Built> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let root = workspace_root();
+        let target = root.join("target/plugin-tests");
+        let manifest = root.join("Cargo.toml");
+        cargo_build(
+            &root,
+            &target,
+            &[
+                "-p",
+                "reel-runner-template",
+                "--manifest-path",
+                manifest.to_str().unwrap(),
+            ],
+        );
+        for fixture in ["panicky", "abi-v2", "not-a-plugin"] {
+            let manifest = root
+                .join("tests/fixtures/plugins")
+                .join(fixture)
+                .join("Cargo.toml");
+            cargo_build(
+                &root,
+                &target,
+                &["--manifest-path", manifest.to_str().unwrap()],
+            );
+        }
+        let lib = |name: &str| target.join("debug").join(format!("lib{name}.so"));
+        Built {
+            template: lib("reel_runner_template"),
+            panicky: lib("reel_fixture_panicky"),
+            abi_v2: lib("reel_fixture_abi_v2"),
+            not_a_plugin: lib("reel_fixture_not_a_plugin"),
+        }
+    })
+}
+
+/// A plugin directory holding copies of `files`, each `(source, name, mode)`.
+fn plugin_dir(files: &[(&Path, &str, u32)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (source, name, mode) in files {
+        let dest = dir.path().join(name);
+        std::fs::copy(source, &dest).unwrap();
+        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(*mode)).unwrap();
+    }
+    dir
+}
+
+fn config(sandbox_root: &Path, plugin_dir: &Path) -> RunnerConfig {
+    RunnerConfig {
+        sandbox_root: sandbox_root.to_path_buf(),
+        plugin_dir: plugin_dir.to_path_buf(),
+        options: Default::default(),
+    }
+}
+
+#[test]
+fn template_passes_conformance_through_the_cdylib() {
+    let b = built();
+    let dir = plugin_dir(&[(&b.template, "libreel_runner_template.so", 0o755)]);
+    let set = plugin::load_dir(dir.path());
+    assert_eq!(set.refusals(), &[], "nothing should be refused");
+    let info = set.get("template").expect("template plugin not loaded");
+    assert_eq!((info.abi_major, info.abi_minor), (1, 0));
+    assert!(info.capabilities.iter().any(|c| c == "cancel"), "{info:?}");
+
+    let sandbox = tempfile::tempdir().unwrap();
+    let runner = set
+        .instantiate("template", &config(sandbox.path(), dir.path()))
+        .unwrap();
+    let report = Suite::default()
+        .run(&*runner)
+        .unwrap_or_else(|v| panic!("through the cdylib: {v}"));
+    assert_eq!(
+        report.passed.last(),
+        Some(&"malformed handle"),
+        "{report:?}"
+    );
+    // Everything the job created is gone after cleanup.
+    let left: Vec<_> = std::fs::read_dir(sandbox.path()).unwrap().collect();
+    assert!(left.is_empty(), "cleanup left {left:?}");
+}
+
+#[test]
+fn bad_files_are_refused_with_one_line_each_while_the_others_load() {
+    let b = built();
+    let text = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(text.path(), "this is not an ELF file\n").unwrap();
+    let dir = plugin_dir(&[
+        (&b.template, "libreel_runner_template.so", 0o644),
+        (&b.panicky, "libreel_fixture_panicky.so", 0o755),
+        (&b.abi_v2, "libfuture.so", 0o755),
+        (&b.template, "libworld.so", 0o666),
+        (&b.template, "libgroup.so", 0o664),
+        (&b.not_a_plugin, "libunrelated.so", 0o755),
+        (text.path(), "notes.so", 0o644),
+        (text.path(), "README.txt", 0o644),
+    ]);
+    let set = plugin::load_dir(dir.path());
+
+    let names: Vec<&str> = set.plugins().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["panicky", "template"]);
+
+    let reasons: Vec<(String, String)> = set
+        .refusals()
+        .iter()
+        .map(|r| {
+            let line = r.to_string();
+            assert!(!line.contains('\n'), "refusal is not one line: {line:?}");
+            assert!(line.starts_with(&r.path.display().to_string()), "{line}");
+            (
+                r.path.file_name().unwrap().to_string_lossy().into_owned(),
+                r.reason.clone(),
+            )
+        })
+        .collect();
+    let expected: [(&str, &[&str]); 5] = [
+        ("libfuture.so", &["ABI major 2", "ABI major 1"]),
+        ("libgroup.so", &["group-writable", "0664"]),
+        (
+            "libunrelated.so",
+            &["not a reel plugin", "reel_runner_entry_v1"],
+        ),
+        ("libworld.so", &["world-writable", "0666"]),
+        ("notes.so", &["not a loadable shared library"]),
+    ];
+    assert_eq!(reasons.len(), expected.len(), "{reasons:#?}");
+    for ((file, reason), (want_file, want)) in reasons.iter().zip(expected) {
+        assert_eq!(file, want_file, "{reasons:#?}");
+        for needle in want {
+            assert!(
+                reason.contains(needle),
+                "{file}: {reason:?} lacks {needle:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_panic_in_a_plugin_is_an_error_carrying_its_message() {
+    let b = built();
+    let dir = plugin_dir(&[(&b.panicky, "libreel_fixture_panicky.so", 0o755)]);
+    let set = plugin::load_dir(dir.path());
+    let sandbox = tempfile::tempdir().unwrap();
+    let runner = set
+        .instantiate("panicky", &config(sandbox.path(), dir.path()))
+        .unwrap();
+    let handle = Handle {
+        version: 1,
+        bytes: vec![],
+    };
+
+    let err = runner.probe(&handle).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Panicked);
+    assert_eq!(err.message, "probe exploded on purpose");
+
+    struct Keep(Vec<(Stream, u64, Vec<u8>)>);
+    impl OutputSink for Keep {
+        fn chunk(&mut self, stream: Stream, offset: u64, bytes: &[u8]) {
+            self.0.push((stream, offset, bytes.to_vec()));
+        }
+    }
+    let mut out = Keep(Vec::new());
+    let step = StepRequest {
+        name: "boom".to_owned(),
+        ..StepRequest::default()
+    };
+    let err = runner.exec(&handle, &step, &mut out).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Panicked);
+    assert_eq!(err.message, "exec exploded in step boom");
+    assert_eq!(out.0, [(Stream::Stdout, 0, b"before the panic\n".to_vec())]);
+
+    // The host and the instance survive: the next call works.
+    assert_eq!(runner.describe().name, "panicky");
+    assert_eq!(runner.cleanup(&handle), Ok(()));
+}
+
+#[test]
+fn plugin_notices_reach_the_host() {
+    static NOTICES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    assert!(plugin::set_notice_hook(|plugin, kind, message| {
+        NOTICES
+            .lock()
+            .unwrap()
+            .push(format!("{plugin}/{kind}/{message}"));
+    }));
+    let b = built();
+    let dir = plugin_dir(&[(&b.panicky, "libreel_fixture_panicky.so", 0o755)]);
+    let set = plugin::load_dir(dir.path());
+    let sandbox = tempfile::tempdir().unwrap();
+    let runner = set
+        .instantiate("panicky", &config(sandbox.path(), dir.path()))
+        .unwrap();
+    let job = JobRequest {
+        name: "j1".to_owned(),
+        ..JobRequest::default()
+    };
+    assert_eq!(runner.validate(&job), Ok(vec![]));
+    let notices = NOTICES.lock().unwrap();
+    assert!(
+        notices.iter().any(|n| n == "panicky/validated/job j1"),
+        "{notices:?}"
+    );
+}
+
+#[test]
+fn plugins_listing_reports_loaded_and_refused() {
+    let b = built();
+    let dir = plugin_dir(&[
+        (&b.template, "libreel_runner_template.so", 0o755),
+        (&b.abi_v2, "libfuture.so", 0o755),
+    ]);
+    let set = plugin::load_dir(dir.path());
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let json = set.to_json();
+    assert_eq!(
+        json,
+        serde_json::json!({
+            "plugin_dir": dir.path().display().to_string(),
+            "loaded": [{
+                "name": "template",
+                "version": env!("CARGO_PKG_VERSION"),
+                "abi": "1.0",
+                "abi_major": 1,
+                "abi_minor": 0,
+                "capabilities": ["cancel", "timeout", "reattach"],
+                "path": path("libreel_runner_template.so"),
+            }],
+            "refused": [{
+                "path": path("libfuture.so"),
+                "reason": "built for plugin ABI major 2, but this reel speaks ABI major 1",
+            }],
+        })
+    );
+    let text = set.render_text();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            format!("plugin directory: {}", dir.path().display()),
+            format!(
+                "loaded   template {} (ABI 1.0) [cancel, timeout, reattach] {}",
+                env!("CARGO_PKG_VERSION"),
+                path("libreel_runner_template.so")
+            ),
+            format!(
+                "refused  {}: built for plugin ABI major 2, but this reel speaks ABI major 1",
+                path("libfuture.so")
+            ),
+        ]
+    );
+}
+
+#[test]
+fn an_unknown_plugin_name_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let set = plugin::load_dir(dir.path());
+    assert_eq!(set.plugins().count(), 0);
+    let err = set
+        .instantiate("qemu", &config(dir.path(), dir.path()))
+        .unwrap_err();
+    assert_eq!(err.to_string(), "no runner plugin named `qemu` is loaded");
+}
