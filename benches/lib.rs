@@ -1,1 +1,161 @@
 //! Shared helpers for the benchmarks.
+//!
+//! Every bench is a plain `fn main` (`harness = false`) that measures its
+//! baseline in the same run and prints the ratio. Sizes and time windows scale
+//! with `REEL_BENCH_SCALE` (default 1.0); `--quick` (after `--` on the cargo
+//! command line) or `REEL_BENCH_QUICK=1` shrinks them for a smoke run.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The size multiplier from `REEL_BENCH_SCALE` (default 1.0), times 0.1 in quick mode.
+pub fn scale() -> f64 {
+    let s = std::env::var("REEL_BENCH_SCALE")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .unwrap_or(1.0);
+    if quick() { s * 0.1 } else { s }
+}
+
+/// Whether `--quick` was passed or `REEL_BENCH_QUICK` is set to something other than `0`.
+pub fn quick() -> bool {
+    std::env::args().any(|a| a == "--quick")
+        || std::env::var("REEL_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// `n` scaled by [`scale`], at least `min`.
+pub fn scaled(n: u64, min: u64) -> u64 {
+    ((n as f64 * scale()).round() as u64).max(min)
+}
+
+/// The median of `xs` (the upper one of the middle two for an even count).
+///
+/// # Panics
+///
+/// If `xs` is empty.
+pub fn median(xs: &[f64]) -> f64 {
+    assert!(!xs.is_empty(), "median of nothing");
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The median of durations.
+///
+/// # Panics
+///
+/// If `xs` is empty.
+pub fn median_duration(xs: &[Duration]) -> Duration {
+    assert!(!xs.is_empty(), "median of nothing");
+    let mut v = xs.to_vec();
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// `n` with thousands separators, rounded to an integer.
+pub fn thousands(n: f64) -> String {
+    let n = n.round() as i64;
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 { format!("-{out}") } else { out }
+}
+
+/// `a / b` formatted as a ratio, e.g. `12.3x`.
+pub fn ratio(a: f64, b: f64) -> String {
+    if b == 0.0 {
+        "inf".to_string()
+    } else {
+        format!("{:.2}x", a / b)
+    }
+}
+
+/// A duration in milliseconds with three decimals.
+pub fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1e3)
+}
+
+/// `PASS` or `FAIL`.
+pub fn verdict(ok: bool) -> &'static str {
+    if ok { "PASS" } else { "FAIL" }
+}
+
+/// The workspace root (the parent of this crate).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+const TMPFS_MAGIC: u64 = 0x0102_1994;
+const RAMFS_MAGIC: u64 = 0x8584_58f6;
+
+/// A scratch directory for bench data on the workspace's disk, removed on drop.
+///
+/// It lives under `<workspace>/target/bench-data/` (or `$REEL_BENCH_DIR`), never
+/// under `/tmp`, which may be a tmpfs where `fdatasync` costs nothing.
+#[derive(Debug)]
+pub struct BenchDir {
+    path: PathBuf,
+}
+
+impl BenchDir {
+    /// Creates `<base>/<name>-<pid>` fresh, and reports the filesystem it is on.
+    pub fn new(name: &str) -> std::io::Result<BenchDir> {
+        let base = std::env::var_os("REEL_BENCH_DIR")
+            .map_or_else(|| workspace_root().join("target/bench-data"), PathBuf::from);
+        let path = base.join(format!("{name}-{}", std::process::id()));
+        if path.exists() {
+            std::fs::remove_dir_all(&path)?;
+        }
+        std::fs::create_dir_all(&path)?;
+        let dir = BenchDir { path };
+        let fs = dir.fs_type();
+        println!("bench data: {} (filesystem magic {fs:#x})", dir.path.display());
+        if fs == TMPFS_MAGIC || fs == RAMFS_MAGIC {
+            println!("WARNING: bench data is on a RAM filesystem; durability figures are meaningless");
+        }
+        Ok(dir)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A subdirectory path (not created).
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    fn fs_type(&self) -> u64 {
+        rustix::fs::statfs(&self.path).map_or(0, |s| s.f_type as u64)
+    }
+}
+
+impl Drop for BenchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Total size in bytes of the files under `dir`.
+pub fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_size(&e.path()),
+            Ok(_) => e.metadata().map_or(0, |m| m.len()),
+            Err(_) => 0,
+        })
+        .sum()
+}

@@ -140,12 +140,13 @@ pub fn encode_payload<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
 
 /// Decodes a bincode payload, refusing trailing bytes.
 pub fn decode_payload<T: DeserializeOwned>(kind: u16, payload: &[u8]) -> Result<T, DecodeError> {
-    let (value, used) = bincode::serde::decode_from_slice(payload, bincode_config()).map_err(
-        |e| DecodeError::Payload {
-            kind,
-            detail: e.to_string(),
-        },
-    )?;
+    let (value, used) =
+        bincode::serde::decode_from_slice(payload, bincode_config()).map_err(|e| {
+            DecodeError::Payload {
+                kind,
+                detail: e.to_string(),
+            }
+        })?;
     if used != payload.len() {
         return Err(DecodeError::Trailing {
             kind,

@@ -5,8 +5,8 @@
 pub mod codec;
 pub mod event;
 pub mod jobfile;
+pub mod journal;
 pub mod log;
-#[cfg(feature = "plugins")]
 pub mod plugin;
 pub mod secrets;
 pub mod simulate;

@@ -43,6 +43,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use crate::codec::{self, DecodeError};
 use crate::event::{Event, JobId, Outcome, Record, Seq};
+use crate::journal::{self, Journal};
 use crate::spec::JobSpec;
 use crate::state::{IllegalTransition, JobState, Phase};
 use crate::time::now_ms;
@@ -323,6 +324,10 @@ struct Shared {
     writer: Mutex<Option<JoinHandle<()>>>,
     /// In-memory state of every live job, shared with the writer for reads.
     live: Arc<Mutex<HashMap<JobId, JobState>>>,
+    /// The journal (second copy of every event).
+    journal: Arc<Journal>,
+    /// What opening found and repaired.
+    repairs: Vec<Repair>,
 }
 
 /// The event log. Cheap to clone; the writer stops when the last clone drops.
@@ -333,7 +338,9 @@ pub struct EventLog {
 
 impl std::fmt::Debug for EventLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EventLog").field("dir", &self.shared.dir).finish()
+        f.debug_struct("EventLog")
+            .field("dir", &self.shared.dir)
+            .finish()
     }
 }
 
@@ -346,7 +353,11 @@ pub fn exists(state_dir: &Path) -> bool {
 }
 
 fn read_holder(state_dir: &Path) -> Option<u32> {
-    std::fs::read_to_string(state_dir.join(PID_FILE)).ok()?.trim().parse().ok()
+    std::fs::read_to_string(state_dir.join(PID_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn is_lock_error(e: &sled::Error) -> bool {
@@ -373,10 +384,11 @@ fn open_trees(state_dir: &Path) -> Result<Trees, LogError> {
     let meta = db.open_tree("meta")?;
     match meta.get("format")? {
         Some(v) => {
-            let found = u16::from_be_bytes(v.as_ref().try_into().map_err(|_| LogError::BadKey {
-                tree: "meta",
-                len: v.len(),
-            })?);
+            let found =
+                u16::from_be_bytes(v.as_ref().try_into().map_err(|_| LogError::BadKey {
+                    tree: "meta",
+                    len: v.len(),
+                })?);
             if found != codec::FORMAT_VERSION {
                 return Err(LogError::Format {
                     found,
@@ -404,6 +416,14 @@ impl EventLog {
     /// Folds every live job into memory so appends can be checked; the cost is
     /// proportional to the live jobs' histories, not to the whole log.
     pub fn open(state_dir: &Path, options: LogOptions) -> Result<EventLog, LogError> {
+        let log = EventLog::open_inner(state_dir, options)?;
+        for r in log.repairs() {
+            tracing::warn!(log = %state_dir.display(), "{r}");
+        }
+        Ok(log)
+    }
+
+    fn open_inner(state_dir: &Path, options: LogOptions) -> Result<EventLog, LogError> {
         std::fs::create_dir_all(state_dir).map_err(|source| LogError::Io {
             what: "cannot create the state directory",
             path: state_dir.to_path_buf(),
@@ -422,6 +442,12 @@ impl EventLog {
             }
             Durability::Flush => None,
         };
+        let journal = Arc::new(Journal::open(state_dir).map_err(|source| LogError::Io {
+            what: "cannot open the journal in",
+            path: state_dir.to_path_buf(),
+            source,
+        })?);
+        let (journal_end, repairs) = reconcile(&trees, &journal)?;
         let mut live = HashMap::new();
         for id in live_ids(&trees.live)? {
             let state = fold_from(&trees.events, id)?;
@@ -450,6 +476,9 @@ impl EventLog {
             next_job,
             fsync_file,
             output_ends: HashMap::new(),
+            journal: journal.clone(),
+            journal_end,
+            sync_journal: options.durability == Durability::Fsync,
         };
         let handle = std::thread::Builder::new()
             .name("reel-log-writer".into())
@@ -466,6 +495,8 @@ impl EventLog {
                 tx,
                 writer: Mutex::new(Some(handle)),
                 live,
+                journal,
+                repairs,
             }),
         })
     }
@@ -480,13 +511,20 @@ impl EventLog {
             return Err(LogError::Missing(state_dir.to_path_buf()));
         }
         check_unlocked(state_dir)?;
-        let tmp = std::env::temp_dir().join(format!(
-            "reel-snapshot-{}-{}",
-            std::process::id(),
-            now_ms()
-        ));
+        let tmp =
+            std::env::temp_dir().join(format!("reel-snapshot-{}-{}", std::process::id(), now_ms()));
         copy_dir(&src, &tmp.join(DB_DIR))?;
-        let log = EventLog::open(
+        let journal = state_dir.join(journal::FILE_NAME);
+        if journal.exists() {
+            std::fs::copy(&journal, tmp.join(journal::FILE_NAME)).map_err(|source| {
+                LogError::Io {
+                    what: "cannot copy",
+                    path: journal.clone(),
+                    source,
+                }
+            })?;
+        }
+        let log = EventLog::open_inner(
             &tmp,
             LogOptions {
                 durability: Durability::Flush,
@@ -498,6 +536,58 @@ impl EventLog {
     /// The state directory.
     pub fn dir(&self) -> &Path {
         &self.shared.dir
+    }
+
+    /// What opening the log found and repaired (events restored from the
+    /// journal after sled lost them, a torn journal tail cut), one sentence each.
+    pub fn repairs(&self) -> &[Repair] {
+        &self.shared.repairs
+    }
+
+    /// Reads the whole journal and compares it with the stored events. Returns
+    /// every disagreement, and the intact journal copy of each event whose
+    /// stored copy is corrupt. Cost: one pass over the journal (an offline check).
+    pub fn check_journal(&self) -> Result<(Vec<JournalFinding>, GoodCopies), LogError> {
+        let bytes = self
+            .shared
+            .journal
+            .read_from(0)
+            .map_err(|source| LogError::Io {
+                what: "cannot read the journal",
+                path: self.shared.journal.path().to_path_buf(),
+                source,
+            })?;
+        let mut findings = Vec::new();
+        let mut good_copies = HashMap::new();
+        for item in journal::parse(&bytes, 0) {
+            match item {
+                journal::Item::Frame {
+                    job, seq, envelope, ..
+                } => {
+                    let stored = self.shared.trees.events.get(event_key(job, seq))?;
+                    if stored.as_deref() == Some(envelope.as_slice()) {
+                        continue;
+                    }
+                    let sled_ok = stored.as_deref().is_some_and(|v| Event::decode(v).is_ok());
+                    let journal_ok = Event::decode(&envelope).is_ok();
+                    findings.push(JournalFinding::Mismatch {
+                        job,
+                        seq,
+                        sled_ok,
+                        journal_ok,
+                    });
+                    if journal_ok && !sled_ok {
+                        good_copies.insert((job, seq), envelope);
+                    }
+                }
+                journal::Item::Damaged {
+                    offset, claimed, ..
+                } => {
+                    findings.push(JournalFinding::JournalDamaged { offset, claimed });
+                }
+            }
+        }
+        Ok((findings, good_copies))
     }
 
     async fn request<T>(
@@ -528,7 +618,8 @@ impl EventLog {
     /// Appends an event to a job. Returns its seq once it is durable; an event the
     /// state machine refuses is not written and returns [`LogError::Illegal`].
     pub async fn append(&self, job: JobId, event: Event) -> Result<Seq, LogError> {
-        self.request(|reply| Request::Append { job, event, reply }).await
+        self.request(|reply| Request::Append { job, event, reply })
+            .await
     }
 
     /// Stores a piece of a step's output at `offset` in its combined stream.
@@ -652,11 +743,12 @@ impl EventLog {
                     tree: "output",
                     len: k.len(),
                 })?;
-                let (stream, bytes) = decode_chunk(&v).map_err(|source| LogError::CorruptRecord {
-                    job,
-                    what: format!("output chunk of step {step} at offset {offset}"),
-                    source,
-                })?;
+                let (stream, bytes) =
+                    decode_chunk(&v).map_err(|source| LogError::CorruptRecord {
+                        job,
+                        what: format!("output chunk of step {step} at offset {offset}"),
+                        source,
+                    })?;
                 Ok(OutputChunk {
                     offset,
                     stream,
@@ -753,7 +845,9 @@ fn copy_dir(from: &Path, to: &Path) -> Result<(), LogError> {
     for entry in std::fs::read_dir(from).map_err(io("cannot read", from))? {
         let entry = entry.map_err(io("cannot read", from))?;
         let target = to.join(entry.file_name());
-        let ty = entry.file_type().map_err(io("cannot stat", &entry.path()))?;
+        let ty = entry
+            .file_type()
+            .map_err(io("cannot stat", &entry.path()))?;
         if ty.is_dir() {
             copy_dir(&entry.path(), &target)?;
         } else if ty.is_file() {
@@ -776,7 +870,10 @@ fn live_ids(live: &sled::Tree) -> Result<Vec<JobId>, LogError> {
         .collect()
 }
 
-fn events_of(events: &sled::Tree, job: JobId) -> impl Iterator<Item = Result<Record, LogError>> + '_ {
+fn events_of(
+    events: &sled::Tree,
+    job: JobId,
+) -> impl Iterator<Item = Result<Record, LogError>> + '_ {
     events
         .range(event_key(job, 0)..=event_key(job, Seq::MAX))
         .map(move |item| {
@@ -830,6 +927,225 @@ fn output_end(output: &sled::Tree, job: JobId, step: u32) -> Result<u64, LogErro
     }
 }
 
+/// Compares the journal's tail (from sled's checkpoint on) with sled, restores
+/// every event sled lost, and cuts a torn journal tail. Returns where the next
+/// journal frame goes and what was repaired.
+fn reconcile(t: &Trees, journal: &Journal) -> Result<(u64, Vec<Repair>), LogError> {
+    let io = |source| LogError::Io {
+        what: "cannot read the journal",
+        path: journal.path().to_path_buf(),
+        source,
+    };
+    let checkpoint = match t.meta.get("journal_end")? {
+        Some(v) => be_u64(&v).unwrap_or(0),
+        None => 0,
+    };
+    let len = journal.len().map_err(io)?;
+    let mut repairs = Vec::new();
+    if len < checkpoint {
+        repairs.push(Repair::general(format!(
+            "the journal ends at byte {len} but the log recorded {checkpoint}: its last round was lost; \
+             later events are journaled from here on"
+        )));
+        return Ok((len, repairs));
+    }
+    let tail = journal.read_from(checkpoint).map_err(io)?;
+    let items = journal::parse(&tail, checkpoint);
+    let mut end = checkpoint;
+    let mut restored: BTreeMap<JobId, Vec<Seq>> = BTreeMap::new();
+    let mut first_lost = None;
+    let mut batch = sled::Batch::default();
+    for (i, item) in items.iter().enumerate() {
+        match item {
+            journal::Item::Frame {
+                offset,
+                job,
+                seq,
+                envelope,
+            } => {
+                end = offset + journal::frame(*job, *seq, envelope).len() as u64;
+                if t.events.get(event_key(*job, *seq))?.is_none() {
+                    first_lost.get_or_insert((*job, *seq));
+                    batch.insert(&event_key(*job, *seq), envelope.as_slice());
+                    restored.entry(*job).or_default().push(*seq);
+                }
+            }
+            journal::Item::Damaged { offset, len, .. } if i + 1 == items.len() => {
+                // A partial last round: written but never acknowledged.
+                repairs.push(Repair::general(format!(
+                    "cut a torn journal tail of {len} bytes at offset {offset} (never acknowledged)"
+                )));
+                journal.truncate(*offset).map_err(io)?;
+            }
+            journal::Item::Damaged {
+                offset,
+                len,
+                claimed,
+            } => repairs.push(Repair {
+                job: claimed.map(|c| c.0),
+                message: format!(
+                    "journal bytes {offset}..{} are damaged{}",
+                    offset + len,
+                    claimed
+                        .map(|(j, s)| format!(" (frame header names job {j} seq {s})"))
+                        .unwrap_or_default()
+                ),
+            }),
+        }
+    }
+    if let Some((job, seq)) = first_lost {
+        let total: usize = restored.values().map(Vec::len).sum();
+        repairs.push(Repair {
+            job: Some(job),
+            message: format!(
+                "the sled store was torn at job {job} seq {seq}: it had lost {total} events from there on \
+                 (damage on disk near that event is the likely cause); all were restored from the journal"
+            ),
+        });
+    }
+    if !restored.is_empty() {
+        t.events.apply_batch(batch)?;
+        let mut next_job = t
+            .meta
+            .get("next_job")?
+            .and_then(|v| be_u64(&v))
+            .unwrap_or(1);
+        for (job, seqs) in &restored {
+            let state = fold_from(&t.events, *job)?;
+            t.jobs
+                .insert(job.to_be_bytes(), JobSummary::of(&state).encode())?;
+            if state.is_terminal() {
+                t.live.remove(job.to_be_bytes())?;
+            } else {
+                t.live.insert(job.to_be_bytes(), &[])?;
+            }
+            next_job = next_job.max(job + 1);
+            repairs.push(Repair {
+                job: Some(*job),
+                message: format!(
+                    "job {job} seq {}: restored from the journal; the sled store had lost {} (torn or corrupt on disk)",
+                    ranges(seqs),
+                    if seqs.len() == 1 { "it" } else { "them" }
+                ),
+            });
+        }
+        t.meta.insert("next_job", &next_job.to_be_bytes())?;
+    }
+    t.meta.insert("journal_end", &end.to_be_bytes())?;
+    t.db.flush()?;
+    Ok((end, repairs))
+}
+
+/// Something opening the log found damaged and repaired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repair {
+    /// The job it concerns, if one.
+    pub job: Option<JobId>,
+    /// What was found and done, as a sentence.
+    pub message: String,
+}
+
+impl Repair {
+    fn general(message: String) -> Repair {
+        Repair { job: None, message }
+    }
+}
+
+impl std::fmt::Display for Repair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// `1..3, 7` for `[1, 2, 3, 7]`.
+fn ranges(seqs: &[Seq]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < seqs.len() {
+        let mut j = i;
+        while j + 1 < seqs.len() && seqs[j + 1] == seqs[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j {
+            seqs[i].to_string()
+        } else {
+            format!("{}..{}", seqs[i], seqs[j])
+        });
+        i = j + 1;
+    }
+    out.join(", ")
+}
+
+/// Intact journal copies (envelopes) of events whose stored copy is corrupt.
+pub type GoodCopies = HashMap<(JobId, Seq), Vec<u8>>;
+
+/// A disagreement between the journal and the sled store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JournalFinding {
+    /// The journal's copy of an event is damaged; sled's copy is the one in use.
+    JournalDamaged {
+        /// Offset of the damage in the journal file.
+        offset: u64,
+        /// The (job, seq) the damaged frame's header names, if readable.
+        claimed: Option<(JobId, Seq)>,
+    },
+    /// The two copies of an event differ.
+    Mismatch {
+        /// The job.
+        job: JobId,
+        /// The seq.
+        seq: Seq,
+        /// Whether the sled copy decodes (if not, the journal copy is the good one).
+        sled_ok: bool,
+        /// Whether the journal copy decodes.
+        journal_ok: bool,
+    },
+}
+
+impl JournalFinding {
+    /// The job the finding concerns, if known.
+    pub fn job(&self) -> Option<JobId> {
+        match self {
+            JournalFinding::JournalDamaged { claimed, .. } => claimed.map(|c| c.0),
+            JournalFinding::Mismatch { job, .. } => Some(*job),
+        }
+    }
+}
+
+impl std::fmt::Display for JournalFinding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JournalFinding::JournalDamaged {
+                offset,
+                claimed: Some((j, s)),
+            } => write!(
+                f,
+                "job {j} seq {s}: the journal's copy (offset {offset}) is corrupt; the stored event is used"
+            ),
+            JournalFinding::JournalDamaged {
+                offset,
+                claimed: None,
+            } => {
+                write!(
+                    f,
+                    "the journal is damaged at offset {offset} (frame header unreadable)"
+                )
+            }
+            JournalFinding::Mismatch {
+                job,
+                seq,
+                sled_ok,
+                journal_ok,
+            } => write!(
+                f,
+                "job {job} seq {seq}: the stored event and its journal copy differ (stored copy {}, journal copy {})",
+                if *sled_ok { "decodes" } else { "is corrupt" },
+                if *journal_ok { "decodes" } else { "is corrupt" },
+            ),
+        }
+    }
+}
+
 /// The writer: owns every mutation of the trees.
 struct Writer {
     trees: Trees,
@@ -839,6 +1155,10 @@ struct Writer {
     fsync_file: Option<File>,
     /// Stored end of each live step's output stream (cache of the `output` tree).
     output_ends: HashMap<(JobId, u32), u64>,
+    journal: Arc<Journal>,
+    /// Where the next journal frame goes.
+    journal_end: u64,
+    sync_journal: bool,
 }
 
 /// One round's writes, grouped per tree.
@@ -852,6 +1172,8 @@ struct Round {
     next_job: Option<JobId>,
     replies: Vec<Reply>,
     output_bytes: usize,
+    /// This round's journal frames.
+    journal: Vec<u8>,
 }
 
 enum Reply {
@@ -946,7 +1268,9 @@ impl Writer {
                 }
                 self.next_job += 1;
                 round.next_job = Some(self.next_job);
-                round.events.insert(&event_key(id, 1), event.encode(at));
+                let envelope = event.encode(at);
+                round.journal.extend(journal::frame(id, 1, &envelope));
+                round.events.insert(&event_key(id, 1), envelope);
                 round.jobs.insert(id, JobSummary::of(&state).encode());
                 round.live_add.push(id);
                 touched.entry(id).or_insert(None);
@@ -968,7 +1292,9 @@ impl Writer {
                 }
                 touched.entry(job).or_insert(Some(before));
                 let seq = state.seq;
-                round.events.insert(&event_key(job, seq), event.encode(at));
+                let envelope = event.encode(at);
+                round.journal.extend(journal::frame(job, seq, &envelope));
+                round.events.insert(&event_key(job, seq), envelope);
                 round.jobs.insert(job, JobSummary::of(state).encode());
                 if state.phase == Phase::Terminal {
                     round.live_remove.push(job);
@@ -1061,6 +1387,8 @@ impl Writer {
         if let Some(n) = round.next_job {
             meta.insert("next_job", &n.to_be_bytes());
         }
+        let journal_end = self.journal_end + round.journal.len() as u64;
+        meta.insert("journal_end", &journal_end.to_be_bytes());
         let t = &self.trees;
         (&t.events, &t.jobs, &t.live, &t.output, &t.meta)
             .transaction(|(e, j, l, o, m)| {
@@ -1073,16 +1401,39 @@ impl Writer {
             })
             .map_err(|e| match e {
                 TransactionError::Storage(e) => LogError::Storage(e),
-                TransactionError::Abort(()) => LogError::WriterStopped(Some("transaction aborted".into())),
+                TransactionError::Abort(()) => {
+                    LogError::WriterStopped(Some("transaction aborted".into()))
+                }
             })?;
-        t.db.flush_async().await?;
-        if let Some(f) = &self.fsync_file {
-            f.sync_data().map_err(|source| LogError::Io {
-                what: "fdatasync failed on",
-                path: PathBuf::from("log/db"),
-                source,
-            })?;
-        }
+        // The journal copy is written and synced on the blocking pool while sled
+        // flushes; the round is acknowledged only when both are done.
+        let journal_write = (!round.journal.is_empty()).then(|| {
+            let journal = self.journal.clone();
+            let bytes = round.journal.clone();
+            let (at, sync) = (self.journal_end, self.sync_journal);
+            blocking::unblock(move || journal.write_at(&bytes, at, sync))
+        });
+        let flushed = t.db.flush_async().await;
+        let synced = match &self.fsync_file {
+            Some(f) if flushed.is_ok() => f.sync_data(),
+            _ => Ok(()),
+        };
+        let journaled = match journal_write {
+            Some(task) => task.await,
+            None => Ok(()),
+        };
+        flushed?;
+        synced.map_err(|source| LogError::Io {
+            what: "fdatasync failed on",
+            path: PathBuf::from("log/db"),
+            source,
+        })?;
+        journaled.map_err(|source| LogError::Io {
+            what: "cannot write the journal",
+            path: self.journal.path().to_path_buf(),
+            source,
+        })?;
+        self.journal_end = journal_end;
         Ok(())
     }
 }

@@ -38,7 +38,12 @@ pub fn spec(name: &str, steps: u32) -> JobSpec {
 }
 
 /// Appends a job's lifecycle; returns its id.
-pub async fn run_job(log: &EventLog, spec: JobSpec, cid: u32, ending: Ending) -> Result<JobId, LogError> {
+pub async fn run_job(
+    log: &EventLog,
+    spec: JobSpec,
+    cid: u32,
+    ending: Ending,
+) -> Result<JobId, LogError> {
     let steps = u32::try_from(spec.steps.len()).unwrap_or(u32::MAX);
     let job = log.submit(spec).await?;
     let workdir = format!("{}/sandboxes/{cid}", log.dir().display());
@@ -57,23 +62,50 @@ pub async fn run_job(log: &EventLog, spec: JobSpec, cid: u32, ending: Ending) ->
         },
     )
     .await?;
-    log.append(job, Event::WorkDirCreated { handle: handle("prepared") }).await?;
-    log.append(job, Event::VolumesFormatted { volumes: vec![] }).await?;
+    log.append(
+        job,
+        Event::WorkDirCreated {
+            handle: handle("prepared"),
+        },
+    )
+    .await?;
+    log.append(job, Event::VolumesFormatted { volumes: vec![] })
+        .await?;
     log.append(job, Event::BootRequested {}).await?;
-    log.append(job, Event::VmBooted { handle: handle("booted") }).await?;
-    log.append(job, Event::AgentConnected { handle: handle("connected") }).await?;
+    log.append(
+        job,
+        Event::VmBooted {
+            handle: handle("booted"),
+        },
+    )
+    .await?;
+    log.append(
+        job,
+        Event::AgentConnected {
+            handle: handle("connected"),
+        },
+    )
+    .await?;
     let mut outcome = Outcome::Succeeded;
     let mut reason = String::new();
     for index in 0..steps {
         if ending == Ending::StopAfter(index) {
             return Ok(job);
         }
-        log.append(job, Event::StepStarted { index, exec_id: u64::from(index) + 1 }).await?;
+        log.append(
+            job,
+            Event::StepStarted {
+                index,
+                exec_id: u64::from(index) + 1,
+            },
+        )
+        .await?;
         let mut offset = 0;
         for n in 1..=3 {
             let line = format!("step {index} line {n}\n").into_bytes();
             let len = line.len() as u64;
-            log.append_output(job, index, offset, Stream::Stdout, line).await?;
+            log.append_output(job, index, offset, Stream::Stdout, line)
+                .await?;
             offset += len;
         }
         let failed = ending == Ending::FailAt(index);
@@ -97,7 +129,14 @@ pub async fn run_job(log: &EventLog, spec: JobSpec, cid: u32, ending: Ending) ->
     if ending == Ending::StopAfter(steps) {
         return Ok(job);
     }
-    log.append(job, Event::TeardownStarted { outcome, reason: reason.clone() }).await?;
+    log.append(
+        job,
+        Event::TeardownStarted {
+            outcome,
+            reason: reason.clone(),
+        },
+    )
+    .await?;
     log.append(job, Event::Drained {}).await?;
     log.append(job, Event::PoweredOff {}).await?;
     log.append(job, Event::CleanupStarted {}).await?;

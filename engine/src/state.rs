@@ -100,7 +100,12 @@ impl Phase {
     fn may_have_agent(self) -> bool {
         matches!(
             self,
-            Phase::Booting | Phase::Booted | Phase::Connected | Phase::Running | Phase::TearingDown | Phase::Drained
+            Phase::Booting
+                | Phase::Booted
+                | Phase::Connected
+                | Phase::Running
+                | Phase::TearingDown
+                | Phase::Drained
         )
     }
 }
@@ -227,12 +232,17 @@ impl JobState {
 
     /// Steps that finished.
     pub fn steps_finished(&self) -> usize {
-        self.steps.iter().filter(|s| s.finished_ms.is_some()).count()
+        self.steps
+            .iter()
+            .filter(|s| s.finished_ms.is_some())
+            .count()
     }
 
     /// The step that is running, if one is.
     pub fn running_step(&self) -> Option<&StepState> {
-        (self.phase == Phase::Running).then(|| self.steps.last()).flatten()
+        (self.phase == Phase::Running)
+            .then(|| self.steps.last())
+            .flatten()
     }
 
     /// The phase that decides what is held: during teardown, the phase it started from.
@@ -246,7 +256,10 @@ impl JobState {
     /// What the job holds now and recovery would have to undo, in teardown order.
     pub fn held_resources(&self) -> Vec<String> {
         let mut held = Vec::new();
-        if self.phase == Phase::Terminal || self.phase == Phase::Cleaned || self.phase == Phase::Reaped {
+        if self.phase == Phase::Terminal
+            || self.phase == Phase::Cleaned
+            || self.phase == Phase::Reaped
+        {
             return held;
         }
         let p = self.holding_phase();
@@ -287,7 +300,10 @@ pub fn apply(state: &JobState, record: &Record) -> Result<JobState, IllegalTrans
 }
 
 /// Folds a whole history, stopping at the first illegal event.
-pub fn fold<'a>(id: JobId, records: impl IntoIterator<Item = &'a Record>) -> Result<JobState, IllegalTransition> {
+pub fn fold<'a>(
+    id: JobId,
+    records: impl IntoIterator<Item = &'a Record>,
+) -> Result<JobState, IllegalTransition> {
     let mut state = JobState::new(id);
     for r in records {
         state.apply_mut(r.at_ms, &r.event)?;
@@ -300,7 +316,13 @@ impl JobState {
     pub fn check(&self, event: &Event) -> Result<(), IllegalTransition> {
         use Phase as P;
         let phase = self.phase;
-        let need = |ok: bool, why: &str| if ok { Ok(()) } else { Err(illegal(self, event, why)) };
+        let need = |ok: bool, why: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(illegal(self, event, why))
+            }
+        };
         if phase == P::Terminal {
             return Err(illegal(self, event, "the job has already ended"));
         }
@@ -308,21 +330,46 @@ impl JobState {
             Event::Submitted { .. } => need(phase == P::New, "a job is submitted once"),
             _ if phase == P::New => Err(illegal(self, event, "the job was never submitted")),
             Event::Queued {} => need(phase == P::Submitted, "only a submitted job is queued"),
-            Event::SlotGranted {} => need(phase == P::Queued, "only a queued job is granted a slot"),
-            Event::CidAllocated { .. } => need(phase == P::SlotGranted, "a sandbox id is leased right after the slot"),
-            Event::SandboxPlanned { .. } => need(phase == P::CidAllocated, "the sandbox is planned after its id is leased"),
-            Event::WorkDirCreated { .. } => need(phase == P::Planned, "the workdir is created after the plan is logged"),
-            Event::VolumesFormatted { .. } => need(phase == P::WorkDirCreated, "volumes come after the workdir"),
-            Event::BootRequested {} => need(phase == P::VolumesFormatted, "boot comes after the volumes"),
-            Event::VmBooted { .. } => need(phase == P::Booting, "VmBooted needs a BootRequested first"),
-            Event::AgentConnected { .. } => need(phase == P::Booted, "the agent connects after boot"),
+            Event::SlotGranted {} => {
+                need(phase == P::Queued, "only a queued job is granted a slot")
+            }
+            Event::CidAllocated { .. } => need(
+                phase == P::SlotGranted,
+                "a sandbox id is leased right after the slot",
+            ),
+            Event::SandboxPlanned { .. } => need(
+                phase == P::CidAllocated,
+                "the sandbox is planned after its id is leased",
+            ),
+            Event::WorkDirCreated { .. } => need(
+                phase == P::Planned,
+                "the workdir is created after the plan is logged",
+            ),
+            Event::VolumesFormatted { .. } => {
+                need(phase == P::WorkDirCreated, "volumes come after the workdir")
+            }
+            Event::BootRequested {} => {
+                need(phase == P::VolumesFormatted, "boot comes after the volumes")
+            }
+            Event::VmBooted { .. } => {
+                need(phase == P::Booting, "VmBooted needs a BootRequested first")
+            }
+            Event::AgentConnected { .. } => {
+                need(phase == P::Booted, "the agent connects after boot")
+            }
             Event::StepStarted { index, .. } => {
-                need(phase == P::Connected, "steps start only when connected and no step runs")?;
+                need(
+                    phase == P::Connected,
+                    "steps start only when connected and no step runs",
+                )?;
                 need(
                     *index as usize == self.steps.len(),
                     &format!("the next step is {}, not {index}", self.steps.len()),
                 )?;
-                need((*index as usize) < self.step_count(), "the spec has no such step")?;
+                need(
+                    (*index as usize) < self.step_count(),
+                    "the spec has no such step",
+                )?;
                 need(
                     self.steps.iter().all(StepState::succeeded),
                     "a step failed; no further step may start",
@@ -336,53 +383,99 @@ impl JobState {
                     "it is not the running step",
                 )
             }
-            Event::CancelRequested { .. } | Event::RunnerNotice { .. } | Event::RecoveryStarted { .. } => Ok(()),
+            Event::CancelRequested { .. }
+            | Event::RunnerNotice { .. }
+            | Event::RecoveryStarted { .. } => Ok(()),
             Event::TeardownStarted { outcome, .. } => {
                 need(
-                    !matches!(phase, P::TearingDown | P::Drained | P::PoweredOff | P::CleaningUp | P::Cleaned | P::Reaped),
+                    !matches!(
+                        phase,
+                        P::TearingDown
+                            | P::Drained
+                            | P::PoweredOff
+                            | P::CleaningUp
+                            | P::Cleaned
+                            | P::Reaped
+                    ),
                     "teardown already started",
                 )?;
-                need(phase != P::Running, "a step still runs; it must finish first")?;
+                need(
+                    phase != P::Running,
+                    "a step still runs; it must finish first",
+                )?;
                 if *outcome == Outcome::Succeeded {
                     need(
-                        self.steps.len() == self.step_count() && self.steps.iter().all(StepState::succeeded),
+                        self.steps.len() == self.step_count()
+                            && self.steps.iter().all(StepState::succeeded),
                         "success needs every step finished with exit 0",
                     )?;
                 }
                 if *outcome == Outcome::Lost {
-                    need(self.recovered_by.is_some(), "only recovery declares a job lost")?;
+                    need(
+                        self.recovered_by.is_some(),
+                        "only recovery declares a job lost",
+                    )?;
                 }
                 Ok(())
             }
-            Event::Drained {} => need(phase == P::TearingDown, "drain comes right after teardown starts"),
-            Event::PoweredOff {} => need(matches!(phase, P::TearingDown | P::Drained), "poweroff comes after teardown starts"),
+            Event::Drained {} => need(
+                phase == P::TearingDown,
+                "drain comes right after teardown starts",
+            ),
+            Event::PoweredOff {} => need(
+                matches!(phase, P::TearingDown | P::Drained),
+                "poweroff comes after teardown starts",
+            ),
             Event::CleanupStarted {} => need(
-                matches!(phase, P::TearingDown | P::Drained | P::PoweredOff | P::CleaningUp),
+                matches!(
+                    phase,
+                    P::TearingDown | P::Drained | P::PoweredOff | P::CleaningUp
+                ),
                 "cleanup comes after teardown starts",
             ),
-            Event::Cleaned {} => need(phase == P::CleaningUp, "Cleaned needs a CleanupStarted first"),
+            Event::Cleaned {} => need(
+                phase == P::CleaningUp,
+                "Cleaned needs a CleanupStarted first",
+            ),
             Event::Reattached { .. } => {
-                need(self.recovered_by.is_some(), "reattach happens only during recovery")?;
+                need(
+                    self.recovered_by.is_some(),
+                    "reattach happens only during recovery",
+                )?;
                 let p = self.holding_phase();
                 need(
-                    p.may_have_agent() && !matches!(phase, P::PoweredOff | P::CleaningUp | P::Cleaned),
+                    p.may_have_agent()
+                        && !matches!(phase, P::PoweredOff | P::CleaningUp | P::Cleaned),
                     "there is no sandbox to reattach to",
                 )
             }
             Event::Reaped { .. } => {
-                need(self.recovered_by.is_some(), "reaping happens only during recovery")?;
+                need(
+                    self.recovered_by.is_some(),
+                    "reaping happens only during recovery",
+                )?;
                 need(
                     phase == P::Cleaned || (phase == P::TearingDown && self.cid.is_none()),
                     "reaped after cleanup",
                 )
             }
-            Event::Succeeded {} | Event::Failed { .. } | Event::Cancelled { .. } | Event::TimedOut { .. } | Event::Lost { .. } => {
+            Event::Succeeded {}
+            | Event::Failed { .. }
+            | Event::Cancelled { .. }
+            | Event::TimedOut { .. }
+            | Event::Lost { .. } => {
                 let outcome = event.terminal_outcome().unwrap_or(Outcome::Lost);
                 let ended_cleanly = matches!(phase, P::Cleaned | P::Reaped)
                     || (phase == P::TearingDown && self.cid.is_none());
-                need(ended_cleanly, "a job ends only after its sandbox is cleaned")?;
+                need(
+                    ended_cleanly,
+                    "a job ends only after its sandbox is cleaned",
+                )?;
                 if outcome == Outcome::Lost {
-                    need(self.recovered_by.is_some(), "only recovery declares a job lost")
+                    need(
+                        self.recovered_by.is_some(),
+                        "only recovery declares a job lost",
+                    )
                 } else {
                     need(
                         self.outcome == Some(outcome),

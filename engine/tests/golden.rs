@@ -62,7 +62,10 @@ fn samples() -> Vec<Event> {
         Event::BootRequested {},
         Event::VmBooted { handle: handle() },
         Event::AgentConnected { handle: handle() },
-        Event::StepStarted { index: 0, exec_id: 1 },
+        Event::StepStarted {
+            index: 0,
+            exec_id: 1,
+        },
         Event::StepFinished {
             index: 0,
             exit_code: Some(2),
@@ -115,7 +118,10 @@ fn fixture(e: &Event) -> PathBuf {
 fn every_kind_has_a_sample() {
     let kinds: Vec<u16> = samples().iter().map(Event::kind).collect();
     let all: Vec<u16> = Event::KINDS.iter().map(|k| k.0).collect();
-    assert_eq!(kinds, all, "add a sample (and a fixture) for every new kind");
+    assert_eq!(
+        kinds, all,
+        "add a sample (and a fixture) for every new kind"
+    );
 }
 
 #[test]
@@ -127,9 +133,19 @@ fn encodings_match_the_golden_bytes() {
         if !path.exists() && bless {
             std::fs::write(&path, &bytes).unwrap();
         }
-        let golden = std::fs::read(&path)
-            .unwrap_or_else(|err| panic!("{}: {err} (new kind? run with REEL_BLESS=1)", path.display()));
-        assert_eq!(bytes, golden, "encoding of {} changed: {}", e.name(), path.display());
+        let golden = std::fs::read(&path).unwrap_or_else(|err| {
+            panic!(
+                "{}: {err} (new kind? run with REEL_BLESS=1)",
+                path.display()
+            )
+        });
+        assert_eq!(
+            bytes,
+            golden,
+            "encoding of {} changed: {}",
+            e.name(),
+            path.display()
+        );
         assert_eq!(Event::decode(&golden).unwrap(), (AT_MS, e.clone()));
     }
 }
@@ -141,7 +157,11 @@ fn corrupted_fixtures_are_errors_not_panics() {
         for i in 0..golden.len() {
             let mut b = golden.clone();
             b[i] ^= 0x5a;
-            assert!(Event::decode(&b).is_err(), "{}: flip at {i} decoded", e.name());
+            assert!(
+                Event::decode(&b).is_err(),
+                "{}: flip at {i} decoded",
+                e.name()
+            );
             assert!(Event::decode(&golden[..i]).is_err());
         }
     }
@@ -154,7 +174,10 @@ fn unknown_format_version_is_refused() {
     let n = b.len() - 4;
     let crc = crc32c(&b[..n]);
     b[n..].copy_from_slice(&crc.to_be_bytes());
-    assert_eq!(Event::decode(&b).unwrap_err(), DecodeError::UnknownFormat(9));
+    assert_eq!(
+        Event::decode(&b).unwrap_err(),
+        DecodeError::UnknownFormat(9)
+    );
 }
 
 fn crc32c(bytes: &[u8]) -> u32 {
@@ -163,7 +186,11 @@ fn crc32c(bytes: &[u8]) -> u32 {
     for &b in bytes {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82f6_3b78 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc

@@ -25,7 +25,10 @@ fn events_come_back_in_order_and_fold_to_the_live_state() {
         (1..=records.len() as u32).collect::<Vec<_>>()
     );
     assert!(matches!(records[0].event, Event::Submitted { .. }));
-    assert!(matches!(records.last().unwrap().event, Event::StepFinished { index: 1, .. }));
+    assert!(matches!(
+        records.last().unwrap().event,
+        Event::StepFinished { index: 1, .. }
+    ));
     let folded = log.fold(job).unwrap();
     assert_eq!(Some(folded.clone()), log.live_state(job));
     assert_eq!(folded.phase, Phase::Connected);
@@ -39,7 +42,11 @@ fn an_illegal_event_is_refused_and_not_written() {
     let job = log.submit_blocking(spec("a", 1)).unwrap();
     let err = log.append_blocking(job, Event::SlotGranted {}).unwrap_err();
     assert!(matches!(err, LogError::Illegal(_)), "{err}");
-    assert!(err.to_string().contains("SlotGranted is not allowed in phase submitted"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("SlotGranted is not allowed in phase submitted"),
+        "{err}"
+    );
     assert_eq!(log.events(job).count(), 1);
     assert_eq!(log.append_blocking(job, Event::Queued {}).unwrap(), 2);
 }
@@ -53,7 +60,14 @@ fn unknown_and_ended_jobs_refuse_appends() {
         Err(LogError::UnknownJob(99))
     ));
     let job = smol::block_on(run_job(&log, spec("a", 1), 1, Ending::Success)).unwrap();
-    let err = log.append_blocking(job, Event::RunnerNotice { message: "x".into() }).unwrap_err();
+    let err = log
+        .append_blocking(
+            job,
+            Event::RunnerNotice {
+                message: "x".into(),
+            },
+        )
+        .unwrap_err();
     assert!(err.to_string().contains("already ended"), "{err}");
 }
 
@@ -85,7 +99,14 @@ fn output_is_stored_without_gap_or_duplicate() {
     let dir = tempfile::tempdir().unwrap();
     let log = open(dir.path());
     let job = smol::block_on(run_job(&log, spec("a", 2), 1, Ending::StopAfter(0))).unwrap();
-    log.append_blocking(job, Event::StepStarted { index: 0, exec_id: 1 }).unwrap();
+    log.append_blocking(
+        job,
+        Event::StepStarted {
+            index: 0,
+            exec_id: 1,
+        },
+    )
+    .unwrap();
     let put = |offset, bytes: &[u8]| {
         smol::block_on(log.append_output(job, 0, offset, Stream::Stdout, bytes.to_vec()))
     };
@@ -95,11 +116,24 @@ fn output_is_stored_without_gap_or_duplicate() {
     assert_eq!(put(3, b"lo world\xff\n").unwrap(), 13);
     assert_eq!(put(0, b"hel").unwrap(), 13);
     let gap = put(20, b"x").unwrap_err();
-    assert!(matches!(gap, LogError::OutputGap { end: 13, offset: 20, .. }), "{gap}");
+    assert!(
+        matches!(
+            gap,
+            LogError::OutputGap {
+                end: 13,
+                offset: 20,
+                ..
+            }
+        ),
+        "{gap}"
+    );
     log.close();
     drop(log);
     let log = open(dir.path());
-    let bytes: Vec<u8> = log.output(job, 0, 0).flat_map(|c| c.unwrap().bytes).collect();
+    let bytes: Vec<u8> = log
+        .output(job, 0, 0)
+        .flat_map(|c| c.unwrap().bytes)
+        .collect();
     assert_eq!(bytes, b"hello world\xff\n");
     assert_eq!(log.output_end(job, 0).unwrap(), 13);
     let from_7: Vec<u64> = log.output(job, 0, 7).map(|c| c.unwrap().offset).collect();
@@ -114,7 +148,9 @@ fn many_concurrent_submitters_all_land_in_order() {
         let tasks: Vec<_> = (0..64)
             .map(|i| {
                 let log = log.clone();
-                smol::spawn(async move { run_job(&log, spec(&format!("j{i}"), 3), i, Ending::Success).await })
+                smol::spawn(async move {
+                    run_job(&log, spec(&format!("j{i}"), 3), i, Ending::Success).await
+                })
             })
             .collect();
         let mut ids = Vec::new();
@@ -154,7 +190,12 @@ fn child_appender() {
                         }
                         for n in 0..20 {
                             seq = log
-                                .append(job, Event::RunnerNotice { message: format!("n{n}") })
+                                .append(
+                                    job,
+                                    Event::RunnerNotice {
+                                        message: format!("n{n}"),
+                                    },
+                                )
                                 .await
                                 .unwrap();
                             println!("ack {job} {seq}");
@@ -174,7 +215,12 @@ fn child_appender() {
 fn acknowledged_appends_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["child_appender", "--exact", "--nocapture", "--test-threads=1"])
+        .args([
+            "child_appender",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("REEL_TEST_APPENDER_DIR", dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -192,7 +238,10 @@ fn acknowledged_appends_survive_sigkill() {
     // While the child holds the log, opening it is refused with a plain message.
     let err = EventLog::open(dir.path(), LogOptions::default()).unwrap_err();
     assert!(matches!(err, LogError::Locked { .. }), "{err}");
-    assert!(err.to_string().contains("in use by another process"), "{err}");
+    assert!(
+        err.to_string().contains("in use by another process"),
+        "{err}"
+    );
     rustix::process::kill_process(
         rustix::process::Pid::from_child(&child),
         rustix::process::Signal::KILL,

@@ -108,7 +108,16 @@ fn path(steps: usize, plot: &Plot) -> Vec<Event> {
                     break;
                 }
             }
-            teardown(&mut ev, if bad.is_some() { outcome } else { Outcome::Succeeded }, true, true);
+            teardown(
+                &mut ev,
+                if bad.is_some() {
+                    outcome
+                } else {
+                    Outcome::Succeeded
+                },
+                true,
+                true,
+            );
         }
         Plot::Reaped(at) => {
             ev.extend(setup);
@@ -132,7 +141,11 @@ fn path(steps: usize, plot: &Plot) -> Vec<Event> {
             if matches!(ev.last(), Some(Event::StepStarted { .. })) {
                 // A step in flight whose sandbox is gone: the agent reported
                 // nothing, so recovery records it as killed.
-                let index = ev.iter().filter(|e| matches!(e, Event::StepStarted { .. })).count() as u32 - 1;
+                let index = ev
+                    .iter()
+                    .filter(|e| matches!(e, Event::StepStarted { .. }))
+                    .count() as u32
+                    - 1;
                 ev.push(Event::RecoveryStarted { engine_pid: 9 });
                 ev.push(Event::StepFinished {
                     index,
@@ -152,8 +165,12 @@ fn path(steps: usize, plot: &Plot) -> Vec<Event> {
             ev.push(Event::CleanupStarted {});
             ev.push(Event::CleanupStarted {});
             ev.push(Event::Cleaned {});
-            ev.push(Event::Reaped { reason: "gone".into() });
-            ev.push(Event::Lost { reason: "gone".into() });
+            ev.push(Event::Reaped {
+                reason: "gone".into(),
+            });
+            ev.push(Event::Lost {
+                reason: "gone".into(),
+            });
         }
     }
     ev
@@ -213,15 +230,17 @@ fn any_event() -> impl Strategy<Value = Event> {
         Just(Event::VmBooted { handle: h() }),
         Just(Event::AgentConnected { handle: h() }),
         (0u32..4).prop_map(|index| Event::StepStarted { index, exec_id: 1 }),
-        (0u32..4, proptest::option::of(-1i32..2), any::<bool>()).prop_map(|(index, exit_code, timed_out)| {
-            Event::StepFinished {
-                index,
-                exit_code,
-                signal: None,
-                timed_out,
-                output_bytes: 0,
+        (0u32..4, proptest::option::of(-1i32..2), any::<bool>()).prop_map(
+            |(index, exit_code, timed_out)| {
+                Event::StepFinished {
+                    index,
+                    exit_code,
+                    signal: None,
+                    timed_out,
+                    output_bytes: 0,
+                }
             }
-        }),
+        ),
         Just(Event::CancelRequested { reason: "x".into() }),
         o.clone().prop_map(|outcome| Event::TeardownStarted {
             outcome,
@@ -234,8 +253,12 @@ fn any_event() -> impl Strategy<Value = Event> {
         o.prop_map(|o| Event::terminal(o, String::new())),
         Just(Event::RecoveryStarted { engine_pid: 1 }),
         Just(Event::Reattached { handle: h() }),
-        Just(Event::Reaped { reason: String::new() }),
-        Just(Event::RunnerNotice { message: "n".into() }),
+        Just(Event::Reaped {
+            reason: String::new()
+        }),
+        Just(Event::RunnerNotice {
+            message: "n".into()
+        }),
     ]
 }
 
@@ -292,7 +315,12 @@ proptest! {
 fn success_needs_every_step() {
     let mut rs = path(2, &Plot::Success);
     // Drop the second step: success must now be refused.
-    rs.retain(|e| !matches!(e, Event::StepStarted { index: 1, .. } | Event::StepFinished { index: 1, .. }));
+    rs.retain(|e| {
+        !matches!(
+            e,
+            Event::StepStarted { index: 1, .. } | Event::StepFinished { index: 1, .. }
+        )
+    });
     let err = fold(1, &records(rs)).unwrap_err();
     assert_eq!(err.event, "TeardownStarted");
     assert!(err.why.contains("every step"), "{err}");
@@ -301,7 +329,9 @@ fn success_needs_every_step() {
 #[test]
 fn lost_needs_recovery() {
     let mut state = JobState::new(1);
-    state.apply_mut(0, &Event::Submitted { spec: spec(1) }).unwrap();
+    state
+        .apply_mut(0, &Event::Submitted { spec: spec(1) })
+        .unwrap();
     let err = state
         .apply_mut(
             1,

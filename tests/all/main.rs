@@ -1,1 +1,2 @@
 //! Workspace integration tests, one module per area.
+mod plugins;

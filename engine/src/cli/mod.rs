@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod plugins;
 mod replay;
 
 /// reel: a durable job engine for CI. Every lifecycle transition of every job is
@@ -40,6 +41,9 @@ pub enum Command {
     Export(replay::ExportArgs),
     /// Check every stored event and output chunk; report each corrupt one.
     Verify(replay::VerifyArgs),
+    /// List runner plugins: what loaded (name, version, ABI, capabilities,
+    /// path) and what was refused and why.
+    Plugins(plugins::PluginsArgs),
 }
 
 /// The state directory: the flag, else $REEL_STATE_DIR, else the XDG state dir.
@@ -79,6 +83,7 @@ pub fn main() -> ExitCode {
         Command::Inspect(a) => replay::inspect(&dir, a),
         Command::Export(a) => replay::export(&dir, a),
         Command::Verify(a) => replay::verify(&dir, a),
+        Command::Plugins(a) => plugins::run(a).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

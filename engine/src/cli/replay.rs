@@ -7,6 +7,7 @@
 //! Exit status: 0 when everything read was sound, 1 when some stored record is
 //! corrupt (everything else is still shown), 2 when the command could not run.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
@@ -65,40 +66,129 @@ pub struct VerifyArgs {
     pub json: bool,
 }
 
-fn open(dir: &Path) -> Result<(EventLog, Snapshot)> {
-    EventLog::open_snapshot(dir).map_err(|e| match e {
+/// A snapshot of the log, cross-checked against its journal.
+struct Opened {
+    log: EventLog,
+    _snapshot: Snapshot,
+    /// Problems found on opening, with the job each concerns (if one).
+    problems: Vec<(Option<JobId>, String)>,
+    /// Intact journal copies of events whose stored copy is corrupt.
+    good_copies: HashMap<(JobId, Seq), Vec<u8>>,
+}
+
+impl Opened {
+    fn problems_of(&self, job: JobId) -> impl Iterator<Item = &String> {
+        self.problems
+            .iter()
+            .filter(move |(j, _)| *j == Some(job))
+            .map(|(_, p)| p)
+    }
+
+    /// Prints every problem not tied to a job.
+    fn report_general(&self) {
+        for (j, p) in &self.problems {
+            if j.is_none() {
+                eprintln!("reel: {p}");
+            }
+        }
+    }
+}
+
+fn open(dir: &Path) -> Result<Opened> {
+    let (log, snapshot) = EventLog::open_snapshot(dir).map_err(|e| match e {
         LogError::Missing(_) => anyhow::anyhow!(
             "no reel log in {} (give --state-dir or set REEL_STATE_DIR)",
             dir.display()
         ),
         other => anyhow::Error::new(other),
+    })?;
+    let mut problems: Vec<(Option<JobId>, String)> = log
+        .repairs()
+        .iter()
+        .map(|r| (r.job, r.message.clone()))
+        .collect();
+    let (findings, good_copies) = log.check_journal().context("cannot check the journal")?;
+    problems.extend(findings.iter().map(|f| (f.job(), f.to_string())));
+    Ok(Opened {
+        log,
+        _snapshot: snapshot,
+        problems,
+        good_copies,
     })
 }
 
 fn code(corrupt: bool) -> ExitCode {
-    if corrupt { ExitCode::from(1) } else { ExitCode::SUCCESS }
+    if corrupt {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
-/// The events of a job that decode, and the errors of those that do not.
+/// The events of a job that decode, the errors of those that do not, and
+/// notes about damage that was repaired.
 struct History {
     records: Vec<Record>,
     errors: Vec<LogError>,
+    notes: Vec<String>,
 }
 
-fn history(log: &EventLog, job: JobId) -> Result<History> {
+impl History {
+    /// Whether anything about this job was found damaged (repaired or not).
+    fn damaged(&self) -> bool {
+        !self.errors.is_empty() || !self.notes.is_empty()
+    }
+
+    fn report(&self) {
+        for n in &self.notes {
+            eprintln!("reel: {n}");
+        }
+        for e in &self.errors {
+            eprintln!("reel: {}", error_line(e));
+        }
+    }
+}
+
+fn history(o: &Opened, job: JobId) -> Result<History> {
     let mut h = History {
         records: Vec::new(),
         errors: Vec::new(),
+        notes: o.problems_of(job).cloned().collect(),
     };
-    for item in log.events(job) {
+    for item in o.log.events(job) {
         match item {
             Ok(r) => h.records.push(r),
-            Err(e @ LogError::Corrupt { .. }) => h.errors.push(e),
+            Err(LogError::Corrupt {
+                job: j,
+                seq,
+                source,
+            }) => {
+                let e = LogError::Corrupt {
+                    job: j,
+                    seq,
+                    source,
+                };
+                match o.good_copies.get(&(job, seq)).map(|b| Event::decode(b)) {
+                    Some(Ok((at_ms, event))) => {
+                        h.notes.push(format!(
+                            "{}; the journal's intact copy is used",
+                            error_line(&e)
+                        ));
+                        h.records.push(Record {
+                            job,
+                            seq,
+                            at_ms,
+                            event,
+                        });
+                    }
+                    _ => h.errors.push(e),
+                }
+            }
             Err(e) => return Err(e).context(format!("cannot read job {job}")),
         }
     }
     if h.records.is_empty() && h.errors.is_empty() {
-        anyhow::bail!("no job {job} in the log at {}", log.dir().display());
+        anyhow::bail!("no job {job} in the log at {}", o.log.dir().display());
     }
     Ok(h)
 }
@@ -115,7 +205,10 @@ fn fold(job: JobId, h: &History, at: Option<Seq>) -> (JobState, Option<String>) 
         if first_bad.is_some_and(|bad| r.seq > bad) {
             return (
                 state,
-                Some(format!("fold stopped before corrupt seq {}", first_bad.unwrap_or(0))),
+                Some(format!(
+                    "fold stopped before corrupt seq {}",
+                    first_bad.unwrap_or(0)
+                )),
             );
         }
         if let Err(e) = state.apply_mut(r.at_ms, &r.event) {
@@ -123,7 +216,10 @@ fn fold(job: JobId, h: &History, at: Option<Seq>) -> (JobState, Option<String>) 
         }
     }
     if let Some(bad) = first_bad.filter(|b| at.is_none_or(|at| *b <= at)) {
-        return (state, Some(format!("fold stopped before corrupt seq {bad}")));
+        return (
+            state,
+            Some(format!("fold stopped before corrupt seq {bad}")),
+        );
     }
     (state, None)
 }
@@ -147,9 +243,11 @@ fn error_line(e: &LogError) -> String {
 }
 
 pub fn jobs(dir: &Path, args: &JobsArgs) -> Result<ExitCode> {
-    let (log, _snap) = open(dir)?;
+    let o = open(dir)?;
+    o.report_general();
+    let log = &o.log;
+    let mut corrupt = o.problems.iter().any(|(j, _)| j.is_none());
     let mut rows = Vec::new();
-    let mut corrupt = false;
     for item in log.jobs() {
         let summary = match item {
             Ok(s) => s,
@@ -174,14 +272,14 @@ pub fn jobs(dir: &Path, args: &JobsArgs) -> Result<ExitCode> {
             "steps": summary.steps,
         });
         if !args.no_verify {
-            let h = history(&log, summary.id)?;
+            let h = history(&o, summary.id)?;
             let (state, problem) = fold(summary.id, &h, None);
-            if !h.errors.is_empty() {
+            if h.damaged() {
                 corrupt = true;
-                for e in &h.errors {
-                    eprintln!("reel: {}", error_line(e));
-                }
-                row["corrupt"] = json!(h.errors.iter().map(error_line).collect::<Vec<_>>());
+                h.report();
+                let mut all: Vec<String> = h.notes.clone();
+                all.extend(h.errors.iter().map(error_line));
+                row["corrupt"] = json!(all);
             }
             if let Some(p) = problem {
                 row["problem"] = json!(p);
@@ -203,17 +301,23 @@ pub fn jobs(dir: &Path, args: &JobsArgs) -> Result<ExitCode> {
             "ID", "NAME", "RUNNER", "STATE", "OUTCOME", "SUBMITTED", "DURATION"
         )?;
         for r in &rows {
-            let flag = if r.get("corrupt").is_some() { "  CORRUPT" } else { "" };
+            let flag = if r.get("corrupt").is_some() {
+                "  CORRUPT"
+            } else {
+                ""
+            };
             writeln!(
                 out,
                 "{:>6}  {:<24} {:<8} {:<18} {:<10} {:<24} {:>9}{flag}",
-                r["id"],
+                r["id"].as_u64().unwrap_or(0),
                 trunc(r["name"].as_str().unwrap_or(""), 24),
                 r["runner"].as_str().unwrap_or(""),
                 r["state"].as_str().unwrap_or(""),
                 r["outcome"].as_str().unwrap_or("-"),
                 r["submitted"].as_str().unwrap_or(""),
-                r["duration_ms"].as_u64().map_or("-".into(), format_duration_ms),
+                r["duration_ms"]
+                    .as_u64()
+                    .map_or("-".into(), format_duration_ms),
             )?;
         }
     }
@@ -238,7 +342,11 @@ fn details(event: &Event, state: &JobState) -> String {
             spec.name,
             spec.runner,
             spec.steps.len(),
-            if spec.owner.is_empty() { "-" } else { &spec.owner },
+            if spec.owner.is_empty() {
+                "-"
+            } else {
+                &spec.owner
+            },
             if spec.secrets.is_empty() {
                 String::new()
             } else {
@@ -247,12 +355,19 @@ fn details(event: &Event, state: &JobState) -> String {
         ),
         Event::CidAllocated { cid } => format!("cid={cid}"),
         Event::SandboxPlanned { resources, handle } => {
-            format!("{} (handle v{}, {} bytes)", resources.join(", "), handle.version, handle.bytes.len())
+            format!(
+                "{} (handle v{}, {} bytes)",
+                resources.join(", "),
+                handle.version,
+                handle.bytes.len()
+            )
         }
         Event::WorkDirCreated { handle }
         | Event::VmBooted { handle }
         | Event::AgentConnected { handle }
-        | Event::Reattached { handle } => format!("handle v{}, {} bytes", handle.version, handle.bytes.len()),
+        | Event::Reattached { handle } => {
+            format!("handle v{}, {} bytes", handle.version, handle.bytes.len())
+        }
         Event::VolumesFormatted { volumes } if volumes.is_empty() => "no volumes".into(),
         Event::VolumesFormatted { volumes } => volumes.join(", "),
         Event::StepStarted { index, exec_id } => {
@@ -287,8 +402,12 @@ fn details(event: &Event, state: &JobState) -> String {
             format!("step {index} {how}, {output_bytes} bytes of output{took}")
         }
         Event::CancelRequested { reason } => reason.clone(),
-        Event::TeardownStarted { outcome, reason } if reason.is_empty() => format!("outcome={}", outcome.as_str()),
-        Event::TeardownStarted { outcome, reason } => format!("outcome={} ({reason})", outcome.as_str()),
+        Event::TeardownStarted { outcome, reason } if reason.is_empty() => {
+            format!("outcome={}", outcome.as_str())
+        }
+        Event::TeardownStarted { outcome, reason } => {
+            format!("outcome={} ({reason})", outcome.as_str())
+        }
         Event::Failed { reason }
         | Event::Cancelled { reason }
         | Event::TimedOut { reason }
@@ -314,13 +433,18 @@ fn recovery_outlook(state: &JobState) -> Vec<String> {
     use reel_engine::state::Phase as P;
     match state.phase {
         P::Terminal => vec!["nothing: the job has ended".into()],
-        P::New | P::Submitted | P::Queued => vec!["queue the job again in its original order".into()],
+        P::New | P::Submitted | P::Queued => {
+            vec!["queue the job again in its original order".into()]
+        }
         P::SlotGranted => vec!["release the slot and queue the job again".into()],
         _ => {
             let mut v = Vec::new();
             let held = state.held_resources();
             if held.iter().any(|h| h.starts_with("agent")) {
-                v.push("probe the sandbox (pid and start time); reattach and resume if it is alive".into());
+                v.push(
+                    "probe the sandbox (pid and start time); reattach and resume if it is alive"
+                        .into(),
+                );
                 v.push("otherwise power it off".into());
             }
             for h in held.iter().filter(|h| !h.starts_with("agent")) {
@@ -336,7 +460,12 @@ fn recovery_outlook(state: &JobState) -> Vec<String> {
 
 fn print_state(out: &mut impl Write, state: &JobState, problem: &Option<String>) -> Result<()> {
     let total = state.step_count();
-    writeln!(out, "state after seq {}: {}", state.seq, state.phase.as_str())?;
+    writeln!(
+        out,
+        "state after seq {}: {}",
+        state.seq,
+        state.phase.as_str()
+    )?;
     if let Some(o) = state.outcome {
         let reason = state.reason.as_deref().filter(|r| !r.is_empty());
         writeln!(
@@ -352,7 +481,11 @@ fn print_state(out: &mut impl Write, state: &JobState, problem: &Option<String>)
     if let Some(h) = &state.handle {
         writeln!(out, "  handle:    v{}, {} bytes", h.version, h.bytes.len())?;
     }
-    writeln!(out, "  steps:     {} of {total} finished", state.steps_finished())?;
+    writeln!(
+        out,
+        "  steps:     {} of {total} finished",
+        state.steps_finished()
+    )?;
     for s in &state.steps {
         writeln!(out, "    {}", step_line(state, s))?;
     }
@@ -375,7 +508,11 @@ fn print_state(out: &mut impl Write, state: &JobState, problem: &Option<String>)
     for n in &state.notices {
         writeln!(out, "  notice:    {n}")?;
     }
-    writeln!(out, "  recovery would: {}", recovery_outlook(state).join("; "))?;
+    writeln!(
+        out,
+        "  recovery would: {}",
+        recovery_outlook(state).join("; ")
+    )?;
     if let Some(p) = problem {
         writeln!(out, "  WARNING:   {p}")?;
     }
@@ -401,20 +538,28 @@ fn step_line(state: &JobState, s: &StepState) -> String {
         .finished_ms
         .map(|f| format!(" in {}", format_duration_ms(f.saturating_sub(s.started_ms))))
         .unwrap_or_default();
-    format!("[{}] {name:?}: {how}{took}, {} bytes", s.index, s.output_bytes)
+    format!(
+        "[{}] {name:?}: {how}{took}, {} bytes",
+        s.index, s.output_bytes
+    )
 }
 
 pub fn replay(dir: &Path, args: &ReplayArgs) -> Result<ExitCode> {
-    let (log, _snap) = open(dir)?;
-    let h = history(&log, args.job)?;
+    let o = open(dir)?;
+    o.report_general();
+    let mut corrupt = o.problems.iter().any(|(j, _)| j.is_none());
+    let h = history(&o, args.job)?;
     let (state, problem) = fold(args.job, &h, args.at);
+    corrupt |= h.damaged();
     if let Some(at) = args.at {
         let last = h.records.last().map_or(0, |r| r.seq);
         if at == 0 || at > last {
-            anyhow::bail!("job {} has events 1 to {last}; --at {at} is outside them", args.job);
+            anyhow::bail!(
+                "job {} has events 1 to {last}; --at {at} is outside them",
+                args.job
+            );
         }
     }
-    let corrupt = !h.errors.is_empty();
     // Fold again step by step so each line can show what it changed (durations).
     let mut running = JobState::new(args.job);
     let mut lines = Vec::new();
@@ -446,6 +591,7 @@ pub fn replay(dir: &Path, args: &ReplayArgs) -> Result<ExitCode> {
             "events": events,
             "state": state_json(&state),
             "corrupt": h.errors.iter().map(|e| json!({"seq": corrupt_seq(e), "error": error_line(e)})).collect::<Vec<_>>(),
+            "repaired": h.notes,
             "problem": problem,
         });
         serde_json::to_writer_pretty(&mut out, &doc)?;
@@ -453,7 +599,11 @@ pub fn replay(dir: &Path, args: &ReplayArgs) -> Result<ExitCode> {
     } else {
         let name = state.spec.as_ref().map_or("", |s| s.name.as_str());
         writeln!(out, "job {} {name:?}", args.job)?;
-        writeln!(out, "{:>5}  {:<24} {:>9}  {:<17} DETAILS", "SEQ", "TIME", "+DELTA", "EVENT")?;
+        writeln!(
+            out,
+            "{:>5}  {:<24} {:>9}  {:<17} DETAILS",
+            "SEQ", "TIME", "+DELTA", "EVENT"
+        )?;
         for (r, delta, d) in &lines {
             writeln!(
                 out,
@@ -465,25 +615,34 @@ pub fn replay(dir: &Path, args: &ReplayArgs) -> Result<ExitCode> {
             )?;
         }
         for e in &h.errors {
-            writeln!(out, "{:>5}  CORRUPT: {}", corrupt_seq(e).unwrap_or(0), error_line(e))?;
+            writeln!(
+                out,
+                "{:>5}  CORRUPT: {}",
+                corrupt_seq(e).unwrap_or(0),
+                error_line(e)
+            )?;
+        }
+        for n in &h.notes {
+            writeln!(out, "       REPAIRED: {n}")?;
         }
         writeln!(out)?;
         print_state(&mut out, &state, &problem)?;
     }
-    for e in &h.errors {
-        eprintln!("reel: {}", error_line(e));
-    }
+    h.report();
     Ok(code(corrupt))
 }
 
 pub fn inspect(dir: &Path, args: &InspectArgs) -> Result<ExitCode> {
-    let (log, _snap) = open(dir)?;
-    let h = history(&log, args.job)?;
+    let o = open(dir)?;
+    o.report_general();
+    let corrupt = o.problems.iter().any(|(j, _)| j.is_none());
+    let h = history(&o, args.job)?;
     let (state, problem) = fold(args.job, &h, None);
     let mut out = std::io::stdout().lock();
     if args.json {
         let mut v = state_json(&state);
         v["corrupt"] = json!(h.errors.iter().map(error_line).collect::<Vec<_>>());
+        v["repaired"] = json!(h.notes);
         v["problem"] = json!(problem);
         serde_json::to_writer_pretty(&mut out, &v)?;
         writeln!(out)?;
@@ -492,29 +651,28 @@ pub fn inspect(dir: &Path, args: &InspectArgs) -> Result<ExitCode> {
         writeln!(out, "job {} {name:?}", args.job)?;
         print_state(&mut out, &state, &problem)?;
     }
-    for e in &h.errors {
-        eprintln!("reel: {}", error_line(e));
-    }
-    Ok(code(!h.errors.is_empty()))
+    h.report();
+    Ok(code(corrupt || h.damaged()))
 }
 
 pub fn export(dir: &Path, args: &ExportArgs) -> Result<ExitCode> {
-    let (log, _snap) = open(dir)?;
-    let h = history(&log, args.job)?;
+    let o = open(dir)?;
+    o.report_general();
+    let corrupt = o.problems.iter().any(|(j, _)| j.is_none());
+    let h = history(&o, args.job)?;
     let mut out = std::io::stdout().lock();
     for r in &h.records {
         serde_json::to_writer(&mut out, r)?;
         writeln!(out)?;
     }
-    for e in &h.errors {
-        eprintln!("reel: {}", error_line(e));
-    }
-    Ok(code(!h.errors.is_empty()))
+    h.report();
+    Ok(code(corrupt || h.damaged()))
 }
 
 pub fn verify(dir: &Path, args: &VerifyArgs) -> Result<ExitCode> {
-    let (log, _snap) = open(dir)?;
-    let mut problems = Vec::new();
+    let o = open(dir)?;
+    let log = &o.log;
+    let mut problems: Vec<String> = o.problems.iter().map(|(_, p)| p.clone()).collect();
     let mut jobs = 0u64;
     let mut events = 0u64;
     let mut chunks = 0u64;
@@ -527,19 +685,35 @@ pub fn verify(dir: &Path, args: &VerifyArgs) -> Result<ExitCode> {
             }
         };
         jobs += 1;
-        let h = history(&log, summary.id)?;
+        let h = history(&o, summary.id)?;
         events += h.records.len() as u64;
         problems.extend(h.errors.iter().map(error_line));
+        problems.extend(
+            h.notes
+                .iter()
+                .filter(|n| n.contains("journal's intact copy"))
+                .cloned(),
+        );
         let (state, problem) = fold(summary.id, &h, None);
         if let Some(p) = problem.filter(|_| h.errors.is_empty()) {
             problems.push(format!("job {}: {p}", summary.id));
         }
         for s in &state.steps {
+            let mut stored = 0u64;
             for c in log.output(summary.id, s.index, 0) {
                 match c {
-                    Ok(_) => chunks += 1,
+                    Ok(c) => {
+                        chunks += 1;
+                        stored = stored.max(c.offset + c.bytes.len() as u64);
+                    }
                     Err(e) => problems.push(error_line(&e)),
                 }
+            }
+            if s.finished_ms.is_some() && stored != s.output_bytes {
+                problems.push(format!(
+                    "job {} step {}: {stored} bytes of output stored, the step produced {}",
+                    summary.id, s.index, s.output_bytes
+                ));
             }
         }
     }
@@ -551,7 +725,10 @@ pub fn verify(dir: &Path, args: &VerifyArgs) -> Result<ExitCode> {
         )?;
         writeln!(out)?;
     } else {
-        writeln!(out, "checked {jobs} jobs, {events} events, {chunks} output chunks")?;
+        writeln!(
+            out,
+            "checked {jobs} jobs, {events} events, {chunks} output chunks"
+        )?;
         for p in &problems {
             writeln!(out, "CORRUPT: {p}")?;
         }

@@ -76,11 +76,11 @@ impl Library {
         // SAFETY: loading runs the library's initialisers. The file passed the
         // ownership checks above; the plugin directory is trusted like the engine
         // binary beside it.
-        let library = unsafe { libloading::Library::new(path) }
-            .map_err(|e| match std::error::Error::source(&e) {
-                Some(cause) => format!("not a loadable shared library: {cause}"),
-                None => format!("not a loadable shared library: {e}"),
-            })?;
+        let library = unsafe { libloading::Library::new(path) };
+        let library = library.map_err(|e| match std::error::Error::source(&e) {
+            Some(cause) => format!("not a loadable shared library: {cause}"),
+            None => format!("not a loadable shared library: {e}"),
+        })?;
         let Some(major) = abi_major(&library) else {
             return Err(format!(
                 "not a reel plugin (no {} symbol)",

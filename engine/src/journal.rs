@@ -1,0 +1,232 @@
+//! The event journal: a plain append-only file holding a second copy of every
+//! event, written by the log's writer in the same round as sled.
+//!
+//! Why it exists: sled protects its own log with per-message CRCs, and when it
+//! opens a log with a corrupt message it treats the message as the torn end of
+//! the log and *silently drops every later write* (it even shreds the rest of
+//! that segment). One flipped byte on disk would then lose the history of every
+//! job written after it, with no error. The journal lets the log notice that,
+//! restore what sled dropped, and name the exact job and seq of a corrupt copy.
+//!
+//! ```text
+//!  0       2        6        14       18              18+n     22+n
+//!  +-------+--------+--------+--------+---------------+--------+
+//!  | "RJ"  | len n  | job    | seq    | event envelope| crc32c |
+//!  | u16BE | u32 BE | u64 BE | u32 BE | (n bytes)     | u32 BE |
+//!  +-------+--------+--------+--------+---------------+--------+
+//!           crc32c covers everything from the magic to the envelope
+//! ```
+//!
+//! The envelope is byte-for-byte the value stored in sled's `events` tree.
+//! A frame that fails its CRC is skipped by scanning forward for the next magic
+//! whose frame checks out, so one bad frame never hides the frames after it.
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::codec::MAX_ENVELOPE;
+use crate::event::{JobId, Seq};
+
+const MAGIC: [u8; 2] = *b"RJ";
+const HEAD: usize = 18;
+const TAIL: usize = 4;
+
+/// The journal file's name inside the state directory.
+pub const FILE_NAME: &str = "journal";
+
+/// Encodes one journal frame.
+pub fn frame(job: JobId, seq: Seq, envelope: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEAD + envelope.len() + TAIL);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&(envelope.len() as u32).to_be_bytes());
+    out.extend_from_slice(&job.to_be_bytes());
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(envelope);
+    let crc = crc32c::crc32c(&out);
+    out.extend_from_slice(&crc.to_be_bytes());
+    out
+}
+
+/// One frame read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    /// A frame that checks out.
+    Frame {
+        /// Where it starts in the file.
+        offset: u64,
+        /// The job.
+        job: JobId,
+        /// The seq.
+        seq: Seq,
+        /// The event envelope.
+        envelope: Vec<u8>,
+    },
+    /// Bytes that are not a valid frame, from `offset` for `len` bytes. `claimed`
+    /// is the (job, seq) the damaged header names, when its magic is intact;
+    /// the header itself may be what is damaged, so treat it as a hint.
+    Damaged {
+        /// Where the damage starts.
+        offset: u64,
+        /// How many bytes were skipped.
+        len: u64,
+        /// The (job, seq) the header names, if it has a magic.
+        claimed: Option<(JobId, Seq)>,
+    },
+}
+
+/// Parses a frame at the start of `buf`: `Some(len)` if a whole valid frame is there.
+fn valid_frame_len(buf: &[u8]) -> Option<usize> {
+    if buf.len() < HEAD + TAIL || buf[..2] != MAGIC {
+        return None;
+    }
+    let n = u32::from_be_bytes(buf[2..6].try_into().ok()?) as usize;
+    if n > MAX_ENVELOPE || buf.len() < HEAD + n + TAIL {
+        return None;
+    }
+    let body = &buf[..HEAD + n];
+    let crc = u32::from_be_bytes(buf[HEAD + n..HEAD + n + TAIL].try_into().ok()?);
+    (crc32c::crc32c(body) == crc).then_some(HEAD + n + TAIL)
+}
+
+/// Reads every frame of `bytes` (the journal from `base` on), resynchronising
+/// after damage. A damaged or partial run at the very end is reported as
+/// `Damaged` too; the caller decides whether it is a torn tail.
+pub fn parse(bytes: &[u8], base: u64) -> Vec<Item> {
+    let mut items = Vec::new();
+    let mut pos = 0usize;
+    while pos < bytes.len() {
+        if let Some(len) = valid_frame_len(&bytes[pos..]) {
+            let b = &bytes[pos..];
+            items.push(Item::Frame {
+                offset: base + pos as u64,
+                job: u64::from_be_bytes(b[6..14].try_into().unwrap_or_default()),
+                seq: u32::from_be_bytes(b[14..18].try_into().unwrap_or_default()),
+                envelope: b[HEAD..len - TAIL].to_vec(),
+            });
+            pos += len;
+            continue;
+        }
+        let start = pos;
+        let claimed = (bytes.len() - pos >= HEAD && bytes[pos..pos + 2] == MAGIC).then(|| {
+            let b = &bytes[pos..];
+            (
+                u64::from_be_bytes(b[6..14].try_into().unwrap_or_default()),
+                u32::from_be_bytes(b[14..18].try_into().unwrap_or_default()),
+            )
+        });
+        pos += 1;
+        while pos < bytes.len() && valid_frame_len(&bytes[pos..]).is_none() {
+            pos += 1;
+        }
+        items.push(Item::Damaged {
+            offset: base + start as u64,
+            len: (pos - start) as u64,
+            claimed,
+        });
+    }
+    items
+}
+
+/// The journal file, opened for appending at a known end.
+#[derive(Debug)]
+pub struct Journal {
+    file: File,
+    path: PathBuf,
+}
+
+impl Journal {
+    /// Opens (creating) the journal in `state_dir`.
+    pub fn open(state_dir: &Path) -> std::io::Result<Journal> {
+        let path = state_dir.join(FILE_NAME);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        Ok(Journal { file, path })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file's current length.
+    pub fn len(&self) -> std::io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    /// Whether the file is empty.
+    pub fn is_empty(&self) -> std::io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Reads the journal from `from` to its end.
+    pub fn read_from(&self, from: u64) -> std::io::Result<Vec<u8>> {
+        let mut f = &self.file;
+        let len = self.len()?;
+        let mut buf = Vec::with_capacity(len.saturating_sub(from) as usize);
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(from.min(len)))?;
+        f.read_to_end(&mut buf)?;
+        Ok(buf)
+    }
+
+    /// Cuts the file at `len` (dropping a torn tail nobody was told about).
+    pub fn truncate(&self, len: u64) -> std::io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    /// Writes `bytes` at `offset` and, if `sync`, waits for `fdatasync`.
+    pub fn write_at(&self, bytes: &[u8], offset: u64, sync: bool) -> std::io::Result<()> {
+        self.file.write_all_at(bytes, offset)?;
+        if sync {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_damage_is_skipped() {
+        let mut bytes = frame(1, 1, b"one");
+        let second = bytes.len();
+        bytes.extend(frame(1, 2, b"two"));
+        let third = bytes.len();
+        bytes.extend(frame(2, 1, b"three"));
+        bytes[second + 20] ^= 0xff;
+        let items = parse(&bytes, 100);
+        assert_eq!(items.len(), 3);
+        assert!(
+            matches!(&items[0], Item::Frame { job: 1, seq: 1, envelope, .. } if envelope == b"one")
+        );
+        assert_eq!(
+            items[1],
+            Item::Damaged {
+                offset: 100 + second as u64,
+                len: (third - second) as u64,
+                claimed: Some((1, 2))
+            }
+        );
+        assert!(
+            matches!(&items[2], Item::Frame { job: 2, seq: 1, offset, .. } if *offset == 100 + third as u64)
+        );
+    }
+
+    #[test]
+    fn a_torn_tail_is_damage_at_the_end() {
+        let mut bytes = frame(1, 1, b"one");
+        let whole = bytes.len();
+        bytes.extend(&frame(1, 2, b"two")[..10]);
+        let items = parse(&bytes, 0);
+        assert!(
+            matches!(items.last(), Some(Item::Damaged { offset, .. }) if *offset == whole as u64)
+        );
+    }
+}
