@@ -113,7 +113,7 @@ impl LoadedRunner {
     /// Runs `f` with this runner on the `blocking` thread pool, so that a plugin call
     /// never stalls the async executor.
     ///
-    /// ```ignore
+    /// ```text
     /// let probe = runner.unblock(move |r| r.probe(&handle)).await?;
     /// ```
     pub async fn unblock<T, F>(self: &Arc<Self>, f: F) -> T

@@ -3,7 +3,7 @@
 //!
 //! A plugin author calls it from their own test, in-process:
 //!
-//! ```ignore
+//! ```text
 //! #[test]
 //! fn conforms() {
 //!     let root = tempfile::tempdir().unwrap();

@@ -2,7 +2,7 @@
 //!
 //! A plugin is a `cdylib` crate with one type implementing [`Runner`] and one line:
 //!
-//! ```ignore
+//! ```text
 //! reel_plugin_sdk::export_runner!(MyRunner);
 //! ```
 //!
