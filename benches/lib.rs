@@ -59,7 +59,7 @@ pub fn thousands(n: f64) -> String {
     let digits = n.unsigned_abs().to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -117,9 +117,14 @@ impl BenchDir {
         std::fs::create_dir_all(&path)?;
         let dir = BenchDir { path };
         let fs = dir.fs_type();
-        println!("bench data: {} (filesystem magic {fs:#x})", dir.path.display());
+        println!(
+            "bench data: {} (filesystem magic {fs:#x})",
+            dir.path.display()
+        );
         if fs == TMPFS_MAGIC || fs == RAMFS_MAGIC {
-            println!("WARNING: bench data is on a RAM filesystem; durability figures are meaningless");
+            println!(
+                "WARNING: bench data is on a RAM filesystem; durability figures are meaningless"
+            );
         }
         Ok(dir)
     }

@@ -1,1 +1,96 @@
 //! Helpers shared by the workspace integration tests.
+//!
+//! End-to-end tests run the real `reel` binary, the real `reel-agent` and the real
+//! runner plugins from the workspace's target directory, where `cargo test
+//! --workspace` (and `cargo build --workspace`) put them side by side.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The directory holding `reel`, `reel-agent` and the plugins: the parent of the
+/// test binary's `deps/` directory.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("no current exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary is not in target/<profile>/deps")
+        .to_path_buf();
+    for needed in ["reel", "reel-agent", "libreel_runner_process.so"] {
+        assert!(
+            dir.join(needed).exists(),
+            "{} is missing: run `cargo build --workspace` (or `cargo test --workspace`) first",
+            dir.join(needed).display()
+        );
+    }
+    dir
+}
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// `reel --state-dir STATE ARGS...` with extra environment, waited for.
+pub fn reel(state: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(target_dir().join("reel"));
+    cmd.arg("--state-dir").arg(state).args(args);
+    cmd.env_remove("RUST_LOG").env_remove("REEL_PLUGIN_DIR");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.current_dir(workspace_root());
+    cmd.output().expect("cannot run reel")
+}
+
+/// Text of a byte buffer, for assertions.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Pids of processes whose environment names this state directory's sandbox root,
+/// i.e. processes a job of this state directory started (steps inherit the
+/// sandbox's `HOME`). Zombies and unreadable processes are skipped.
+pub fn processes_under(root: &Path) -> Vec<u32> {
+    let needle = root.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let hay = [cmdline, environ].concat();
+        if hay.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Directories the process runner's cgroups could leave behind for sandbox ids
+/// under the `reel` cgroup parent (v1 memory/pids, or v2).
+pub fn reel_cgroups() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for parent in [
+        "/sys/fs/cgroup/memory/reel",
+        "/sys/fs/cgroup/pids/reel",
+        "/sys/fs/cgroup/reel",
+    ] {
+        if let Ok(entries) = std::fs::read_dir(parent) {
+            out.extend(entries.flatten().filter(|e| e.path().is_dir()).map(|e| e.path()));
+        }
+    }
+    out
+}

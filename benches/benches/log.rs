@@ -70,7 +70,12 @@ fn preallocated(path: &std::path::Path) -> anyhow::Result<File> {
 /// Baseline (a): one `pwrite` + `fdatasync` per record, over already-allocated
 /// blocks (wrapping around), so `fdatasync` has no size or extent change to log.
 /// This is the fastest one-at-a-time durable write the disk offers.
-fn raw_fdatasync(file: &File, at: &mut u64, record: &[u8], window: Duration) -> anyhow::Result<f64> {
+fn raw_fdatasync(
+    file: &File,
+    at: &mut u64,
+    record: &[u8],
+    window: Duration,
+) -> anyhow::Result<f64> {
     use std::os::unix::fs::FileExt as _;
     let start = Instant::now();
     let mut n = 0u64;
@@ -100,7 +105,12 @@ fn append_fdatasync(file: &mut File, record: &[u8], window: Duration) -> anyhow:
 }
 
 /// Baseline (b): one sled `insert` + `flush` per record.
-fn sled_flush(db: &sled::Db, next: &mut u64, record: &[u8], window: Duration) -> anyhow::Result<f64> {
+fn sled_flush(
+    db: &sled::Db,
+    next: &mut u64,
+    record: &[u8],
+    window: Duration,
+) -> anyhow::Result<f64> {
     let start = Instant::now();
     let mut n = 0u64;
     while start.elapsed() < window {
@@ -153,7 +163,7 @@ fn through_log(log: &EventLog, submitters: usize, window: Duration) -> anyhow::R
 }
 
 fn main() -> anyhow::Result<()> {
-    let window = Duration::from_secs_f64(1.5 * scale()).max(Duration::from_millis(100));
+    let window = Duration::from_secs_f64(1.25 * scale()).max(Duration::from_millis(100));
     let dir = BenchDir::new("log")?;
     let record = notice().encode(now_ms());
     let submitted = Event::Submitted {
@@ -215,7 +225,12 @@ fn main() -> anyhow::Result<()> {
 
     let a = median(&raw_rates);
     let b = median(&sled_rates);
-    let fmt_runs = |v: &[f64]| v.iter().map(|r| thousands(*r)).collect::<Vec<_>>().join(" ");
+    let fmt_runs = |v: &[f64]| {
+        v.iter()
+            .map(|r| thousands(*r))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     println!();
     println!("{:<44} {:>10}   runs", "baseline", "events/s");
     println!(
@@ -263,7 +278,9 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
-    println!("* µs/round = submitters / (events/s): the commit round time if every round holds every submitter");
+    println!(
+        "* µs/round = submitters / (events/s): the commit round time if every round holds every submitter"
+    );
     println!();
     let g = goal.context("no goal measurement")?;
     let fast = g >= GOAL_RATE;

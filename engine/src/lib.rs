@@ -4,6 +4,7 @@
 
 pub mod codec;
 pub mod event;
+pub mod executor;
 pub mod jobfile;
 pub mod journal;
 pub mod log;

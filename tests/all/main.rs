@@ -1,2 +1,3 @@
 //! Workspace integration tests, one module per area.
 mod plugins;
+mod run;

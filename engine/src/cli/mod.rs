@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod plugins;
 mod replay;
+mod run;
 
 /// reel: a durable job engine for CI. Every lifecycle transition of every job is
 /// an event in a crash-safe log; the tools below read that log offline.
@@ -29,6 +30,9 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run job files now, without a daemon: each job's lifecycle is recorded in
+    /// the state directory's log, its output streamed and stored.
+    Run(run::RunArgs),
     /// List every job in the log: id, name, runner, state, start and end.
     Jobs(replay::JobsArgs),
     /// Show a job's timeline (seq, time, event, details, time between events)
@@ -39,6 +43,8 @@ pub enum Command {
     Inspect(replay::InspectArgs),
     /// Print a job's events as JSON lines, one event per line.
     Export(replay::ExportArgs),
+    /// Print a job's stored step output, byte for byte (as masked when stored).
+    Output(replay::OutputArgs),
     /// Check every stored event and output chunk; report each corrupt one.
     Verify(replay::VerifyArgs),
     /// List runner plugins: what loaded (name, version, ABI, capabilities,
@@ -78,18 +84,20 @@ pub fn main() -> ExitCode {
     init_tracing(&cli.log_level);
     let dir = state_dir(&cli.state_dir);
     let result = match &cli.command {
+        Command::Run(a) => run::run(&dir, a),
         Command::Jobs(a) => replay::jobs(&dir, a),
         Command::Replay(a) => replay::replay(&dir, a),
         Command::Inspect(a) => replay::inspect(&dir, a),
         Command::Export(a) => replay::export(&dir, a),
         Command::Verify(a) => replay::verify(&dir, a),
+        Command::Output(a) => replay::output(&dir, a),
         Command::Plugins(a) => plugins::run(a).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("reel: {}", chain(&e));
-            ExitCode::from(2)
+            ExitCode::from(run::EXIT_ERROR)
         }
     }
 }

@@ -12,7 +12,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
 
@@ -57,6 +57,15 @@ pub struct InspectArgs {
 pub struct ExportArgs {
     /// The job id (see `reel jobs`).
     pub job: JobId,
+}
+
+#[derive(Args, Debug)]
+pub struct OutputArgs {
+    /// The job id (see `reel jobs`).
+    pub job: JobId,
+    /// Only this step (1-based, as `reel run` numbers them); default: every step.
+    #[arg(long, value_name = "N")]
+    pub step: Option<u32>,
 }
 
 #[derive(Args, Debug)]
@@ -667,6 +676,37 @@ pub fn export(dir: &Path, args: &ExportArgs) -> Result<ExitCode> {
     }
     h.report();
     Ok(code(corrupt || h.damaged()))
+}
+
+pub fn output(dir: &Path, args: &OutputArgs) -> Result<ExitCode> {
+    let o = open(dir)?;
+    o.report_general();
+    let h = history(&o, args.job)?;
+    let (state, _) = fold(args.job, &h, None);
+    let steps: Vec<u32> = match args.step {
+        Some(0) => bail!("steps are numbered from 1"),
+        Some(n) if n as usize > state.step_count() => {
+            bail!("job {} has {} steps; there is no step {n}", args.job, state.step_count())
+        }
+        Some(n) => vec![n - 1],
+        None => state.steps.iter().map(|s| s.index).collect(),
+    };
+    let mut out = std::io::stdout().lock();
+    let mut corrupt = h.damaged();
+    for index in steps {
+        for chunk in o.log.output(args.job, index, 0) {
+            match chunk {
+                Ok(c) => out.write_all(&c.bytes)?,
+                Err(e) => {
+                    corrupt = true;
+                    eprintln!("reel: {}", error_line(&e));
+                }
+            }
+        }
+    }
+    out.flush()?;
+    h.report();
+    Ok(code(corrupt))
 }
 
 pub fn verify(dir: &Path, args: &VerifyArgs) -> Result<ExitCode> {

@@ -1,1 +1,960 @@
-//! The process runner.
+//! The process runner: the embedded default sandbox.
+//!
+//! Each job gets a directory `<sandbox_root>/<sandbox_id>` holding
+//!
+//! - `work/`: the steps' working directory (and `HOME`);
+//! - `agent.sock`, `agent.pid`, `agent.log`: the agent's socket, pidfile and log;
+//!
+//! a cgroup (v2 `<mount>/<cgroup_parent>/sbx-<sandbox_id>` where the host has a writable
+//! cgroup2 hierarchy with `memory` and `pids`, else the v1 `memory` and `pids`
+//! hierarchies, else none, with a notice), and one `reel-agent` process in its own
+//! session, moved into the cgroup(s) as soon as it runs. Steps run through the agent as
+//! `sh -c <command>` in `work/`.
+//!
+//! # The handle
+//!
+//! The handle (format version [`HANDLE_VERSION`]) is the bincode encoding of a private
+//! `JobState`: job id, sandbox id, the directory, work dir, socket, pidfile and log
+//! paths, the cgroup directories with their limits and the job's environment (all
+//! fixed by `plan`; the environment is only a base under each step's, which the engine
+//! gives complete, and so must hold no secret values), then the
+//! session token (added by `prepare`) and the agent's pid and start time (added by
+//! `boot`). Since every path is in the plan handle, `probe` and `cleanup` work from any
+//! earlier handle: they find the agent through the pidfile (trusted only when the
+//! process's command line names this job's socket and it started no later than the
+//! pidfile was written) or by scanning `/proc` for the agent's command line.
+//!
+//! # The resource list
+//!
+//! The engine cannot decode the handle. `plan` emits one runner notice of kind
+//! [`RESOURCE_NOTICE`] per resource it names (message: `<kind> <path> [(details)]`),
+//! and [`plan_resources`] gives the same list from a handle to Rust callers.
+//!
+//! # Options (`RunnerConfig.options`)
+//!
+//! - `agent_path`: the `reel-agent` binary (default: `<plugin_dir>/reel-agent`, else
+//!   beside the current executable);
+//! - `cgroup_parent`: the parent cgroup name (default `reel`);
+//! - `pids_max`: the `pids.max` of each job (default 0: no limit; `Resources` has no
+//!   pid count).
+
+mod cgroup;
+pub mod procfs;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read as _;
+use std::os::unix::ffi::OsStrExt as _;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use reel_agent::proto::Message;
+use reel_agent::{AgentClient, CancelHandle, ClientError, ExecRequest};
+use reel_plugin_sdk::{
+    Description, ExecResult, Handle, JobRequest, OutputSink, Probe, Runner, RunnerConfig,
+    RunnerError, StepRequest, Stream,
+};
+use rustix::process::{Pid, Signal};
+use serde::{Deserialize, Serialize};
+
+pub use cgroup::{Cgroup, Kind as CgroupKind};
+
+reel_plugin_sdk::export_runner!(ProcessRunner);
+
+/// The format version of the handle bytes.
+pub const HANDLE_VERSION: u32 = 1;
+/// The notice kind `plan` uses for each resource it names.
+pub const RESOURCE_NOTICE: &str = "planned-resource";
+/// The longest unix socket path (`sun_path` is 108 bytes including the NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Grace between the signals of the agent's INT → TERM → KILL ladder on cancel.
+const CANCEL_GRACE: Duration = Duration::from_millis(1000);
+/// Acknowledge delivered output to the agent after this many bytes.
+const ACK_EVERY: u64 = 256 * 1024;
+/// How long `connect` waits for the agent's socket and handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `cleanup` keeps killing before it gives up on a busy cgroup.
+const CLEANUP_PATIENCE: Duration = Duration::from_secs(5);
+
+/// The agent process: pid and start time (clock ticks after boot), which together
+/// name one process even after the pid is reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct AgentId {
+    pid: i32,
+    start_time: u64,
+}
+
+/// Everything the runner knows about a job; lives in the handle.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct JobState {
+    job_id: u64,
+    sandbox_id: u32,
+    /// `<sandbox_root>/<sandbox_id>`.
+    dir: PathBuf,
+    /// `dir/work`: the steps' cwd and `HOME`.
+    workdir: PathBuf,
+    socket: PathBuf,
+    pidfile: PathBuf,
+    log: PathBuf,
+    cgroups: Vec<Cgroup>,
+    /// Why there is no (complete) cgroup, if so.
+    cgroup_note: Option<String>,
+    memory_bytes: u64,
+    pids_max: u64,
+    /// The job's environment, under each step's (which the engine already gives
+    /// complete, so this only matters to callers that do not merge it).
+    environment: BTreeMap<String, String>,
+    /// Set by `prepare`.
+    session_token: Option<String>,
+    /// Set by `boot`.
+    agent: Option<AgentId>,
+}
+
+impl JobState {
+    fn decode(handle: &Handle) -> Result<JobState, RunnerError> {
+        let state: JobState = handle.decode(HANDLE_VERSION)?;
+        // A handle names paths this runner removes: refuse one that does not look
+        // like ours rather than delete something else.
+        if state.dir.file_name() != Some(state.sandbox_id.to_string().as_ref())
+            || !state.workdir.starts_with(&state.dir)
+            || !state.socket.starts_with(&state.dir)
+            || !state.pidfile.starts_with(&state.dir)
+        {
+            return Err(RunnerError::invalid_input(
+                "malformed handle: its paths are not those of a process-runner sandbox",
+            ));
+        }
+        Ok(state)
+    }
+
+    fn encode(&self) -> Result<Handle, RunnerError> {
+        Handle::encode(HANDLE_VERSION, self)
+    }
+
+    fn key(&self) -> (u64, u32) {
+        (self.job_id, self.sandbox_id)
+    }
+
+    fn resources(&self) -> Vec<String> {
+        let mut list = vec![
+            format!("workdir {}", self.dir.display()),
+            format!("agent-socket {}", self.socket.display()),
+            format!("agent-pidfile {}", self.pidfile.display()),
+            format!("agent-log {}", self.log.display()),
+            format!(
+                "agent-process (pid in {}, own session)",
+                self.pidfile.display()
+            ),
+        ];
+        list.extend(
+            self.cgroups
+                .iter()
+                .map(|c| c.describe(self.memory_bytes, self.pids_max)),
+        );
+        if let Some(note) = &self.cgroup_note {
+            list.push(format!("cgroup-missing {note}"));
+        }
+        list
+    }
+}
+
+/// The human-readable list of every resource a handle names (the same lines `plan`
+/// sends as [`RESOURCE_NOTICE`] notices). Empty for a handle this runner cannot read.
+pub fn plan_resources(handle: &Handle) -> Vec<String> {
+    JobState::decode(handle)
+        .map(|s| s.resources())
+        .unwrap_or_default()
+}
+
+/// A connection to one job's agent.
+struct Session {
+    token: String,
+    /// Held by `exec` for the whole step.
+    client: Mutex<AgentClient>,
+    /// Sends `Cancel` on the same connection without the `client` lock.
+    canceller: CancelHandle,
+    /// Execs of this session: exec id → cancelled. `exec` registers and sends
+    /// `ExecStart` under this lock, and `cancel` marks and sends `Cancel` under it, so
+    /// a cancel is never lost between the two.
+    execs: Mutex<HashMap<u64, bool>>,
+}
+
+struct Settings {
+    sandbox_root: PathBuf,
+    plugin_dir: PathBuf,
+    agent_path: Option<PathBuf>,
+    cgroup_parent: String,
+    pids_max: u64,
+}
+
+/// The process runner.
+pub struct ProcessRunner {
+    settings: Settings,
+    sessions: Mutex<HashMap<(u64, u32), Arc<Session>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn client_error(what: &str, e: ClientError) -> RunnerError {
+    match e {
+        ClientError::Timeout(_) => RunnerError::timeout(format!("{what}: {e}")),
+        ClientError::Connect { .. } => RunnerError::not_found(format!("{what}: {e}")),
+        _ => RunnerError::failed(format!("{what}: {e}")),
+    }
+}
+
+fn kill(pid: i32, signal: Signal) {
+    if let Some(pid) = Pid::from_raw(pid) {
+        let _ = rustix::process::kill_process(pid, signal);
+    }
+}
+
+fn random_token() -> Result<String, RunnerError> {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| RunnerError::failed(format!("cannot read /dev/urandom: {e}")))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+impl ProcessRunner {
+    fn state(handle: &Handle) -> Result<JobState, RunnerError> {
+        JobState::decode(handle)
+    }
+
+    /// The agent binary, in the documented order.
+    pub fn agent_binary(&self) -> Result<PathBuf, RunnerError> {
+        if let Some(p) = &self.settings.agent_path {
+            return if p.is_file() {
+                Ok(p.clone())
+            } else {
+                Err(RunnerError::not_found(format!(
+                    "the agent binary {} (option agent_path) does not exist",
+                    p.display()
+                )))
+            };
+        }
+        let mut tried = Vec::new();
+        if !self.settings.plugin_dir.as_os_str().is_empty() {
+            tried.push(self.settings.plugin_dir.join("reel-agent"));
+        }
+        if let Some(dir) = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(Path::to_owned))
+        {
+            tried.push(dir.join("reel-agent"));
+        }
+        if let Some(found) = tried.iter().find(|p| p.is_file()) {
+            return Ok(found.clone());
+        }
+        let tried: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
+        Err(RunnerError::not_found(format!(
+            "cannot find the reel-agent binary: set the runner option agent_path, or install \
+             it beside the plugin or the engine (tried: {})",
+            tried.join(", ")
+        )))
+    }
+
+    /// The live agent processes of a job: the one named in the handle (same pid and
+    /// start time), the one named by the pidfile (if its command line names this
+    /// job's socket and it started no later than the pidfile was written), and any
+    /// process whose command line names this job's socket (a half-started agent).
+    fn agents(state: &JobState) -> Vec<AgentId> {
+        let mut found = Vec::new();
+        if let Some(a) = state.agent
+            && procfs::start_time(a.pid) == Some(a.start_time)
+        {
+            found.push(a);
+        }
+        if let Some(pid) = read_pidfile(&state.pidfile)
+            && !found.iter().any(|a| a.pid == pid)
+            && let Some(start) = procfs::start_time(pid)
+            && state.agent.is_none_or(|a| a.pid != pid)
+            && procfs::has_arg_pair(pid, "--socket", &state.socket)
+            && started_before_file(start, &state.pidfile)
+        {
+            found.push(AgentId {
+                pid,
+                start_time: start,
+            });
+        }
+        found
+    }
+
+    /// Every process of the job still alive: in its cgroup(s), in an agent's session,
+    /// or an agent (also a half-started one, found by its socket argument).
+    fn job_processes(state: &JobState) -> Vec<i32> {
+        let me = std::process::id() as i32;
+        let mut pids: Vec<i32> = state.cgroups.iter().flat_map(Cgroup::procs).collect();
+        let agents = Self::agents(state);
+        // Sessions whose leader is (or was) the agent. A pid is not reused while it
+        // still names a session, so a dead agent's pid still names only its session,
+        // unless the pid now belongs to another live process.
+        let mut sessions: Vec<(i32, u64)> = agents.iter().map(|a| (a.pid, a.start_time)).collect();
+        if let Some(a) = state.agent
+            && procfs::start_time(a.pid).is_none()
+        {
+            sessions.push((a.pid, a.start_time));
+        }
+        for pid in procfs::all_pids() {
+            if pid == me || pids.contains(&pid) {
+                continue;
+            }
+            let Some(stat) = procfs::stat(pid) else {
+                continue;
+            };
+            if stat.state == 'Z' {
+                continue;
+            }
+            let in_session = sessions
+                .iter()
+                .any(|&(sid, start)| stat.session == sid && stat.start_time >= start);
+            if in_session || procfs::has_arg_pair(pid, "--socket", &state.socket) {
+                pids.push(pid);
+            }
+        }
+        pids.sort_unstable();
+        pids.dedup();
+        pids.retain(|&p| p != me && procfs::start_time(p).is_some());
+        pids
+    }
+
+    /// SIGKILLs every process of the job until none is left or `deadline` passes.
+    /// Signals every process at least once, even with `deadline` already past.
+    fn kill_all(state: &JobState, deadline: Instant) -> Vec<i32> {
+        loop {
+            let left = Self::job_processes(state);
+            if left.is_empty() {
+                return left;
+            }
+            for &pid in &left {
+                kill(pid, Signal::KILL);
+            }
+            if Instant::now() >= deadline {
+                return Self::job_processes(state);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn session(&self, state: &JobState) -> Option<Arc<Session>> {
+        lock(&self.sessions).get(&state.key()).cloned()
+    }
+
+    /// Connects to the agent and binds the connection to the job.
+    fn open_session(
+        &self,
+        state: &JobState,
+        timeout: Duration,
+    ) -> Result<Arc<Session>, RunnerError> {
+        let token = state.session_token.clone().ok_or_else(|| {
+            RunnerError::invalid_input("the handle has no session token: prepare did not run")
+        })?;
+        let mut client = AgentClient::connect(&state.socket, timeout)
+            .map_err(|e| client_error("connecting to the agent", e))?;
+        client.set_ack_every(0);
+        client
+            .init(&state.job_id.to_string(), &token)
+            .map_err(|e| client_error("initializing the agent session", e))?;
+        let session = Arc::new(Session {
+            token,
+            canceller: client.cancel_handle(),
+            client: Mutex::new(client),
+            execs: Mutex::new(HashMap::new()),
+        });
+        lock(&self.sessions).insert(state.key(), Arc::clone(&session));
+        Ok(session)
+    }
+
+    fn session_or_connect(&self, state: &JobState) -> Result<Arc<Session>, RunnerError> {
+        match self.session(state) {
+            Some(s) if Some(&s.token) == state.session_token.as_ref() => Ok(s),
+            _ => self.open_session(state, CONNECT_TIMEOUT),
+        }
+    }
+
+    /// Asks the agent to power off within `budget`; true once it acknowledged.
+    fn agent_poweroff(&self, state: &JobState, budget: Duration) -> bool {
+        let start = Instant::now();
+        if let Some(session) = lock(&self.sessions).remove(&state.key())
+            && let Ok(mut client) = session.client.try_lock()
+        {
+            return client.poweroff(budget).is_ok();
+        }
+        // No idle connection of ours (another engine's, or an exec holds it): open a
+        // new one, which replaces the old one at the agent.
+        let Some(token) = &state.session_token else {
+            return false;
+        };
+        // The handshake may take up to a second past the connect timeout.
+        if budget < Duration::from_millis(1500) {
+            return false;
+        }
+        let Ok(mut client) = AgentClient::connect(&state.socket, budget) else {
+            return false;
+        };
+        let left = budget.saturating_sub(start.elapsed());
+        let init = Message::Init {
+            job_id: state.job_id.to_string(),
+            session_token: token.clone(),
+        };
+        client.send(&init).is_ok() && client.poweroff(left).is_ok()
+    }
+}
+
+fn read_pidfile(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Whether a process that started `start` ticks after boot started no later than
+/// `file` was last modified (with one second of slack for the clocks' resolution).
+fn started_before_file(start: u64, file: &Path) -> bool {
+    let Some(boot) = procfs::boot_time() else {
+        return true;
+    };
+    let Some(mtime) = std::fs::metadata(file)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+    else {
+        return false;
+    };
+    boot + start / procfs::CLOCK_TICKS <= mtime.as_secs() + 1
+}
+
+fn to_stream(s: reel_agent::Stream) -> Stream {
+    match s {
+        reel_agent::Stream::Stdout => Stream::Stdout,
+        reel_agent::Stream::Stderr => Stream::Stderr,
+    }
+}
+
+/// Follows one exec on `client` from `from`, passing output at or after `skip_below`
+/// to `sink` and acknowledging what the sink took.
+fn follow(
+    client: &mut AgentClient,
+    exec_id: u64,
+    from: u64,
+    started_fresh: bool,
+    sink: &mut dyn OutputSink,
+) -> Result<ExecResult, RunnerError> {
+    let mut next = from;
+    let mut acked = from;
+    loop {
+        let msg = match client.recv(Some(Duration::from_secs(1))) {
+            Ok(Some(m)) => m,
+            Ok(None) => continue,
+            Err(e) => return Err(client_error(&format!("following exec {exec_id}"), e)),
+        };
+        match msg {
+            Message::Output {
+                exec_id: id,
+                stream,
+                offset,
+                bytes,
+            } if id == exec_id => {
+                let end = offset + bytes.len() as u64;
+                if offset > next {
+                    return Err(RunnerError::failed(format!(
+                        "output of exec {exec_id} arrived at offset {offset}, expected {next}: \
+                         bytes {next}..{offset} are missing"
+                    )));
+                }
+                if end > next {
+                    let skip = (next - offset) as usize;
+                    sink.chunk(to_stream(stream), next, &bytes[skip..]);
+                    next = end;
+                }
+                if next - acked >= ACK_EVERY {
+                    client
+                        .ack(exec_id, next)
+                        .map_err(|e| client_error("acknowledging output", e))?;
+                    acked = next;
+                }
+            }
+            Message::ExecExit {
+                exec_id: id,
+                code,
+                signal,
+                timed_out,
+                total_bytes,
+            } if id == exec_id => {
+                if total_bytes != next {
+                    return Err(RunnerError::failed(format!(
+                        "exec {exec_id} ended with {total_bytes} bytes of output but {next} \
+                         were received"
+                    )));
+                }
+                if next > acked {
+                    let _ = client.ack(exec_id, next);
+                }
+                return Ok(ExecResult {
+                    exit_code: code,
+                    signal,
+                    timed_out,
+                    output_bytes: total_bytes,
+                });
+            }
+            Message::Error {
+                exec_id: Some(id),
+                message,
+            } if id == exec_id => {
+                if started_fresh && message.contains("already exists") {
+                    // A restarted engine re-sent a step the agent already runs:
+                    // follow it from the start instead.
+                    tracing::info!(exec_id, "exec already running; resuming from 0");
+                    client
+                        .resume(exec_id, 0)
+                        .map_err(|e| client_error("resuming exec", e))?;
+                    return follow(client, exec_id, from, false, sink);
+                }
+                return Err(RunnerError::failed(format!(
+                    "the agent reported for exec {exec_id}: {message}"
+                )));
+            }
+            Message::Error {
+                exec_id: None,
+                message,
+            } => {
+                return Err(RunnerError::failed(format!(
+                    "the agent reported: {message}"
+                )));
+            }
+            other => tracing::debug!(exec_id, message = other.name(), "ignored agent message"),
+        }
+    }
+}
+
+impl Runner for ProcessRunner {
+    fn new(config: &RunnerConfig) -> Result<Self, RunnerError> {
+        let pids_max = match config.options.get("pids_max") {
+            Some(v) => v.parse().map_err(|e| {
+                RunnerError::invalid_input(format!("option pids_max {v:?} is not a number: {e}"))
+            })?,
+            None => 0,
+        };
+        let cgroup_parent = config
+            .options
+            .get("cgroup_parent")
+            .cloned()
+            .unwrap_or_else(|| "reel".to_owned());
+        if cgroup_parent.is_empty()
+            || Path::new(&cgroup_parent)
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(RunnerError::invalid_input(format!(
+                "option cgroup_parent {cgroup_parent:?} must be a relative path without `..`"
+            )));
+        }
+        Ok(ProcessRunner {
+            settings: Settings {
+                sandbox_root: config.sandbox_root.clone(),
+                plugin_dir: config.plugin_dir.clone(),
+                agent_path: config.options.get("agent_path").map(PathBuf::from),
+                cgroup_parent,
+                pids_max,
+            },
+            sessions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn describe(&self) -> Description {
+        Description {
+            name: "process".to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            abi_major: reel_plugin_sdk::abi::ABI_MAJOR,
+            abi_minor: reel_plugin_sdk::abi::ABI_MINOR,
+            capabilities: vec![
+                "cancel".to_owned(),
+                "timeout".to_owned(),
+                "reattach".to_owned(),
+                "resume".to_owned(),
+                "cgroup".to_owned(),
+            ],
+        }
+    }
+
+    fn validate(&self, job: &JobRequest) -> Result<Vec<String>, RunnerError> {
+        // Refuses what plan would refuse (a socket path that is too long).
+        let state = self.plan_state(job)?;
+        let mut warnings = Vec::new();
+        if job.image.is_some() {
+            warnings.push("image is ignored: steps run on the host".to_owned());
+        }
+        if job.resources.vcpus != 0 {
+            warnings.push("vcpus is not enforced by the process runner".to_owned());
+        }
+        if job.resources.disk_mib != 0 {
+            warnings.push("disk_mib is not enforced by the process runner".to_owned());
+        }
+        if let Some(note) = state.cgroup_note {
+            warnings.push(note);
+        }
+        Ok(warnings)
+    }
+
+    fn plan(&self, job: &JobRequest) -> Result<Handle, RunnerError> {
+        let state = self.plan_state(job)?;
+        for line in state.resources() {
+            reel_plugin_sdk::host::notice(RESOURCE_NOTICE, &line);
+        }
+        state.encode()
+    }
+
+    fn prepare(&self, handle: &Handle) -> Result<Handle, RunnerError> {
+        let mut state = Self::state(handle)?;
+        std::fs::create_dir_all(&state.workdir).map_err(|e| {
+            RunnerError::failed(format!("cannot create {}: {e}", state.workdir.display()))
+        })?;
+        for cg in &state.cgroups {
+            cg.create(state.memory_bytes, state.pids_max)
+                .map_err(|e| RunnerError::failed(e.to_string()))?;
+        }
+        if let Some(note) = &state.cgroup_note {
+            reel_plugin_sdk::host::notice("cgroup-skipped", note);
+        }
+        if state.session_token.is_none() {
+            state.session_token = Some(random_token()?);
+        }
+        state.encode()
+    }
+
+    fn boot(&self, handle: &Handle) -> Result<Handle, RunnerError> {
+        let mut state = Self::state(handle)?;
+        if let Some(agent) = Self::agents(&state).first() {
+            state.agent = Some(*agent);
+            return state.encode();
+        }
+        if !state.workdir.is_dir() {
+            return Err(RunnerError::not_found(format!(
+                "the work dir {} does not exist: prepare did not run",
+                state.workdir.display()
+            )));
+        }
+        let binary = self.agent_binary()?;
+        let output = Command::new(&binary)
+            .arg("--daemonize")
+            .arg("--socket")
+            .arg(&state.socket)
+            .arg("--pidfile")
+            .arg(&state.pidfile)
+            .arg("--workdir")
+            .arg(&state.workdir)
+            .arg("--log")
+            .arg(&state.log)
+            .current_dir(&state.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .map_err(|e| {
+                RunnerError::failed(format!("cannot start the agent {}: {e}", binary.display()))
+            })?;
+        if !output.status.success() {
+            let log = std::fs::read_to_string(&state.log).unwrap_or_default();
+            return Err(RunnerError::failed(format!(
+                "the agent {} failed to start ({}): {}{}",
+                binary.display(),
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim(),
+                log.lines()
+                    .last()
+                    .map(|l| format!(" (agent log: {l})"))
+                    .unwrap_or_default()
+            )));
+        }
+        let pid: i32 = String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .map_err(|e| RunnerError::failed(format!("the agent printed no pid: {e}")))?;
+        let start_time = procfs::start_time(pid)
+            .ok_or_else(|| RunnerError::failed("the agent exited as soon as it started"))?;
+        let agent = AgentId { pid, start_time };
+        // Into the job's cgroup(s) before any step runs (steps start only on ExecStart,
+        // which only a connected host sends).
+        for cg in &state.cgroups {
+            if let Err(e) = cg.add(pid) {
+                kill(pid, Signal::KILL);
+                return Err(RunnerError::failed(format!(
+                    "cannot move the agent (pid {pid}) into its cgroup: {e}"
+                )));
+            }
+        }
+        tracing::debug!(pid, start_time, sandbox = state.sandbox_id, "agent started");
+        state.agent = Some(agent);
+        state.encode()
+    }
+
+    fn connect(&self, handle: &Handle) -> Result<Handle, RunnerError> {
+        let mut state = Self::state(handle)?;
+        if state.agent.is_none() {
+            state.agent = Self::agents(&state).first().copied();
+        }
+        lock(&self.sessions).remove(&state.key());
+        self.open_session(&state, CONNECT_TIMEOUT)?;
+        state.encode()
+    }
+
+    fn exec(
+        &self,
+        handle: &Handle,
+        step: &StepRequest,
+        sink: &mut dyn OutputSink,
+    ) -> Result<ExecResult, RunnerError> {
+        let state = Self::state(handle)?;
+        let session = self.session_or_connect(&state)?;
+        let mut client = lock(&session.client);
+
+        if step.resume_from > 0 {
+            {
+                let mut execs = lock(&session.execs);
+                execs.entry(step.exec_id).or_insert(false);
+                client
+                    .resume(step.exec_id, step.resume_from)
+                    .map_err(|e| client_error("resuming the exec", e))?;
+            }
+            let result = follow(&mut client, step.exec_id, step.resume_from, false, sink);
+            lock(&session.execs).remove(&step.exec_id);
+            return result;
+        }
+
+        let mut env = state.environment.clone();
+        env.extend(step.environment.clone());
+        env.entry("HOME".to_owned())
+            .or_insert_with(|| state.workdir.display().to_string());
+        env.entry("PATH".to_owned()).or_insert_with(|| {
+            std::env::var("PATH")
+                .ok()
+                .filter(|p| !p.is_empty())
+                .unwrap_or_else(|| DEFAULT_PATH.to_owned())
+        });
+        env.insert("CI".to_owned(), "true".to_owned());
+        env.insert("REEL_JOB_ID".to_owned(), state.job_id.to_string());
+        let request = ExecRequest {
+            exec_id: step.exec_id,
+            argv: vec!["sh".to_owned(), "-c".to_owned(), step.command.clone()],
+            env: env.into_iter().collect(),
+            cwd: None,
+            timeout_ms: step.timeout_ms.unwrap_or(0),
+        };
+        {
+            let mut execs = lock(&session.execs);
+            if execs.remove(&step.exec_id) == Some(true) {
+                // Cancelled before it started: never run it.
+                return Ok(ExecResult::default());
+            }
+            execs.insert(step.exec_id, false);
+            client
+                .exec_start(&request)
+                .map_err(|e| client_error("starting the exec", e))?;
+        }
+        let result = follow(&mut client, step.exec_id, 0, true, sink);
+        lock(&session.execs).remove(&step.exec_id);
+        result
+    }
+
+    fn cancel(&self, handle: &Handle, exec_id: u64) -> Result<(), RunnerError> {
+        let state = Self::state(handle)?;
+        let Some(session) = self.session(&state) else {
+            return Ok(());
+        };
+        let mut execs = lock(&session.execs);
+        if let Some(cancelled) = execs.get_mut(&exec_id) {
+            *cancelled = true;
+            session
+                .canceller
+                .cancel(exec_id, CANCEL_GRACE)
+                .map_err(|e| client_error("sending Cancel", e))?;
+        }
+        Ok(())
+    }
+
+    fn drain(&self, handle: &Handle) -> Result<(), RunnerError> {
+        let state = Self::state(handle)?;
+        let Some(session) = self.session(&state) else {
+            return Ok(());
+        };
+        let mut client = lock(&session.client);
+        client
+            .drain(Duration::from_secs(30))
+            .map_err(|e| client_error("draining the agent", e))
+    }
+
+    fn poweroff(
+        &self,
+        handle: &Handle,
+        graceful: bool,
+        deadline_ms: u64,
+    ) -> Result<(), RunnerError> {
+        let state = Self::state(handle)?;
+        let start = Instant::now();
+        let deadline = start
+            .checked_add(Duration::from_millis(deadline_ms))
+            .unwrap_or(start + Duration::from_secs(86_400));
+        let agents = Self::agents(&state);
+        if graceful && !agents.is_empty() {
+            // Two thirds of the time for the agent to stop its steps and exit.
+            let budget = Duration::from_millis(deadline_ms / 3 * 2);
+            if self.agent_poweroff(&state, budget) {
+                while start.elapsed() < budget && !Self::agents(&state).is_empty() {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        lock(&self.sessions).remove(&state.key());
+        let left = Self::kill_all(&state, deadline);
+        if !left.is_empty() {
+            // SIGKILL is sent; they are on their way out, and cleanup waits for them.
+            tracing::warn!(
+                ?left,
+                sandbox = state.sandbox_id,
+                "processes of the job were SIGKILLed but not yet gone at the poweroff deadline"
+            );
+        }
+        Ok(())
+    }
+
+    fn cleanup(&self, handle: &Handle) -> Result<(), RunnerError> {
+        let state = Self::state(handle)?;
+        lock(&self.sessions).remove(&state.key());
+        let deadline = Instant::now() + CLEANUP_PATIENCE;
+        let left = Self::kill_all(&state, deadline);
+        if !left.is_empty() {
+            return Err(RunnerError::timeout(format!(
+                "processes {left:?} of the job survived SIGKILL for {CLEANUP_PATIENCE:?}"
+            )));
+        }
+        for cg in &state.cgroups {
+            // An exiting process may keep the cgroup busy for a moment.
+            loop {
+                match cg.remove() {
+                    Ok(()) => break,
+                    Err(e) if Instant::now() >= deadline => {
+                        return Err(RunnerError::failed(e.to_string()));
+                    }
+                    Err(_) => {
+                        for pid in cg.procs() {
+                            kill(pid, Signal::KILL);
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            }
+        }
+        match std::fs::remove_dir_all(&state.dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(RunnerError::failed(format!(
+                    "cannot remove {}: {e}",
+                    state.dir.display()
+                )));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn probe(&self, handle: &Handle) -> Result<Probe, RunnerError> {
+        let state = Self::state(handle)?;
+        let agents = Self::agents(&state);
+        let Some(agent) = agents.first() else {
+            let leftovers = Self::job_processes(&state);
+            let detail = match (state.agent, leftovers.is_empty()) {
+                (_, false) => format!(
+                    "the agent is gone but processes {leftovers:?} of the job remain (cleanup kills them)"
+                ),
+                (Some(a), true) => format!(
+                    "agent pid {} with start time {} is gone",
+                    a.pid, a.start_time
+                ),
+                (None, true) => "no agent is running".to_owned(),
+            };
+            return Ok(Probe {
+                alive: false,
+                reattachable: false,
+                detail,
+            });
+        };
+        let listening = UnixStream::connect(&state.socket).is_ok();
+        Ok(Probe {
+            alive: true,
+            reattachable: listening && state.session_token.is_some(),
+            detail: if listening {
+                format!(
+                    "agent pid {} is running and listening on {}",
+                    agent.pid,
+                    state.socket.display()
+                )
+            } else {
+                format!(
+                    "agent pid {} is running but {} accepts no connection",
+                    agent.pid,
+                    state.socket.display()
+                )
+            },
+        })
+    }
+
+    fn reattach(&self, handle: &Handle) -> Result<Handle, RunnerError> {
+        let mut state = Self::state(handle)?;
+        let Some(agent) = Self::agents(&state).first().copied() else {
+            return Err(RunnerError::not_found("the job's agent is not running"));
+        };
+        if state.session_token.is_none() {
+            return Err(RunnerError::not_found(
+                "the handle has no session token (prepare never completed)",
+            ));
+        }
+        state.agent = Some(agent);
+        lock(&self.sessions).remove(&state.key());
+        self.open_session(&state, CONNECT_TIMEOUT)?;
+        state.encode()
+    }
+}
+
+impl ProcessRunner {
+    fn plan_state(&self, job: &JobRequest) -> Result<JobState, RunnerError> {
+        let root = std::path::absolute(&self.settings.sandbox_root).map_err(|e| {
+            RunnerError::invalid_input(format!(
+                "sandbox root {}: {e}",
+                self.settings.sandbox_root.display()
+            ))
+        })?;
+        let dir = root.join(job.sandbox_id.to_string());
+        let socket = dir.join("agent.sock");
+        let len = socket.as_os_str().as_bytes().len();
+        if len > MAX_SOCKET_PATH {
+            return Err(RunnerError::invalid_input(format!(
+                "the agent socket path {} is {len} bytes, longer than the {MAX_SOCKET_PATH} \
+                 bytes a unix socket path may have: choose a shorter sandbox_root",
+                socket.display()
+            )));
+        }
+        let detected = cgroup::detect(
+            &self.settings.cgroup_parent,
+            &format!("sbx-{}", job.sandbox_id),
+        );
+        Ok(JobState {
+            job_id: job.job_id,
+            sandbox_id: job.sandbox_id,
+            workdir: dir.join("work"),
+            pidfile: dir.join("agent.pid"),
+            log: dir.join("agent.log"),
+            socket,
+            dir,
+            cgroups: detected.cgroups,
+            cgroup_note: detected.note,
+            memory_bytes: job.resources.memory_mib.saturating_mul(1 << 20),
+            pids_max: self.settings.pids_max,
+            environment: job.environment.clone(),
+            session_token: None,
+            agent: None,
+        })
+    }
+}

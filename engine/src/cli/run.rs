@@ -1,0 +1,510 @@
+//! `reel run FILE...`: one-shot, no daemon. Parses the job files, records each job
+//! in the state directory's log, runs them (`-j N` at a time) with their runner,
+//! streams their output, and exits with the batch's status.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+
+use reel_engine::event::{Event, JobId, Outcome};
+use reel_engine::executor::{Cancel, Executor, Observer, Report};
+use reel_engine::jobfile::{ParsedJob, parse_job_file};
+use reel_engine::log::{Durability, EventLog, LogOptions};
+use reel_engine::plugin;
+use reel_engine::secrets::{ResolvedSecrets, SecretSource};
+use reel_engine::time::format_duration_ms;
+
+/// Exit status of `reel run`: the most severe outcome of the batch.
+pub const EXIT_FAILED: u8 = 1;
+/// Bad input or an engine error: nothing ran, or the engine could not go on.
+pub const EXIT_ERROR: u8 = 2;
+/// A job (or step) ran past its timeout.
+pub const EXIT_TIMED_OUT: u8 = 3;
+/// A job was cancelled (Ctrl-C).
+pub const EXIT_CANCELLED: u8 = 4;
+
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Exit status: 0 every job succeeded; 1 a job failed; 2 bad input or an engine error;
+3 a job timed out; 4 a job was cancelled. With several jobs, the most severe wins
+(cancelled > timed out > failed).
+
+Job files are reel's YAML format or spindle-style workflows (.tangled/workflows/*.yml).
+Fields the runner cannot honour are reported as warnings, never skipped silently.
+Secrets named by a job come from REEL_SECRET_<NAME> or <NAME> in the environment, or
+from --secrets-file; their values are masked in stored and printed output.
+Ctrl-C cancels every job cleanly: running steps are stopped, sandboxes torn down.")]
+pub struct RunArgs {
+    /// Job files to run (YAML).
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Run up to N jobs at a time.
+    #[arg(short = 'j', long = "jobs", default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub parallel: u32,
+    /// Read secrets from FILE (lines NAME=value; must not be readable by group or others)
+    /// instead of the environment.
+    #[arg(long, value_name = "FILE")]
+    pub secrets_file: Option<PathBuf>,
+    /// Directory to load runner plugins from (default: beside the reel binary).
+    #[arg(long, env = "REEL_PLUGIN_DIR", value_name = "DIR")]
+    pub plugin_dir: Option<PathBuf>,
+    /// How hard each logged event is pushed to disk before reel acts on it.
+    #[arg(long, value_enum, default_value_t = Durability::Fsync)]
+    pub durability: Durability,
+    /// Who the jobs belong to (default: $USER).
+    #[arg(long, value_name = "NAME")]
+    pub owner: Option<String>,
+    /// Print only step summaries and results, not step output.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+struct Prepared {
+    file: PathBuf,
+    parsed: ParsedJob,
+    secrets: ResolvedSecrets,
+}
+
+pub fn run(state_dir: &Path, args: &RunArgs) -> Result<ExitCode> {
+    // Read and check everything before running anything.
+    let source = match &args.secrets_file {
+        Some(f) => SecretSource::from_file(f).context("cannot read the secrets file")?,
+        None => SecretSource::from_env(None),
+    };
+    let owner = args
+        .owner
+        .clone()
+        .or_else(|| std::env::var("USER").ok())
+        .or_else(|| std::env::var("LOGNAME").ok())
+        .unwrap_or_else(|| "unknown".into());
+    let mut jobs = Vec::new();
+    let mut bad = 0;
+    for file in &args.files {
+        match parse_job_file(file) {
+            Ok(mut parsed) => {
+                for w in &parsed.warnings {
+                    eprintln!("reel: warning: {w}");
+                }
+                if parsed.spec.owner.is_empty() {
+                    parsed.spec.owner = owner.clone();
+                }
+                match source.resolve(&parsed.spec.secrets) {
+                    Ok(secrets) => jobs.push(Prepared {
+                        file: file.clone(),
+                        parsed,
+                        secrets,
+                    }),
+                    Err(e) => {
+                        eprintln!("reel: {}: {e}", file.display());
+                        bad += 1;
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("reel: {e}");
+                bad += 1;
+            }
+        }
+    }
+    if bad > 0 {
+        bail!("{bad} of {} job files cannot run; nothing was started", args.files.len());
+    }
+
+    let plugin_dir = match &args.plugin_dir {
+        Some(d) => d.clone(),
+        None => plugin::default_plugin_dir().context("cannot find the directory of the reel binary")?,
+    };
+    let plugins = plugin::load_dir(&plugin_dir);
+    let log = EventLog::open(state_dir, LogOptions { durability: args.durability }).map_err(|e| {
+        anyhow::Error::new(e).context(format!("cannot open the log in {}", state_dir.display()))
+    })?;
+    let orphans = log.live_jobs()?;
+    if !orphans.is_empty() {
+        eprintln!(
+            "reel: note: {} unfinished job(s) of an engine that stopped are in {}; \
+             `reel recover` finishes them (their sandbox ids stay reserved)",
+            orphans.len(),
+            state_dir.display()
+        );
+    }
+    let executor = Arc::new(Executor::new(
+        log.clone(),
+        plugins,
+        state_dir.join("sandboxes"),
+        Default::default(),
+    )?);
+
+    // Every runner must exist and accept its job before anything is submitted.
+    for p in &jobs {
+        let spec = &p.parsed.spec;
+        if executor.plugins().get(&spec.runner).is_none() {
+            let loaded: Vec<String> = executor.plugins().plugins().map(|i| i.name.clone()).collect();
+            bail!(
+                "{}: runner `{}` is not loaded from {} (loaded: {}); see `reel plugins`",
+                p.file.display(),
+                spec.runner,
+                plugin_dir.display(),
+                if loaded.is_empty() { "none".into() } else { loaded.join(", ") }
+            );
+        }
+        let warnings = smol::block_on(executor.validate(spec))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", p.file.display()))?;
+        for w in warnings {
+            eprintln!("reel: warning: {}: {w}", p.file.display());
+        }
+    }
+
+    let printer = Arc::new(Printer::new(jobs.len() > 1 && args.parallel > 1, args.quiet));
+    let cancel = Cancel::default();
+    let started = Instant::now();
+    let results = smol::block_on(run_batch(&executor, jobs, args.parallel, &cancel, &printer))?;
+    log.close();
+
+    let mut code = 0u8;
+    for r in &results {
+        let c = match r.outcome {
+            Outcome::Succeeded => 0,
+            Outcome::Failed | Outcome::Lost => EXIT_FAILED,
+            Outcome::TimedOut => EXIT_TIMED_OUT,
+            Outcome::Cancelled => EXIT_CANCELLED,
+        };
+        code = severest(code, c);
+    }
+    if results.len() > 1 {
+        printer.batch_summary(&results, started.elapsed());
+    }
+    Ok(ExitCode::from(code))
+}
+
+fn severest(a: u8, b: u8) -> u8 {
+    let rank = |c: u8| match c {
+        EXIT_CANCELLED => 3,
+        EXIT_TIMED_OUT => 2,
+        EXIT_FAILED => 1,
+        _ => 0,
+    };
+    if rank(b) > rank(a) { b } else { a }
+}
+
+struct Finished {
+    job: JobId,
+    name: String,
+    outcome: Outcome,
+    reason: String,
+    duration: Duration,
+}
+
+async fn run_batch(
+    executor: &Arc<Executor>,
+    jobs: Vec<Prepared>,
+    parallel: u32,
+    cancel: &Cancel,
+    printer: &Arc<Printer>,
+) -> Result<Vec<Finished>> {
+    let log = executor.log();
+    // Submit every job first, so the whole batch is in the log before any runs.
+    let mut queued = Vec::new();
+    for p in jobs {
+        let id = log.submit(p.parsed.spec.clone()).await?;
+        log.append(id, Event::Queued {}).await?;
+        printer.register(id, &p.parsed.spec.name, &p.file, p.parsed.spec.steps.len());
+        queued.push((id, p));
+    }
+
+    // Ctrl-C / SIGTERM cancel the batch; the executor tears every sandbox down.
+    let signals = async_signal::Signals::new([async_signal::Signal::Int, async_signal::Signal::Term])
+        .context("cannot install the signal handler")?;
+    let watcher = {
+        let cancel = cancel.clone();
+        let printer = printer.clone();
+        smol::spawn(async move {
+            use smol::stream::StreamExt;
+            let mut signals = signals;
+            let mut count = 0;
+            while let Some(Ok(sig)) = signals.next().await {
+                count += 1;
+                let name = if sig == async_signal::Signal::Int { "SIGINT" } else { "SIGTERM" };
+                if count == 1 {
+                    printer.line(&format!("reel: {name}: cancelling; sandboxes are being torn down"));
+                    cancel.cancel(&format!("cancelled by {name}"));
+                } else {
+                    printer.line("reel: still tearing down; the log records every step, `reel recover` can finish");
+                }
+            }
+        })
+    };
+
+    // -j N: N tokens; each job takes one while it runs.
+    let (tokens_tx, tokens_rx) = async_channel::bounded::<()>(parallel as usize);
+    for _ in 0..parallel {
+        tokens_tx.send(()).await?;
+    }
+    let mut tasks = Vec::new();
+    for (id, p) in queued {
+        let executor = executor.clone();
+        let cancel = cancel.clone();
+        let printer = printer.clone();
+        let tokens_rx = tokens_rx.clone();
+        let tokens_tx = tokens_tx.clone();
+        tasks.push(smol::spawn(async move {
+            let spec = &p.parsed.spec;
+            let started = Instant::now();
+            let token = smol::future::or(async { tokens_rx.recv().await.ok() }, async {
+                cancel.cancelled().await;
+                None
+            })
+            .await;
+            let result = if token.is_none() || cancel.reason().is_some() {
+                let reason = cancel.reason().unwrap_or_else(|| "cancelled".into());
+                executor
+                    .end_unstarted(id, Outcome::Cancelled, &reason)
+                    .await
+                    .map(|()| Outcome::Cancelled)
+                    .map_err(anyhow::Error::new)
+            } else {
+                printer.job_header(id);
+                executor
+                    .run(id, spec, &p.secrets, &cancel, printer.as_ref())
+                    .await
+                    .map_err(anyhow::Error::new)
+            };
+            if token.is_some() {
+                let _ = tokens_tx.send(()).await;
+            }
+            let outcome = match &result {
+                Ok(o) => *o,
+                Err(e) => {
+                    printer.line(&format!("reel: job {id}: {}", crate::cli::chain(e)));
+                    Outcome::Failed
+                }
+            };
+            let reason = executor
+                .log()
+                .fold(id)
+                .ok()
+                .and_then(|s| s.reason)
+                .unwrap_or_default();
+            (
+                result.is_err(),
+                Finished {
+                    job: id,
+                    name: spec.name.clone(),
+                    outcome,
+                    reason,
+                    duration: started.elapsed(),
+                },
+            )
+        }));
+    }
+    let mut results = Vec::new();
+    let mut engine_error = false;
+    for t in tasks {
+        let (err, f) = t.await;
+        engine_error |= err;
+        results.push(f);
+    }
+    drop(watcher);
+    if engine_error {
+        bail!("the engine could not finish every job; see above");
+    }
+    Ok(results)
+}
+
+/// Prints reports: step headers, live output (line-prefixed when several jobs
+/// run at once), step and job summaries.
+struct Printer {
+    prefixed: bool,
+    quiet: bool,
+    inner: Mutex<PrinterState>,
+}
+
+#[derive(Default)]
+struct PrinterState {
+    jobs: HashMap<JobId, JobInfo>,
+    /// Partial output lines per (job, step), held until their newline.
+    partial: HashMap<(JobId, u32), Vec<u8>>,
+}
+
+struct JobInfo {
+    name: String,
+    file: PathBuf,
+    steps: usize,
+}
+
+impl Printer {
+    fn new(prefixed: bool, quiet: bool) -> Printer {
+        Printer {
+            prefixed,
+            quiet,
+            inner: Mutex::new(PrinterState::default()),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, PrinterState> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn register(&self, job: JobId, name: &str, file: &Path, steps: usize) {
+        self.state().jobs.insert(
+            job,
+            JobInfo {
+                name: name.to_string(),
+                file: file.to_path_buf(),
+                steps,
+            },
+        );
+    }
+
+    fn line(&self, s: &str) {
+        let _guard = self.state();
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{s}");
+        let _ = out.flush();
+    }
+
+    fn tag(&self, st: &PrinterState, job: JobId) -> String {
+        if !self.prefixed {
+            return String::new();
+        }
+        let name = st.jobs.get(&job).map_or("?", |j| j.name.as_str());
+        format!("{name}#{job} | ")
+    }
+
+    fn job_header(&self, job: JobId) {
+        let st = self.state();
+        if let Some(j) = st.jobs.get(&job) {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(
+                out,
+                "==> job {job} {:?} ({}): {} step{}",
+                j.name,
+                j.file.display(),
+                j.steps,
+                if j.steps == 1 { "" } else { "s" }
+            );
+            let _ = out.flush();
+        }
+    }
+
+    fn batch_summary(&self, results: &[Finished], took: Duration) {
+        let count = |o: Outcome| results.iter().filter(|r| r.outcome == o).count();
+        let mut parts = Vec::new();
+        for o in [Outcome::Succeeded, Outcome::Failed, Outcome::TimedOut, Outcome::Cancelled, Outcome::Lost] {
+            let n = count(o);
+            if n > 0 {
+                parts.push(format!("{n} {}", o.as_str().replace('_', " ")));
+            }
+        }
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(
+            out,
+            "\nbatch: {} jobs in {}: {}",
+            results.len(),
+            format_duration_ms(took.as_millis() as u64),
+            parts.join(", ")
+        );
+        for r in results {
+            let _ = writeln!(
+                out,
+                "  job {:<5} {:<24} {:<10} {:>8}  {}",
+                r.job,
+                r.name,
+                r.outcome.as_str(),
+                format_duration_ms(r.duration.as_millis() as u64),
+                r.reason
+            );
+        }
+    }
+}
+
+impl Observer for Printer {
+    fn report(&self, report: Report<'_>) {
+        let mut st = self.state();
+        let mut out = std::io::stdout().lock();
+        match report {
+            Report::Started { .. } => {}
+            Report::StepStarted { job, index, name } => {
+                let total = st.jobs.get(&job).map_or(0, |j| j.steps);
+                let tag = self.tag(&st, job);
+                let _ = writeln!(out, "{tag}--> step {}/{total} {name:?}", index + 1);
+            }
+            Report::Output {
+                job, index, bytes, ..
+            } => {
+                if self.quiet {
+                    return;
+                }
+                if !self.prefixed {
+                    let _ = out.write_all(bytes);
+                } else {
+                    let tag = self.tag(&st, job);
+                    let buf = st.partial.entry((job, index)).or_default();
+                    buf.extend_from_slice(bytes);
+                    while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = buf.drain(..=nl).collect();
+                        let _ = out.write_all(tag.as_bytes());
+                        let _ = out.write_all(&line);
+                    }
+                }
+            }
+            Report::StepFinished {
+                job,
+                index,
+                name,
+                exit_code,
+                signal,
+                timed_out,
+                duration,
+                bytes,
+            } => {
+                let tag = self.tag(&st, job);
+                if let Some(rest) = st.partial.remove(&(job, index)).filter(|r| !r.is_empty()) {
+                    let _ = out.write_all(tag.as_bytes());
+                    let _ = out.write_all(&rest);
+                    let _ = writeln!(out);
+                }
+                let total = st.jobs.get(&job).map_or(0, |j| j.steps);
+                let how = if timed_out {
+                    "timed out".to_string()
+                } else if let Some(s) = signal {
+                    format!("killed by signal {s}")
+                } else {
+                    format!("exit {}", exit_code.map_or("?".into(), |c| c.to_string()))
+                };
+                let _ = writeln!(
+                    out,
+                    "{tag}<-- step {}/{total} {name:?}: {how} in {}, {bytes} bytes of output",
+                    index + 1,
+                    format_duration_ms(duration.as_millis() as u64)
+                );
+            }
+            Report::Notice { job, message } => {
+                let tag = self.tag(&st, job);
+                let _ = writeln!(out, "{tag}reel: note: {message}");
+            }
+            Report::Finished {
+                job,
+                outcome,
+                reason,
+                duration,
+            } => {
+                let name = st.jobs.get(&job).map_or("?", |j| j.name.as_str()).to_string();
+                let _ = writeln!(
+                    out,
+                    "==> job {job} {name:?}: {} in {}{}",
+                    outcome.as_str().replace('_', " "),
+                    format_duration_ms(duration.as_millis() as u64),
+                    if reason.is_empty() { String::new() } else { format!(": {reason}") }
+                );
+            }
+        }
+        let _ = out.flush();
+    }
+}

@@ -1,0 +1,281 @@
+//! `reel run` end to end: the real binary, the process runner plugin and the agent.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use reel_tests::{processes_under, reel, target_dir, text, workspace_root};
+use serde_json::Value;
+
+fn write(dir: &Path, name: &str, body: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, body).unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+fn json(out: &std::process::Output) -> Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {} / {}", text(&out.stdout), text(&out.stderr)))
+}
+
+fn event_names(state: &Path, job: u32) -> Vec<String> {
+    let v = json(&reel(state, &["replay", &job.to_string(), "--json"], &[]));
+    v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Nothing of the job is left: no process, no sandbox directory.
+fn assert_nothing_left(state: &Path) {
+    let root = state.join("sandboxes");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let procs = processes_under(&root);
+        if procs.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "processes of the job remain: {procs:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let left: Vec<_> = std::fs::read_dir(&root)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "sandbox directories remain: {left:?}");
+}
+
+#[test]
+fn hello_runs_end_to_end_and_every_lifecycle_event_is_in_the_log() {
+    let state = tempfile::tempdir().unwrap();
+    let out = reel(state.path(), &["run", "examples/hello.yml"], &[]);
+    assert!(out.status.success(), "{} / {}", text(&out.stdout), text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("Hello from reel"), "{stdout}");
+    assert!(stdout.contains("succeeded"), "{stdout}");
+    let names = event_names(state.path(), 1);
+    let expected = [
+        "Submitted",
+        "Queued",
+        "SlotGranted",
+        "CidAllocated",
+        "SandboxPlanned",
+        "WorkDirCreated",
+        "VolumesFormatted",
+        "BootRequested",
+        "VmBooted",
+        "AgentConnected",
+        "StepStarted",
+        "StepFinished",
+        "StepStarted",
+        "StepFinished",
+        "StepStarted",
+        "StepFinished",
+        "TeardownStarted",
+        "Drained",
+        "PoweredOff",
+        "CleanupStarted",
+        "Cleaned",
+        "Succeeded",
+    ];
+    let filtered: Vec<&str> = names
+        .iter()
+        .map(String::as_str)
+        .filter(|n| *n != "RunnerNotice")
+        .collect();
+    assert_eq!(filtered, expected);
+    assert_nothing_left(state.path());
+}
+
+#[test]
+fn output_read_back_from_the_log_is_byte_exact() {
+    let state = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    // 20 MiB of a repeating pattern, then invalid UTF-8 on stdout and stderr.
+    let job = write(
+        files.path(),
+        "big.yml",
+        "name: big\nsteps:\n  - name: lots\n    command: |\n      yes 0123456789abcdef | head -c 20971520\n      printf '\\377\\376\\n'\n      printf 'err\\200\\n' >&2\n",
+    );
+    let out = reel(state.path(), &["run", "-q", &job], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stored = reel(state.path(), &["output", "1"], &[]);
+    assert!(stored.status.success());
+    let mut expected: Vec<u8> = b"0123456789abcdef\n".iter().copied().cycle().take(20 * 1024 * 1024).collect();
+    expected.extend_from_slice(b"\xff\xfe\n");
+    let (body, tail) = stored.stdout.split_at(expected.len());
+    assert!(body == expected.as_slice(), "the first 20 MiB differ");
+    assert_eq!(tail, b"err\x80\n");
+    assert_nothing_left(state.path());
+}
+
+#[test]
+fn a_failing_step_ends_the_job_failed_after_a_logged_teardown() {
+    let state = tempfile::tempdir().unwrap();
+    let out = reel(state.path(), &["run", "examples/failing.yml"], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let stdout = text(&out.stdout);
+    assert!(!stdout.contains("step 3 is never reached"), "{stdout}");
+    let names = event_names(state.path(), 1);
+    assert_eq!(names.iter().filter(|n| *n == "StepStarted").count(), 2);
+    let tail: Vec<&str> = names.iter().rev().take(6).rev().map(String::as_str).collect();
+    assert_eq!(
+        tail,
+        ["TeardownStarted", "Drained", "PoweredOff", "CleanupStarted", "Cleaned", "Failed"]
+    );
+    let inspect = json(&reel(state.path(), &["inspect", "1", "--json"], &[]));
+    assert_eq!(inspect["steps"][1]["exit_code"], 3);
+    assert!(inspect["reason"].as_str().unwrap().contains("exited with code 3"));
+    assert_nothing_left(state.path());
+}
+
+#[test]
+fn a_step_timeout_kills_the_step_and_the_job_times_out() {
+    let state = tempfile::tempdir().unwrap();
+    let began = Instant::now();
+    let out = reel(state.path(), &["run", "examples/timeout.yml"], &[]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stdout));
+    assert!(began.elapsed() < Duration::from_secs(20), "took {:?}", began.elapsed());
+    let names = event_names(state.path(), 1);
+    assert_eq!(names.last().map(String::as_str), Some("TimedOut"));
+    let inspect = json(&reel(state.path(), &["inspect", "1", "--json"], &[]));
+    assert_eq!(inspect["steps"][0]["timed_out"], true);
+    assert_nothing_left(state.path());
+}
+
+#[test]
+fn a_secret_value_appears_nowhere_under_the_state_directory() {
+    let state = tempfile::tempdir().unwrap();
+    let secret = "s3cr3t-0f-the-test-4242";
+    let out = reel(
+        state.path(),
+        &["run", "examples/secret.yml"],
+        &[("REEL_SECRET_REEL_DEMO_TOKEN", secret)],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!text(&out.stdout).contains(secret));
+    assert!(text(&out.stdout).contains("the token is: ***"), "{}", text(&out.stdout));
+    let stored = reel(state.path(), &["output", "1"], &[]);
+    assert!(text(&stored.stdout).contains("***"));
+    for entry in walk(state.path()) {
+        let bytes = std::fs::read(&entry).unwrap_or_default();
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "the secret is in {}",
+            entry.display()
+        );
+    }
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_real_spindle_workflow_runs_and_missing_tools_fail_like_a_shell() {
+    let state = tempfile::tempdir().unwrap();
+    let wf = workspace_root().join("engine/tests/data/jobfiles/spindle/tangled-core-test.yml");
+    let out = reel(state.path(), &["run", wf.to_str().unwrap()], &[]);
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("warning"), "spindle fields are warned about: {stderr}");
+    // Its first step (mkdir/touch) works; `go` is not on this machine.
+    let stdout = text(&out.stdout);
+    if Command::new("sh").args(["-c", "command -v go"]).output().unwrap().status.success() {
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("go: not found"), "{stdout}");
+    let inspect = json(&reel(state.path(), &["inspect", "1", "--json"], &[]));
+    assert_eq!(inspect["steps"][0]["exit_code"], 0);
+    assert_eq!(inspect["steps"][1]["exit_code"], 127);
+    assert_nothing_left(state.path());
+}
+
+#[test]
+fn a_batch_runs_in_parallel_with_prefixed_output_and_a_summary() {
+    let state = tempfile::tempdir().unwrap();
+    let out = reel(
+        state.path(),
+        &["run", "-j", "2", "examples/hello.yml", "examples/failing.yml", "examples/spindle.yml"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("hello#1 | Hello from reel"), "{stdout}");
+    assert!(stdout.contains("batch: 3 jobs"), "{stdout}");
+    assert!(stdout.contains("1 failed"), "{stdout}");
+    let jobs = json(&reel(state.path(), &["jobs", "--json"], &[]));
+    assert_eq!(jobs.as_array().unwrap().len(), 3);
+    assert_nothing_left(state.path());
+}
+
+#[test]
+fn ctrl_c_cancels_the_job_and_cleans_the_sandbox() {
+    let state = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let job = write(
+        files.path(),
+        "slow.yml",
+        "name: slow\nsteps:\n  - name: wait\n    command: echo started; sleep 60\n  - name: after\n    command: echo never\n",
+    );
+    let mut child = Command::new(target_dir().join("reel"))
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["run", &job])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the step runs, then interrupt like a terminal would.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !text(&seen).contains("started") {
+        assert!(Instant::now() < deadline, "the step never started: {}", text(&seen));
+        let mut buf = [0u8; 256];
+        let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
+        assert!(n > 0, "reel exited early: {}", text(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::INT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(4));
+    let names = event_names(state.path(), 1);
+    assert_eq!(names.last().map(String::as_str), Some("Cancelled"));
+    assert!(names.contains(&"Cleaned".to_string()));
+    assert_eq!(names.iter().filter(|n| *n == "StepStarted").count(), 1);
+    assert_nothing_left(state.path());
+}
+
+#[test]
+fn bad_input_is_refused_before_anything_runs() {
+    let state = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let bad = write(files.path(), "bad.yml", "name: x\nsteps:\n  - name: a\n    comand: true\n");
+    let out = reel(state.path(), &["run", "examples/hello.yml", &bad], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("bad.yml:4:5"), "{stderr}");
+    assert!(stderr.contains("nothing was started"), "{stderr}");
+    // No job was recorded.
+    assert!(!state.path().join("log").exists() || json(&reel(state.path(), &["jobs", "--json"], &[])).as_array().unwrap().is_empty());
+    let missing = reel(state.path(), &["run", "examples/secret.yml"], &[]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(text(&missing.stderr).contains("REEL_DEMO_TOKEN"), "{}", text(&missing.stderr));
+}
