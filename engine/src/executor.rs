@@ -200,7 +200,9 @@ pub struct Executor {
 
 impl std::fmt::Debug for Executor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Executor").field("sandbox_root", &self.sandbox_root).finish()
+        f.debug_struct("Executor")
+            .field("sandbox_root", &self.sandbox_root)
+            .finish()
     }
 }
 
@@ -227,7 +229,12 @@ impl Executor {
     /// An executor over `log`, with runners from `plugins`, keeping sandboxes under
     /// `sandbox_root`. Every sandbox id a live job holds (including jobs of an
     /// engine that died) stays reserved.
-    pub fn new(log: EventLog, plugins: PluginSet, sandbox_root: PathBuf, options: BTreeMap<String, String>) -> Result<Executor, LogError> {
+    pub fn new(
+        log: EventLog,
+        plugins: PluginSet,
+        sandbox_root: PathBuf,
+        options: BTreeMap<String, String>,
+    ) -> Result<Executor, LogError> {
         let mut leases = BTreeSet::new();
         for job in log.live_jobs()? {
             if let Some(cid) = log.live_state(job).and_then(|s| s.cid) {
@@ -308,11 +315,24 @@ impl Executor {
     }
 
     /// Ends a job that never got a sandbox (cancelled while queued).
-    pub async fn end_unstarted(&self, job: JobId, outcome: Outcome, reason: &str) -> Result<(), LogError> {
+    pub async fn end_unstarted(
+        &self,
+        job: JobId,
+        outcome: Outcome,
+        reason: &str,
+    ) -> Result<(), LogError> {
         self.log
-            .append(job, Event::TeardownStarted { outcome, reason: reason.to_string() })
+            .append(
+                job,
+                Event::TeardownStarted {
+                    outcome,
+                    reason: reason.to_string(),
+                },
+            )
             .await?;
-        self.log.append(job, Event::terminal(outcome, reason.to_string())).await?;
+        self.log
+            .append(job, Event::terminal(outcome, reason.to_string()))
+            .await?;
         Ok(())
     }
 
@@ -327,7 +347,9 @@ impl Executor {
         observer: &dyn Observer,
     ) -> Result<Outcome, ExecError> {
         let started = Instant::now();
-        let deadline = spec.timeout_ms.map(|ms| started + Duration::from_millis(ms));
+        let deadline = spec
+            .timeout_ms
+            .map(|ms| started + Duration::from_millis(ms));
         let mut run = JobRun {
             ex: self,
             job,
@@ -388,7 +410,10 @@ impl JobRun<'_> {
     }
 
     fn notice(&self, message: &str) {
-        self.observer.report(Report::Notice { job: self.job, message });
+        self.observer.report(Report::Notice {
+            job: self.job,
+            message,
+        });
     }
 
     fn stop_reason(&self, deadline: Option<Instant>) -> Option<(Outcome, String)> {
@@ -398,18 +423,27 @@ impl JobRun<'_> {
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Some((
                 Outcome::TimedOut,
-                format!("the job ran past its timeout of {}", fmt_ms(self.spec.timeout_ms.unwrap_or(0))),
+                format!(
+                    "the job ran past its timeout of {}",
+                    fmt_ms(self.spec.timeout_ms.unwrap_or(0))
+                ),
             ));
         }
         None
     }
 
     /// Sets up the sandbox and runs the steps; returns the decided outcome.
-    async fn setup_and_steps(&mut self, secrets: &ResolvedSecrets, deadline: Option<Instant>) -> Result<(Outcome, String), Abort> {
-        let runner = self
-            .ex
-            .runner(&self.spec.runner)
-            .map_err(|source| Abort::Runner(ExecError::Runner { job: self.job, source }))?;
+    async fn setup_and_steps(
+        &mut self,
+        secrets: &ResolvedSecrets,
+        deadline: Option<Instant>,
+    ) -> Result<(Outcome, String), Abort> {
+        let runner = self.ex.runner(&self.spec.runner).map_err(|source| {
+            Abort::Runner(ExecError::Runner {
+                job: self.job,
+                source,
+            })
+        })?;
         self.append(Event::SlotGranted {}).await?;
         if let Some(stop) = self.stop_reason(deadline) {
             return Ok(stop);
@@ -452,7 +486,8 @@ impl JobRun<'_> {
             match i {
                 0 => {
                     self.append(Event::WorkDirCreated { handle: h }).await?;
-                    self.append(Event::VolumesFormatted { volumes: vec![] }).await?;
+                    self.append(Event::VolumesFormatted { volumes: vec![] })
+                        .await?;
                 }
                 1 => self.append(Event::VmBooted { handle: h }).await?,
                 _ => self.append(Event::AgentConnected { handle: h }).await?,
@@ -492,7 +527,8 @@ impl JobRun<'_> {
                 resume_from: 0,
             };
             let began = Instant::now();
-            let (result, stored, stopped_by) = self.exec_step(&runner, req, &masker, deadline).await?;
+            let (result, stored, stopped_by) =
+                self.exec_step(&runner, req, &masker, deadline).await?;
             let (exit_code, signal, timed_out) = match &result {
                 Ok(r) => (r.exit_code, r.signal, r.timed_out),
                 Err(_) => (None, None, false),
@@ -524,7 +560,10 @@ impl JobRun<'_> {
                 Ok(r) if r.timed_out => {
                     return Ok((
                         Outcome::TimedOut,
-                        format!("{label} ran past its timeout of {}", fmt_ms(step.timeout_ms.unwrap_or(0))),
+                        format!(
+                            "{label} ran past its timeout of {}",
+                            fmt_ms(step.timeout_ms.unwrap_or(0))
+                        ),
                     ));
                 }
                 Ok(r) if r.exit_code != Some(0) => {
@@ -550,12 +589,20 @@ impl JobRun<'_> {
         req: plugin::StepRequest,
         masker: &Masker,
         deadline: Option<Instant>,
-    ) -> Result<(Result<plugin::ExecResult, RunnerError>, u64, Option<(Outcome, String)>), LogError> {
+    ) -> Result<
+        (
+            Result<plugin::ExecResult, RunnerError>,
+            u64,
+            Option<(Outcome, String)>,
+        ),
+        LogError,
+    > {
         let handle = to_sdk(self.handle.as_ref().unwrap_or(&Handle::default()));
         let (index, exec_id) = (req.index, req.exec_id);
         // Chunks go from the runner's thread to this task; the runner's sink
         // waits for each chunk to be durable before it returns.
-        let (chunk_tx, chunk_rx) = async_channel::bounded::<(Stream, Vec<u8>, async_channel::Sender<()>)>(1);
+        let (chunk_tx, chunk_rx) =
+            async_channel::bounded::<(Stream, Vec<u8>, async_channel::Sender<()>)>(1);
         let exec = {
             let handle = handle.clone();
             let runner = runner.clone();
@@ -589,7 +636,10 @@ impl JobRun<'_> {
                             }
                             None => std::future::pending::<()>().await,
                         }
-                        (Outcome::TimedOut, format!("the job ran past its timeout of {}", fmt_ms(timeout_ms)))
+                        (
+                            Outcome::TimedOut,
+                            format!("the job ran past its timeout of {}", fmt_ms(timeout_ms)),
+                        )
                     },
                 )
                 .await;
@@ -608,7 +658,12 @@ impl JobRun<'_> {
             last_stream = stream;
             let masked = stream_masker.push(&bytes);
             if failure.is_none() && !masked.is_empty() {
-                match self.ex.log.append_output(self.job, index, stored, stream, masked.clone()).await {
+                match self
+                    .ex
+                    .log
+                    .append_output(self.job, index, stored, stream, masked.clone())
+                    .await
+                {
                     Ok(end) => {
                         stored = end;
                         self.observer.report(Report::Output {
@@ -630,7 +685,11 @@ impl JobRun<'_> {
         }
         let tail = stream_masker.finish();
         if !tail.is_empty() {
-            stored = self.ex.log.append_output(self.job, index, stored, last_stream, tail.clone()).await?;
+            stored = self
+                .ex
+                .log
+                .append_output(self.job, index, stored, last_stream, tail.clone())
+                .await?;
             self.observer.report(Report::Output {
                 job: self.job,
                 index,
@@ -645,7 +704,11 @@ impl JobRun<'_> {
     /// Records the decision and tears down what the log says exists.
     async fn teardown(&mut self, outcome: Outcome, reason: &str) -> Result<(), ExecError> {
         let before = self.phase;
-        self.append(Event::TeardownStarted { outcome, reason: reason.to_string() }).await?;
+        self.append(Event::TeardownStarted {
+            outcome,
+            reason: reason.to_string(),
+        })
+        .await?;
         let runner = self.ex.runner(&self.spec.runner).ok();
         let handle = self.handle.clone();
         if let (Some(runner), Some(handle)) = (runner, handle) {
@@ -661,9 +724,15 @@ impl JobRun<'_> {
                     }
                 }
             }
-            if matches!(before, Phase::Booting | Phase::Booted | Phase::Connected | Phase::Running) {
+            if matches!(
+                before,
+                Phase::Booting | Phase::Booted | Phase::Connected | Phase::Running
+            ) {
                 let hh = h.clone();
-                match runner.unblock(move |r| r.poweroff(&hh, true, POWEROFF_DEADLINE_MS)).await {
+                match runner
+                    .unblock(move |r| r.poweroff(&hh, true, POWEROFF_DEADLINE_MS))
+                    .await
+                {
                     Ok(()) => self.append(Event::PoweredOff {}).await?,
                     Err(e) => {
                         // Cleanup kills whatever is left; say why poweroff did not.
@@ -694,7 +763,10 @@ impl JobRun<'_> {
                         message: format!("cleanup failed: {message}"),
                     })
                     .await?;
-                    return Err(ExecError::CleanupFailed { job: self.job, message });
+                    return Err(ExecError::CleanupFailed {
+                        job: self.job,
+                        message,
+                    });
                 }
                 self.append(Event::Cleaned {}).await?;
             }
@@ -706,14 +778,18 @@ impl JobRun<'_> {
         if let Some(cid) = self.cid.take() {
             self.ex.release(cid);
         }
-        self.append(Event::terminal(outcome, reason.to_string())).await?;
+        self.append(Event::terminal(outcome, reason.to_string()))
+            .await?;
         Ok(())
     }
 }
 
 /// The human-readable names of what a sandbox may hold, for the intent event.
 fn describe_resources(sandbox_root: &std::path::Path, cid: u32) -> Vec<String> {
-    vec![format!("sandbox {} (workdir, agent, cgroup)", sandbox_root.join(cid.to_string()).display())]
+    vec![format!(
+        "sandbox {} (workdir, agent, cgroup)",
+        sandbox_root.join(cid.to_string()).display()
+    )]
 }
 
 /// `2s`, `1m30s`.
@@ -734,7 +810,11 @@ impl plugin::OutputSink for DurableSink {
             plugin::Stream::Stderr => Stream::Stderr,
         };
         let (done_tx, done_rx) = async_channel::bounded(1);
-        if self.tx.send_blocking((stream, bytes.to_vec(), done_tx)).is_ok() {
+        if self
+            .tx
+            .send_blocking((stream, bytes.to_vec(), done_tx))
+            .is_ok()
+        {
             let _ = done_rx.recv_blocking();
         }
     }

@@ -17,7 +17,8 @@
 //!           crc32c covers everything from the magic to the envelope
 //! ```
 //!
-//! The envelope is byte-for-byte the value stored in sled's `events` tree.
+//! The envelope is byte-for-byte the value stored in sled's `events` tree. A
+//! frame with job 0 and an empty envelope is a commit marker (see [`marker`]).
 //! A frame that fails its CRC is skipped by scanning forward for the next magic
 //! whose frame checks out, so one bad frame never hides the frames after it.
 
@@ -47,6 +48,14 @@ pub fn frame(job: JobId, seq: Seq, envelope: &[u8]) -> Vec<u8> {
     let crc = crc32c::crc32c(&out);
     out.extend_from_slice(&crc.to_be_bytes());
     out
+}
+
+/// A commit marker: a frame with job 0 (never a job id) and no envelope. The
+/// writer puts one after each acknowledged round (piggy-backed on the next
+/// round's write, or written on close), so every event frame before a marker
+/// was acknowledged to its caller.
+pub fn marker() -> Vec<u8> {
+    frame(0, 0, &[])
 }
 
 /// One frame read back.
@@ -177,6 +186,11 @@ impl Journal {
     /// Cuts the file at `len` (dropping a torn tail nobody was told about).
     pub fn truncate(&self, len: u64) -> std::io::Result<()> {
         self.file.set_len(len)
+    }
+
+    /// Waits for `fdatasync` of the file.
+    pub fn sync(&self) -> std::io::Result<()> {
+        self.file.sync_data()
     }
 
     /// Writes `bytes` at `offset` and, if `sync`, waits for `fdatasync`.

@@ -38,8 +38,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use serde::{Deserialize, Serialize};
-use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use crate::codec::{self, DecodeError};
 use crate::event::{Event, JobId, Outcome, Record, Seq};
@@ -197,6 +195,11 @@ pub struct OutputChunk {
 }
 
 /// What `reel jobs` lists, kept per job in the `jobs` tree.
+///
+/// Written twice in a job's life: when it is submitted and when it ends (so the
+/// hot path of an append writes one key, not two). For a live job the `phase`
+/// and `last_seq` here are as of submission; its current state is the fold of
+/// its events, which listing tools compute for the (few) live jobs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobSummary {
     /// The job.
@@ -479,6 +482,7 @@ impl EventLog {
             journal: journal.clone(),
             journal_end,
             sync_journal: options.durability == Durability::Fsync,
+            marker_due: false,
         };
         let handle = std::thread::Builder::new()
             .name("reel-log-writer".into())
@@ -561,6 +565,7 @@ impl EventLog {
         let mut good_copies = HashMap::new();
         for item in journal::parse(&bytes, 0) {
             match item {
+                journal::Item::Frame { job: 0, .. } => {}
                 journal::Item::Frame {
                     job, seq, envelope, ..
                 } => {
@@ -953,10 +958,17 @@ fn reconcile(t: &Trees, journal: &Journal) -> Result<(u64, Vec<Repair>), LogErro
     let items = journal::parse(&tail, checkpoint);
     let mut end = checkpoint;
     let mut restored: BTreeMap<JobId, Vec<Seq>> = BTreeMap::new();
-    let mut first_lost = None;
+    let mut touched: std::collections::BTreeSet<JobId> = std::collections::BTreeSet::new();
+    let mut first_lost: Option<(JobId, Seq, u64)> = None;
+    let mut acked_upto = 0u64;
     let mut batch = sled::Batch::default();
     for (i, item) in items.iter().enumerate() {
         match item {
+            journal::Item::Frame { offset, job: 0, .. } => {
+                // A commit marker: every frame before it was acknowledged.
+                end = offset + journal::marker().len() as u64;
+                acked_upto = *offset;
+            }
             journal::Item::Frame {
                 offset,
                 job,
@@ -964,8 +976,11 @@ fn reconcile(t: &Trees, journal: &Journal) -> Result<(u64, Vec<Repair>), LogErro
                 envelope,
             } => {
                 end = offset + journal::frame(*job, *seq, envelope).len() as u64;
+                touched.insert(*job);
                 if t.events.get(event_key(*job, *seq))?.is_none() {
-                    first_lost.get_or_insert((*job, *seq));
+                    if first_lost.is_none() {
+                        first_lost = Some((*job, *seq, *offset));
+                    }
                     batch.insert(&event_key(*job, *seq), envelope.as_slice());
                     restored.entry(*job).or_default().push(*seq);
                 }
@@ -993,7 +1008,11 @@ fn reconcile(t: &Trees, journal: &Journal) -> Result<(u64, Vec<Repair>), LogErro
             }),
         }
     }
-    if let Some((job, seq)) = first_lost {
+    // A crash in the middle of a round leaves events the journal has and sled
+    // lacks, all after the last commit marker. A lost event *before* a marker
+    // was acknowledged: sled lost it (a torn or damaged store).
+    let torn = first_lost.is_some_and(|(_, _, offset)| offset < acked_upto);
+    if let (Some((job, seq, _)), true) = (first_lost, torn) {
         let total: usize = restored.values().map(Vec::len).sum();
         repairs.push(Repair {
             job: Some(job),
@@ -1005,32 +1024,66 @@ fn reconcile(t: &Trees, journal: &Journal) -> Result<(u64, Vec<Repair>), LogErro
     }
     if !restored.is_empty() {
         t.events.apply_batch(batch)?;
-        let mut next_job = t
-            .meta
-            .get("next_job")?
-            .and_then(|v| be_u64(&v))
-            .unwrap_or(1);
-        for (job, seqs) in &restored {
-            let state = fold_from(&t.events, *job)?;
-            t.jobs
-                .insert(job.to_be_bytes(), JobSummary::of(&state).encode())?;
-            if state.is_terminal() {
-                t.live.remove(job.to_be_bytes())?;
-            } else {
-                t.live.insert(job.to_be_bytes(), &[])?;
-            }
-            next_job = next_job.max(job + 1);
-            repairs.push(Repair {
-                job: Some(*job),
-                message: format!(
+    }
+    for (job, seqs) in &restored {
+        repairs.push(Repair {
+            job: Some(*job),
+            message: if torn {
+                format!(
                     "job {job} seq {}: restored from the journal; the sled store had lost {} (torn or corrupt on disk)",
                     ranges(seqs),
                     if seqs.len() == 1 { "it" } else { "them" }
-                ),
-            });
-        }
-        t.meta.insert("next_job", &next_job.to_be_bytes())?;
+                )
+            } else {
+                format!(
+                    "job {job} seq {}: completed from the journal (the engine stopped in the middle of writing it)",
+                    ranges(seqs)
+                )
+            },
+        });
     }
+    // Jobs the last rounds touched, and any job sled holds events of beyond the
+    // recorded id counter: rebuild their summaries and live-set membership,
+    // which a crash between the per-tree batches may have left behind.
+    let mut next_job = t
+        .meta
+        .get("next_job")?
+        .and_then(|v| be_u64(&v))
+        .unwrap_or(1);
+    for item in t.events.range(event_key(next_job, 0)..) {
+        let (k, _) = item?;
+        if let Some(job) = be_u64(&k) {
+            touched.insert(job);
+        }
+    }
+    for job in &touched {
+        let state = match fold_from(&t.events, *job) {
+            Ok(s) => s,
+            Err(e) => {
+                repairs.push(Repair {
+                    job: Some(*job),
+                    message: format!("job {job}: cannot rebuild its summary: {e}"),
+                });
+                continue;
+            }
+        };
+        let stale = t
+            .jobs
+            .get(job.to_be_bytes())?
+            .and_then(|v| JobSummary::decode(&v).ok())
+            .is_none_or(|old| old.finished_ms.is_none() && state.is_terminal());
+        if stale || restored.contains_key(job) {
+            t.jobs
+                .insert(job.to_be_bytes(), JobSummary::of(&state).encode())?;
+        }
+        if state.is_terminal() {
+            t.live.remove(job.to_be_bytes())?;
+        } else {
+            t.live.insert(job.to_be_bytes(), &[])?;
+        }
+        next_job = next_job.max(job + 1);
+    }
+    t.meta.insert("next_job", &next_job.to_be_bytes())?;
     t.meta.insert("journal_end", &end.to_be_bytes())?;
     t.db.flush()?;
     Ok((end, repairs))
@@ -1159,13 +1212,18 @@ struct Writer {
     /// Where the next journal frame goes.
     journal_end: u64,
     sync_journal: bool,
+    /// The last round was acknowledged and its commit marker is not written yet.
+    marker_due: bool,
 }
 
 /// One round's writes, grouped per tree.
 #[derive(Default)]
 struct Round {
     events: sled::Batch,
-    jobs: BTreeMap<JobId, Vec<u8>>,
+    /// Jobs submitted this round (their first summary is written at commit).
+    submitted: Vec<JobId>,
+    /// Final summaries of jobs that ended this round.
+    ended: BTreeMap<JobId, Vec<u8>>,
     live_add: Vec<JobId>,
     live_remove: Vec<JobId>,
     output: sled::Batch,
@@ -1206,23 +1264,21 @@ impl Writer {
     async fn run(mut self) {
         while let Ok(first) = self.rx.recv().await {
             let mut round = Round::default();
-            // Jobs touched this round, with the state before the round, so a
-            // failed commit can put memory back the way the disk is.
-            let mut touched: HashMap<JobId, Option<JobState>> = HashMap::new();
-            self.take(first, &mut round, &mut touched);
+            self.take(first, &mut round);
             while round.replies.len() < MAX_BATCH && round.output_bytes < MAX_BATCH_BYTES {
                 match self.rx.try_recv() {
-                    Ok(req) => self.take(req, &mut round, &mut touched),
+                    Ok(req) => self.take(req, &mut round),
                     Err(_) => break,
                 }
             }
             if round.replies.is_empty() {
                 continue;
             }
-            if let Err(e) = self.commit(&round).await {
+            let replies = std::mem::take(&mut round.replies);
+            if let Err(e) = self.commit(round).await {
                 let why = e.to_string();
                 tracing::error!(error = %why, "log commit failed; the writer stops");
-                for r in round.replies.drain(..) {
+                for r in replies {
                     r.fail(&why);
                 }
                 self.rx.close();
@@ -1234,28 +1290,34 @@ impl Writer {
                     };
                     reply.fail(&why);
                 }
-                let mut live = lock(&self.live);
-                for (job, before) in touched {
-                    match before {
-                        Some(s) => live.insert(job, s),
-                        None => live.remove(&job),
-                    };
-                }
+                // Memory may be ahead of the disk now; nobody may read it as truth.
+                lock(&self.live).clear();
                 return;
             }
-            for r in round.replies.drain(..) {
+            for r in replies {
                 r.ok();
+            }
+        }
+        // Closed: mark the last round as acknowledged, so a later open can tell
+        // a torn store from an interrupted write.
+        if self.marker_due {
+            let marker = journal::marker();
+            if self
+                .journal
+                .write_at(&marker, self.journal_end, self.sync_journal)
+                .is_ok()
+            {
+                let end = self.journal_end + marker.len() as u64;
+                let _ = self.trees.meta.insert("journal_end", &end.to_be_bytes());
+                let _ = self.trees.db.flush();
             }
         }
     }
 
     /// Checks one request and stages its writes, or answers it with an error.
-    fn take(
-        &mut self,
-        req: Request,
-        round: &mut Round,
-        touched: &mut HashMap<JobId, Option<JobState>>,
-    ) {
+    /// The state machine runs here, before anything is staged: a refused event
+    /// changes neither memory nor disk.
+    fn take(&mut self, req: Request, round: &mut Round) {
         let at = now_ms();
         match req {
             Request::Submit { spec, reply } => {
@@ -1271,9 +1333,8 @@ impl Writer {
                 let envelope = event.encode(at);
                 round.journal.extend(journal::frame(id, 1, &envelope));
                 round.events.insert(&event_key(id, 1), envelope);
-                round.jobs.insert(id, JobSummary::of(&state).encode());
+                round.submitted.push(id);
                 round.live_add.push(id);
-                touched.entry(id).or_insert(None);
                 lock(&self.live).insert(id, state);
                 round.replies.push(Reply::Job(reply, id));
             }
@@ -1285,18 +1346,17 @@ impl Writer {
                     let _ = reply.try_send(Err(err));
                     return;
                 };
-                let before = state.clone();
                 if let Err(e) = state.apply_mut(at, &event) {
                     let _ = reply.try_send(Err(e.into()));
                     return;
                 }
-                touched.entry(job).or_insert(Some(before));
                 let seq = state.seq;
                 let envelope = event.encode(at);
                 round.journal.extend(journal::frame(job, seq, &envelope));
                 round.events.insert(&event_key(job, seq), envelope);
-                round.jobs.insert(job, JobSummary::of(state).encode());
                 if state.phase == Phase::Terminal {
+                    // Its final summary is written now: the job leaves memory.
+                    round.ended.insert(job, JobSummary::of(state).encode());
                     round.live_remove.push(job);
                     live.remove(&job);
                     self.output_ends.retain(|(j, _), _| *j != job);
@@ -1371,10 +1431,26 @@ impl Writer {
         }
     }
 
-    async fn commit(&mut self, round: &Round) -> Result<(), LogError> {
+    async fn commit(&mut self, mut round: Round) -> Result<(), LogError> {
+        if self.marker_due && !round.journal.is_empty() {
+            // Piggy-back the previous round's commit marker on this write.
+            let mut with_marker = journal::marker();
+            with_marker.append(&mut round.journal);
+            round.journal = with_marker;
+            self.marker_due = false;
+        }
+        let has_output = round.output_bytes > 0;
         let mut jobs = sled::Batch::default();
-        for (id, v) in &round.jobs {
-            jobs.insert(&id.to_be_bytes(), v.clone());
+        {
+            let live = lock(&self.live);
+            for id in &round.submitted {
+                if let Some(state) = live.get(id) {
+                    jobs.insert(&id.to_be_bytes(), JobSummary::of(state).encode());
+                }
+            }
+        }
+        for (id, v) in round.ended {
+            jobs.insert(&id.to_be_bytes(), v);
         }
         let mut live = sled::Batch::default();
         for id in &round.live_add {
@@ -1390,50 +1466,60 @@ impl Writer {
         let journal_end = self.journal_end + round.journal.len() as u64;
         meta.insert("journal_end", &journal_end.to_be_bytes());
         let t = &self.trees;
-        (&t.events, &t.jobs, &t.live, &t.output, &t.meta)
-            .transaction(|(e, j, l, o, m)| {
-                e.apply_batch(&round.events)?;
-                j.apply_batch(&jobs)?;
-                l.apply_batch(&live)?;
-                o.apply_batch(&round.output)?;
-                m.apply_batch(&meta)?;
-                Ok::<(), ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| match e {
-                TransactionError::Storage(e) => LogError::Storage(e),
-                TransactionError::Abort(()) => {
-                    LogError::WriterStopped(Some("transaction aborted".into()))
-                }
-            })?;
-        // The journal copy is written and synced on the blocking pool while sled
-        // flushes; the round is acknowledged only when both are done.
-        let journal_write = (!round.journal.is_empty()).then(|| {
-            let journal = self.journal.clone();
-            let bytes = round.journal.clone();
-            let (at, sync) = (self.journal_end, self.sync_journal);
-            blocking::unblock(move || journal.write_at(&bytes, at, sync))
-        });
-        let flushed = t.db.flush_async().await;
-        let synced = match &self.fsync_file {
-            Some(f) if flushed.is_ok() => f.sync_data(),
-            _ => Ok(()),
+        // The journal copy goes first (written, not yet synced), so that whatever
+        // prefix of the sled writes below a crash leaves on disk, the journal
+        // holds the round's events and `reconcile` can complete the round on open.
+        let journal_at = self.journal_end;
+        let wrote = if round.journal.is_empty() {
+            Ok(())
+        } else {
+            self.journal.write_at(&round.journal, journal_at, false)
         };
-        let journaled = match journal_write {
-            Some(task) => task.await,
-            None => Ok(()),
-        };
-        flushed?;
-        synced.map_err(|source| LogError::Io {
-            what: "fdatasync failed on",
-            path: PathBuf::from("log/db"),
-            source,
-        })?;
-        journaled.map_err(|source| LogError::Io {
+        wrote.map_err(|source| LogError::Io {
             what: "cannot write the journal",
             path: self.journal.path().to_path_buf(),
             source,
         })?;
+        // One batch per tree, in dependency order: the checkpoint (`meta`) last.
+        t.output.apply_batch(round.output)?;
+        t.events.apply_batch(round.events)?;
+        t.jobs.apply_batch(jobs)?;
+        t.live.apply_batch(live)?;
+        t.meta.apply_batch(meta)?;
+        // sled's flush runs on sled's own thread pool (polling `flush_async` once
+        // hands it over); meanwhile this thread syncs the journal. The round is
+        // acknowledged only when both are done.
+        let mut flush = std::pin::pin!(t.db.flush_async());
+        let early = smol::future::poll_once(&mut flush).await;
+        let synced = if self.sync_journal && !round.journal.is_empty() {
+            self.journal.sync()
+        } else {
+            Ok(())
+        };
+        let flushed = match early {
+            Some(r) => r,
+            None => flush.await,
+        };
+        flushed?;
+        synced.map_err(|source| LogError::Io {
+            what: "cannot sync the journal",
+            path: self.journal.path().to_path_buf(),
+            source,
+        })?;
+        // Events are power-loss durable through the synced journal (a torn sled
+        // store is restored from it on open). Output chunks live only in sled, so
+        // a round that carries output also syncs sled's file.
+        if has_output {
+            if let Some(f) = &self.fsync_file {
+                f.sync_data().map_err(|source| LogError::Io {
+                    what: "fdatasync failed on",
+                    path: PathBuf::from("log/db"),
+                    source,
+                })?;
+            }
+        }
         self.journal_end = journal_end;
+        self.marker_due = true;
         Ok(())
     }
 }

@@ -26,8 +26,9 @@ pub struct JobsArgs {
     /// Print JSON (an array of jobs) instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Trust the stored summaries instead of folding every job's events (faster
-    /// on a huge log, but does not notice corrupt events).
+    /// Trust the stored summaries of ended jobs instead of folding their events
+    /// (faster on a huge log, but does not notice corrupt events). Live jobs are
+    /// always folded.
     #[arg(long)]
     pub no_verify: bool,
 }
@@ -280,7 +281,7 @@ pub fn jobs(dir: &Path, args: &JobsArgs) -> Result<ExitCode> {
             "events": summary.last_seq,
             "steps": summary.steps,
         });
-        if !args.no_verify {
+        if !args.no_verify || summary.finished_ms.is_none() {
             let h = history(&o, summary.id)?;
             let (state, problem) = fold(summary.id, &h, None);
             if h.damaged() {
@@ -686,7 +687,11 @@ pub fn output(dir: &Path, args: &OutputArgs) -> Result<ExitCode> {
     let steps: Vec<u32> = match args.step {
         Some(0) => bail!("steps are numbered from 1"),
         Some(n) if n as usize > state.step_count() => {
-            bail!("job {} has {} steps; there is no step {n}", args.job, state.step_count())
+            bail!(
+                "job {} has {} steps; there is no step {n}",
+                args.job,
+                state.step_count()
+            )
         }
         Some(n) => vec![n - 1],
         None => state.steps.iter().map(|s| s.index).collect(),

@@ -114,15 +114,26 @@ pub fn run(state_dir: &Path, args: &RunArgs) -> Result<ExitCode> {
         }
     }
     if bad > 0 {
-        bail!("{bad} of {} job files cannot run; nothing was started", args.files.len());
+        bail!(
+            "{bad} of {} job files cannot run; nothing was started",
+            args.files.len()
+        );
     }
 
     let plugin_dir = match &args.plugin_dir {
         Some(d) => d.clone(),
-        None => plugin::default_plugin_dir().context("cannot find the directory of the reel binary")?,
+        None => {
+            plugin::default_plugin_dir().context("cannot find the directory of the reel binary")?
+        }
     };
     let plugins = plugin::load_dir(&plugin_dir);
-    let log = EventLog::open(state_dir, LogOptions { durability: args.durability }).map_err(|e| {
+    let log = EventLog::open(
+        state_dir,
+        LogOptions {
+            durability: args.durability,
+        },
+    )
+    .map_err(|e| {
         anyhow::Error::new(e).context(format!("cannot open the log in {}", state_dir.display()))
     })?;
     let orphans = log.live_jobs()?;
@@ -145,13 +156,21 @@ pub fn run(state_dir: &Path, args: &RunArgs) -> Result<ExitCode> {
     for p in &jobs {
         let spec = &p.parsed.spec;
         if executor.plugins().get(&spec.runner).is_none() {
-            let loaded: Vec<String> = executor.plugins().plugins().map(|i| i.name.clone()).collect();
+            let loaded: Vec<String> = executor
+                .plugins()
+                .plugins()
+                .map(|i| i.name.clone())
+                .collect();
             bail!(
                 "{}: runner `{}` is not loaded from {} (loaded: {}); see `reel plugins`",
                 p.file.display(),
                 spec.runner,
                 plugin_dir.display(),
-                if loaded.is_empty() { "none".into() } else { loaded.join(", ") }
+                if loaded.is_empty() {
+                    "none".into()
+                } else {
+                    loaded.join(", ")
+                }
             );
         }
         let warnings = smol::block_on(executor.validate(spec))
@@ -161,7 +180,10 @@ pub fn run(state_dir: &Path, args: &RunArgs) -> Result<ExitCode> {
         }
     }
 
-    let printer = Arc::new(Printer::new(jobs.len() > 1 && args.parallel > 1, args.quiet));
+    let printer = Arc::new(Printer::new(
+        jobs.len() > 1 && args.parallel > 1,
+        args.quiet,
+    ));
     let cancel = Cancel::default();
     let started = Instant::now();
     let results = smol::block_on(run_batch(&executor, jobs, args.parallel, &cancel, &printer))?;
@@ -219,8 +241,9 @@ async fn run_batch(
     }
 
     // Ctrl-C / SIGTERM cancel the batch; the executor tears every sandbox down.
-    let signals = async_signal::Signals::new([async_signal::Signal::Int, async_signal::Signal::Term])
-        .context("cannot install the signal handler")?;
+    let signals =
+        async_signal::Signals::new([async_signal::Signal::Int, async_signal::Signal::Term])
+            .context("cannot install the signal handler")?;
     let watcher = {
         let cancel = cancel.clone();
         let printer = printer.clone();
@@ -230,9 +253,15 @@ async fn run_batch(
             let mut count = 0;
             while let Some(Ok(sig)) = signals.next().await {
                 count += 1;
-                let name = if sig == async_signal::Signal::Int { "SIGINT" } else { "SIGTERM" };
+                let name = if sig == async_signal::Signal::Int {
+                    "SIGINT"
+                } else {
+                    "SIGTERM"
+                };
                 if count == 1 {
-                    printer.line(&format!("reel: {name}: cancelling; sandboxes are being torn down"));
+                    printer.line(&format!(
+                        "reel: {name}: cancelling; sandboxes are being torn down"
+                    ));
                     cancel.cancel(&format!("cancelled by {name}"));
                 } else {
                     printer.line("reel: still tearing down; the log records every step, `reel recover` can finish");
@@ -348,7 +377,9 @@ impl Printer {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, PrinterState> {
-        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn register(&self, job: JobId, name: &str, file: &Path, steps: usize) {
@@ -396,7 +427,13 @@ impl Printer {
     fn batch_summary(&self, results: &[Finished], took: Duration) {
         let count = |o: Outcome| results.iter().filter(|r| r.outcome == o).count();
         let mut parts = Vec::new();
-        for o in [Outcome::Succeeded, Outcome::Failed, Outcome::TimedOut, Outcome::Cancelled, Outcome::Lost] {
+        for o in [
+            Outcome::Succeeded,
+            Outcome::Failed,
+            Outcome::TimedOut,
+            Outcome::Cancelled,
+            Outcome::Lost,
+        ] {
             let n = count(o);
             if n > 0 {
                 parts.push(format!("{n} {}", o.as_str().replace('_', " ")));
@@ -495,13 +532,21 @@ impl Observer for Printer {
                 reason,
                 duration,
             } => {
-                let name = st.jobs.get(&job).map_or("?", |j| j.name.as_str()).to_string();
+                let name = st
+                    .jobs
+                    .get(&job)
+                    .map_or("?", |j| j.name.as_str())
+                    .to_string();
                 let _ = writeln!(
                     out,
                     "==> job {job} {name:?}: {} in {}{}",
                     outcome.as_str().replace('_', " "),
                     format_duration_ms(duration.as_millis() as u64),
-                    if reason.is_empty() { String::new() } else { format!(": {reason}") }
+                    if reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {reason}")
+                    }
                 );
             }
         }
