@@ -89,7 +89,12 @@ pub fn reel_cgroups() -> Vec<PathBuf> {
         "/sys/fs/cgroup/reel",
     ] {
         if let Ok(entries) = std::fs::read_dir(parent) {
-            out.extend(entries.flatten().filter(|e| e.path().is_dir()).map(|e| e.path()));
+            out.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.path()),
+            );
         }
     }
     out

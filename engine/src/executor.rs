@@ -416,6 +416,16 @@ impl JobRun<'_> {
         });
     }
 
+    /// Puts runner notices on the job's record and tells the observer.
+    async fn record_notices(&mut self, notices: Vec<(String, String)>) -> Result<(), LogError> {
+        for (kind, message) in notices {
+            let message = format!("{kind}: {message}");
+            self.notice(&message);
+            self.append(Event::RunnerNotice { message }).await?;
+        }
+        Ok(())
+    }
+
     fn stop_reason(&self, deadline: Option<Instant>) -> Option<(Outcome, String)> {
         if let Some(r) = self.cancel.reason() {
             return Some((Outcome::Cancelled, r));
@@ -453,16 +463,31 @@ impl JobRun<'_> {
         self.append(Event::CidAllocated { cid }).await?;
 
         let req = Executor::job_request(self.job, cid, self.spec);
-        let planned = match runner.unblock(move |r| r.plan(&req)).await {
-            Ok(h) => h,
+        let (planned, notices) = runner
+            .unblock(move |r| plugin::capture_notices(|| r.plan(&req)))
+            .await;
+        let planned = match planned {
+            Ok(h) => from_sdk(h),
             Err(e) => return Ok((Outcome::Failed, runner_reason("planning the sandbox", &e))),
         };
-        let planned = from_sdk(planned);
+        // The runner names what it is about to create as notices of this kind;
+        // they are the human-readable half of the intent.
+        let (named, others): (Vec<_>, Vec<_>) = notices
+            .into_iter()
+            .partition(|(kind, _)| kind == PLANNED_RESOURCE);
+        let mut resources: Vec<String> = named.into_iter().map(|(_, m)| m).collect();
+        if resources.is_empty() {
+            resources.push(format!(
+                "sandbox {} (named in the runner's handle)",
+                self.ex.sandbox_root.join(cid.to_string()).display()
+            ));
+        }
         self.append(Event::SandboxPlanned {
             handle: planned.clone(),
-            resources: describe_resources(&self.ex.sandbox_root, cid),
+            resources,
         })
         .await?;
+        self.record_notices(others).await?;
         self.handle = Some(planned.clone());
 
         // Each stage: call the runner with the latest handle, then log its result.
@@ -477,7 +502,10 @@ impl JobRun<'_> {
                 self.append(Event::BootRequested {}).await?;
             }
             let h = to_sdk(self.handle.as_ref().unwrap_or(&planned));
-            let result = runner.unblock(move |r| call(r, &h)).await;
+            let (result, notices) = runner
+                .unblock(move |r| plugin::capture_notices(|| call(r, &h)))
+                .await;
+            self.record_notices(notices).await?;
             let h = match result {
                 Ok(h) => from_sdk(h),
                 Err(e) => return Ok((Outcome::Failed, runner_reason(what, &e))),
@@ -784,13 +812,9 @@ impl JobRun<'_> {
     }
 }
 
-/// The human-readable names of what a sandbox may hold, for the intent event.
-fn describe_resources(sandbox_root: &std::path::Path, cid: u32) -> Vec<String> {
-    vec![format!(
-        "sandbox {} (workdir, agent, cgroup)",
-        sandbox_root.join(cid.to_string()).display()
-    )]
-}
+/// The notice kind a runner's `plan` uses to name each resource it will create
+/// (the process runner's `RESOURCE_NOTICE`).
+pub const PLANNED_RESOURCE: &str = "planned-resource";
 
 /// `2s`, `1m30s`.
 fn fmt_ms(ms: u64) -> String {

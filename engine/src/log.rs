@@ -1509,14 +1509,12 @@ impl Writer {
         // Events are power-loss durable through the synced journal (a torn sled
         // store is restored from it on open). Output chunks live only in sled, so
         // a round that carries output also syncs sled's file.
-        if has_output {
-            if let Some(f) = &self.fsync_file {
-                f.sync_data().map_err(|source| LogError::Io {
-                    what: "fdatasync failed on",
-                    path: PathBuf::from("log/db"),
-                    source,
-                })?;
-            }
+        if let (true, Some(f)) = (has_output, &self.fsync_file) {
+            f.sync_data().map_err(|source| LogError::Io {
+                what: "fdatasync failed on",
+                path: PathBuf::from("log/db"),
+                source,
+            })?;
         }
         self.journal_end = journal_end;
         self.marker_due = true;

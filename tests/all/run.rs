@@ -37,7 +37,10 @@ fn assert_nothing_left(state: &Path) {
         if procs.is_empty() {
             break;
         }
-        assert!(Instant::now() < deadline, "processes of the job remain: {procs:?}");
+        assert!(
+            Instant::now() < deadline,
+            "processes of the job remain: {procs:?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let left: Vec<_> = std::fs::read_dir(&root)
@@ -50,7 +53,12 @@ fn assert_nothing_left(state: &Path) {
 fn hello_runs_end_to_end_and_every_lifecycle_event_is_in_the_log() {
     let state = tempfile::tempdir().unwrap();
     let out = reel(state.path(), &["run", "examples/hello.yml"], &[]);
-    assert!(out.status.success(), "{} / {}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{} / {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
     let stdout = text(&out.stdout);
     assert!(stdout.contains("Hello from reel"), "{stdout}");
     assert!(stdout.contains("succeeded"), "{stdout}");
@@ -102,7 +110,12 @@ fn output_read_back_from_the_log_is_byte_exact() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stored = reel(state.path(), &["output", "1"], &[]);
     assert!(stored.status.success());
-    let mut expected: Vec<u8> = b"0123456789abcdef\n".iter().copied().cycle().take(20 * 1024 * 1024).collect();
+    let mut expected: Vec<u8> = b"0123456789abcdef\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(20 * 1024 * 1024)
+        .collect();
     expected.extend_from_slice(b"\xff\xfe\n");
     let (body, tail) = stored.stdout.split_at(expected.len());
     assert!(body == expected.as_slice(), "the first 20 MiB differ");
@@ -119,14 +132,32 @@ fn a_failing_step_ends_the_job_failed_after_a_logged_teardown() {
     assert!(!stdout.contains("step 3 is never reached"), "{stdout}");
     let names = event_names(state.path(), 1);
     assert_eq!(names.iter().filter(|n| *n == "StepStarted").count(), 2);
-    let tail: Vec<&str> = names.iter().rev().take(6).rev().map(String::as_str).collect();
+    let tail: Vec<&str> = names
+        .iter()
+        .rev()
+        .take(6)
+        .rev()
+        .map(String::as_str)
+        .collect();
     assert_eq!(
         tail,
-        ["TeardownStarted", "Drained", "PoweredOff", "CleanupStarted", "Cleaned", "Failed"]
+        [
+            "TeardownStarted",
+            "Drained",
+            "PoweredOff",
+            "CleanupStarted",
+            "Cleaned",
+            "Failed"
+        ]
     );
     let inspect = json(&reel(state.path(), &["inspect", "1", "--json"], &[]));
     assert_eq!(inspect["steps"][1]["exit_code"], 3);
-    assert!(inspect["reason"].as_str().unwrap().contains("exited with code 3"));
+    assert!(
+        inspect["reason"]
+            .as_str()
+            .unwrap()
+            .contains("exited with code 3")
+    );
     assert_nothing_left(state.path());
 }
 
@@ -136,7 +167,11 @@ fn a_step_timeout_kills_the_step_and_the_job_times_out() {
     let began = Instant::now();
     let out = reel(state.path(), &["run", "examples/timeout.yml"], &[]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stdout));
-    assert!(began.elapsed() < Duration::from_secs(20), "took {:?}", began.elapsed());
+    assert!(
+        began.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        began.elapsed()
+    );
     let names = event_names(state.path(), 1);
     assert_eq!(names.last().map(String::as_str), Some("TimedOut"));
     let inspect = json(&reel(state.path(), &["inspect", "1", "--json"], &[]));
@@ -155,7 +190,11 @@ fn a_secret_value_appears_nowhere_under_the_state_directory() {
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(!text(&out.stdout).contains(secret));
-    assert!(text(&out.stdout).contains("the token is: ***"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("the token is: ***"),
+        "{}",
+        text(&out.stdout)
+    );
     let stored = reel(state.path(), &["output", "1"], &[]);
     assert!(text(&stored.stdout).contains("***"));
     for entry in walk(state.path()) {
@@ -189,10 +228,19 @@ fn a_real_spindle_workflow_runs_and_missing_tools_fail_like_a_shell() {
     let wf = workspace_root().join("engine/tests/data/jobfiles/spindle/tangled-core-test.yml");
     let out = reel(state.path(), &["run", wf.to_str().unwrap()], &[]);
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("warning"), "spindle fields are warned about: {stderr}");
+    assert!(
+        stderr.contains("warning"),
+        "spindle fields are warned about: {stderr}"
+    );
     // Its first step (mkdir/touch) works; `go` is not on this machine.
     let stdout = text(&out.stdout);
-    if Command::new("sh").args(["-c", "command -v go"]).output().unwrap().status.success() {
+    if Command::new("sh")
+        .args(["-c", "command -v go"])
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
         return;
     }
     assert_eq!(out.status.code(), Some(1), "{stdout}");
@@ -208,7 +256,14 @@ fn a_batch_runs_in_parallel_with_prefixed_output_and_a_summary() {
     let state = tempfile::tempdir().unwrap();
     let out = reel(
         state.path(),
-        &["run", "-j", "2", "examples/hello.yml", "examples/failing.yml", "examples/spindle.yml"],
+        &[
+            "run",
+            "-j",
+            "2",
+            "examples/hello.yml",
+            "examples/failing.yml",
+            "examples/spindle.yml",
+        ],
         &[],
     );
     assert_eq!(out.status.code(), Some(1));
@@ -243,7 +298,11 @@ fn ctrl_c_cancels_the_job_and_cleans_the_sandbox() {
     let mut seen = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !text(&seen).contains("started") {
-        assert!(Instant::now() < deadline, "the step never started: {}", text(&seen));
+        assert!(
+            Instant::now() < deadline,
+            "the step never started: {}",
+            text(&seen)
+        );
         let mut buf = [0u8; 256];
         let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
         assert!(n > 0, "reel exited early: {}", text(&seen));
@@ -267,15 +326,29 @@ fn ctrl_c_cancels_the_job_and_cleans_the_sandbox() {
 fn bad_input_is_refused_before_anything_runs() {
     let state = tempfile::tempdir().unwrap();
     let files = tempfile::tempdir().unwrap();
-    let bad = write(files.path(), "bad.yml", "name: x\nsteps:\n  - name: a\n    comand: true\n");
+    let bad = write(
+        files.path(),
+        "bad.yml",
+        "name: x\nsteps:\n  - name: a\n    comand: true\n",
+    );
     let out = reel(state.path(), &["run", "examples/hello.yml", &bad], &[]);
     assert_eq!(out.status.code(), Some(2));
     let stderr = text(&out.stderr);
     assert!(stderr.contains("bad.yml:4:5"), "{stderr}");
     assert!(stderr.contains("nothing was started"), "{stderr}");
     // No job was recorded.
-    assert!(!state.path().join("log").exists() || json(&reel(state.path(), &["jobs", "--json"], &[])).as_array().unwrap().is_empty());
+    assert!(
+        !state.path().join("log").exists()
+            || json(&reel(state.path(), &["jobs", "--json"], &[]))
+                .as_array()
+                .unwrap()
+                .is_empty()
+    );
     let missing = reel(state.path(), &["run", "examples/secret.yml"], &[]);
     assert_eq!(missing.status.code(), Some(2));
-    assert!(text(&missing.stderr).contains("REEL_DEMO_TOKEN"), "{}", text(&missing.stderr));
+    assert!(
+        text(&missing.stderr).contains("REEL_DEMO_TOKEN"),
+        "{}",
+        text(&missing.stderr)
+    );
 }

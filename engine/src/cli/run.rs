@@ -76,7 +76,7 @@ pub fn run(state_dir: &Path, args: &RunArgs) -> Result<ExitCode> {
     // Read and check everything before running anything.
     let source = match &args.secrets_file {
         Some(f) => SecretSource::from_file(f).context("cannot read the secrets file")?,
-        None => SecretSource::from_env(None),
+        None => SecretSource::from_env(Some(reel_engine::secrets::DEFAULT_ENV_PREFIX)),
     };
     let owner = args
         .owner

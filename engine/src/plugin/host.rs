@@ -13,6 +13,23 @@ type NoticeHook = Box<dyn Fn(&str, &str, &str) + Send + Sync>;
 
 static NOTICE_HOOK: OnceLock<NoticeHook> = OnceLock::new();
 
+std::thread_local! {
+    /// Notices raised on this thread while [`capture_notices`] runs.
+    static CAPTURED: std::cell::RefCell<Option<Vec<(String, String)>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` (a runner call) and returns, with its result, every notice the
+/// plugin raised on this thread during the call as `(kind, message)`. A plugin
+/// raises notices synchronously from inside the call, so this attributes them to
+/// the job the call was about even when many jobs run at once.
+pub fn capture_notices<T>(f: impl FnOnce() -> T) -> (T, Vec<(String, String)>) {
+    CAPTURED.with(|c| *c.borrow_mut() = Some(Vec::new()));
+    let out = f();
+    let notices = CAPTURED.with(|c| c.borrow_mut().take()).unwrap_or_default();
+    (out, notices)
+}
+
 /// Sends every runner notice from every plugin to `hook` as well as to the log. Set
 /// once; later calls return `false` and change nothing.
 pub fn set_notice_hook(hook: impl Fn(&str, &str, &str) + Send + Sync + 'static) -> bool {
@@ -48,6 +65,11 @@ unsafe extern "C" fn on_event(ctx: *const c_void, kind: abi::Slice, message: abi
         let plugin = plugin_name(ctx);
         let (kind, message) = (text(kind), text(message));
         tracing::info!(target: "reel::plugin", %plugin, %kind, %message, "runner notice");
+        CAPTURED.with(|c| {
+            if let Some(v) = c.borrow_mut().as_mut() {
+                v.push((kind.to_string(), message.to_string()));
+            }
+        });
         if let Some(hook) = NOTICE_HOOK.get() {
             hook(&plugin, &kind, &message);
         }

@@ -32,7 +32,7 @@ pub use reel_plugin_sdk::{
     RunnerConfig, RunnerError, StepRequest, Stream,
 };
 
-pub use host::set_notice_hook;
+pub use host::{capture_notices, set_notice_hook};
 use library::Library;
 
 /// What the engine knows about one loaded plugin.

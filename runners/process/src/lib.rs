@@ -5,7 +5,7 @@
 //! - `work/`: the steps' working directory (and `HOME`);
 //! - `agent.sock`, `agent.pid`, `agent.log`: the agent's socket, pidfile and log;
 //!
-//! a cgroup (v2 `<mount>/<cgroup_parent>/sbx-<sandbox_id>` where the host has a writable
+//! a cgroup (v2 `<mount>/<cgroup_parent>/sbx-<root tag>-<sandbox_id>` where the host has a writable
 //! cgroup2 hierarchy with `memory` and `pids`, else the v1 `memory` and `pids`
 //! hierarchies, else none, with a notice), and one `reel-agent` process in its own
 //! session, moved into the cgroup(s) as soon as it runs. Steps run through the agent as
@@ -34,7 +34,10 @@
 //!
 //! - `agent_path`: the `reel-agent` binary (default: `<plugin_dir>/reel-agent`, else
 //!   beside the current executable);
-//! - `cgroup_parent`: the parent cgroup name (default `reel`);
+//! - `cgroup_parent`: the parent cgroup name (default `reel`, and then each leaf
+//!   is `sbx-<tag>-<sandbox_id>` with `<tag>` a hash of the sandbox root, because
+//!   sandbox ids are unique per engine state directory, not per host; with an
+//!   explicit parent the leaf is `sbx-<sandbox_id>`);
 //! - `pids_max`: the `pids.max` of each job (default 0: no limit; `Resources` has no
 //!   pid count).
 
@@ -188,6 +191,10 @@ struct Settings {
     plugin_dir: PathBuf,
     agent_path: Option<PathBuf>,
     cgroup_parent: String,
+    /// Whether cgroup names carry a tag of the sandbox root (with the default,
+    /// shared parent); an explicit `cgroup_parent` is trusted to be this
+    /// engine's own.
+    tag_cgroups: bool,
     pids_max: u64,
 }
 
@@ -558,6 +565,7 @@ impl Runner for ProcessRunner {
                 sandbox_root: config.sandbox_root.clone(),
                 plugin_dir: config.plugin_dir.clone(),
                 agent_path: config.options.get("agent_path").map(PathBuf::from),
+                tag_cgroups: !config.options.contains_key("cgroup_parent"),
                 cgroup_parent,
                 pids_max,
             },
@@ -936,10 +944,15 @@ impl ProcessRunner {
                 socket.display()
             )));
         }
-        let detected = cgroup::detect(
-            &self.settings.cgroup_parent,
-            &format!("sbx-{}", job.sandbox_id),
-        );
+        // Sandbox ids are unique per engine state directory, not per host: the
+        // cgroup name also carries a tag of the sandbox root, so two engines (or
+        // two test runs) on one host never share a cgroup.
+        let leaf = if self.settings.tag_cgroups {
+            format!("sbx-{}-{}", root_tag(&root), job.sandbox_id)
+        } else {
+            format!("sbx-{}", job.sandbox_id)
+        };
+        let detected = cgroup::detect(&self.settings.cgroup_parent, &leaf);
         Ok(JobState {
             job_id: job.job_id,
             sandbox_id: job.sandbox_id,
@@ -957,4 +970,14 @@ impl ProcessRunner {
             agent: None,
         })
     }
+}
+
+/// A short, stable tag of a sandbox root (FNV-1a of its path, 8 hex digits).
+fn root_tag(root: &Path) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in root.as_os_str().as_bytes() {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("{h:08x}")
 }
