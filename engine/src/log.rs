@@ -12,7 +12,11 @@
 //! | `jobs`   | job id u64                            | [`JobSummary`] (kind 0x8001)     |
 //! | `live`   | job id u64                            | empty: the job is not terminal   |
 //! | `output` | job id u64 ++ step u32 ++ offset u64  | [`OutputChunk`] (kind 0x8002)    |
-//! | `meta`   | `format`, `next_job`                  | u16 BE, u64 BE                   |
+//! | `meta`   | `format`, `next_job`, `journal_end`   | u16 BE, u64 BE, u64 BE           |
+//!
+//! Beside it, `<state dir>/journal` holds a second copy of every event
+//! (`journal.rs`), so that damage sled would silently truncate is found and
+//! repaired.
 //!
 //! # Writing: one writer, group commit
 //!
@@ -20,10 +24,13 @@
 //! own `smol::block_on`). Callers send requests over a bounded `async_channel`.
 //! Each round the writer takes every request waiting (up to a cap), checks each
 //! event against the job's folded state (an event the state machine rejects is
-//! refused and never written), writes all trees in **one sled transaction**,
-//! awaits `flush_async` (and, in [`Durability::Fsync`] mode, an `fdatasync` of
-//! the log file), and only then answers every caller. An append that returned
-//! `Ok` is durable; one that returned `Err` was not written.
+//! refused and never written), writes the round's journal frames, applies one
+//! batch per tree (the `meta` checkpoint last), awaits `flush_async` while
+//! syncing the journal (in [`Durability::Fsync`] mode), and only then answers
+//! every caller. An append that returned `Ok` is durable; one that returned
+//! `Err` was not written. A crash between the batches is completed from the
+//! journal when the log is next opened (`reconcile`). ARCHITECTURE.md has the
+//! durability promise in full.
 //!
 //! # Reading
 //!

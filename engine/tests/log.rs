@@ -263,3 +263,88 @@ fn acknowledged_appends_survive_sigkill() {
         assert!(log.live_state(job).is_some());
     }
 }
+
+#[test]
+fn a_round_the_engine_died_in_is_completed_from_the_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let job;
+    {
+        let log = open(dir.path());
+        job = smol::block_on(run_job(&log, spec("a", 2), 1, Ending::StopAfter(1))).unwrap();
+        log.close();
+    }
+    // As if the engine died after writing a round's journal frame and before
+    // any of sled's batches: the frame is there, sled has nothing.
+    let seq = {
+        let log = open(dir.path());
+        let s = log.live_state(job).unwrap().seq;
+        log.close();
+        s + 1
+    };
+    let envelope = Event::RunnerNotice {
+        message: "late".into(),
+    }
+    .encode(1);
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.path().join("journal"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, &reel_engine::journal::frame(job, seq, &envelope)).unwrap();
+    drop(f);
+    let log = open(dir.path());
+    let repairs: Vec<String> = log.repairs().iter().map(|r| r.message.clone()).collect();
+    assert_eq!(repairs.len(), 1, "{repairs:?}");
+    assert!(
+        repairs[0].contains("completed from the journal"),
+        "{repairs:?}"
+    );
+    let last = log.events(job).last().unwrap().unwrap();
+    assert_eq!(
+        (last.seq, last.event),
+        (
+            seq,
+            Event::RunnerNotice {
+                message: "late".into()
+            }
+        )
+    );
+    assert_eq!(log.live_state(job).unwrap().seq, seq);
+}
+
+#[test]
+fn acknowledged_events_sled_lost_are_restored_and_called_a_torn_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let job;
+    {
+        let log = open(dir.path());
+        job = smol::block_on(run_job(&log, spec("a", 2), 1, Ending::Success)).unwrap();
+        log.close();
+    }
+    // Take two acknowledged events away from sled behind the log's back, and the
+    // checkpoint with them, as a torn store would.
+    {
+        let db = sled::open(dir.path().join("log")).unwrap();
+        let events = db.open_tree("events").unwrap();
+        events.remove(reel_engine::log::event_key(job, 5)).unwrap();
+        events.remove(reel_engine::log::event_key(job, 6)).unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .insert("journal_end", &0u64.to_be_bytes())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let log = open(dir.path());
+    let repairs: Vec<String> = log.repairs().iter().map(|r| r.message.clone()).collect();
+    assert!(
+        repairs
+            .iter()
+            .any(|r| r.contains(&format!("torn at job {job} seq 5"))),
+        "{repairs:?}"
+    );
+    assert!(
+        repairs.iter().any(|r| r.contains("seq 5..6: restored")),
+        "{repairs:?}"
+    );
+    let state = log.fold(job).unwrap();
+    assert_eq!(state.outcome, Some(Outcome::Succeeded));
+}
