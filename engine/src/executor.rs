@@ -206,14 +206,14 @@ impl std::fmt::Debug for Executor {
     }
 }
 
-fn to_sdk(h: &Handle) -> plugin::Handle {
+pub(crate) fn to_sdk(h: &Handle) -> plugin::Handle {
     plugin::Handle {
         version: h.version,
         bytes: h.bytes.clone(),
     }
 }
 
-fn from_sdk(h: plugin::Handle) -> Handle {
+pub(crate) fn from_sdk(h: plugin::Handle) -> Handle {
     Handle {
         version: h.version,
         bytes: h.bytes,
@@ -303,14 +303,14 @@ impl Executor {
             .map_err(|e| format!("runner `{}` refuses the job: {e}", spec.runner))
     }
 
-    fn lease(&self) -> u32 {
+    pub(crate) fn lease(&self) -> u32 {
         let mut leases = lock(&self.leases);
         let cid = (1..).find(|c| !leases.contains(c)).unwrap_or(u32::MAX);
         leases.insert(cid);
         cid
     }
 
-    fn release(&self, cid: u32) {
+    pub(crate) fn release(&self, cid: u32) {
         lock(&self.leases).remove(&cid);
     }
 
@@ -350,6 +350,7 @@ impl Executor {
         let deadline = spec
             .timeout_ms
             .map(|ms| started + Duration::from_millis(ms));
+        let phase = self.log.live_state(job).map_or(Phase::Queued, |s| s.phase);
         let mut run = JobRun {
             ex: self,
             job,
@@ -357,10 +358,15 @@ impl Executor {
             observer,
             cancel,
             handle: None,
-            phase: Phase::Queued,
+            phase,
             cid: None,
         };
-        let (outcome, reason) = match run.setup_and_steps(secrets, deadline).await {
+        let decided = match run.setup(deadline).await {
+            Ok(None) => run.run_steps(secrets, deadline, None).await,
+            Ok(Some(stop)) => Ok(stop),
+            Err(e) => Err(e),
+        };
+        let (outcome, reason) = match decided {
             Ok(x) => x,
             Err(Abort::Log(e)) => return Err(e.into()),
             Err(Abort::Runner(e)) => return Err(e),
@@ -376,8 +382,17 @@ impl Executor {
     }
 }
 
+/// A step that was running when the engine died and that a reattached sandbox
+/// still runs: resume its output at `from` (the bytes the log holds).
+#[derive(Clone, Debug)]
+pub(crate) struct Resume {
+    pub index: u32,
+    pub exec_id: u64,
+    pub from: u64,
+}
+
 /// Why a run stopped without deciding an outcome.
-enum Abort {
+pub(crate) enum Abort {
     Log(LogError),
     Runner(ExecError),
 }
@@ -389,19 +404,19 @@ impl From<LogError> for Abort {
 }
 
 /// One job's run: where it is, and what it holds.
-struct JobRun<'a> {
-    ex: &'a Executor,
-    job: JobId,
-    spec: &'a JobSpec,
-    observer: &'a dyn Observer,
-    cancel: &'a Cancel,
-    handle: Option<Handle>,
-    phase: Phase,
-    cid: Option<u32>,
+pub(crate) struct JobRun<'a> {
+    pub ex: &'a Executor,
+    pub job: JobId,
+    pub spec: &'a JobSpec,
+    pub observer: &'a dyn Observer,
+    pub cancel: &'a Cancel,
+    pub handle: Option<Handle>,
+    pub phase: Phase,
+    pub cid: Option<u32>,
 }
 
 impl JobRun<'_> {
-    async fn append(&mut self, event: Event) -> Result<(), LogError> {
+    pub(crate) async fn append(&mut self, event: Event) -> Result<(), LogError> {
         self.ex.log.append(self.job, event).await?;
         if let Some(s) = self.ex.log.live_state(self.job) {
             self.phase = s.phase;
@@ -409,7 +424,7 @@ impl JobRun<'_> {
         Ok(())
     }
 
-    fn notice(&self, message: &str) {
+    pub(crate) fn notice(&self, message: &str) {
         self.observer.report(Report::Notice {
             job: self.job,
             message,
@@ -417,7 +432,10 @@ impl JobRun<'_> {
     }
 
     /// Puts runner notices on the job's record and tells the observer.
-    async fn record_notices(&mut self, notices: Vec<(String, String)>) -> Result<(), LogError> {
+    pub(crate) async fn record_notices(
+        &mut self,
+        notices: Vec<(String, String)>,
+    ) -> Result<(), LogError> {
         for (kind, message) in notices {
             let message = format!("{kind}: {message}");
             self.notice(&message);
@@ -442,21 +460,27 @@ impl JobRun<'_> {
         None
     }
 
-    /// Sets up the sandbox and runs the steps; returns the decided outcome.
-    async fn setup_and_steps(
-        &mut self,
-        secrets: &ResolvedSecrets,
-        deadline: Option<Instant>,
-    ) -> Result<(Outcome, String), Abort> {
-        let runner = self.ex.runner(&self.spec.runner).map_err(|source| {
+    pub(crate) fn runner(&self) -> Result<Arc<LoadedRunner>, Abort> {
+        self.ex.runner(&self.spec.runner).map_err(|source| {
             Abort::Runner(ExecError::Runner {
                 job: self.job,
                 source,
             })
-        })?;
-        self.append(Event::SlotGranted {}).await?;
+        })
+    }
+
+    /// Sets up the sandbox. `Some(outcome)` if the job must end instead of
+    /// running its steps.
+    pub(crate) async fn setup(
+        &mut self,
+        deadline: Option<Instant>,
+    ) -> Result<Option<(Outcome, String)>, Abort> {
+        let runner = self.runner()?;
+        if self.phase == Phase::Queued {
+            self.append(Event::SlotGranted {}).await?;
+        }
         if let Some(stop) = self.stop_reason(deadline) {
-            return Ok(stop);
+            return Ok(Some(stop));
         }
         let cid = self.ex.lease();
         self.cid = Some(cid);
@@ -468,7 +492,12 @@ impl JobRun<'_> {
             .await;
         let planned = match planned {
             Ok(h) => from_sdk(h),
-            Err(e) => return Ok((Outcome::Failed, runner_reason("planning the sandbox", &e))),
+            Err(e) => {
+                return Ok(Some((
+                    Outcome::Failed,
+                    runner_reason("planning the sandbox", &e),
+                )));
+            }
         };
         // The runner names what it is about to create as notices of this kind;
         // they are the human-readable half of the intent.
@@ -508,7 +537,7 @@ impl JobRun<'_> {
             self.record_notices(notices).await?;
             let h = match result {
                 Ok(h) => from_sdk(h),
-                Err(e) => return Ok((Outcome::Failed, runner_reason(what, &e))),
+                Err(e) => return Ok(Some((Outcome::Failed, runner_reason(what, &e)))),
             };
             self.handle = Some(h.clone());
             match i {
@@ -521,23 +550,49 @@ impl JobRun<'_> {
                 _ => self.append(Event::AgentConnected { handle: h }).await?,
             }
             if let Some(stop) = self.stop_reason(deadline) {
-                return Ok(stop);
+                return Ok(Some(stop));
             }
         }
         self.observer.report(Report::Started { job: self.job, cid });
+        Ok(None)
+    }
 
+    /// Runs the steps not finished yet (resuming the one `resume` names, which is
+    /// running in a reattached sandbox); returns the decided outcome.
+    pub(crate) async fn run_steps(
+        &mut self,
+        secrets: &ResolvedSecrets,
+        deadline: Option<Instant>,
+        resume: Option<Resume>,
+    ) -> Result<(Outcome, String), Abort> {
+        let runner = self.runner()?;
         let masker = secrets.masker();
         let mut base_env = self.spec.environment.clone();
         for (name, value) in secrets.iter() {
             base_env.insert(name.to_string(), value.to_string());
         }
-        for (index, step) in self.spec.steps.iter().enumerate() {
-            if let Some(stop) = self.stop_reason(deadline) {
-                return Ok(stop);
-            }
+        let first = match &resume {
+            Some(r) => r.index as usize,
+            None => self
+                .ex
+                .log
+                .live_state(self.job)
+                .map_or(0, |s| s.steps.len()),
+        };
+        for (index, step) in self.spec.steps.iter().enumerate().skip(first) {
             let index = index as u32;
-            let exec_id = u64::from(index) + 1;
-            self.append(Event::StepStarted { index, exec_id }).await?;
+            let resuming = resume.as_ref().filter(|r| r.index == index);
+            let (exec_id, resume_from) = match resuming {
+                Some(r) => (r.exec_id, r.from),
+                None => {
+                    if let Some(stop) = self.stop_reason(deadline) {
+                        return Ok(stop);
+                    }
+                    let exec_id = u64::from(index) + 1;
+                    self.append(Event::StepStarted { index, exec_id }).await?;
+                    (exec_id, 0)
+                }
+            };
             self.observer.report(Report::StepStarted {
                 job: self.job,
                 index,
@@ -552,7 +607,7 @@ impl JobRun<'_> {
                 command: step.command.clone(),
                 environment: env,
                 timeout_ms: step.timeout_ms,
-                resume_from: 0,
+                resume_from,
             };
             let began = Instant::now();
             let (result, stored, stopped_by) =
@@ -678,8 +733,23 @@ impl JobRun<'_> {
             })
         };
 
-        let mut stream_masker = masker.stream();
         let mut stored = self.ex.log.output_end(self.job, index)?;
+        let mut stream_masker = masker.stream();
+        if stored > 0 && masker.max_secret_len() > 0 {
+            // A resumed stream: if the stored output ends inside a masked secret,
+            // the rest of that secret arrives first and must be masked too.
+            let tail_masked = self
+                .ex
+                .log
+                .output(self.job, index, stored.saturating_sub(1))
+                .last()
+                .and_then(Result::ok)
+                .and_then(|c| c.bytes.last().copied())
+                == Some(crate::secrets::MASK_BYTE);
+            if tail_masked {
+                stream_masker.resume_inside_secret();
+            }
+        }
         let mut last_stream = Stream::Stdout;
         let mut failure = None;
         while let Ok((stream, bytes, done)) = chunk_rx.recv().await {
@@ -730,7 +800,11 @@ impl JobRun<'_> {
     }
 
     /// Records the decision and tears down what the log says exists.
-    async fn teardown(&mut self, outcome: Outcome, reason: &str) -> Result<(), ExecError> {
+    pub(crate) async fn teardown(
+        &mut self,
+        outcome: Outcome,
+        reason: &str,
+    ) -> Result<(), ExecError> {
         let before = self.phase;
         self.append(Event::TeardownStarted {
             outcome,

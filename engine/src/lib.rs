@@ -3,12 +3,14 @@
 //! `main.rs` is a thin command-line layer over this crate.
 
 pub mod codec;
+pub mod crashpoint;
 pub mod event;
 pub mod executor;
 pub mod jobfile;
 pub mod journal;
 pub mod log;
 pub mod plugin;
+pub mod recover;
 pub mod secrets;
 pub mod simulate;
 pub mod spec;

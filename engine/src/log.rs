@@ -47,6 +47,7 @@ use std::thread::JoinHandle;
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, DecodeError};
+use crate::crashpoint;
 use crate::event::{Event, JobId, Outcome, Record, Seq};
 use crate::journal::{self, Journal};
 use crate::spec::JobSpec;
@@ -620,18 +621,32 @@ impl EventLog {
 
     /// Submits a job: allocates its id and appends `Submitted`. Returns once durable.
     pub async fn submit(&self, spec: JobSpec) -> Result<JobId, LogError> {
-        self.request(|reply| Request::Submit {
-            spec: Box::new(spec),
-            reply,
-        })
-        .await
+        let probe = Event::Submitted {
+            spec: JobSpec::default(),
+        };
+        crashpoint::check(&probe, crashpoint::When::Before);
+        let id = self
+            .request(|reply| Request::Submit {
+                spec: Box::new(spec),
+                reply,
+            })
+            .await?;
+        crashpoint::check(&probe, crashpoint::When::After);
+        Ok(id)
     }
 
     /// Appends an event to a job. Returns its seq once it is durable; an event the
     /// state machine refuses is not written and returns [`LogError::Illegal`].
     pub async fn append(&self, job: JobId, event: Event) -> Result<Seq, LogError> {
-        self.request(|reply| Request::Append { job, event, reply })
-            .await
+        crashpoint::check(&event, crashpoint::When::Before);
+        let armed = crashpoint::armed().then(|| event.clone());
+        let seq = self
+            .request(|reply| Request::Append { job, event, reply })
+            .await?;
+        if let Some(event) = armed {
+            crashpoint::check(&event, crashpoint::When::After);
+        }
+        Ok(seq)
     }
 
     /// Stores a piece of a step's output at `offset` in its combined stream.

@@ -3,8 +3,8 @@
 //! A job lists the *names* of the secrets it needs (`JobSpec::secrets`); at run time a
 //! [`SecretSource`] resolves them, from the environment or from a secrets file, into
 //! [`ResolvedSecrets`]. Their values go to the steps' environment and into a
-//! [`Masker`], which replaces every occurrence of a value in the job's output with
-//! `***`, also across the chunk boundaries of a stream ([`StreamMasker`]).
+//! [`Masker`], which replaces every byte of every occurrence of a value in the job's
+//! output with `*`, also across the chunk boundaries of a stream ([`StreamMasker`]).
 //!
 //! Nothing here prints a secret value: `Debug` shows names and counts only, and
 //! errors about a malformed secrets file give the line number, never its text.
@@ -16,8 +16,11 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
-/// What a masked secret value is replaced with.
-pub const MASK: &[u8] = b"***";
+/// The byte every byte of a secret is replaced with. Masking keeps lengths, so a
+/// step's stored output has the same byte offsets as what the step wrote, and an
+/// output stream resumed after an engine restart lines up exactly. The price is
+/// that a secret's length is visible.
+pub const MASK_BYTE: u8 = b'*';
 
 /// The prefix `reel` looks for first when it reads secrets from the environment:
 /// secret `TOKEN` comes from `REEL_SECRET_TOKEN`, else from `TOKEN`.
@@ -373,17 +376,17 @@ impl ResolvedSecrets {
     }
 }
 
-/// Replaces every occurrence of any secret value in output with `***`.
+/// Replaces every byte of every occurrence of any secret value in output with
+/// [`MASK_BYTE`], keeping lengths.
 ///
 /// Matching is on bytes, so output that is not UTF-8 is masked too and passes
 /// through otherwise unchanged. Every byte that belongs to an occurrence of some
-/// secret is hidden: where occurrences overlap (secrets `abc` and `bcd` in `abcd`)
-/// the whole overlapping run becomes one `***`; occurrences that merely touch
-/// (`abcabc`) are masked one by one (`******`).
+/// secret is hidden, also where occurrences overlap (secrets `abc` and `bcd` in
+/// `abcd` give `****`).
 ///
 /// Empty values are ignored (they occur everywhere and hide nothing). Values of one
 /// or two bytes are still masked, although they over-mask (a secret `1` turns every
-/// `1` in the log into `***`): the alternative, printing a secret in the clear
+/// `1` in the log into `*`): the alternative, printing a secret in the clear
 /// because it is short, is a leak, while over-masking is visible, harmless, and a
 /// hint that the secret is weak.
 ///
@@ -496,6 +499,8 @@ pub struct StreamMasker {
     offset: u64,
     /// Stream offset up to which input is hidden by the current mask run.
     mask_end: u64,
+    /// The stream resumes right after a masked secret (see `resume_inside_secret`).
+    resumed_inside: bool,
 }
 
 impl StreamMasker {
@@ -506,6 +511,7 @@ impl StreamMasker {
             pending: Vec::new(),
             offset: 0,
             mask_end: 0,
+            resumed_inside: false,
         }
     }
 
@@ -516,13 +522,45 @@ impl StreamMasker {
             return bytes.to_vec();
         }
         self.pending.extend_from_slice(bytes);
+        if self.resumed_inside && self.pending.len() + 1 >= max_len {
+            self.mask_resumed_prefix();
+        }
         // A position can be decided once the longest secret fits after it.
         let ready = self.pending.len().saturating_sub(max_len - 1);
         self.release(ready)
     }
 
+    /// Hides the longest prefix of pending input that ends some secret.
+    fn mask_resumed_prefix(&mut self) {
+        self.resumed_inside = false;
+        let patterns = &*self.masker.inner;
+        let longest = (1..=self.pending.len().min(patterns.max_len.saturating_sub(1)))
+            .rev()
+            .find(|&k| {
+                let prefix = &self.pending[..k];
+                patterns
+                    .by_first_byte
+                    .iter()
+                    .flatten()
+                    .any(|v| v.len() > k && v.ends_with(prefix))
+            });
+        if let Some(k) = longest {
+            self.mask_end = self.mask_end.max(self.offset + k as u64);
+        }
+    }
+
+    /// Marks the stream as resuming right after stored output that ended inside
+    /// a masked secret: the longest prefix of what comes next that is a proper
+    /// suffix of some secret is masked too (over-masking a few bytes at worst).
+    pub fn resume_inside_secret(&mut self) {
+        self.resumed_inside = true;
+    }
+
     /// Ends the stream; returns the remaining output.
     pub fn finish(&mut self) -> Vec<u8> {
+        if self.resumed_inside {
+            self.mask_resumed_prefix();
+        }
         let out = self.release(self.pending.len());
         self.offset = 0;
         self.mask_end = 0;
@@ -532,18 +570,17 @@ impl StreamMasker {
     /// Decides the first `count` pending bytes and returns their output.
     fn release(&mut self, count: usize) -> Vec<u8> {
         let patterns = &*self.masker.inner;
-        let mut out = Vec::with_capacity(count + MASK.len());
+        let mut out = Vec::with_capacity(count);
         for i in 0..count {
             let position = self.offset + i as u64;
             if let Some(len) = patterns.longest_match(&self.pending[i..]) {
-                if position >= self.mask_end {
-                    out.extend_from_slice(MASK);
-                }
                 self.mask_end = self.mask_end.max(position + len as u64);
             }
-            if position >= self.mask_end {
-                out.push(self.pending[i]);
-            }
+            out.push(if position < self.mask_end {
+                MASK_BYTE
+            } else {
+                self.pending[i]
+            });
         }
         self.pending.drain(..count);
         self.offset += count as u64;
@@ -583,7 +620,7 @@ mod tests {
         let m = masker(&[b"hunter2", b"s3cr3t"]);
         assert_eq!(
             m.mask(b"pw=hunter2 and s3cr3t, again hunter2"),
-            b"pw=*** and ***, again ***"
+            b"pw=******* and ******, again *******"
         );
         assert_eq!(m.mask(b"nothing here"), b"nothing here");
         assert_eq!(m.mask(b""), b"");
@@ -593,7 +630,7 @@ mod tests {
     fn empty_values_are_ignored_and_short_ones_masked() {
         let m = masker(&[b"", b"x"]);
         assert_eq!(m.max_secret_len(), 1);
-        assert_eq!(m.mask(b"axbxx"), b"a***b******");
+        assert_eq!(m.mask(b"axbxx"), b"a*b**");
         let none = masker(&[b""]);
         assert!(none.is_empty());
         assert_eq!(none.mask(b"abc"), b"abc");
@@ -611,29 +648,32 @@ mod tests {
         out.extend(s.push(b"EN1"));
         out.extend(s.push(b"23 done"));
         out.extend(s.finish());
-        assert_eq!(out, b"echo *** done");
+        assert_eq!(out, b"echo ******** done");
     }
 
     #[test]
     fn a_false_start_is_released() {
         let m = masker(&[b"abcdef"]);
-        assert_eq!(mask_split(&m, b"abcdeX abcdef", &[3, 5, 9]), b"abcdeX ***");
+        assert_eq!(
+            mask_split(&m, b"abcdeX abcdef", &[3, 5, 9]),
+            b"abcdeX ******"
+        );
         assert_eq!(mask_split(&m, b"abcde", &[4]), b"abcde");
     }
 
     #[test]
     fn overlapping_and_nested_secrets() {
         let m = masker(&[b"abc", b"bcd"]);
-        assert_eq!(m.mask(b"xabcdx"), b"x***x");
+        assert_eq!(m.mask(b"xabcdx"), b"x****x");
         assert_eq!(m.mask(b"abcabc"), b"******");
         assert_eq!(m.mask(b"abcbcd"), b"******");
         // A secret inside another: the longer one wins, no fragment shows.
         let m = masker(&[b"pass", b"password1"]);
-        assert_eq!(m.mask(b"password1 pass passw"), b"*** *** ***w");
+        assert_eq!(m.mask(b"password1 pass passw"), b"********* **** ****w");
         // A secret overlapping itself.
         let m = masker(&[b"aa"]);
         assert_eq!(m.mask(b"aaa"), b"***");
-        assert_eq!(m.mask(b"aaaa"), b"***");
+        assert_eq!(m.mask(b"aaaa"), b"****");
     }
 
     #[test]
@@ -641,9 +681,9 @@ mod tests {
         let secret: &[u8] = b"\xff\xfekey\x80";
         let m = masker(&[secret]);
         let input = b"\xc3\x28 \xff\xfekey\x80 \xe2\x82";
-        assert_eq!(m.mask(input), b"\xc3\x28 *** \xe2\x82");
+        assert_eq!(m.mask(input), b"\xc3\x28 ****** \xe2\x82");
         let cuts: Vec<usize> = (0..=input.len()).collect();
-        assert_eq!(mask_split(&m, input, &cuts), b"\xc3\x28 *** \xe2\x82");
+        assert_eq!(mask_split(&m, input, &cuts), b"\xc3\x28 ****** \xe2\x82");
     }
 
     #[test]
@@ -717,11 +757,29 @@ mod tests {
         let mut at = 0;
         for (s, e) in runs {
             out.extend_from_slice(&input[at..s]);
-            out.extend_from_slice(MASK);
+            out.extend(std::iter::repeat_n(MASK_BYTE, e - s));
             at = e;
         }
         out.extend_from_slice(&input[at..]);
         out
+    }
+
+    #[test]
+    fn a_resumed_stream_masks_the_rest_of_a_secret_cut_by_a_crash() {
+        let m = masker(&[b"TOKEN123"]);
+        // Stored before the crash: "echo *****" (TOKEN masked); the agent resends
+        // from there: "123 done".
+        let mut s = m.stream();
+        s.resume_inside_secret();
+        let mut out = s.push(b"123 done");
+        out.extend(s.finish());
+        assert_eq!(out, b"*** done");
+        // Nothing is masked when the resumed bytes cannot end a secret.
+        let mut s = m.stream();
+        s.resume_inside_secret();
+        let mut out = s.push(b"xyz done");
+        out.extend(s.finish());
+        assert_eq!(out, b"xyz done");
     }
 
     #[test]
@@ -733,7 +791,7 @@ mod tests {
         assert_eq!(out, b"a secr");
         let mut out = s.push(b"secret");
         out.extend(s.finish());
-        assert_eq!(out, b"***");
+        assert_eq!(out, b"******");
     }
 
     #[test]
@@ -817,7 +875,7 @@ mod tests {
             "secret \"E\" is not set (looked in secrets file s.env)"
         );
         let masker = r.masker();
-        assert_eq!(masker.mask(b"one two=2  x"), b"*** *** x");
+        assert_eq!(masker.mask(b"one two=2  x"), b"*** ****** x");
     }
 
     #[test]

@@ -1,3 +1,4 @@
 //! Workspace integration tests, one module per area.
+mod crash;
 mod plugins;
 mod run;

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod plugins;
+mod print;
+mod recover;
 mod replay;
 mod run;
 
@@ -33,6 +35,9 @@ pub enum Command {
     /// Run job files now, without a daemon: each job's lifecycle is recorded in
     /// the state directory's log, its output streamed and stored.
     Run(run::RunArgs),
+    /// Finish the jobs an engine left behind when it died: reattach to live
+    /// sandboxes and carry on, run jobs still queued, reap the rest.
+    Recover(recover::RecoverArgs),
     /// List every job in the log: id, name, runner, state, start and end.
     Jobs(replay::JobsArgs),
     /// Show a job's timeline (seq, time, event, details, time between events)
@@ -85,6 +90,7 @@ pub fn main() -> ExitCode {
     let dir = state_dir(&cli.state_dir);
     let result = match &cli.command {
         Command::Run(a) => run::run(&dir, a),
+        Command::Recover(a) => recover::run(&dir, a),
         Command::Jobs(a) => replay::jobs(&dir, a),
         Command::Replay(a) => replay::replay(&dir, a),
         Command::Inspect(a) => replay::inspect(&dir, a),

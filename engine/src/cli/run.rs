@@ -2,23 +2,22 @@
 //! in the state directory's log, runs them (`-j N` at a time) with their runner,
 //! streams their output, and exits with the batch's status.
 
-use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use reel_engine::event::{Event, JobId, Outcome};
-use reel_engine::executor::{Cancel, Executor, Observer, Report};
+use reel_engine::event::{Event, Outcome};
+use reel_engine::executor::{Cancel, Executor};
+
+use super::print::{Finished, Printer};
 use reel_engine::jobfile::{ParsedJob, parse_job_file};
 use reel_engine::log::{Durability, EventLog, LogOptions};
 use reel_engine::plugin;
 use reel_engine::secrets::{ResolvedSecrets, SecretSource};
-use reel_engine::time::format_duration_ms;
 
 /// Exit status of `reel run`: the most severe outcome of the batch.
 pub const EXIT_FAILED: u8 = 1;
@@ -74,10 +73,7 @@ struct Prepared {
 
 pub fn run(state_dir: &Path, args: &RunArgs) -> Result<ExitCode> {
     // Read and check everything before running anything.
-    let source = match &args.secrets_file {
-        Some(f) => SecretSource::from_file(f).context("cannot read the secrets file")?,
-        None => SecretSource::from_env(Some(reel_engine::secrets::DEFAULT_ENV_PREFIX)),
-    };
+    let source = secret_source(&args.secrets_file)?;
     let owner = args
         .owner
         .clone()
@@ -120,12 +116,7 @@ pub fn run(state_dir: &Path, args: &RunArgs) -> Result<ExitCode> {
         );
     }
 
-    let plugin_dir = match &args.plugin_dir {
-        Some(d) => d.clone(),
-        None => {
-            plugin::default_plugin_dir().context("cannot find the directory of the reel binary")?
-        }
-    };
+    let plugin_dir = plugin_dir(&args.plugin_dir)?;
     let plugins = plugin::load_dir(&plugin_dir);
     let log = EventLog::open(
         state_dir,
@@ -189,8 +180,16 @@ pub fn run(state_dir: &Path, args: &RunArgs) -> Result<ExitCode> {
     let results = smol::block_on(run_batch(&executor, jobs, args.parallel, &cancel, &printer))?;
     log.close();
 
+    if results.len() > 1 {
+        printer.batch_summary(&results, started.elapsed());
+    }
+    Ok(ExitCode::from(exit_code(&results)))
+}
+
+/// The batch's exit status: its most severe outcome.
+pub fn exit_code(results: &[Finished]) -> u8 {
     let mut code = 0u8;
-    for r in &results {
+    for r in results {
         let c = match r.outcome {
             Outcome::Succeeded => 0,
             Outcome::Failed | Outcome::Lost => EXIT_FAILED,
@@ -199,10 +198,55 @@ pub fn run(state_dir: &Path, args: &RunArgs) -> Result<ExitCode> {
         };
         code = severest(code, c);
     }
-    if results.len() > 1 {
-        printer.batch_summary(&results, started.elapsed());
+    code
+}
+
+/// Where secrets come from: the file if given, else the environment.
+pub fn secret_source(file: &Option<PathBuf>) -> Result<SecretSource> {
+    Ok(match file {
+        Some(f) => SecretSource::from_file(f).context("cannot read the secrets file")?,
+        None => SecretSource::from_env(Some(reel_engine::secrets::DEFAULT_ENV_PREFIX)),
+    })
+}
+
+/// The plugin directory: the flag (or REEL_PLUGIN_DIR), else beside the binary.
+pub fn plugin_dir(flag: &Option<PathBuf>) -> Result<PathBuf> {
+    match flag {
+        Some(d) => Ok(d.clone()),
+        None => {
+            plugin::default_plugin_dir().context("cannot find the directory of the reel binary")
+        }
     }
-    Ok(ExitCode::from(code))
+}
+
+/// Cancels `cancel` on the first SIGINT/SIGTERM; tells the user on later ones.
+pub fn watch_signals(cancel: &Cancel, printer: &Arc<Printer>) -> Result<smol::Task<()>> {
+    let signals =
+        async_signal::Signals::new([async_signal::Signal::Int, async_signal::Signal::Term])
+            .context("cannot install the signal handler")?;
+    let cancel = cancel.clone();
+    let printer = printer.clone();
+    Ok(smol::spawn(async move {
+        use smol::stream::StreamExt;
+        let mut signals = signals;
+        let mut count = 0;
+        while let Some(Ok(sig)) = signals.next().await {
+            count += 1;
+            let name = if sig == async_signal::Signal::Int {
+                "SIGINT"
+            } else {
+                "SIGTERM"
+            };
+            if count == 1 {
+                printer.line(&format!(
+                    "reel: {name}: cancelling; sandboxes are being torn down"
+                ));
+                cancel.cancel(&format!("cancelled by {name}"));
+            } else {
+                printer.line("reel: still tearing down; the log records every step, `reel recover` can finish");
+            }
+        }
+    }))
 }
 
 fn severest(a: u8, b: u8) -> u8 {
@@ -213,14 +257,6 @@ fn severest(a: u8, b: u8) -> u8 {
         _ => 0,
     };
     if rank(b) > rank(a) { b } else { a }
-}
-
-struct Finished {
-    job: JobId,
-    name: String,
-    outcome: Outcome,
-    reason: String,
-    duration: Duration,
 }
 
 async fn run_batch(
@@ -241,34 +277,7 @@ async fn run_batch(
     }
 
     // Ctrl-C / SIGTERM cancel the batch; the executor tears every sandbox down.
-    let signals =
-        async_signal::Signals::new([async_signal::Signal::Int, async_signal::Signal::Term])
-            .context("cannot install the signal handler")?;
-    let watcher = {
-        let cancel = cancel.clone();
-        let printer = printer.clone();
-        smol::spawn(async move {
-            use smol::stream::StreamExt;
-            let mut signals = signals;
-            let mut count = 0;
-            while let Some(Ok(sig)) = signals.next().await {
-                count += 1;
-                let name = if sig == async_signal::Signal::Int {
-                    "SIGINT"
-                } else {
-                    "SIGTERM"
-                };
-                if count == 1 {
-                    printer.line(&format!(
-                        "reel: {name}: cancelling; sandboxes are being torn down"
-                    ));
-                    cancel.cancel(&format!("cancelled by {name}"));
-                } else {
-                    printer.line("reel: still tearing down; the log records every step, `reel recover` can finish");
-                }
-            }
-        })
-    };
+    let watcher = watch_signals(cancel, printer)?;
 
     // -j N: N tokens; each job takes one while it runs.
     let (tokens_tx, tokens_rx) = async_channel::bounded::<()>(parallel as usize);
@@ -344,212 +353,4 @@ async fn run_batch(
         bail!("the engine could not finish every job; see above");
     }
     Ok(results)
-}
-
-/// Prints reports: step headers, live output (line-prefixed when several jobs
-/// run at once), step and job summaries.
-struct Printer {
-    prefixed: bool,
-    quiet: bool,
-    inner: Mutex<PrinterState>,
-}
-
-#[derive(Default)]
-struct PrinterState {
-    jobs: HashMap<JobId, JobInfo>,
-    /// Partial output lines per (job, step), held until their newline.
-    partial: HashMap<(JobId, u32), Vec<u8>>,
-}
-
-struct JobInfo {
-    name: String,
-    file: PathBuf,
-    steps: usize,
-}
-
-impl Printer {
-    fn new(prefixed: bool, quiet: bool) -> Printer {
-        Printer {
-            prefixed,
-            quiet,
-            inner: Mutex::new(PrinterState::default()),
-        }
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, PrinterState> {
-        self.inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn register(&self, job: JobId, name: &str, file: &Path, steps: usize) {
-        self.state().jobs.insert(
-            job,
-            JobInfo {
-                name: name.to_string(),
-                file: file.to_path_buf(),
-                steps,
-            },
-        );
-    }
-
-    fn line(&self, s: &str) {
-        let _guard = self.state();
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{s}");
-        let _ = out.flush();
-    }
-
-    fn tag(&self, st: &PrinterState, job: JobId) -> String {
-        if !self.prefixed {
-            return String::new();
-        }
-        let name = st.jobs.get(&job).map_or("?", |j| j.name.as_str());
-        format!("{name}#{job} | ")
-    }
-
-    fn job_header(&self, job: JobId) {
-        let st = self.state();
-        if let Some(j) = st.jobs.get(&job) {
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(
-                out,
-                "==> job {job} {:?} ({}): {} step{}",
-                j.name,
-                j.file.display(),
-                j.steps,
-                if j.steps == 1 { "" } else { "s" }
-            );
-            let _ = out.flush();
-        }
-    }
-
-    fn batch_summary(&self, results: &[Finished], took: Duration) {
-        let count = |o: Outcome| results.iter().filter(|r| r.outcome == o).count();
-        let mut parts = Vec::new();
-        for o in [
-            Outcome::Succeeded,
-            Outcome::Failed,
-            Outcome::TimedOut,
-            Outcome::Cancelled,
-            Outcome::Lost,
-        ] {
-            let n = count(o);
-            if n > 0 {
-                parts.push(format!("{n} {}", o.as_str().replace('_', " ")));
-            }
-        }
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(
-            out,
-            "\nbatch: {} jobs in {}: {}",
-            results.len(),
-            format_duration_ms(took.as_millis() as u64),
-            parts.join(", ")
-        );
-        for r in results {
-            let _ = writeln!(
-                out,
-                "  job {:<5} {:<24} {:<10} {:>8}  {}",
-                r.job,
-                r.name,
-                r.outcome.as_str(),
-                format_duration_ms(r.duration.as_millis() as u64),
-                r.reason
-            );
-        }
-    }
-}
-
-impl Observer for Printer {
-    fn report(&self, report: Report<'_>) {
-        let mut st = self.state();
-        let mut out = std::io::stdout().lock();
-        match report {
-            Report::Started { .. } => {}
-            Report::StepStarted { job, index, name } => {
-                let total = st.jobs.get(&job).map_or(0, |j| j.steps);
-                let tag = self.tag(&st, job);
-                let _ = writeln!(out, "{tag}--> step {}/{total} {name:?}", index + 1);
-            }
-            Report::Output {
-                job, index, bytes, ..
-            } => {
-                if self.quiet {
-                    return;
-                }
-                if !self.prefixed {
-                    let _ = out.write_all(bytes);
-                } else {
-                    let tag = self.tag(&st, job);
-                    let buf = st.partial.entry((job, index)).or_default();
-                    buf.extend_from_slice(bytes);
-                    while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
-                        let line: Vec<u8> = buf.drain(..=nl).collect();
-                        let _ = out.write_all(tag.as_bytes());
-                        let _ = out.write_all(&line);
-                    }
-                }
-            }
-            Report::StepFinished {
-                job,
-                index,
-                name,
-                exit_code,
-                signal,
-                timed_out,
-                duration,
-                bytes,
-            } => {
-                let tag = self.tag(&st, job);
-                if let Some(rest) = st.partial.remove(&(job, index)).filter(|r| !r.is_empty()) {
-                    let _ = out.write_all(tag.as_bytes());
-                    let _ = out.write_all(&rest);
-                    let _ = writeln!(out);
-                }
-                let total = st.jobs.get(&job).map_or(0, |j| j.steps);
-                let how = if timed_out {
-                    "timed out".to_string()
-                } else if let Some(s) = signal {
-                    format!("killed by signal {s}")
-                } else {
-                    format!("exit {}", exit_code.map_or("?".into(), |c| c.to_string()))
-                };
-                let _ = writeln!(
-                    out,
-                    "{tag}<-- step {}/{total} {name:?}: {how} in {}, {bytes} bytes of output",
-                    index + 1,
-                    format_duration_ms(duration.as_millis() as u64)
-                );
-            }
-            Report::Notice { job, message } => {
-                let tag = self.tag(&st, job);
-                let _ = writeln!(out, "{tag}reel: note: {message}");
-            }
-            Report::Finished {
-                job,
-                outcome,
-                reason,
-                duration,
-            } => {
-                let name = st
-                    .jobs
-                    .get(&job)
-                    .map_or("?", |j| j.name.as_str())
-                    .to_string();
-                let _ = writeln!(
-                    out,
-                    "==> job {job} {name:?}: {} in {}{}",
-                    outcome.as_str().replace('_', " "),
-                    format_duration_ms(duration.as_millis() as u64),
-                    if reason.is_empty() {
-                        String::new()
-                    } else {
-                        format!(": {reason}")
-                    }
-                );
-            }
-        }
-        let _ = out.flush();
-    }
 }

@@ -1,0 +1,254 @@
+//! `reel recover`: brings every live job of a state directory — jobs of an engine
+//! that died — to a terminal state, or with `--dry-run` says what it would do.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use serde_json::json;
+
+use reel_engine::event::Outcome;
+use reel_engine::executor::{Cancel, Executor};
+use reel_engine::log::{Durability, EventLog, LogOptions};
+use reel_engine::plugin;
+use reel_engine::recover::{Action, Assessment, assess, recover};
+
+use super::print::{Finished, Printer};
+use super::run::{exit_code, plugin_dir, secret_source, watch_signals};
+
+#[derive(Args, Debug)]
+#[command(after_help = "\
+For each unfinished job it finds, recovery decides:
+  requeue   the job never had a sandbox: it runs now, in its original order;
+  reattach  its sandbox is alive (pid and start time checked): reconnect, resume the
+            running step's output where the log stopped, run the remaining steps;
+  finish    teardown had been decided: finish it, end with the decided outcome;
+  reap      the sandbox is gone: remove what is left, end the job `lost`.
+Every action is logged, so a crash during recovery is itself recovered.
+
+Exit status as for `reel run`; a lost job counts as failed.")]
+pub struct RecoverArgs {
+    /// Only say what would be done, for each job and why; change nothing (the log
+    /// is read from a copy and stays byte-identical).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print JSON (with --dry-run: the assessments; else the outcomes).
+    #[arg(long)]
+    pub json: bool,
+    /// Run up to N requeued jobs at a time (reattached and reaped jobs always
+    /// proceed: they already hold their sandboxes).
+    #[arg(short = 'j', long = "jobs", default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub parallel: u32,
+    /// Read secrets from FILE instead of the environment (as for `reel run`).
+    #[arg(long, value_name = "FILE")]
+    pub secrets_file: Option<PathBuf>,
+    /// Directory to load runner plugins from (default: beside the reel binary).
+    #[arg(long, env = "REEL_PLUGIN_DIR", value_name = "DIR")]
+    pub plugin_dir: Option<PathBuf>,
+    /// How hard each logged event is pushed to disk before reel acts on it.
+    #[arg(long, value_enum, default_value_t = Durability::Fsync)]
+    pub durability: Durability,
+    /// Print only step summaries and results, not step output.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+fn action_word(a: &Action) -> &'static str {
+    match a {
+        Action::Requeue => "requeue",
+        Action::Reattach { .. } => "reattach",
+        Action::FinishTeardown { .. } => "finish",
+        Action::Reap { .. } => "reap",
+        Action::Skip { .. } => "skip",
+    }
+}
+
+pub fn run(state_dir: &Path, args: &RecoverArgs) -> Result<ExitCode> {
+    let plugins = plugin::load_dir(&plugin_dir(&args.plugin_dir)?);
+    if args.dry_run {
+        return dry_run(state_dir, plugins, args);
+    }
+    let source = secret_source(&args.secrets_file)?;
+    let log = EventLog::open(
+        state_dir,
+        LogOptions {
+            durability: args.durability,
+        },
+    )
+    .map_err(|e| {
+        anyhow::Error::new(e).context(format!("cannot open the log in {}", state_dir.display()))
+    })?;
+    let executor = Arc::new(Executor::new(
+        log.clone(),
+        plugins,
+        state_dir.join("sandboxes"),
+        Default::default(),
+    )?);
+    let live = log.live_jobs()?;
+    if live.is_empty() {
+        if args.json {
+            println!("[]");
+        } else {
+            println!(
+                "nothing to recover: no unfinished job in {}",
+                state_dir.display()
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let printer = Arc::new(Printer::new(
+        live.len() > 1 && args.parallel > 1,
+        args.quiet,
+    ));
+    let cancel = Cancel::default();
+    let started = Instant::now();
+    let results = smol::block_on(async {
+        let _watcher = watch_signals(&cancel, &printer)?;
+        let (tokens_tx, tokens_rx) = async_channel::bounded::<()>(args.parallel as usize);
+        for _ in 0..args.parallel {
+            tokens_tx.send(()).await?;
+        }
+        let mut tasks = Vec::new();
+        for job in live {
+            let Some(state) = executor.log().live_state(job) else {
+                continue;
+            };
+            let a = assess(&executor, &state).await;
+            let spec = state.spec.clone().unwrap_or_default();
+            printer.register(job, &a.name, Path::new("(recovered)"), spec.steps.len());
+            printer.line(&format!(
+                "==> job {job} {:?}: {}: {}",
+                a.name,
+                action_word(&a.action),
+                a.why
+            ));
+            let secrets = source.resolve(&spec.secrets).map_err(|e| {
+                format!("the recovering engine cannot resolve the job's secrets: {e}")
+            });
+            let (executor, cancel, printer) = (executor.clone(), cancel.clone(), printer.clone());
+            let (tokens_tx, tokens_rx) = (tokens_tx.clone(), tokens_rx.clone());
+            // Requeued jobs wait for a token, in id order (the order of this loop).
+            let queued = a.action == Action::Requeue;
+            let token = if queued {
+                tokens_rx.recv().await.ok()
+            } else {
+                None
+            };
+            tasks.push(smol::spawn(async move {
+                let began = Instant::now();
+                let result = recover(&executor, &a, secrets, &cancel, printer.as_ref()).await;
+                if token.is_some() {
+                    let _ = tokens_tx.send(()).await;
+                }
+                let outcome = match result {
+                    Ok(Some(o)) => Some(o),
+                    Ok(None) => None,
+                    Err(e) => {
+                        printer.line(&format!("reel: job {}: {e}", a.job));
+                        Some(Outcome::Failed)
+                    }
+                };
+                let reason = executor
+                    .log()
+                    .fold(a.job)
+                    .ok()
+                    .and_then(|s| s.reason)
+                    .unwrap_or_default();
+                outcome.map(|outcome| Finished {
+                    job: a.job,
+                    name: a.name.clone(),
+                    outcome,
+                    reason,
+                    duration: began.elapsed(),
+                })
+            }));
+        }
+        let mut results = Vec::new();
+        for t in tasks {
+            if let Some(f) = t.await {
+                results.push(f);
+            }
+        }
+        anyhow::Ok(results)
+    })?;
+    let still_live = log.live_jobs()?.len();
+    log.close();
+    if args.json {
+        let v: Vec<_> = results
+            .iter()
+            .map(
+                |r| json!({"job": r.job, "name": r.name, "outcome": r.outcome, "reason": r.reason}),
+            )
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        printer.batch_summary(&results, started.elapsed());
+    }
+    if still_live > 0 {
+        eprintln!("reel: {still_live} job(s) are still unfinished; see above");
+        return Ok(ExitCode::from(super::run::EXIT_ERROR));
+    }
+    Ok(ExitCode::from(exit_code(&results)))
+}
+
+fn dry_run(state_dir: &Path, plugins: plugin::PluginSet, args: &RecoverArgs) -> Result<ExitCode> {
+    let (log, _snapshot) = EventLog::open_snapshot(state_dir)
+        .with_context(|| format!("cannot read the log in {}", state_dir.display()))?;
+    let executor = Executor::new(
+        log.clone(),
+        plugins,
+        state_dir.join("sandboxes"),
+        Default::default(),
+    )?;
+    let mut found: Vec<Assessment> = Vec::new();
+    smol::block_on(async {
+        for job in log.live_jobs()? {
+            if let Some(state) = log.live_state(job) {
+                found.push(assess(&executor, &state).await);
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&found)?);
+    } else if found.is_empty() {
+        println!(
+            "nothing to recover: no unfinished job in {}",
+            state_dir.display()
+        );
+    } else {
+        println!(
+            "{} unfinished job(s) in {}; nothing was changed:",
+            found.len(),
+            state_dir.display()
+        );
+        for a in &found {
+            println!(
+                "\njob {} {:?} (phase {}): {}",
+                a.job,
+                a.name,
+                a.phase,
+                action_word(&a.action)
+            );
+            if let Some(alive) = a.alive {
+                println!(
+                    "  alive:  {}{}",
+                    if alive { "yes" } else { "no" },
+                    a.probe
+                        .as_ref()
+                        .map(|p| format!(" ({p})"))
+                        .unwrap_or_default()
+                );
+            }
+            if !a.holds.is_empty() {
+                println!("  holds:  {}", a.holds.join("; "));
+            }
+            println!("  why:    {}", a.why);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

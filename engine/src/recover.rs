@@ -1,0 +1,512 @@
+//! Recovery: taking over the live jobs of an engine that died.
+//!
+//! For each job in the log's live set, [`assess`] folds its events, asks the
+//! runner to `probe` the sandbox the log names (by pid *and* start time), and
+//! decides:
+//!
+//! - **requeue** — the job never had a sandbox (`Submitted`, `Queued`,
+//!   `SlotGranted`): it runs again from the queue, in its original order;
+//! - **reattach** — the sandbox is alive and the runner can reattach: the job
+//!   carries on; the step that was running resumes its output at the offset the
+//!   log holds (nothing lost, nothing duplicated), its exit status is collected,
+//!   the remaining steps run;
+//! - **finish teardown** — teardown had been decided: it goes on from where the
+//!   log says it stopped and the job ends with the outcome already decided;
+//! - **reap** — the sandbox is gone (or never finished being set up): whatever
+//!   is left is powered off and cleaned up from the handle the log holds (the
+//!   runner's intent names every resource, so even one created just before the
+//!   crash is found), then `Reaped` and a terminal `Lost` with the reason.
+//!
+//! Every action starts with `RecoveryStarted` and is logged like any other run,
+//! so a crash during recovery is itself recovered.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::event::{Event, JobId, Outcome};
+use crate::executor::{
+    Abort, Cancel, ExecError, Executor, JobRun, Observer, Report, Resume, to_sdk,
+};
+use crate::secrets::ResolvedSecrets;
+use crate::state::{JobState, Phase};
+use crate::time::now_ms;
+
+/// What recovery will do with one job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Action {
+    /// Run the job from the queue.
+    Requeue,
+    /// Reattach to the live sandbox and carry on.
+    Reattach {
+        /// The running step to resume (index) and the output offset it resumes at.
+        resume_step: Option<u32>,
+        /// Bytes of that step's output the log already holds.
+        resume_from: u64,
+        /// Steps still to run after it.
+        steps_left: usize,
+    },
+    /// Finish the teardown that was decided, ending with its outcome.
+    FinishTeardown {
+        /// The outcome teardown decided.
+        outcome: Outcome,
+    },
+    /// Remove what is left and end the job `Lost`.
+    Reap {
+        /// Why the job cannot go on.
+        reason: String,
+    },
+    /// Nothing can be done now (the runner is not loaded); the job stays live.
+    Skip {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What recovery found about one live job and what it will do.
+#[derive(Clone, Debug, Serialize)]
+pub struct Assessment {
+    /// The job.
+    pub job: JobId,
+    /// Its name.
+    pub name: String,
+    /// Its phase in the log.
+    pub phase: &'static str,
+    /// Whether the sandbox's agent/VM is alive, if it was probed.
+    pub alive: Option<bool>,
+    /// What the probe said.
+    pub probe: Option<String>,
+    /// What the job holds, per the log.
+    pub holds: Vec<String>,
+    /// The decision.
+    #[serde(flatten)]
+    pub action: Action,
+    /// Why, in a sentence.
+    pub why: String,
+}
+
+fn has_sandbox_process(phase: Phase) -> bool {
+    matches!(
+        phase,
+        Phase::Booting | Phase::Booted | Phase::Connected | Phase::Running
+    )
+}
+
+/// Decides what to do with a live job. Only probes: changes nothing.
+pub async fn assess(ex: &Executor, state: &JobState) -> Assessment {
+    let spec = state.spec.clone().unwrap_or_default();
+    let mut a = Assessment {
+        job: state.id,
+        name: spec.name.clone(),
+        phase: state.phase.as_str(),
+        alive: None,
+        probe: None,
+        holds: state.held_resources(),
+        action: Action::Requeue,
+        why: String::new(),
+    };
+    let teardown_from = state.phase_before_teardown.unwrap_or(Phase::New);
+    match state.phase {
+        Phase::New | Phase::Submitted | Phase::Queued | Phase::SlotGranted => {
+            a.why = "it never had a sandbox: it runs again from the queue, in its original order"
+                .into();
+            return a;
+        }
+        Phase::CidAllocated => {
+            a.action = Action::Reap {
+                reason: "the engine died before the runner planned the sandbox; nothing was created but the lease".into(),
+            };
+            a.why = "no sandbox exists; the lease is released".into();
+            return a;
+        }
+        Phase::Reaped => {
+            a.action = Action::Reap {
+                reason: state.reason.clone().unwrap_or_else(|| "reaped".into()),
+            };
+            a.why = "it was reaped; only its terminal event is missing".into();
+            return a;
+        }
+        _ => {}
+    }
+    let runner = match ex.runner(&spec.runner) {
+        Ok(r) => r,
+        Err(e) => {
+            a.action = Action::Skip {
+                reason: e.to_string(),
+            };
+            a.why = format!("cannot reach its sandbox: {e}; it stays unfinished");
+            return a;
+        }
+    };
+    let Some(handle) = state.handle.clone() else {
+        a.action = Action::Reap {
+            reason: "no sandbox handle was logged".into(),
+        };
+        a.why = "nothing of the sandbox is named in the log".into();
+        return a;
+    };
+    let h = to_sdk(&handle);
+    let probe = runner.unblock(move |r| r.probe(&h)).await;
+    let (alive, reattachable, detail) = match probe {
+        Ok(p) => (p.alive, p.reattachable, p.detail),
+        Err(e) => (false, false, format!("probe failed: {e}")),
+    };
+    a.alive = Some(alive);
+    a.probe = Some(detail.clone());
+    if matches!(
+        state.phase,
+        Phase::TearingDown
+            | Phase::Drained
+            | Phase::PoweredOff
+            | Phase::CleaningUp
+            | Phase::Cleaned
+    ) {
+        let outcome = state.outcome.unwrap_or(Outcome::Lost);
+        a.action = Action::FinishTeardown { outcome };
+        a.why = format!(
+            "teardown was decided ({}) before the engine died (from phase {}); it is finished from where the log stopped",
+            outcome.as_str(),
+            teardown_from.as_str()
+        );
+        return a;
+    }
+    if alive && reattachable && has_sandbox_process(state.phase) {
+        let running = state.running_step().map(|s| s.index);
+        let from = match running {
+            Some(i) => ex.log().output_end(state.id, i).unwrap_or(0),
+            None => 0,
+        };
+        let done = state.steps_finished();
+        let steps_left = state
+            .step_count()
+            .saturating_sub(done + usize::from(running.is_some()));
+        a.why = match running {
+            Some(i) => format!(
+                "the sandbox is alive ({detail}): reattach, resume step {} from byte {from}, then {steps_left} more step(s)",
+                i + 1
+            ),
+            None => format!(
+                "the sandbox is alive ({detail}): reattach and run the {steps_left} remaining step(s)"
+            ),
+        };
+        a.action = Action::Reattach {
+            resume_step: running,
+            resume_from: from,
+            steps_left,
+        };
+        return a;
+    }
+    let reason = if has_sandbox_process(state.phase) {
+        format!("the sandbox is gone: {detail}")
+    } else {
+        format!(
+            "the engine died while setting the sandbox up (phase {}); {detail}",
+            state.phase.as_str()
+        )
+    };
+    a.why = format!("{reason}; what is left is removed and the job ends lost");
+    a.action = Action::Reap { reason };
+    a
+}
+
+/// The job's deadline as an `Instant`, from its submission time and timeout.
+fn deadline(state: &JobState) -> Option<Instant> {
+    let timeout = state.spec.as_ref()?.timeout_ms?;
+    let end_ms = state.submitted_ms? + timeout;
+    let now = now_ms();
+    Some(Instant::now() + Duration::from_millis(end_ms.saturating_sub(now)))
+}
+
+/// Carries out an assessment. Returns the job's outcome once its terminal event
+/// is durable (or `None` for a skipped job).
+pub async fn recover(
+    ex: &Executor,
+    assessment: &Assessment,
+    secrets: Result<ResolvedSecrets, String>,
+    cancel: &Cancel,
+    observer: &dyn Observer,
+) -> Result<Option<Outcome>, ExecError> {
+    let job = assessment.job;
+    let log = ex.log();
+    let Some(state) = log.live_state(job) else {
+        return Ok(None);
+    };
+    let spec = state.spec.clone().unwrap_or_default();
+    if let Action::Skip { .. } = assessment.action {
+        return Ok(None);
+    }
+    let started = Instant::now();
+    log.append(
+        job,
+        Event::RecoveryStarted {
+            engine_pid: std::process::id(),
+        },
+    )
+    .await?;
+    if assessment.action == Action::Requeue {
+        if state.phase == Phase::Submitted {
+            log.append(job, Event::Queued {}).await?;
+        }
+        return match secrets {
+            Ok(s) => ex.run(job, &spec, &s, cancel, observer).await.map(Some),
+            Err(why) => {
+                ex.end_unstarted(job, Outcome::Failed, &why).await?;
+                Ok(Some(Outcome::Failed))
+            }
+        };
+    }
+    let mut run = JobRun {
+        ex,
+        job,
+        spec: &spec,
+        observer,
+        cancel,
+        handle: state.handle.clone(),
+        phase: state.phase,
+        cid: state.cid,
+    };
+    let (outcome, reason) = match &assessment.action {
+        Action::FinishTeardown { outcome } => {
+            finish_teardown(&mut run, &state, *outcome).await?;
+            (*outcome, state.reason.clone().unwrap_or_default())
+        }
+        Action::Reap { reason } => {
+            reap(&mut run, &state, reason).await?;
+            (Outcome::Lost, reason.clone())
+        }
+        Action::Reattach {
+            resume_step,
+            resume_from,
+            ..
+        } => {
+            let decided =
+                reattach_and_run(&mut run, &state, *resume_step, *resume_from, secrets).await;
+            let (outcome, reason) = match decided {
+                Ok(x) => x,
+                Err(Abort::Log(e)) => return Err(e.into()),
+                Err(Abort::Runner(e)) => return Err(e),
+            };
+            run.teardown(outcome, &reason).await?;
+            (outcome, reason)
+        }
+        // Handled above.
+        Action::Requeue | Action::Skip { .. } => return Ok(None),
+    };
+    observer.report(Report::Finished {
+        job,
+        outcome,
+        reason: &reason,
+        duration: started.elapsed(),
+    });
+    Ok(Some(outcome))
+}
+
+async fn reattach_and_run(
+    run: &mut JobRun<'_>,
+    state: &JobState,
+    resume_step: Option<u32>,
+    resume_from: u64,
+    secrets: Result<ResolvedSecrets, String>,
+) -> Result<(Outcome, String), Abort> {
+    let runner = run.runner()?;
+    let h = to_sdk(run.handle.as_ref().unwrap_or(&Default::default()));
+    let reattached = runner.unblock(move |r| r.reattach(&h)).await;
+    let handle = match reattached {
+        Ok(h) => crate::executor::from_sdk(h),
+        Err(e) => {
+            return Ok((
+                Outcome::Lost,
+                format!("the sandbox was alive but reattaching failed: {e}"),
+            ));
+        }
+    };
+    run.handle = Some(handle.clone());
+    run.append(Event::Reattached {
+        handle: handle.clone(),
+    })
+    .await?;
+    if run.phase == Phase::Booting {
+        run.append(Event::VmBooted {
+            handle: handle.clone(),
+        })
+        .await?;
+    }
+    if run.phase == Phase::Booted {
+        run.append(Event::AgentConnected { handle }).await?;
+    }
+    let stop = match (&secrets, &state.cancel_requested) {
+        (_, Some(reason)) => Some((Outcome::Cancelled, reason.clone())),
+        (Err(why), None) => Some((Outcome::Failed, why.clone())),
+        (Ok(_), None) => None,
+    };
+    if let Some(stop) = stop {
+        if let Some(step) = state.running_step() {
+            // The step still runs in the sandbox; teardown stops it. Its output
+            // is what the log holds.
+            run.append(Event::StepFinished {
+                index: step.index,
+                exit_code: None,
+                signal: None,
+                timed_out: false,
+                output_bytes: resume_from,
+            })
+            .await?;
+        }
+        return Ok(stop);
+    }
+    let Ok(secrets) = secrets else {
+        return Ok((Outcome::Failed, "secrets unavailable".into()));
+    };
+    let resume = resume_step.and_then(|index| {
+        state.running_step().map(|s| Resume {
+            index,
+            exec_id: s.exec_id,
+            from: resume_from,
+        })
+    });
+    run.run_steps(&secrets, deadline(state), resume).await
+}
+
+async fn finish_teardown(
+    run: &mut JobRun<'_>,
+    state: &JobState,
+    outcome: Outcome,
+) -> Result<(), ExecError> {
+    let before = state.phase_before_teardown.unwrap_or(Phase::New);
+    let runner = run.runner().ok();
+    if let (Some(runner), Some(handle)) = (runner, run.handle.clone()) {
+        let h = to_sdk(&handle);
+        if matches!(state.phase, Phase::TearingDown | Phase::Drained) && has_sandbox_process(before)
+        {
+            let hh = h.clone();
+            match runner.unblock(move |r| r.poweroff(&hh, true, 10_000)).await {
+                Ok(()) => run.append(Event::PoweredOff {}).await?,
+                Err(e) => {
+                    run.append(Event::RunnerNotice {
+                        message: format!("poweroff failed, cleanup will kill what is left: {e}"),
+                    })
+                    .await?;
+                }
+            }
+        }
+        if state.phase != Phase::Cleaned && state.cid.is_some() {
+            cleanup(run, &runner, &h).await?;
+        }
+    } else if state.phase != Phase::Cleaned && state.cid.is_some() {
+        run.append(Event::CleanupStarted {}).await?;
+        run.append(Event::Cleaned {}).await?;
+    }
+    if let Some(cid) = run.cid.take() {
+        run.ex.release(cid);
+    }
+    if outcome == Outcome::Lost {
+        run.append(Event::Reaped {
+            reason: state.reason.clone().unwrap_or_default(),
+        })
+        .await?;
+    }
+    run.append(Event::terminal(
+        outcome,
+        state.reason.clone().unwrap_or_default(),
+    ))
+    .await?;
+    Ok(())
+}
+
+async fn cleanup(
+    run: &mut JobRun<'_>,
+    runner: &std::sync::Arc<crate::plugin::LoadedRunner>,
+    h: &crate::plugin::Handle,
+) -> Result<(), ExecError> {
+    run.append(Event::CleanupStarted {}).await?;
+    let mut last = None;
+    for attempt in 0..3u32 {
+        let hh = h.clone();
+        match runner.unblock(move |r| r.cleanup(&hh)).await {
+            Ok(()) => {
+                last = None;
+                break;
+            }
+            Err(e) => {
+                last = Some(e.to_string());
+                smol::Timer::after(Duration::from_millis(200 << attempt)).await;
+            }
+        }
+    }
+    if let Some(message) = last {
+        run.append(Event::RunnerNotice {
+            message: format!("cleanup failed: {message}"),
+        })
+        .await?;
+        return Err(ExecError::CleanupFailed {
+            job: run.job,
+            message,
+        });
+    }
+    run.append(Event::Cleaned {}).await?;
+    Ok(())
+}
+
+async fn reap(run: &mut JobRun<'_>, state: &JobState, reason: &str) -> Result<(), ExecError> {
+    if state.phase == Phase::Reaped {
+        run.append(Event::Lost {
+            reason: reason.to_string(),
+        })
+        .await?;
+        return Ok(());
+    }
+    if let Some(step) = state.running_step() {
+        // The step's sandbox is gone: it ended without an exit status. Its
+        // output is what the log holds.
+        let stored = run.ex.log().output_end(run.job, step.index)?;
+        run.append(Event::StepFinished {
+            index: step.index,
+            exit_code: None,
+            signal: None,
+            timed_out: false,
+            output_bytes: stored,
+        })
+        .await?;
+    }
+    run.append(Event::TeardownStarted {
+        outcome: Outcome::Lost,
+        reason: reason.to_string(),
+    })
+    .await?;
+    let runner = run.runner().ok();
+    if let (Some(runner), Some(handle)) = (runner, run.handle.clone()) {
+        let h = to_sdk(&handle);
+        if matches!(
+            state.phase,
+            Phase::Booting | Phase::Booted | Phase::Connected | Phase::Running
+        ) {
+            let hh = h.clone();
+            match runner.unblock(move |r| r.poweroff(&hh, false, 5_000)).await {
+                Ok(()) => run.append(Event::PoweredOff {}).await?,
+                Err(e) => {
+                    run.append(Event::RunnerNotice {
+                        message: format!("poweroff failed, cleanup will kill what is left: {e}"),
+                    })
+                    .await?;
+                }
+            }
+        }
+        cleanup(run, &runner, &h).await?;
+    } else if state.cid.is_some() {
+        run.append(Event::CleanupStarted {}).await?;
+        run.append(Event::Cleaned {}).await?;
+    }
+    if let Some(cid) = run.cid.take() {
+        run.ex.release(cid);
+    }
+    run.append(Event::Reaped {
+        reason: reason.to_string(),
+    })
+    .await?;
+    run.append(Event::Lost {
+        reason: reason.to_string(),
+    })
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,391 @@
+//! Crash recovery, the way it fails in real life: the real `reel` process is
+//! killed with SIGKILL at a chosen lifecycle event (`REEL_TEST_CRASH_AT`) or at
+//! random moments, then `reel recover` finishes the work. Every job must end
+//! exactly once, with its output complete and nothing left behind.
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use reel_tests::{processes_under, reel, target_dir, text};
+use serde_json::Value;
+
+/// Two steps printing numbered lines slowly, so crashes land mid-step.
+const JOB: &str = "\
+name: lines
+steps:
+  - name: one
+    command: for i in 1 2 3 4 5; do echo \"one $i\"; sleep 0.1; done
+  - name: two
+    command: for i in 1 2 3; do echo \"two $i\"; sleep 0.1; done
+";
+
+fn expected_output() -> String {
+    let mut s = String::new();
+    for i in 1..=5 {
+        s.push_str(&format!("one {i}\n"));
+    }
+    for i in 1..=3 {
+        s.push_str(&format!("two {i}\n"));
+    }
+    s
+}
+
+fn json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {} / {}", text(&out.stdout), text(&out.stderr)))
+}
+
+/// The tag the process runner puts in cgroup names for this sandbox root.
+fn root_tag(root: &Path) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in root.as_os_str().as_encoded_bytes() {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("{h:08x}")
+}
+
+/// No process, workdir, cgroup or lease of this state directory remains.
+fn assert_nothing_left(state: &Path, context: &str) {
+    let root = state.join("sandboxes");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let procs = processes_under(&root);
+        if procs.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{context}: processes remain: {procs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let dirs: Vec<_> = std::fs::read_dir(&root)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(
+        dirs.is_empty(),
+        "{context}: sandbox directories remain: {dirs:?}"
+    );
+    let tag = format!("sbx-{}-", root_tag(&std::path::absolute(&root).unwrap()));
+    for parent in [
+        "/sys/fs/cgroup/memory/reel",
+        "/sys/fs/cgroup/pids/reel",
+        "/sys/fs/cgroup/reel",
+    ] {
+        if let Ok(entries) = std::fs::read_dir(parent) {
+            let left: Vec<_> = entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&tag))
+                .map(|e| e.path())
+                .collect();
+            assert!(left.is_empty(), "{context}: cgroups remain: {left:?}");
+        }
+    }
+    if state.join("log").exists() {
+        let live = json(&reel(state, &["recover", "--dry-run", "--json"], &[]));
+        assert_eq!(
+            live,
+            Value::Array(vec![]),
+            "{context}: jobs still hold leases"
+        );
+        let verify = reel(state, &["verify"], &[]);
+        assert!(
+            verify.status.success(),
+            "{context}: the log does not verify: {}",
+            text(&verify.stdout)
+        );
+    }
+}
+
+fn events(state: &Path, job: u64) -> Vec<String> {
+    let v = json(&reel(state, &["replay", &job.to_string(), "--json"], &[]));
+    v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap().to_string())
+        .collect()
+}
+
+const TERMINALS: [&str; 5] = ["Succeeded", "Failed", "Cancelled", "TimedOut", "Lost"];
+
+/// The lifecycle events of a successful run, in order.
+const POINTS: [&str; 18] = [
+    "Submitted",
+    "Queued",
+    "SlotGranted",
+    "CidAllocated",
+    "SandboxPlanned",
+    "WorkDirCreated",
+    "VolumesFormatted",
+    "BootRequested",
+    "VmBooted",
+    "AgentConnected",
+    "StepStarted",
+    "StepFinished",
+    "TeardownStarted",
+    "Drained",
+    "PoweredOff",
+    "CleanupStarted",
+    "Cleaned",
+    "Succeeded",
+];
+
+/// Crash points where the sandbox was set up partly, with no agent to reattach:
+/// the job must be reaped. Everywhere else it must succeed.
+fn must_be_lost(point: &str, when: &str) -> bool {
+    matches!(
+        (point, when),
+        ("CidAllocated", "after")
+            | ("SandboxPlanned", _)
+            | ("WorkDirCreated", _)
+            | ("VolumesFormatted", _)
+            | ("BootRequested", _)
+    )
+}
+
+fn crash_case(point: &str, when: &str) {
+    let context = format!("crash {when} {point}");
+    let state = tempfile::tempdir().unwrap();
+    let job = state.path().join("job.yml");
+    std::fs::write(&job, JOB).unwrap();
+    let run = reel(
+        state.path(),
+        &["run", job.to_str().unwrap()],
+        &[("REEL_TEST_CRASH_AT", &format!("{point}:{when}"))],
+    );
+    assert_eq!(
+        run.status.signal(),
+        Some(9),
+        "{context}: reel run was not killed: {} / {}",
+        text(&run.stdout),
+        text(&run.stderr)
+    );
+    let recover = reel(state.path(), &["recover"], &[]);
+    assert!(
+        matches!(recover.status.code(), Some(0 | 1)),
+        "{context}: recover failed: {} / {}",
+        text(&recover.stdout),
+        text(&recover.stderr)
+    );
+    if point == "Submitted" && when == "before" {
+        // The job never reached the log: there is nothing to recover.
+        let jobs = json(&reel(state.path(), &["jobs", "--json"], &[]));
+        assert_eq!(jobs.as_array().map_or(0, Vec::len), 0, "{context}");
+        assert_nothing_left(state.path(), &context);
+        return;
+    }
+    let names = events(state.path(), 1);
+    let terminals: Vec<&String> = names
+        .iter()
+        .filter(|n| TERMINALS.contains(&n.as_str()))
+        .collect();
+    assert_eq!(terminals.len(), 1, "{context}: {names:?}");
+    let output = text(&reel(state.path(), &["output", "1"], &[]).stdout);
+    if must_be_lost(point, when) {
+        assert_eq!(terminals[0], "Lost", "{context}: {names:?}");
+        assert!(!names.contains(&"Reattached".to_string()), "{context}");
+        assert_eq!(output, "", "{context}: no step ran");
+    } else {
+        assert_eq!(terminals[0], "Succeeded", "{context}: {names:?}");
+        assert_eq!(
+            output,
+            expected_output(),
+            "{context}: output has a gap or a duplicate"
+        );
+    }
+    assert_nothing_left(state.path(), &context);
+}
+
+#[test]
+fn every_lifecycle_event_before_and_after_a_sigkill_recovers() {
+    let cases: Vec<(&str, &str)> = POINTS
+        .iter()
+        .flat_map(|p| [(*p, "before"), (*p, "after")])
+        .collect();
+    // A few cases at a time: each spends most of its time in the job's sleeps.
+    let failures = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for chunk in cases.chunks(cases.len().div_ceil(4)) {
+            let failures = &failures;
+            s.spawn(move || {
+                for (point, when) in chunk {
+                    let r = std::panic::catch_unwind(|| crash_case(point, when));
+                    if let Err(e) = r {
+                        let msg = e
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_default();
+                        failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("{when} {point}: {msg}"));
+                    }
+                }
+            });
+        }
+    });
+    let failures = failures.into_inner().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// A small deterministic generator, so a failing chaos run can be repeated.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % n
+    }
+}
+
+#[test]
+fn chaos_fifty_jobs_ten_sigkills_every_job_ends_once_and_nothing_leaks() {
+    let seed = std::env::var("REEL_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_261_127);
+    let mut rng = Lcg(seed);
+    let state = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    let mut expected = Vec::new();
+    for j in 0..50 {
+        let steps = 1 + rng.next(3);
+        let mut yaml = format!("name: chaos{j}\nsteps:\n");
+        let mut out = String::new();
+        for s in 0..steps {
+            let lines = 1 + rng.next(4);
+            yaml.push_str(&format!(
+                "  - name: s{s}\n    command: for i in $(seq 1 {lines}); do echo \"j{j} s{s} $i\"; sleep 0.05; done\n"
+            ));
+            for i in 1..=lines {
+                out.push_str(&format!("j{j} s{s} {i}\n"));
+            }
+        }
+        let path = state.path().join(format!("chaos{j}.yml"));
+        std::fs::write(&path, yaml).unwrap();
+        files.push(path.to_string_lossy().into_owned());
+        expected.push(out);
+    }
+    let spawn = |args: &[String]| {
+        Command::new(target_dir().join("reel"))
+            .arg("--state-dir")
+            .arg(state.path())
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut first: Vec<String> = vec!["run".into(), "-j".into(), "4".into()];
+    first.extend(files.iter().cloned());
+    let recover: Vec<String> = vec!["recover".into(), "-j".into(), "4".into()];
+    for kill in 0..10 {
+        let mut child = spawn(if kill == 0 { &first } else { &recover });
+        // The first run submits all 50 jobs before running any; let it.
+        let base = if kill == 0 { 1500 } else { 200 };
+        let wait = Duration::from_millis(base + rng.next(900));
+        std::thread::sleep(wait);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let last = reel(state.path(), &["recover", "-j", "4"], &[]);
+    assert!(
+        matches!(last.status.code(), Some(0 | 1)),
+        "final recover: {} / {}",
+        text(&last.stdout),
+        text(&last.stderr)
+    );
+    let jobs = json(&reel(state.path(), &["jobs", "--json"], &[]));
+    let jobs = jobs.as_array().unwrap();
+    assert_eq!(jobs.len(), 50, "every job was submitted by the first run");
+    let (mut reattached, mut lost, mut recovered) = (0, 0, 0);
+    for j in jobs {
+        let id = j["id"].as_u64().unwrap();
+        let names = events(state.path(), id);
+        reattached += usize::from(names.iter().any(|n| n == "Reattached"));
+        lost += usize::from(names.iter().any(|n| n == "Lost"));
+        recovered += usize::from(names.iter().any(|n| n == "RecoveryStarted"));
+        let terminals: Vec<&String> = names
+            .iter()
+            .filter(|n| TERMINALS.contains(&n.as_str()))
+            .collect();
+        assert_eq!(terminals.len(), 1, "job {id}: {names:?}");
+        assert!(
+            ["Succeeded", "Lost"].contains(&terminals[0].as_str()),
+            "job {id}: {names:?}"
+        );
+        if terminals[0] == "Succeeded" {
+            let name = j["name"].as_str().unwrap();
+            let index: usize = name.trim_start_matches("chaos").parse().unwrap();
+            let output = text(&reel(state.path(), &["output", &id.to_string()], &[]).stdout);
+            assert_eq!(
+                output, expected[index],
+                "job {id} ({name}): output incomplete"
+            );
+        }
+    }
+    eprintln!(
+        "chaos (seed {seed}): 50 jobs, {recovered} taken over by a recovering engine, \
+         {reattached} reattached to a live sandbox, {lost} lost"
+    );
+    assert_nothing_left(state.path(), "chaos");
+}
+
+#[test]
+fn a_sandbox_killed_with_its_engine_is_reaped_lost_and_nothing_is_left() {
+    let state = tempfile::tempdir().unwrap();
+    let job = state.path().join("slow.yml");
+    std::fs::write(
+        &job,
+        "name: slow\nsteps:\n  - name: wait\n    command: echo started; sleep 30\n",
+    )
+    .unwrap();
+    let run = reel(
+        state.path(),
+        &["run", job.to_str().unwrap()],
+        &[("REEL_TEST_CRASH_AT", "StepStarted:after")],
+    );
+    assert_eq!(run.status.signal(), Some(9));
+    // Kill the sandbox too: the agent and the step, as an OOM killer might.
+    let root = state.path().join("sandboxes");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let procs = processes_under(&root);
+        for pid in &procs {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(*pid as i32).unwrap(),
+                rustix::process::Signal::KILL,
+            );
+        }
+        if procs.is_empty() || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let dry = json(&reel(
+        state.path(),
+        &["recover", "--dry-run", "--json"],
+        &[],
+    ));
+    assert_eq!(dry[0]["action"], "reap", "{dry}");
+    assert_eq!(dry[0]["alive"], false, "{dry}");
+    let out = reel(state.path(), &["recover"], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let names = events(state.path(), 1);
+    assert_eq!(names.last().map(String::as_str), Some("Lost"), "{names:?}");
+    assert!(names.contains(&"Reaped".to_string()));
+    assert_nothing_left(state.path(), "killed sandbox");
+}
