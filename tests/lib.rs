@@ -6,6 +6,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
 
 /// The directory holding `reel`, `reel-agent` and the plugins: the parent of the
 /// test binary's `deps/` directory.
@@ -98,4 +101,84 @@ pub fn reel_cgroups() -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// A command's stdout as JSON, or a panic showing what it printed.
+pub fn json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {} / {}", text(&out.stdout), text(&out.stderr)))
+}
+
+/// The tag the process runner puts in cgroup names for this sandbox root.
+pub fn root_tag(root: &Path) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in root.as_os_str().as_encoded_bytes() {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("{h:08x}")
+}
+
+/// No process, workdir, cgroup or lease of this state directory remains.
+pub fn assert_nothing_left(state: &Path, context: &str) {
+    let root = state.join("sandboxes");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let procs = processes_under(&root);
+        if procs.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{context}: processes remain: {procs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let dirs: Vec<_> = std::fs::read_dir(&root)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(
+        dirs.is_empty(),
+        "{context}: sandbox directories remain: {dirs:?}"
+    );
+    let tag = format!("sbx-{}-", root_tag(&std::path::absolute(&root).unwrap()));
+    for parent in [
+        "/sys/fs/cgroup/memory/reel",
+        "/sys/fs/cgroup/pids/reel",
+        "/sys/fs/cgroup/reel",
+    ] {
+        if let Ok(entries) = std::fs::read_dir(parent) {
+            let left: Vec<_> = entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&tag))
+                .map(|e| e.path())
+                .collect();
+            assert!(left.is_empty(), "{context}: cgroups remain: {left:?}");
+        }
+    }
+    if state.join("log").exists() {
+        let live = json(&reel(state, &["recover", "--dry-run", "--json"], &[]));
+        assert_eq!(
+            live,
+            Value::Array(vec![]),
+            "{context}: jobs still hold leases"
+        );
+        let verify = reel(state, &["verify"], &[]);
+        assert!(
+            verify.status.success(),
+            "{context}: the log does not verify: {}",
+            text(&verify.stdout)
+        );
+    }
+}
+
+/// The event names of a job's timeline, in order.
+pub fn events(state: &Path, job: u64) -> Vec<String> {
+    let v = json(&reel(state, &["replay", &job.to_string(), "--json"], &[]));
+    v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap().to_string())
+        .collect()
 }

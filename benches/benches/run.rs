@@ -199,8 +199,8 @@ impl Timeline {
     fn add(&mut self, state: &Path, jobs: u64) -> anyhow::Result<()> {
         let (log, _snapshot) = EventLog::open_snapshot(state)
             .with_context(|| format!("cannot open the log in {}", state.display()))?;
-        let mut prev_end = None;
         let mut first_submitted = None;
+        let mut spans = Vec::new();
         for job in 1..=jobs {
             let mut prev: Option<u64> = None;
             let mut granted = None;
@@ -232,17 +232,21 @@ impl Timeline {
             let (Some(g), Some(e)) = (granted, end) else {
                 bail!("job {job} has no SlotGranted or no end in the log");
             };
-            if job == 1 {
-                self.upfront_ms += g.saturating_sub(first_submitted.unwrap_or(g));
-                self.batches += 1;
-            }
-            if let Some(pe) = prev_end {
-                self.between_ms += g.saturating_sub(pe);
-                self.betweens += 1;
-            }
+            spans.push((g, e));
+        }
+        // Jobs take the slot in whatever order their tasks wake, not by id.
+        spans.sort_unstable();
+        if let (Some(first), Some(&(g, _))) = (first_submitted, spans.first()) {
+            self.upfront_ms += g.saturating_sub(first);
+            self.batches += 1;
+        }
+        for w in spans.windows(2) {
+            self.between_ms += w[1].0.saturating_sub(w[0].1);
+            self.betweens += 1;
+        }
+        for (g, e) in spans {
             self.span_ms += e.saturating_sub(g);
             self.jobs += 1;
-            prev_end = Some(e);
         }
         Ok(())
     }
@@ -256,7 +260,7 @@ impl Timeline {
     fn print(&self, per_job_ms: f64, fsync: Duration, flush_per_job_ms: f64) {
         let phase = |name: &str| match name {
             "Queued" => "submit (all jobs, up front)",
-            "SlotGranted" => "waiting for the previous jobs (not counted)",
+            "SlotGranted" => "queue wait for a -j 1 slot (not counted)",
             "CidAllocated" | "SandboxPlanned" | "WorkDirCreated" | "VolumesFormatted"
             | "BootRequested" => "prepare",
             "VmBooted" => "agent boot (spawn reel-agent, socket up)",

@@ -799,7 +799,67 @@ impl JobRun<'_> {
         Ok((result, stored, stopped_by))
     }
 
-    /// Records the decision and tears down what the log says exists.
+    /// Powers the sandbox off (never past `POWEROFF_DEADLINE_MS`) and records
+    /// it; a failure is recorded as a notice, since cleanup kills what is left.
+    pub(crate) async fn poweroff(
+        &mut self,
+        runner: &Arc<LoadedRunner>,
+        h: &plugin::Handle,
+        graceful: bool,
+    ) -> Result<(), LogError> {
+        let hh = h.clone();
+        match runner
+            .unblock(move |r| r.poweroff(&hh, graceful, POWEROFF_DEADLINE_MS))
+            .await
+        {
+            Ok(()) => self.append(Event::PoweredOff {}).await,
+            Err(e) => {
+                let m = format!("poweroff failed, cleanup will kill what is left: {e}");
+                self.notice(&m);
+                self.append(Event::RunnerNotice { message: m }).await
+            }
+        }
+    }
+
+    /// `CleanupStarted`, the runner's idempotent cleanup (retried), `Cleaned`.
+    /// A cleanup that keeps failing leaves the job live for `reel recover` and
+    /// never claims `Cleaned`.
+    pub(crate) async fn cleanup(
+        &mut self,
+        runner: &Arc<LoadedRunner>,
+        h: &plugin::Handle,
+    ) -> Result<(), ExecError> {
+        self.append(Event::CleanupStarted {}).await?;
+        let mut last = None;
+        for attempt in 0..CLEANUP_ATTEMPTS {
+            let hh = h.clone();
+            match runner.unblock(move |r| r.cleanup(&hh)).await {
+                Ok(()) => {
+                    last = None;
+                    break;
+                }
+                Err(e) => {
+                    last = Some(e.to_string());
+                    smol::Timer::after(Duration::from_millis(200 << attempt)).await;
+                }
+            }
+        }
+        if let Some(message) = last {
+            self.append(Event::RunnerNotice {
+                message: format!("cleanup failed: {message}"),
+            })
+            .await?;
+            return Err(ExecError::CleanupFailed {
+                job: self.job,
+                message,
+            });
+        }
+        self.append(Event::Cleaned {}).await?;
+        Ok(())
+    }
+
+    /// Records the decision and tears down what the log says exists. A `Lost`
+    /// outcome (recovery reaping a dead sandbox) also records `Reaped`.
     pub(crate) async fn teardown(
         &mut self,
         outcome: Outcome,
@@ -815,7 +875,8 @@ impl JobRun<'_> {
         let handle = self.handle.clone();
         if let (Some(runner), Some(handle)) = (runner, handle) {
             let h = to_sdk(&handle);
-            if matches!(before, Phase::Connected | Phase::Running) {
+            // A lost sandbox (recovery reaping it) has nothing to drain.
+            if matches!(before, Phase::Connected | Phase::Running) && outcome != Outcome::Lost {
                 let hh = h.clone();
                 match runner.unblock(move |r| r.drain(&hh)).await {
                     Ok(()) => self.append(Event::Drained {}).await?,
@@ -830,47 +891,10 @@ impl JobRun<'_> {
                 before,
                 Phase::Booting | Phase::Booted | Phase::Connected | Phase::Running
             ) {
-                let hh = h.clone();
-                match runner
-                    .unblock(move |r| r.poweroff(&hh, true, POWEROFF_DEADLINE_MS))
-                    .await
-                {
-                    Ok(()) => self.append(Event::PoweredOff {}).await?,
-                    Err(e) => {
-                        // Cleanup kills whatever is left; say why poweroff did not.
-                        let m = format!("poweroff failed, cleanup will kill what is left: {e}");
-                        self.notice(&m);
-                        self.append(Event::RunnerNotice { message: m }).await?;
-                    }
-                }
+                self.poweroff(&runner, &h, true).await?;
             }
             if self.cid.is_some() {
-                self.append(Event::CleanupStarted {}).await?;
-                let mut last = None;
-                for attempt in 0..CLEANUP_ATTEMPTS {
-                    let hh = h.clone();
-                    match runner.unblock(move |r| r.cleanup(&hh)).await {
-                        Ok(()) => {
-                            last = None;
-                            break;
-                        }
-                        Err(e) => {
-                            last = Some(e.to_string());
-                            smol::Timer::after(Duration::from_millis(200 << attempt)).await;
-                        }
-                    }
-                }
-                if let Some(message) = last {
-                    self.append(Event::RunnerNotice {
-                        message: format!("cleanup failed: {message}"),
-                    })
-                    .await?;
-                    return Err(ExecError::CleanupFailed {
-                        job: self.job,
-                        message,
-                    });
-                }
-                self.append(Event::Cleaned {}).await?;
+                self.cleanup(&runner, &h).await?;
             }
         } else if self.cid.is_some() {
             // No runner or no plan: nothing was created beyond the lease.
@@ -879,6 +903,12 @@ impl JobRun<'_> {
         }
         if let Some(cid) = self.cid.take() {
             self.ex.release(cid);
+        }
+        if outcome == Outcome::Lost {
+            self.append(Event::Reaped {
+                reason: reason.to_string(),
+            })
+            .await?;
         }
         self.append(Event::terminal(outcome, reason.to_string()))
             .await?;

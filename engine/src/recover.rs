@@ -379,19 +379,10 @@ async fn finish_teardown(
         let h = to_sdk(&handle);
         if matches!(state.phase, Phase::TearingDown | Phase::Drained) && has_sandbox_process(before)
         {
-            let hh = h.clone();
-            match runner.unblock(move |r| r.poweroff(&hh, true, 10_000)).await {
-                Ok(()) => run.append(Event::PoweredOff {}).await?,
-                Err(e) => {
-                    run.append(Event::RunnerNotice {
-                        message: format!("poweroff failed, cleanup will kill what is left: {e}"),
-                    })
-                    .await?;
-                }
-            }
+            run.poweroff(&runner, &h, true).await?;
         }
         if state.phase != Phase::Cleaned && state.cid.is_some() {
-            cleanup(run, &runner, &h).await?;
+            run.cleanup(&runner, &h).await?;
         }
     } else if state.phase != Phase::Cleaned && state.cid.is_some() {
         run.append(Event::CleanupStarted {}).await?;
@@ -411,40 +402,6 @@ async fn finish_teardown(
         state.reason.clone().unwrap_or_default(),
     ))
     .await?;
-    Ok(())
-}
-
-async fn cleanup(
-    run: &mut JobRun<'_>,
-    runner: &std::sync::Arc<crate::plugin::LoadedRunner>,
-    h: &crate::plugin::Handle,
-) -> Result<(), ExecError> {
-    run.append(Event::CleanupStarted {}).await?;
-    let mut last = None;
-    for attempt in 0..3u32 {
-        let hh = h.clone();
-        match runner.unblock(move |r| r.cleanup(&hh)).await {
-            Ok(()) => {
-                last = None;
-                break;
-            }
-            Err(e) => {
-                last = Some(e.to_string());
-                smol::Timer::after(Duration::from_millis(200 << attempt)).await;
-            }
-        }
-    }
-    if let Some(message) = last {
-        run.append(Event::RunnerNotice {
-            message: format!("cleanup failed: {message}"),
-        })
-        .await?;
-        return Err(ExecError::CleanupFailed {
-            job: run.job,
-            message,
-        });
-    }
-    run.append(Event::Cleaned {}).await?;
     Ok(())
 }
 
@@ -469,44 +426,5 @@ async fn reap(run: &mut JobRun<'_>, state: &JobState, reason: &str) -> Result<()
         })
         .await?;
     }
-    run.append(Event::TeardownStarted {
-        outcome: Outcome::Lost,
-        reason: reason.to_string(),
-    })
-    .await?;
-    let runner = run.runner().ok();
-    if let (Some(runner), Some(handle)) = (runner, run.handle.clone()) {
-        let h = to_sdk(&handle);
-        if matches!(
-            state.phase,
-            Phase::Booting | Phase::Booted | Phase::Connected | Phase::Running
-        ) {
-            let hh = h.clone();
-            match runner.unblock(move |r| r.poweroff(&hh, false, 5_000)).await {
-                Ok(()) => run.append(Event::PoweredOff {}).await?,
-                Err(e) => {
-                    run.append(Event::RunnerNotice {
-                        message: format!("poweroff failed, cleanup will kill what is left: {e}"),
-                    })
-                    .await?;
-                }
-            }
-        }
-        cleanup(run, &runner, &h).await?;
-    } else if state.cid.is_some() {
-        run.append(Event::CleanupStarted {}).await?;
-        run.append(Event::Cleaned {}).await?;
-    }
-    if let Some(cid) = run.cid.take() {
-        run.ex.release(cid);
-    }
-    run.append(Event::Reaped {
-        reason: reason.to_string(),
-    })
-    .await?;
-    run.append(Event::Lost {
-        reason: reason.to_string(),
-    })
-    .await?;
-    Ok(())
+    run.teardown(Outcome::Lost, reason).await
 }

@@ -4,12 +4,10 @@
 //! exactly once, with its output complete and nothing left behind.
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use reel_tests::{processes_under, reel, target_dir, text};
-use serde_json::Value;
+use reel_tests::{assert_nothing_left, events, json, processes_under, reel, target_dir, text};
 
 /// Two steps printing numbered lines slowly, so crashes land mid-step.
 const JOB: &str = "\
@@ -30,84 +28,6 @@ fn expected_output() -> String {
         s.push_str(&format!("two {i}\n"));
     }
     s
-}
-
-fn json(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {} / {}", text(&out.stdout), text(&out.stderr)))
-}
-
-/// The tag the process runner puts in cgroup names for this sandbox root.
-fn root_tag(root: &Path) -> String {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in root.as_os_str().as_encoded_bytes() {
-        h ^= u32::from(*b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    format!("{h:08x}")
-}
-
-/// No process, workdir, cgroup or lease of this state directory remains.
-fn assert_nothing_left(state: &Path, context: &str) {
-    let root = state.join("sandboxes");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let procs = processes_under(&root);
-        if procs.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{context}: processes remain: {procs:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let dirs: Vec<_> = std::fs::read_dir(&root)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(
-        dirs.is_empty(),
-        "{context}: sandbox directories remain: {dirs:?}"
-    );
-    let tag = format!("sbx-{}-", root_tag(&std::path::absolute(&root).unwrap()));
-    for parent in [
-        "/sys/fs/cgroup/memory/reel",
-        "/sys/fs/cgroup/pids/reel",
-        "/sys/fs/cgroup/reel",
-    ] {
-        if let Ok(entries) = std::fs::read_dir(parent) {
-            let left: Vec<_> = entries
-                .flatten()
-                .filter(|e| e.file_name().to_string_lossy().starts_with(&tag))
-                .map(|e| e.path())
-                .collect();
-            assert!(left.is_empty(), "{context}: cgroups remain: {left:?}");
-        }
-    }
-    if state.join("log").exists() {
-        let live = json(&reel(state, &["recover", "--dry-run", "--json"], &[]));
-        assert_eq!(
-            live,
-            Value::Array(vec![]),
-            "{context}: jobs still hold leases"
-        );
-        let verify = reel(state, &["verify"], &[]);
-        assert!(
-            verify.status.success(),
-            "{context}: the log does not verify: {}",
-            text(&verify.stdout)
-        );
-    }
-}
-
-fn events(state: &Path, job: u64) -> Vec<String> {
-    let v = json(&reel(state, &["replay", &job.to_string(), "--json"], &[]));
-    v["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["event"].as_str().unwrap().to_string())
-        .collect()
 }
 
 const TERMINALS: [&str; 5] = ["Succeeded", "Failed", "Cancelled", "TimedOut", "Lost"];

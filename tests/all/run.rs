@@ -4,49 +4,12 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use reel_tests::{processes_under, reel, target_dir, text, workspace_root};
-use serde_json::Value;
+use reel_tests::{assert_nothing_left, events, json, reel, target_dir, text, workspace_root};
 
 fn write(dir: &Path, name: &str, body: &str) -> String {
     let p = dir.join(name);
     std::fs::write(&p, body).unwrap();
     p.to_string_lossy().into_owned()
-}
-
-fn json(out: &std::process::Output) -> Value {
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {} / {}", text(&out.stdout), text(&out.stderr)))
-}
-
-fn event_names(state: &Path, job: u32) -> Vec<String> {
-    let v = json(&reel(state, &["replay", &job.to_string(), "--json"], &[]));
-    v["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["event"].as_str().unwrap().to_string())
-        .collect()
-}
-
-/// Nothing of the job is left: no process, no sandbox directory.
-fn assert_nothing_left(state: &Path) {
-    let root = state.join("sandboxes");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let procs = processes_under(&root);
-        if procs.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "processes of the job remain: {procs:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let left: Vec<_> = std::fs::read_dir(&root)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "sandbox directories remain: {left:?}");
 }
 
 #[test]
@@ -62,7 +25,7 @@ fn hello_runs_end_to_end_and_every_lifecycle_event_is_in_the_log() {
     let stdout = text(&out.stdout);
     assert!(stdout.contains("Hello from reel"), "{stdout}");
     assert!(stdout.contains("succeeded"), "{stdout}");
-    let names = event_names(state.path(), 1);
+    let names = events(state.path(), 1);
     let expected = [
         "Submitted",
         "Queued",
@@ -93,7 +56,7 @@ fn hello_runs_end_to_end_and_every_lifecycle_event_is_in_the_log() {
         .filter(|n| *n != "RunnerNotice")
         .collect();
     assert_eq!(filtered, expected);
-    assert_nothing_left(state.path());
+    assert_nothing_left(state.path(), "run");
 }
 
 #[test]
@@ -117,10 +80,27 @@ fn output_read_back_from_the_log_is_byte_exact() {
         .take(20 * 1024 * 1024)
         .collect();
     expected.extend_from_slice(b"\xff\xfe\n");
-    let (body, tail) = stored.stdout.split_at(expected.len());
-    assert!(body == expected.as_slice(), "the first 20 MiB differ");
-    assert_eq!(tail, b"err\x80\n");
-    assert_nothing_left(state.path());
+    // The two streams interleave in the combined output in the order the agent
+    // read them, so check each stream's own bytes, and the combined length.
+    assert_eq!(stored.stdout.len(), expected.len() + 5);
+    let (log, _snapshot) = reel_engine::log::EventLog::open_snapshot(state.path()).unwrap();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let mut next = 0;
+    for chunk in log.output(1, 0, 0) {
+        let chunk = chunk.unwrap();
+        assert_eq!(
+            chunk.offset, next,
+            "a gap or an overlap in the stored stream"
+        );
+        next += chunk.bytes.len() as u64;
+        match chunk.stream {
+            reel_engine::log::Stream::Stdout => out.extend_from_slice(&chunk.bytes),
+            reel_engine::log::Stream::Stderr => err.extend_from_slice(&chunk.bytes),
+        }
+    }
+    assert!(out == expected, "stdout differs from what the step printed");
+    assert_eq!(err, b"err\x80\n");
+    assert_nothing_left(state.path(), "run");
 }
 
 #[test]
@@ -130,7 +110,7 @@ fn a_failing_step_ends_the_job_failed_after_a_logged_teardown() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
     let stdout = text(&out.stdout);
     assert!(!stdout.contains("step 3 is never reached"), "{stdout}");
-    let names = event_names(state.path(), 1);
+    let names = events(state.path(), 1);
     assert_eq!(names.iter().filter(|n| *n == "StepStarted").count(), 2);
     let tail: Vec<&str> = names
         .iter()
@@ -158,7 +138,7 @@ fn a_failing_step_ends_the_job_failed_after_a_logged_teardown() {
             .unwrap()
             .contains("exited with code 3")
     );
-    assert_nothing_left(state.path());
+    assert_nothing_left(state.path(), "run");
 }
 
 #[test]
@@ -172,11 +152,11 @@ fn a_step_timeout_kills_the_step_and_the_job_times_out() {
         "took {:?}",
         began.elapsed()
     );
-    let names = event_names(state.path(), 1);
+    let names = events(state.path(), 1);
     assert_eq!(names.last().map(String::as_str), Some("TimedOut"));
     let inspect = json(&reel(state.path(), &["inspect", "1", "--json"], &[]));
     assert_eq!(inspect["steps"][0]["timed_out"], true);
-    assert_nothing_left(state.path());
+    assert_nothing_left(state.path(), "run");
 }
 
 #[test]
@@ -248,7 +228,7 @@ fn a_real_spindle_workflow_runs_and_missing_tools_fail_like_a_shell() {
     let inspect = json(&reel(state.path(), &["inspect", "1", "--json"], &[]));
     assert_eq!(inspect["steps"][0]["exit_code"], 0);
     assert_eq!(inspect["steps"][1]["exit_code"], 127);
-    assert_nothing_left(state.path());
+    assert_nothing_left(state.path(), "run");
 }
 
 #[test]
@@ -273,7 +253,7 @@ fn a_batch_runs_in_parallel_with_prefixed_output_and_a_summary() {
     assert!(stdout.contains("1 failed"), "{stdout}");
     let jobs = json(&reel(state.path(), &["jobs", "--json"], &[]));
     assert_eq!(jobs.as_array().unwrap().len(), 3);
-    assert_nothing_left(state.path());
+    assert_nothing_left(state.path(), "run");
 }
 
 #[test]
@@ -315,11 +295,11 @@ fn ctrl_c_cancels_the_job_and_cleans_the_sandbox() {
     .unwrap();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(4));
-    let names = event_names(state.path(), 1);
+    let names = events(state.path(), 1);
     assert_eq!(names.last().map(String::as_str), Some("Cancelled"));
     assert!(names.contains(&"Cleaned".to_string()));
     assert_eq!(names.iter().filter(|n| *n == "StepStarted").count(), 1);
-    assert_nothing_left(state.path());
+    assert_nothing_left(state.path(), "run");
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! `reel recover`: brings every live job of a state directory — jobs of an engine
 //! that died — to a terminal state, or with `--dry-run` says what it would do.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,12 +12,12 @@ use serde_json::json;
 
 use reel_engine::event::Outcome;
 use reel_engine::executor::{Cancel, Executor};
-use reel_engine::log::{Durability, EventLog, LogOptions};
+use reel_engine::log::{EventLog, LogOptions};
 use reel_engine::plugin;
 use reel_engine::recover::{Action, Assessment, assess, recover};
 
 use super::print::{Finished, Printer};
-use super::run::{exit_code, plugin_dir, secret_source, watch_signals};
+use super::run::{EngineArgs, exit_code, plugin_dir, secret_source, watch_signals};
 
 #[derive(Args, Debug)]
 #[command(after_help = "\
@@ -43,18 +43,8 @@ pub struct RecoverArgs {
     #[arg(short = 'j', long = "jobs", default_value_t = 1, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=256))]
     pub parallel: u32,
-    /// Read secrets from FILE instead of the environment (as for `reel run`).
-    #[arg(long, value_name = "FILE")]
-    pub secrets_file: Option<PathBuf>,
-    /// Directory to load runner plugins from (default: beside the reel binary).
-    #[arg(long, env = "REEL_PLUGIN_DIR", value_name = "DIR")]
-    pub plugin_dir: Option<PathBuf>,
-    /// How hard each logged event is pushed to disk before reel acts on it.
-    #[arg(long, value_enum, default_value_t = Durability::Fsync)]
-    pub durability: Durability,
-    /// Print only step summaries and results, not step output.
-    #[arg(short, long)]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub engine: EngineArgs,
 }
 
 fn action_word(a: &Action) -> &'static str {
@@ -68,15 +58,15 @@ fn action_word(a: &Action) -> &'static str {
 }
 
 pub fn run(state_dir: &Path, args: &RecoverArgs) -> Result<ExitCode> {
-    let plugins = plugin::load_dir(&plugin_dir(&args.plugin_dir)?);
+    let plugins = plugin::load_dir(&plugin_dir(&args.engine.plugin_dir)?);
     if args.dry_run {
         return dry_run(state_dir, plugins, args);
     }
-    let source = secret_source(&args.secrets_file)?;
+    let source = secret_source(&args.engine.secrets_file)?;
     let log = EventLog::open(
         state_dir,
         LogOptions {
-            durability: args.durability,
+            durability: args.engine.durability,
         },
     )
     .map_err(|e| {
@@ -102,7 +92,7 @@ pub fn run(state_dir: &Path, args: &RecoverArgs) -> Result<ExitCode> {
     }
     let printer = Arc::new(Printer::new(
         live.len() > 1 && args.parallel > 1,
-        args.quiet,
+        args.engine.quiet,
     ));
     let cancel = Cancel::default();
     let started = Instant::now();

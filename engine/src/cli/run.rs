@@ -47,8 +47,18 @@ pub struct RunArgs {
     #[arg(short = 'j', long = "jobs", default_value_t = 1, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=256))]
     pub parallel: u32,
-    /// Read secrets from FILE (lines NAME=value; must not be readable by group or others)
-    /// instead of the environment.
+    /// Who the jobs belong to (default: $USER).
+    #[arg(long, value_name = "NAME")]
+    pub owner: Option<String>,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// Options of every command that runs jobs (`run`, `recover`).
+#[derive(Args, Debug)]
+pub struct EngineArgs {
+    /// Read secrets from FILE (lines NAME=value; must not be readable by group or
+    /// others) instead of the environment.
     #[arg(long, value_name = "FILE")]
     pub secrets_file: Option<PathBuf>,
     /// Directory to load runner plugins from (default: beside the reel binary).
@@ -57,9 +67,6 @@ pub struct RunArgs {
     /// How hard each logged event is pushed to disk before reel acts on it.
     #[arg(long, value_enum, default_value_t = Durability::Fsync)]
     pub durability: Durability,
-    /// Who the jobs belong to (default: $USER).
-    #[arg(long, value_name = "NAME")]
-    pub owner: Option<String>,
     /// Print only step summaries and results, not step output.
     #[arg(short, long)]
     pub quiet: bool,
@@ -73,7 +80,7 @@ struct Prepared {
 
 pub fn run(state_dir: &Path, args: &RunArgs) -> Result<ExitCode> {
     // Read and check everything before running anything.
-    let source = secret_source(&args.secrets_file)?;
+    let source = secret_source(&args.engine.secrets_file)?;
     let owner = args
         .owner
         .clone()
@@ -116,12 +123,12 @@ pub fn run(state_dir: &Path, args: &RunArgs) -> Result<ExitCode> {
         );
     }
 
-    let plugin_dir = plugin_dir(&args.plugin_dir)?;
+    let plugin_dir = plugin_dir(&args.engine.plugin_dir)?;
     let plugins = plugin::load_dir(&plugin_dir);
     let log = EventLog::open(
         state_dir,
         LogOptions {
-            durability: args.durability,
+            durability: args.engine.durability,
         },
     )
     .map_err(|e| {
@@ -173,7 +180,7 @@ pub fn run(state_dir: &Path, args: &RunArgs) -> Result<ExitCode> {
 
     let printer = Arc::new(Printer::new(
         jobs.len() > 1 && args.parallel > 1,
-        args.quiet,
+        args.engine.quiet,
     ));
     let cancel = Cancel::default();
     let started = Instant::now();
