@@ -1,54 +1,61 @@
 //! Recovery after an engine crash, against the size of the log's history.
 //!
 //! (i) Reattach: 100 live jobs whose sandboxes are really alive. They are started
-//!     by a release `reel run -j 100` (one step `sleep 60` each, process runner)
-//!     with `REEL_TEST_CRASH_AT=StepStarted:after:100`, which SIGKILLs the engine
-//!     as soon as the 100th `StepStarted` is durable; the 100 agents keep running
-//!     their steps. Recovery is then driven in-process through the library, as
-//!     `reel recover` does it: `EventLog::open` (default durability, fsync),
-//!     `plugin::load_dir`, `Executor::new`, then `assess` + `recover` of every
-//!     live job concurrently. Measured: open → every job's `Reattached` durable
-//!     (a watcher thread polls `live_state(job).reattached` every 200 µs), with
-//!     the open itself and the other phases printed separately. Once the last
-//!     `Reattached` lands the jobs are cancelled so they tear down quickly; the
-//!     teardown is waited for (not measured) and `<state>/sandboxes` must be
-//!     empty afterwards.
+//!     by a release `reel run -j 100` (one step `sleep 60` each, process runner,
+//!     default fsync durability) with `REEL_TEST_CRASH_AT=StepStarted:after:100`,
+//!     which SIGKILLs the engine as soon as the 100th `StepStarted` is durable; the
+//!     100 agents keep running their steps. Recovery is then driven in-process
+//!     through the library, as `reel recover` does it: `EventLog::open` (default
+//!     durability, fsync), `plugin::load_dir`, `Executor::new`, then `assess` +
+//!     `recover` of every live job concurrently. Measured: open -> every job's
+//!     `Reattached` durable (a watcher thread polls `live_state(job).reattached`
+//!     every 200 us), with the open itself and the other phases printed
+//!     separately. Once the last `Reattached` lands the jobs are cancelled so they
+//!     tear down quickly; the teardown is waited for (not measured) and
+//!     `<state>/sandboxes` must be empty afterwards. (The process runner drops a
+//!     cancel that arrives before a resumed exec has registered; the watcher
+//!     re-sends it 2 s later to any job whose step still runs, and says how often.)
 //! (ii) Reap: 1,000 live jobs whose sandboxes are dead. They are started like (i),
 //!     in rounds of 200 (`reel run -j 200`, crashed at the 200th `StepStarted`),
 //!     and after each round every agent (a process whose command line names
 //!     `<state>/sandboxes`) is SIGKILLed together with its session, i.e. its
-//!     steps. Measured: open → every job ended `Lost` (its `recover` returned,
-//!     so `Reaped` + `Lost` are durable and the sandbox is cleaned up).
+//!     steps. Measured: open -> every job ended `Lost` (its `recover` returned, so
+//!     `Reaped` + `Lost` are durable and the sandbox is cleaned up).
 //!
-//! Both run on a log with a small history and on one with 10x more history
-//! (default 1,000,000 and 10,000,000 events: finished jobs of 2 steps, 20 events
-//! each, appended with `simulate::run_job` by 1,024 concurrent submitters and
-//! `Durability::Flush`; build time is printed, not measured). Recovery reads only
-//! the live jobs, so the ratio big/small should be about 1. Each measurement is
-//! repeated (interleaving the two logs) and medians are printed; every recovered
-//! batch is appended to the same log, so each repetition adds a few thousand
-//! events of history, which is negligible.
+//! Both run on a log with 1,000,000 events of history and, as the baseline, on
+//! one with 10x less (100,000): finished jobs of 2 steps, 20 events each,
+//! appended with `simulate::run_job` by 1,024 concurrent submitters and
+//! `Durability::Flush`, then fsynced; build time is printed, not measured.
+//! (10,000,000 vs 1,000,000 takes ~4 minutes to build here; set
+//! `REEL_BENCH_HISTORY=1000000`, the small log's events, for it.) The engine
+//! folds only live jobs, so the ratio big/small should be about 1; it is printed
+//! for the whole measurement, for the open alone and for the work after the
+//! open. Baselines in
+//! the same run: a plain sled open of the same log (after recovery closed it),
+//! one fsync'ed append to it, and one `/proc` scan like the process runner's.
+//! Each measurement is repeated (alternating the two logs) and medians are
+//! printed; every recovered batch is appended to the same log, so each
+//! repetition adds a little history (100 or 1,000 jobs), which is negligible.
 //!
 //! The release binaries are built by a nested `cargo build --release` into
 //! `target/recovery-bench` (a separate target dir: the outer cargo holds the build
 //! lock of its own). Sizes scale with `REEL_BENCH_SCALE` (history, live jobs);
-//! `--quick` shrinks them.
+//! `--quick` shrinks them and runs each measurement once.
 
 use std::collections::HashMap;
 use std::fs;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use reel_benches::{
-    BenchDir, dir_size, median_duration, ms, quick, ratio, scale, scaled, thousands,
-    workspace_root,
+    BenchDir, dir_size, median_duration, ms, quick, ratio, scale, scaled, thousands, workspace_root,
 };
-use reel_engine::event::{JobId, Outcome};
+use reel_engine::event::{Event, JobId, Outcome};
 use reel_engine::executor::{Cancel, Executor, Observer, Report};
 use reel_engine::log::{Durability, EventLog, LogOptions};
 use reel_engine::plugin;
@@ -60,19 +67,22 @@ const BUILDERS: u64 = 1024;
 /// Steps of each historical job; `simulate::run_job` appends 16 + 2 × steps events.
 const HISTORY_STEPS: u32 = 2;
 const EVENTS_PER_JOB: u64 = 16 + 2 * HISTORY_STEPS as u64;
-/// Base history in events; the big log has `HISTORY_FACTOR` times more.
-const HISTORY_EVENTS: u64 = 1_000_000;
+/// History of the small (baseline) log in events; the big log has
+/// `HISTORY_FACTOR` times more.
+const HISTORY_EVENTS: u64 = 100_000;
 const HISTORY_FACTOR: u64 = 10;
 const REATTACH_JOBS: u64 = 100;
 const REAP_JOBS: u64 = 1_000;
 /// Jobs per `reel run` when setting up reaped jobs (`-j` allows at most 256).
 const REAP_ROUND: u64 = 200;
-const REATTACH_RUNS: usize = 3;
-const REAP_RUNS: usize = 2;
+const REATTACH_RUNS: usize = 5;
+const REAP_RUNS: usize = 3;
 /// How often the watcher looks for `Reattached`.
 const POLL: Duration = Duration::from_micros(200);
 /// How long a `reel run` that should crash may take before the bench gives up.
 const SETUP_PATIENCE: Duration = Duration::from_secs(120);
+/// Throwaway jobs whose appends time the log's fsync latency (3 appends each).
+const APPEND_PROBES: usize = 5;
 
 /// The release binaries, side by side.
 struct Bins {
@@ -214,10 +224,7 @@ impl Drop for ProcessGuard {
     fn drop(&mut self) {
         let n = kill_all(&self.0);
         if n > 0 {
-            eprintln!(
-                "killed {n} leftover process(es) under {}",
-                self.0.display()
-            );
+            eprintln!("killed {n} leftover process(es) under {}", self.0.display());
         }
     }
 }
@@ -267,15 +274,36 @@ fn build_history(dir: &Path, jobs: u64) -> anyhow::Result<()> {
     drop(log);
     ensure!(live == 0, "the history left {live} live jobs");
     let took = start.elapsed();
+    // Built with Flush, the journal was never synced: push everything to disk now,
+    // as an engine running with fsync would have, so that the first fsync of a
+    // measured recovery does not write back the whole history.
+    let synced = Instant::now();
+    sync_tree(dir)?;
+    let synced = synced.elapsed();
     let events = jobs * EVENTS_PER_JOB;
     println!(
-        "built {} finished jobs, {} events in {:.1} s ({} events/s, Flush, {BUILDERS} submitters); {:.0} MiB on disk",
+        "built {} finished jobs, {} events in {:.1} s ({} events/s, Flush, {BUILDERS} submitters), synced in {:.1} s; {:.0} MiB on disk",
         thousands(jobs as f64),
         thousands(events as f64),
         took.as_secs_f64(),
         thousands(events as f64 / took.as_secs_f64()),
+        synced.as_secs_f64(),
         dir_size(dir) as f64 / f64::from(1 << 20)
     );
+    Ok(())
+}
+
+/// `fsync`s every file under `dir`, and the directories.
+fn sync_tree(dir: &Path) -> anyhow::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            sync_tree(&entry.path())?;
+        } else {
+            fs::File::open(entry.path())?.sync_all()?;
+        }
+    }
+    fs::File::open(dir)?.sync_all()?;
     Ok(())
 }
 
@@ -308,7 +336,7 @@ fn run_and_crash(bins: &Bins, state: &Path, files: &[PathBuf]) -> anyhow::Result
         .arg("run")
         .arg("--plugin-dir")
         .arg(&bins.dir)
-        .args(["--durability", "flush", "-q", "-j", &n.to_string()])
+        .args(["-q", "-j", &n.to_string()])
         .args(files)
         .env("REEL_TEST_CRASH_AT", format!("StepStarted:after:{n}"))
         .stdin(Stdio::null())
@@ -367,10 +395,16 @@ struct Sample {
     median_job: Duration,
     /// Every job done: the measurement.
     done: Duration,
+    /// `done - ready`: the recovery work after the log is open.
+    after_open: Duration,
     /// Reattach only: every job torn down after the cancel.
     teardown: Duration,
     /// Reattach only: jobs whose step still ran 2 s after the cancel (cancel re-sent).
     recancelled: usize,
+    /// Baseline: one fsync'ed append to this log, after the recovery.
+    append: Duration,
+    /// Baseline: plain sled open of the log, after the recovery closed it.
+    sled_open: Duration,
 }
 
 fn recover_all(bins: &Bins, state: &Path, mode: Mode, expect: usize) -> anyhow::Result<Sample> {
@@ -410,15 +444,9 @@ fn recover_all(bins: &Bins, state: &Path, mode: Mode, expect: usize) -> anyhow::
                 let a = assess(&ex, &state).await;
                 let assessed = t0.elapsed();
                 let action = a.action.clone();
-                let outcome = recover(
-                    &ex,
-                    &a,
-                    Ok(ResolvedSecrets::default()),
-                    &cancel,
-                    &QUIET,
-                )
-                .await
-                .with_context(|| format!("recovering job {job}"))?;
+                let outcome = recover(&ex, &a, Ok(ResolvedSecrets::default()), &cancel, &QUIET)
+                    .await
+                    .with_context(|| format!("recovering job {job}"))?;
                 anyhow::Ok((job, action, assessed, outcome, t0.elapsed()))
             })
         })
@@ -433,7 +461,10 @@ fn recover_all(bins: &Bins, state: &Path, mode: Mode, expect: usize) -> anyhow::
     finished.store(true, Ordering::SeqCst);
     let all_done = t0.elapsed();
     let watched = watcher
-        .map(|w| w.join().map_err(|_| anyhow::anyhow!("the watcher panicked")))
+        .map(|w| {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("the watcher panicked"))
+        })
         .transpose()?;
     let mut assessed = Duration::ZERO;
     let mut ends = Vec::new();
@@ -454,6 +485,7 @@ fn recover_all(bins: &Bins, state: &Path, mode: Mode, expect: usize) -> anyhow::
     }
     let left = log.live_jobs()?.len();
     ensure!(left == 0, "{left} jobs are still live after recovery");
+    let append = append_latency(&log)?;
     drop(ex);
     log.close();
     drop(log);
@@ -466,6 +498,7 @@ fn recover_all(bins: &Bins, state: &Path, mode: Mode, expect: usize) -> anyhow::
     );
     let left = processes_of(&sandboxes);
     ensure!(left.is_empty(), "processes {left:?} of sandboxes survived");
+    let sled_open = sled_open(state)?;
     let (median_job, done, teardown, recancelled) = match (mode, watched) {
         (Mode::Reattach, Some(w)) => {
             let w = w?;
@@ -479,9 +512,73 @@ fn recover_all(bins: &Bins, state: &Path, mode: Mode, expect: usize) -> anyhow::
         assessed,
         median_job,
         done,
+        after_open: done.saturating_sub(ready),
         teardown,
         recancelled,
+        append,
+        sled_open,
     })
+}
+
+/// Baseline: opening the (cleanly closed) log as a plain sled db and its trees,
+/// the part of `EventLog::open` that is sled's own.
+fn sled_open(state: &Path) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let db = sled::Config::new()
+        .path(state.join("log"))
+        .cache_capacity(256 * 1024 * 1024)
+        .flush_every_ms(None)
+        .open()
+        .context("cannot open the log as a sled db")?;
+    let trees = ["meta", "events", "jobs", "live", "output"].map(|t| db.open_tree(t));
+    let took = start.elapsed();
+    for t in trees {
+        t?;
+    }
+    Ok(took)
+}
+
+/// Baseline: one pass over `/proc` reading every process's `stat` and
+/// `cmdline`, as the process runner does to find a job's processes.
+fn proc_scan() -> Duration {
+    let times: Vec<Duration> = (0..20)
+        .map(|_| {
+            let start = Instant::now();
+            let mut n = 0usize;
+            for pid in all_pids() {
+                n += usize::from(proc_stat(pid).is_some());
+                n += usize::from(cmdline_contains(pid, b"--socket"));
+            }
+            std::hint::black_box(n);
+            start.elapsed()
+        })
+        .collect();
+    median_duration(&times)
+}
+
+/// Median latency of one fsync'ed append to the open, idle log (baseline): a
+/// throwaway job is submitted, queued and ended, `APPEND_PROBES` times.
+fn append_latency(log: &EventLog) -> anyhow::Result<Duration> {
+    let mut times = Vec::new();
+    smol::block_on(async {
+        for _ in 0..APPEND_PROBES {
+            let job = log.submit(simulate::spec("append-probe", 1)).await?;
+            for event in [
+                Event::Queued {},
+                Event::TeardownStarted {
+                    outcome: Outcome::Cancelled,
+                    reason: "probe".into(),
+                },
+                Event::terminal(Outcome::Cancelled, "probe".into()),
+            ] {
+                let t = Instant::now();
+                log.append(job, event).await?;
+                times.push(t.elapsed());
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    Ok(median_duration(&times))
 }
 
 struct Watched {
@@ -608,19 +705,20 @@ fn report(
     println!();
     println!("{title}");
     println!(
-        "{:<26} {:>13} {:>13} {:>13} {:>13} {:>13}   runs of the total (ms)",
-        "history", "open", "+exec ready", "all assessed", "median job", what
+        "{:<26} {:>11} {:>12} {:>13} {:>12} {:>15} {:>12}   runs of the total (ms)",
+        "history", "open", "+exec ready", "all assessed", "median job", what, "after open"
     );
     for log in logs {
         let s = &samples[log.name];
         println!(
-            "{:<26} {:>13} {:>13} {:>13} {:>13} {:>13}   [{}]",
+            "{:<26} {:>11} {:>12} {:>13} {:>12} {:>15} {:>12}   [{}]",
             format!("{} ({} events)", log.name, thousands(log.events as f64)),
             ms(med(s, |x| x.open)),
             ms(med(s, |x| x.ready)),
             ms(med(s, |x| x.assessed)),
             ms(med(s, |x| x.median_job)),
             ms(med(s, |x| x.done)),
+            ms(med(s, |x| x.after_open)),
             list(s, |x| x.done)
         );
     }
@@ -636,16 +734,18 @@ fn report(
             String::new()
         };
         println!(
-            "  {}: open runs [{}] ms; setup (reel run + crash) median {:.1} s{extra}",
+            "  {}: open runs [{}] ms; baselines: plain sled open of the closed log {}, one fsync'ed append {}; setup (reel run + crash) median {:.1} s{extra}",
             log.name,
             list(s, |x| x.open),
+            ms(med(s, |x| x.sled_open)),
+            ms(med(s, |x| x.append)),
             median_duration(&setups[log.name]).as_secs_f64()
         );
     }
     let (small, big) = (&samples[logs[0].name], &samples[logs[1].name]);
     let min = |v: &[Sample]| v.iter().map(|x| x.done).min().unwrap_or_default();
     println!(
-        "ratio big/small history ({}x the events): {} {what} (min of runs {}), open {}",
+        "ratio big/small history ({}x the events): {} {what} (min of runs {}); open alone {}; after open {}",
         logs[1].events / logs[0].events.max(1),
         ratio(
             med(big, |x| x.done).as_secs_f64(),
@@ -656,12 +756,20 @@ fn report(
             med(big, |x| x.open).as_secs_f64(),
             med(small, |x| x.open).as_secs_f64()
         ),
+        ratio(
+            med(big, |x| x.after_open).as_secs_f64(),
+            med(small, |x| x.after_open).as_secs_f64()
+        ),
     );
 }
 
 fn main() -> anyhow::Result<()> {
     let bins = Bins::build()?;
-    let small_events = scaled(HISTORY_EVENTS, 20 * EVENTS_PER_JOB);
+    let small_events = std::env::var("REEL_BENCH_HISTORY")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| scaled(HISTORY_EVENTS, 20 * EVENTS_PER_JOB))
+        .max(EVENTS_PER_JOB);
     let small_jobs = small_events / EVENTS_PER_JOB;
     let big_jobs = small_jobs * HISTORY_FACTOR;
     let reattach_n = scaled(REATTACH_JOBS, 4).min(256);
@@ -760,6 +868,12 @@ fn main() -> anyhow::Result<()> {
             setups.entry(log.name).or_default().push(setup);
         }
     }
+    let scan = proc_scan();
+    println!(
+        "baseline: one /proc scan (stat + cmdline of {} processes) {}; the process runner scans /proc to probe a dead agent and in each kill_all (poweroff, cleanup)",
+        all_pids().len(),
+        ms(scan)
+    );
     report(
         &format!(
             "(ii) reap {reap_n} live jobs whose agents were SIGKILLed: open -> all `Lost` durable and cleaned up, median of {reap_runs}"

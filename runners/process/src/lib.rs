@@ -723,10 +723,17 @@ impl Runner for ProcessRunner {
         if step.resume_from > 0 {
             {
                 let mut execs = lock(&session.execs);
-                execs.entry(step.exec_id).or_insert(false);
+                let cancelled = *execs.entry(step.exec_id).or_insert(false);
                 client
                     .resume(step.exec_id, step.resume_from)
                     .map_err(|e| client_error("resuming the exec", e))?;
+                if cancelled {
+                    // A cancel arrived before the resume: pass it on now.
+                    session
+                        .canceller
+                        .cancel(step.exec_id, CANCEL_GRACE)
+                        .map_err(|e| client_error("sending Cancel", e))?;
+                }
             }
             let result = follow(&mut client, step.exec_id, step.resume_from, false, sink);
             lock(&session.execs).remove(&step.exec_id);
@@ -774,12 +781,19 @@ impl Runner for ProcessRunner {
             return Ok(());
         };
         let mut execs = lock(&session.execs);
-        if let Some(cancelled) = execs.get_mut(&exec_id) {
-            *cancelled = true;
-            session
-                .canceller
-                .cancel(exec_id, CANCEL_GRACE)
-                .map_err(|e| client_error("sending Cancel", e))?;
+        match execs.get_mut(&exec_id) {
+            Some(cancelled) => {
+                *cancelled = true;
+                session
+                    .canceller
+                    .cancel(exec_id, CANCEL_GRACE)
+                    .map_err(|e| client_error("sending Cancel", e))?;
+            }
+            // Not registered yet (its exec or resume is on its way): remember
+            // the cancel, so the exec is never started or is stopped on resume.
+            None => {
+                execs.insert(exec_id, true);
+            }
         }
         Ok(())
     }

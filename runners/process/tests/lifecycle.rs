@@ -152,6 +152,22 @@ fn cancel_from_another_thread() {
 }
 
 #[test]
+fn a_cancel_that_arrives_before_its_exec_is_not_lost() {
+    let f = Fixture::new(115);
+    // The engine's cancel can race ahead of the exec call it is meant for.
+    f.runner.cancel(&f.handle, 9).unwrap();
+    let at = Instant::now();
+    let mut out = Output::default();
+    let result = f
+        .runner
+        .exec(&f.handle, &step(9, "echo ran; sleep 30"), &mut out)
+        .unwrap();
+    assert!(at.elapsed() < Duration::from_secs(3), "{:?}", at.elapsed());
+    assert!(!result.success(), "{result:?}");
+    assert!(out.stdout.is_empty(), "the cancelled step ran");
+}
+
+#[test]
 fn cgroup_v1_limits_and_removal() {
     if !common::v1_available() {
         eprintln!("skipped: this host has no cgroup v1 memory+pids hierarchies");
