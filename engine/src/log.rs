@@ -59,6 +59,10 @@ pub const KIND_SUMMARY: u16 = 0x8001;
 /// Envelope kind of an output chunk in the `output` tree.
 pub const KIND_OUTPUT: u16 = 0x8002;
 
+/// sled's page cache. Written pages stay cached up to this size, so it bounds
+/// what a long step's stored output costs in engine memory.
+const CACHE_BYTES: u64 = 48 * 1024 * 1024;
+
 /// Requests the writer takes in one round at most.
 const MAX_BATCH: usize = 4096;
 /// Output bytes the writer takes in one round at most (a round may exceed it by one chunk).
@@ -379,7 +383,7 @@ fn open_trees(state_dir: &Path) -> Result<Trees, LogError> {
     let path = state_dir.join(DB_DIR);
     let db = sled::Config::new()
         .path(&path)
-        .cache_capacity(256 * 1024 * 1024)
+        .cache_capacity(CACHE_BYTES)
         .flush_every_ms(None)
         .open()
         .map_err(|e| {

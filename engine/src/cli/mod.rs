@@ -88,6 +88,9 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.log_level);
     let dir = state_dir(&cli.state_dir);
+    // Absolute, because runners hand paths under it to helpers (the agent)
+    // running in other working directories.
+    let dir = std::path::absolute(&dir).unwrap_or(dir);
     let result = match &cli.command {
         Command::Run(a) => run::run(&dir, a),
         Command::Recover(a) => recover::run(&dir, a),

@@ -219,7 +219,10 @@ pub fn secret_source(file: &Option<PathBuf>) -> Result<SecretSource> {
 /// The plugin directory: the flag (or REEL_PLUGIN_DIR), else beside the binary.
 pub fn plugin_dir(flag: &Option<PathBuf>) -> Result<PathBuf> {
     match flag {
-        Some(d) => Ok(d.clone()),
+        // Absolute, because runners start helpers (the agent) from it, in other
+        // working directories.
+        Some(d) => std::path::absolute(d)
+            .with_context(|| format!("cannot resolve the plugin directory {}", d.display())),
         None => {
             plugin::default_plugin_dir().context("cannot find the directory of the reel binary")
         }

@@ -107,6 +107,7 @@ fn daemonize_parent(args: &Args) -> Result<(), String> {
         .map_err(|e| format!("Cannot start the agent: {e}."))?;
     let pid = child.id();
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut poll = 1;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!("The agent exited during startup ({status})."));
@@ -122,7 +123,9 @@ fn daemonize_parent(args: &Args) -> Result<(), String> {
         if Instant::now() >= deadline {
             return Err("The agent did not start listening within 30 seconds.".to_owned());
         }
-        std::thread::sleep(Duration::from_millis(10));
+        // 1 ms at first (the child is usually ready within a few), up to 10 ms.
+        std::thread::sleep(Duration::from_millis(poll.min(10)));
+        poll *= 2;
     }
 }
 

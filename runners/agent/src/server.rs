@@ -11,9 +11,12 @@
 //!   cancel.
 //!
 //! Output goes into a per-exec buffer keyed by offset, independent of any connection;
-//! the writer only reads from it. So a slow or absent host never blocks a step: the
-//! buffer absorbs output up to `max_buffer` unacknowledged bytes, after which the exec's
-//! output is marked lost and the host is told with an `Error`.
+//! the writer only reads from it. The buffer holds up to `max_buffer`
+//! unacknowledged bytes; past that the agent stops reading the step's pipes, so a
+//! step that prints faster than the host stores it is slowed down (it blocks in
+//! `write`), never losing output. A host that is gone (a crashed engine) leaves
+//! the step blocked until a new host resumes and acknowledges. The "output lost"
+//! error remains as a guard should the bound ever be passed.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -580,6 +583,24 @@ fn start_exec_threads(agent: &Arc<Agent>, exec_id: u64, children: Children, time
 fn pump(agent: &Agent, exec_id: u64, stream: Stream, mut pipe: impl Read) {
     let mut buf = vec![0u8; MAX_OUTPUT_CHUNK];
     loop {
+        // Backpressure: while the host has not acknowledged `max_buffer` bytes,
+        // stop reading. The pipe fills and the step blocks in `write`, as it
+        // would on a slow terminal; nothing is dropped, and a host that comes
+        // back (a restarted engine) resumes and acknowledges, which wakes us.
+        {
+            let mut st = agent.lock();
+            loop {
+                let Some(e) = st.execs.get(&exec_id) else {
+                    return;
+                };
+                if st.powering_off
+                    || e.total - e.acked + MAX_OUTPUT_CHUNK as u64 <= agent.opts.max_buffer
+                {
+                    break;
+                }
+                st = agent.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+        }
         let n = match pipe.read(&mut buf) {
             Ok(0) => return,
             Ok(n) => n,

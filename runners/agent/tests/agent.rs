@@ -425,27 +425,56 @@ fn exit_collected_after_reconnect() {
 }
 
 #[test]
-fn buffer_bound_gives_clear_error() {
-    let agent = Agent::start(&["--max-buffer", "65536"]);
+fn a_full_buffer_slows_the_step_down_and_loses_nothing() {
+    const BOUND: u64 = 256 * 1024;
+    let agent = Agent::start(&["--max-buffer", &BOUND.to_string()]);
     let mut c = agent.client();
-    c.set_ack_every(0);
-    let err = c
-        .run_exec(&sh(1, "head -c 1000000 /dev/zero"), |_, _, _| {})
-        .unwrap_err();
-    match err {
-        ClientError::Agent {
-            exec_id: Some(1),
-            message,
-        } => assert!(message.contains("lost"), "{message}"),
-        other => panic!("unexpected {other:?}"),
-    }
-    // The ExecExit still arrives, with the true total.
-    loop {
-        if let Message::ExecExit { total_bytes, .. } = c.recv(Some(T)).unwrap().unwrap() {
-            assert_eq!(total_bytes, 1_000_000);
-            break;
+    c.exec_start(&sh(1, "head -c 1000000 /dev/zero; echo done"))
+        .unwrap();
+    // Nothing is acknowledged: the agent stops at its bound and the step waits.
+    let mut received = 0u64;
+    let mut exited = false;
+    while let Some(m) = c.recv(Some(Duration::from_millis(700))).unwrap() {
+        match m {
+            Message::Output { offset, bytes, .. } => {
+                assert_eq!(offset, received, "a gap or a duplicate");
+                received += bytes.len() as u64;
+            }
+            Message::ExecExit { .. } => exited = true,
+            Message::Error { message, .. } => panic!("unexpected error: {message}"),
+            _ => {}
         }
     }
+    assert!(
+        !exited,
+        "the step finished although its output was not taken"
+    );
+    assert!(
+        received <= BOUND,
+        "{received} bytes buffered past the {BOUND}-byte bound"
+    );
+    assert!(received > 0);
+    // Acknowledging lets it go on, to the last byte.
+    c.ack(1, received).unwrap();
+    let total = loop {
+        match c.recv(Some(T)).unwrap().expect("the step never finished") {
+            Message::Output { offset, bytes, .. } => {
+                assert_eq!(offset, received, "a gap or a duplicate");
+                received += bytes.len() as u64;
+                c.ack(1, received).unwrap();
+            }
+            Message::ExecExit {
+                code, total_bytes, ..
+            } => {
+                assert_eq!(code, Some(0));
+                break total_bytes;
+            }
+            Message::Error { message, .. } => panic!("unexpected error: {message}"),
+            _ => {}
+        }
+    };
+    assert_eq!(total, 1_000_005);
+    assert_eq!(received, total);
 }
 
 #[test]

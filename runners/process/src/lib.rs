@@ -335,6 +335,7 @@ impl ProcessRunner {
     /// SIGKILLs every process of the job until none is left or `deadline` passes.
     /// Signals every process at least once, even with `deadline` already past.
     fn kill_all(state: &JobState, deadline: Instant) -> Vec<i32> {
+        let mut round = 0;
         loop {
             let left = Self::job_processes(state);
             if left.is_empty() {
@@ -346,7 +347,7 @@ impl ProcessRunner {
             if Instant::now() >= deadline {
                 return Self::job_processes(state);
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(backoff(&mut round));
         }
     }
 
@@ -825,8 +826,9 @@ impl Runner for ProcessRunner {
             // Two thirds of the time for the agent to stop its steps and exit.
             let budget = Duration::from_millis(deadline_ms / 3 * 2);
             if self.agent_poweroff(&state, budget) {
+                let mut round = 0;
                 while start.elapsed() < budget && !Self::agents(&state).is_empty() {
-                    std::thread::sleep(Duration::from_millis(10));
+                    std::thread::sleep(backoff(&mut round));
                 }
             }
         }
@@ -855,6 +857,7 @@ impl Runner for ProcessRunner {
         }
         for cg in &state.cgroups {
             // An exiting process may keep the cgroup busy for a moment.
+            let mut round = 0;
             loop {
                 match cg.remove() {
                     Ok(()) => break,
@@ -865,7 +868,7 @@ impl Runner for ProcessRunner {
                         for pid in cg.procs() {
                             kill(pid, Signal::KILL);
                         }
-                        std::thread::sleep(Duration::from_millis(20));
+                        std::thread::sleep(backoff(&mut round));
                     }
                 }
             }
@@ -994,4 +997,12 @@ fn root_tag(root: &Path) -> String {
         h = h.wrapping_mul(0x0100_0193);
     }
     format!("{h:08x}")
+}
+
+/// Polling interval for waits on process exit: 1 ms, doubling to 16 ms, so a
+/// quick exit is noticed quickly and a slow one costs few `/proc` scans.
+fn backoff(round: &mut u32) -> Duration {
+    let d = Duration::from_millis(1 << (*round).min(4));
+    *round += 1;
+    d
 }
