@@ -295,11 +295,29 @@ fn a_sandbox_killed_with_its_engine_is_reaped_lost_and_nothing_is_left() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    let files = |s: &std::path::Path| {
+        let mut v: Vec<(std::path::PathBuf, Vec<u8>)> = Vec::new();
+        for dir in [s.join("log"), s.join("log/blobs")] {
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if e.path().is_file() {
+                    v.push((e.path(), std::fs::read(e.path()).unwrap()));
+                }
+            }
+        }
+        v.push((s.join("journal"), std::fs::read(s.join("journal")).unwrap()));
+        v.sort();
+        v
+    };
+    let before = files(state.path());
     let dry = json(&reel(
         state.path(),
         &["recover", "--dry-run", "--json"],
         &[],
     ));
+    assert!(
+        before == files(state.path()),
+        "a dry run changed the log's files"
+    );
     assert_eq!(dry[0]["action"], "reap", "{dry}");
     assert_eq!(dry[0]["alive"], false, "{dry}");
     let out = reel(state.path(), &["recover"], &[]);
