@@ -9,6 +9,7 @@ pub mod executor;
 pub mod jobfile;
 pub mod journal;
 pub mod log;
+pub mod outstore;
 pub mod plugin;
 pub mod recover;
 pub mod secrets;

@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //!
-//! One sled `Db` in `<state dir>/log/`, with five trees. Keys are raw big-endian
+//! One sled `Db` in `<state dir>/log/`, with four trees. Keys are raw big-endian
 //! bytes (never bincode) so they sort numerically; values are envelopes
 //! (`codec.rs`).
 //!
@@ -11,12 +11,12 @@
 //! | `events` | job id u64 ++ seq u32                 | event envelope (kind 1..=0x7fff) |
 //! | `jobs`   | job id u64                            | [`JobSummary`] (kind 0x8001)     |
 //! | `live`   | job id u64                            | empty: the job is not terminal   |
-//! | `output` | job id u64 ++ step u32 ++ offset u64  | [`OutputChunk`] (kind 0x8002)    |
 //! | `meta`   | `format`, `next_job`, `journal_end`   | u16 BE, u64 BE, u64 BE           |
 //!
 //! Beside it, `<state dir>/journal` holds a second copy of every event
 //! (`journal.rs`), so that damage sled would silently truncate is found and
-//! repaired.
+//! repaired, and `<state dir>/output/` holds step output in append-only files
+//! (`outstore.rs`), written by the same writer in the same rounds.
 //!
 //! # Writing: one writer, group commit
 //!
@@ -50,14 +50,13 @@ use crate::codec::{self, DecodeError};
 use crate::crashpoint;
 use crate::event::{Event, JobId, Outcome, Record, Seq};
 use crate::journal::{self, Journal};
+use crate::outstore;
 use crate::spec::JobSpec;
 use crate::state::{IllegalTransition, JobState, Phase};
 use crate::time::now_ms;
 
 /// Envelope kind of a job summary in the `jobs` tree.
 pub const KIND_SUMMARY: u16 = 0x8001;
-/// Envelope kind of an output chunk in the `output` tree.
-pub const KIND_OUTPUT: u16 = 0x8002;
 
 /// sled's page cache. Written pages stay cached up to this size, so it bounds
 /// what a long step's stored output costs in engine memory.
@@ -73,14 +72,16 @@ const CHANNEL_DEPTH: usize = 8192;
 /// How hard an acknowledged append is pushed to stable storage.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Durability {
-    /// sled's `flush`: `pwrite` + `sync_file_range(WAIT_BEFORE|WRITE|WAIT_AFTER)`
-    /// on the written range. Survives a crash of the process; survives power loss
-    /// only if the drive has no volatile write cache and the file's size and
-    /// extents were already on disk.
+    /// sled's `flush` (`pwrite` + `sync_file_range(WAIT_BEFORE|WRITE|WAIT_AFTER)`
+    /// on the written range); the journal and output files are written, not
+    /// synced. Survives a crash of the process; survives power loss only if the
+    /// drive has no volatile write cache and the files' sizes and extents were
+    /// already on disk.
     Flush,
-    /// `flush` and then `fdatasync` of the log file: also pushes the drive's
-    /// write cache and the file metadata needed to read the data back. Survives
-    /// power loss on a drive that honours cache flushes. The default.
+    /// `flush`, and `fdatasync` of the journal (every event) and of each output
+    /// file written: survives power loss on a drive that honours cache flushes
+    /// (a sled store torn by the power cut is restored from the journal on open).
+    /// The default.
     #[default]
     Fsync,
 }
@@ -145,6 +146,17 @@ pub enum LogError {
         /// What is wrong with the bytes.
         #[source]
         source: DecodeError,
+    },
+    /// A step's output file is damaged.
+    #[error("job {job} step {step}: stored output is corrupt")]
+    CorruptOutput {
+        /// The job.
+        job: JobId,
+        /// The step index.
+        step: u32,
+        /// Where the damage is.
+        #[source]
+        source: outstore::FrameError,
     },
     /// A key that does not have the layout its tree uses.
     #[error("malformed key in tree {tree}: {len} bytes")]
@@ -266,31 +278,11 @@ impl JobSummary {
     }
 }
 
-fn encode_chunk(stream: Stream, bytes: &[u8]) -> Vec<u8> {
-    codec::wrap(KIND_OUTPUT, &codec::encode_payload(&(stream, bytes)))
-}
-
-fn decode_chunk(bytes: &[u8]) -> Result<(Stream, Vec<u8>), DecodeError> {
-    let env = codec::unwrap(bytes)?;
-    if env.kind != KIND_OUTPUT {
-        return Err(DecodeError::UnknownKind(env.kind));
-    }
-    codec::decode_payload(env.kind, env.payload)
-}
-
 /// `job ++ seq`, big-endian.
 pub fn event_key(job: JobId, seq: Seq) -> [u8; 12] {
     let mut k = [0u8; 12];
     k[..8].copy_from_slice(&job.to_be_bytes());
     k[8..].copy_from_slice(&seq.to_be_bytes());
-    k
-}
-
-fn output_key(job: JobId, step: u32, offset: u64) -> [u8; 20] {
-    let mut k = [0u8; 20];
-    k[..8].copy_from_slice(&job.to_be_bytes());
-    k[8..12].copy_from_slice(&step.to_be_bytes());
-    k[12..].copy_from_slice(&offset.to_be_bytes());
     k
 }
 
@@ -328,7 +320,6 @@ struct Trees {
     events: sled::Tree,
     jobs: sled::Tree,
     live: sled::Tree,
-    output: sled::Tree,
     meta: sled::Tree,
 }
 
@@ -341,6 +332,8 @@ struct Shared {
     live: Arc<Mutex<HashMap<JobId, JobState>>>,
     /// The journal (second copy of every event).
     journal: Arc<Journal>,
+    /// Where step output files are.
+    output_dir: PathBuf,
     /// What opening found and repaired.
     repairs: Vec<Repair>,
 }
@@ -419,7 +412,6 @@ fn open_trees(state_dir: &Path) -> Result<Trees, LogError> {
         events: db.open_tree("events")?,
         jobs: db.open_tree("jobs")?,
         live: db.open_tree("live")?,
-        output: db.open_tree("output")?,
         meta,
         db,
     })
@@ -431,14 +423,18 @@ impl EventLog {
     /// Folds every live job into memory so appends can be checked; the cost is
     /// proportional to the live jobs' histories, not to the whole log.
     pub fn open(state_dir: &Path, options: LogOptions) -> Result<EventLog, LogError> {
-        let log = EventLog::open_inner(state_dir, options)?;
+        let log = EventLog::open_inner(state_dir, options, state_dir.join(outstore::DIR_NAME))?;
         for r in log.repairs() {
             tracing::warn!(log = %state_dir.display(), "{r}");
         }
         Ok(log)
     }
 
-    fn open_inner(state_dir: &Path, options: LogOptions) -> Result<EventLog, LogError> {
+    fn open_inner(
+        state_dir: &Path,
+        options: LogOptions,
+        output_dir: PathBuf,
+    ) -> Result<EventLog, LogError> {
         std::fs::create_dir_all(state_dir).map_err(|source| LogError::Io {
             what: "cannot create the state directory",
             path: state_dir.to_path_buf(),
@@ -446,17 +442,6 @@ impl EventLog {
         })?;
         let trees = open_trees(state_dir)?;
         let _ = std::fs::write(state_dir.join(PID_FILE), std::process::id().to_string());
-        let fsync_file = match options.durability {
-            Durability::Fsync => {
-                let p = state_dir.join(DB_DIR).join("db");
-                Some(File::open(&p).map_err(|source| LogError::Io {
-                    what: "cannot open for fdatasync",
-                    path: p,
-                    source,
-                })?)
-            }
-            Durability::Flush => None,
-        };
         let journal = Arc::new(Journal::open(state_dir).map_err(|source| LogError::Io {
             what: "cannot open the journal in",
             path: state_dir.to_path_buf(),
@@ -483,17 +468,15 @@ impl EventLog {
                 events: trees.events.clone(),
                 jobs: trees.jobs.clone(),
                 live: trees.live.clone(),
-                output: trees.output.clone(),
                 meta: trees.meta.clone(),
             },
             rx,
             live: live.clone(),
             next_job,
-            fsync_file,
-            output_ends: HashMap::new(),
+            appenders: outstore::Appenders::new(output_dir.clone()),
             journal: journal.clone(),
             journal_end,
-            sync_journal: options.durability == Durability::Fsync,
+            sync_files: options.durability == Durability::Fsync,
             marker_due: false,
         };
         let handle = std::thread::Builder::new()
@@ -512,14 +495,15 @@ impl EventLog {
                 writer: Mutex::new(Some(handle)),
                 live,
                 journal,
+                output_dir,
                 repairs,
             }),
         })
     }
 
     /// Opens the log of an engine that is not running, for reading, without
-    /// changing a byte of it: the log directory is copied to a temporary
-    /// directory and the copy is opened. Refuses (with [`LogError::Locked`]) a
+    /// changing a byte of it: the sled directory and the journal are copied to a
+    /// temporary directory and the copy is opened (step output is read in place). Refuses (with [`LogError::Locked`]) a
     /// log another process holds.
     pub fn open_snapshot(state_dir: &Path) -> Result<(EventLog, Snapshot), LogError> {
         let src = state_dir.join(DB_DIR);
@@ -540,11 +524,13 @@ impl EventLog {
                 }
             })?;
         }
+        // Output files are plain append-only files: read in place, not copied.
         let log = EventLog::open_inner(
             &tmp,
             LogOptions {
                 durability: Durability::Flush,
             },
+            state_dir.join(outstore::DIR_NAME),
         )?;
         Ok((log, Snapshot { dir: tmp }))
     }
@@ -755,46 +741,62 @@ impl EventLog {
         Ok(state)
     }
 
-    /// A step's stored output from `from` on, in offset order.
+    /// A step's stored output from `from` on, in offset order. Damage in the
+    /// step's file is an `Err` item after the chunks before it.
     pub fn output(
         &self,
         job: JobId,
         step: u32,
         from: u64,
     ) -> impl Iterator<Item = Result<OutputChunk, LogError>> + '_ {
-        let start = output_key(job, step, 0);
-        let end = output_key(job, step, u64::MAX);
-        self.shared
-            .trees
-            .output
-            .range(start..=end)
-            .map(move |item| {
-                let (k, v) = item?;
-                let offset = be_u64(&k[12..]).ok_or(LogError::BadKey {
-                    tree: "output",
-                    len: k.len(),
-                })?;
-                let (stream, bytes) =
-                    decode_chunk(&v).map_err(|source| LogError::CorruptRecord {
-                        job,
-                        what: format!("output chunk of step {step} at offset {offset}"),
-                        source,
-                    })?;
-                Ok(OutputChunk {
-                    offset,
-                    stream,
-                    bytes,
-                })
-            })
-            .filter(move |c| match c {
-                Ok(c) => c.offset + c.bytes.len() as u64 > from,
-                Err(_) => true,
-            })
+        let items: Vec<Result<OutputChunk, LogError>> =
+            match outstore::read(&self.shared.output_dir, job, step) {
+                Err(source) => vec![Err(LogError::Io {
+                    what: "cannot read the output file",
+                    path: outstore::path(&self.shared.output_dir, job, step),
+                    source,
+                })],
+                Ok(buf) => {
+                    let (frames, _, stopped) = outstore::parse(&buf);
+                    let mut items: Vec<_> = frames
+                        .into_iter()
+                        .filter(|(offset, _, bytes)| offset + bytes.len() as u64 > from)
+                        .map(|(offset, stream, bytes)| {
+                            Ok(OutputChunk {
+                                offset,
+                                stream: if stream == 0 {
+                                    Stream::Stdout
+                                } else {
+                                    Stream::Stderr
+                                },
+                                bytes,
+                            })
+                        })
+                        .collect();
+                    if let Some(source) = stopped {
+                        items.push(Err(LogError::CorruptOutput { job, step, source }));
+                    }
+                    items
+                }
+            };
+        items.into_iter()
     }
 
     /// Where a step's stored output ends (the next offset to write).
     pub fn output_end(&self, job: JobId, step: u32) -> Result<u64, LogError> {
-        output_end(&self.shared.trees.output, job, step)
+        let mut end = 0;
+        for chunk in self.output(job, step, 0) {
+            match chunk {
+                Ok(c) => end = c.offset + c.bytes.len() as u64,
+                // A torn tail was never acknowledged; the writer cuts it.
+                Err(LogError::CorruptOutput {
+                    source: outstore::FrameError::Torn { .. },
+                    ..
+                }) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(end)
     }
 
     /// Bytes the log occupies on disk.
@@ -934,28 +936,6 @@ fn fold_from(events: &sled::Tree, job: JobId) -> Result<JobState, LogError> {
         return Err(LogError::UnknownJob(job));
     }
     Ok(state)
-}
-
-fn output_end(output: &sled::Tree, job: JobId, step: u32) -> Result<u64, LogError> {
-    let last = output
-        .range(output_key(job, step, 0)..=output_key(job, step, u64::MAX))
-        .next_back();
-    match last {
-        None => Ok(0),
-        Some(item) => {
-            let (k, v) = item?;
-            let offset = be_u64(&k[12..]).ok_or(LogError::BadKey {
-                tree: "output",
-                len: k.len(),
-            })?;
-            let (_, bytes) = decode_chunk(&v).map_err(|source| LogError::CorruptRecord {
-                job,
-                what: format!("output chunk of step {step} at offset {offset}"),
-                source,
-            })?;
-            Ok(offset + bytes.len() as u64)
-        }
-    }
 }
 
 /// Compares the journal's tail (from sled's checkpoint on) with sled, restores
@@ -1231,15 +1211,21 @@ struct Writer {
     rx: async_channel::Receiver<Request>,
     live: Arc<Mutex<HashMap<JobId, JobState>>>,
     next_job: JobId,
-    fsync_file: Option<File>,
-    /// Stored end of each live step's output stream (cache of the `output` tree).
-    output_ends: HashMap<(JobId, u32), u64>,
+    /// Open output files of live steps.
+    appenders: outstore::Appenders,
     journal: Arc<Journal>,
     /// Where the next journal frame goes.
     journal_end: u64,
-    sync_journal: bool,
+    sync_files: bool,
     /// The last round was acknowledged and its commit marker is not written yet.
     marker_due: bool,
+}
+
+/// A round's frames for one step's output file.
+struct StagedOutput {
+    file: Arc<Mutex<outstore::Appender>>,
+    frames: Vec<u8>,
+    end: u64,
 }
 
 /// One round's writes, grouped per tree.
@@ -1252,7 +1238,8 @@ struct Round {
     ended: BTreeMap<JobId, Vec<u8>>,
     live_add: Vec<JobId>,
     live_remove: Vec<JobId>,
-    output: sled::Batch,
+    /// Output frames per step file, and the stream end after them.
+    output: BTreeMap<(JobId, u32), StagedOutput>,
     next_job: Option<JobId>,
     replies: Vec<Reply>,
     output_bytes: usize,
@@ -1330,7 +1317,7 @@ impl Writer {
             let marker = journal::marker();
             if self
                 .journal
-                .write_at(&marker, self.journal_end, self.sync_journal)
+                .write_at(&marker, self.journal_end, self.sync_files)
                 .is_ok()
             {
                 let end = self.journal_end + marker.len() as u64;
@@ -1385,7 +1372,7 @@ impl Writer {
                     round.ended.insert(job, JobSummary::of(state).encode());
                     round.live_remove.push(job);
                     live.remove(&job);
-                    self.output_ends.retain(|(j, _), _| *j != job);
+                    self.appenders.close_job(job);
                 }
                 round.replies.push(Reply::Seq(reply, seq));
             }
@@ -1401,16 +1388,26 @@ impl Writer {
                     let _ = reply.try_send(Err(self.not_live(job, &Event::Queued {})));
                     return;
                 }
-                let end = match self.output_ends.get(&(job, step)) {
-                    Some(e) => *e,
-                    None => match output_end(&self.trees.output, job, step) {
-                        Ok(e) => e,
-                        Err(e) => {
-                            let _ = reply.try_send(Err(e));
-                            return;
-                        }
-                    },
+                let file = match self.appenders.get(job, step) {
+                    Ok(f) => f,
+                    Err(source) => {
+                        let _ = reply.try_send(Err(LogError::Io {
+                            what: "cannot open the output file",
+                            path: outstore::path(Path::new(""), job, step),
+                            source,
+                        }));
+                        return;
+                    }
                 };
+                let staged = round.output.entry((job, step)).or_insert_with(|| {
+                    let end = lock(&file).end();
+                    StagedOutput {
+                        file: file.clone(),
+                        frames: Vec::new(),
+                        end,
+                    }
+                });
+                let end = staged.end;
                 if offset > end {
                     let _ = reply.try_send(Err(LogError::OutputGap {
                         job,
@@ -1421,16 +1418,20 @@ impl Writer {
                     return;
                 }
                 let skip = usize::try_from(end - offset).unwrap_or(usize::MAX);
-                let mut new_end = end;
                 if skip < bytes.len() {
-                    let fresh = &bytes[skip..];
-                    round
-                        .output
-                        .insert(&output_key(job, step, end), encode_chunk(stream, fresh));
-                    round.output_bytes += fresh.len();
-                    new_end = end + fresh.len() as u64;
+                    let stream_byte = match stream {
+                        Stream::Stdout => 0,
+                        Stream::Stderr => 1,
+                    };
+                    for piece in bytes[skip..].chunks(outstore::MAX_FRAME_BYTES) {
+                        staged
+                            .frames
+                            .extend(outstore::frame(staged.end, stream_byte, piece));
+                        staged.end += piece.len() as u64;
+                        round.output_bytes += piece.len();
+                    }
                 }
-                self.output_ends.insert((job, step), new_end);
+                let new_end = staged.end;
                 round.replies.push(Reply::End(reply, new_end));
             }
         }
@@ -1458,14 +1459,70 @@ impl Writer {
     }
 
     async fn commit(&mut self, mut round: Round) -> Result<(), LogError> {
-        if self.marker_due && !round.journal.is_empty() {
+        // Every event has a journal frame, so no frames means no sled change:
+        // an output-only round touches only output files.
+        let has_events = !round.journal.is_empty();
+        if self.marker_due && has_events {
             // Piggy-back the previous round's commit marker on this write.
             let mut with_marker = journal::marker();
             with_marker.append(&mut round.journal);
             round.journal = with_marker;
             self.marker_due = false;
         }
-        let has_output = round.output_bytes > 0;
+        let journal_end = self.journal_end + round.journal.len() as u64;
+        let output = std::mem::take(&mut round.output);
+        if has_events {
+            self.stage_in_sled(round, journal_end)?;
+        }
+        // sled's flush runs on sled's own thread pool (polling `flush_async` once
+        // hands it over); meanwhile this thread writes the output frames and
+        // syncs them and the journal. The round is acknowledged only when all
+        // of it is done.
+        let mut flush = std::pin::pin!(self.trees.db.flush_async());
+        let early = if has_events {
+            smol::future::poll_once(&mut flush).await
+        } else {
+            Some(Ok(0))
+        };
+        let mut written = Ok(());
+        for (_, staged) in output {
+            written = outstore::append(&staged.file, &staged.frames, staged.end, self.sync_files);
+            if written.is_err() {
+                break;
+            }
+        }
+        let synced = if self.sync_files && has_events {
+            self.journal.sync()
+        } else {
+            Ok(())
+        };
+        let flushed = match early {
+            Some(r) => r,
+            None => flush.await,
+        };
+        flushed?;
+        written.map_err(|source| LogError::Io {
+            what: "cannot write step output under",
+            path: self.appenders.dir().to_path_buf(),
+            source,
+        })?;
+        synced.map_err(|source| LogError::Io {
+            what: "cannot sync the journal",
+            path: self.journal.path().to_path_buf(),
+            source,
+        })?;
+        if has_events {
+            self.journal_end = journal_end;
+            self.marker_due = true;
+        }
+        Ok(())
+    }
+
+    /// Writes a round's events: the journal copy first (written, not yet
+    /// synced), so that whatever prefix of the sled writes a crash leaves on
+    /// disk, the journal holds the round and `reconcile` completes it on open;
+    /// then one batch per tree, the checkpoint (`meta`) last.
+    fn stage_in_sled(&mut self, round: Round, journal_end: u64) -> Result<(), LogError> {
         let mut jobs = sled::Batch::default();
         {
             let live = lock(&self.live);
@@ -1489,61 +1546,19 @@ impl Writer {
         if let Some(n) = round.next_job {
             meta.insert("next_job", &n.to_be_bytes());
         }
-        let journal_end = self.journal_end + round.journal.len() as u64;
         meta.insert("journal_end", &journal_end.to_be_bytes());
+        self.journal
+            .write_at(&round.journal, self.journal_end, false)
+            .map_err(|source| LogError::Io {
+                what: "cannot write the journal",
+                path: self.journal.path().to_path_buf(),
+                source,
+            })?;
         let t = &self.trees;
-        // The journal copy goes first (written, not yet synced), so that whatever
-        // prefix of the sled writes below a crash leaves on disk, the journal
-        // holds the round's events and `reconcile` can complete the round on open.
-        let journal_at = self.journal_end;
-        let wrote = if round.journal.is_empty() {
-            Ok(())
-        } else {
-            self.journal.write_at(&round.journal, journal_at, false)
-        };
-        wrote.map_err(|source| LogError::Io {
-            what: "cannot write the journal",
-            path: self.journal.path().to_path_buf(),
-            source,
-        })?;
-        // One batch per tree, in dependency order: the checkpoint (`meta`) last.
-        t.output.apply_batch(round.output)?;
         t.events.apply_batch(round.events)?;
         t.jobs.apply_batch(jobs)?;
         t.live.apply_batch(live)?;
         t.meta.apply_batch(meta)?;
-        // sled's flush runs on sled's own thread pool (polling `flush_async` once
-        // hands it over); meanwhile this thread syncs the journal. The round is
-        // acknowledged only when both are done.
-        let mut flush = std::pin::pin!(t.db.flush_async());
-        let early = smol::future::poll_once(&mut flush).await;
-        let synced = if self.sync_journal && !round.journal.is_empty() {
-            self.journal.sync()
-        } else {
-            Ok(())
-        };
-        let flushed = match early {
-            Some(r) => r,
-            None => flush.await,
-        };
-        flushed?;
-        synced.map_err(|source| LogError::Io {
-            what: "cannot sync the journal",
-            path: self.journal.path().to_path_buf(),
-            source,
-        })?;
-        // Events are power-loss durable through the synced journal (a torn sled
-        // store is restored from it on open). Output chunks live only in sled, so
-        // a round that carries output also syncs sled's file.
-        if let (true, Some(f)) = (has_output, &self.fsync_file) {
-            f.sync_data().map_err(|source| LogError::Io {
-                what: "fdatasync failed on",
-                path: PathBuf::from("log/db"),
-                source,
-            })?;
-        }
-        self.journal_end = journal_end;
-        self.marker_due = true;
         Ok(())
     }
 }

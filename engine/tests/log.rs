@@ -348,3 +348,45 @@ fn acknowledged_events_sled_lost_are_restored_and_called_a_torn_store() {
     let state = log.fold(job).unwrap();
     assert_eq!(state.outcome, Some(Outcome::Succeeded));
 }
+
+#[test]
+fn a_flipped_byte_in_an_output_file_is_reported_and_the_chunks_before_it_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let job;
+    {
+        let log = open(dir.path());
+        job = smol::block_on(run_job(&log, spec("a", 1), 1, Ending::StopAfter(0))).unwrap();
+        log.append_blocking(
+            job,
+            Event::StepStarted {
+                index: 0,
+                exec_id: 1,
+            },
+        )
+        .unwrap();
+        for (i, part) in [&b"first "[..], b"second ", b"third"].iter().enumerate() {
+            let at = [0u64, 6, 13][i];
+            smol::block_on(log.append_output(job, 0, at, Stream::Stdout, part.to_vec())).unwrap();
+        }
+        log.close();
+    }
+    let file = dir
+        .path()
+        .join("output")
+        .join(job.to_string())
+        .join("0.out");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let pos = bytes.windows(6).position(|w| w == b"second").unwrap();
+    bytes[pos + 2] ^= 0x20;
+    std::fs::write(&file, bytes).unwrap();
+    let (log, _snap) = EventLog::open_snapshot(dir.path()).unwrap();
+    let items: Vec<_> = log.output(job, 0, 0).collect();
+    assert_eq!(items.len(), 2);
+    assert_eq!(items[0].as_ref().unwrap().bytes, b"first ");
+    let err = items[1].as_ref().unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("job {job} step 0: stored output is corrupt")),
+        "{err}"
+    );
+}
