@@ -53,7 +53,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use reel_benches::{
-    BenchDir, dir_size, median_duration, ms, quick, ratio, scale, scaled, thousands, workspace_root,
+    BenchDir, ReleaseBins, dir_size, median_duration, ms, quick, ratio, scale, scaled, thousands,
 };
 use reel_engine::event::{Event, JobId, Outcome};
 use reel_engine::executor::{Cancel, Executor, Observer, Report};
@@ -92,44 +92,10 @@ struct Bins {
 
 impl Bins {
     fn build() -> anyhow::Result<Bins> {
-        let root = workspace_root();
-        let target = root.join("target/recovery-bench");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        eprintln!(
-            "building release reel, reel-agent and the process runner into {} \
-             (the first build takes a few minutes)",
-            target.display()
-        );
-        let started = Instant::now();
-        let status = Command::new(cargo)
-            .current_dir(&root)
-            .env_remove("CARGO_TARGET_DIR")
-            .args(["build", "--release", "--quiet"])
-            .args([
-                "-p",
-                "reel-engine",
-                "-p",
-                "reel-agent",
-                "-p",
-                "reel-runner-process",
-            ])
-            .arg("--target-dir")
-            .arg(&target)
-            .status()
-            .context("cannot run cargo")?;
-        ensure!(status.success(), "the nested cargo build failed: {status}");
-        let dir = target.join("release");
-        for f in ["reel", "reel-agent", "libreel_runner_process.so"] {
-            ensure!(
-                dir.join(f).exists(),
-                "{} was not built",
-                dir.join(f).display()
-            );
-        }
-        eprintln!("build: {:.1} s", started.elapsed().as_secs_f64());
+        let b = ReleaseBins::build("recovery-bench")?;
         Ok(Bins {
-            reel: dir.join("reel"),
-            dir,
+            dir: b.dir,
+            reel: b.reel,
         })
     }
 }
