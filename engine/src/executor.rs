@@ -403,6 +403,15 @@ impl From<LogError> for Abort {
     }
 }
 
+impl From<Abort> for ExecError {
+    fn from(a: Abort) -> Self {
+        match a {
+            Abort::Log(e) => e.into(),
+            Abort::Runner(e) => e,
+        }
+    }
+}
+
 /// One job's run: where it is, and what it holds.
 pub(crate) struct JobRun<'a> {
     pub ex: &'a Executor,

@@ -315,6 +315,7 @@ async fn reattach_and_run(
     let handle = match reattached {
         Ok(h) => crate::executor::from_sdk(h),
         Err(e) => {
+            end_running_step(run, state, resume_from).await?;
             return Ok((
                 Outcome::Lost,
                 format!("the sandbox was alive but reattaching failed: {e}"),
@@ -341,18 +342,8 @@ async fn reattach_and_run(
         (Ok(_), None) => None,
     };
     if let Some(stop) = stop {
-        if let Some(step) = state.running_step() {
-            // The step still runs in the sandbox; teardown stops it. Its output
-            // is what the log holds.
-            run.append(Event::StepFinished {
-                index: step.index,
-                exit_code: None,
-                signal: None,
-                timed_out: false,
-                output_bytes: resume_from,
-            })
-            .await?;
-        }
+        // The step still runs in the sandbox; teardown stops it.
+        end_running_step(run, state, resume_from).await?;
         return Ok(stop);
     }
     let Ok(secrets) = secrets else {
@@ -366,6 +357,26 @@ async fn reattach_and_run(
         })
     });
     run.run_steps(&secrets, deadline(state), resume).await
+}
+
+/// Records the step that was running as ended without an exit status; its
+/// output is what the log holds. Teardown needs no step running.
+async fn end_running_step(
+    run: &mut JobRun<'_>,
+    state: &JobState,
+    stored: u64,
+) -> Result<(), Abort> {
+    if let Some(step) = state.running_step() {
+        run.append(Event::StepFinished {
+            index: step.index,
+            exit_code: None,
+            signal: None,
+            timed_out: false,
+            output_bytes: stored,
+        })
+        .await?;
+    }
+    Ok(())
 }
 
 async fn finish_teardown(
@@ -413,18 +424,11 @@ async fn reap(run: &mut JobRun<'_>, state: &JobState, reason: &str) -> Result<()
         .await?;
         return Ok(());
     }
-    if let Some(step) = state.running_step() {
-        // The step's sandbox is gone: it ended without an exit status. Its
-        // output is what the log holds.
-        let stored = run.ex.log().output_end(run.job, step.index)?;
-        run.append(Event::StepFinished {
-            index: step.index,
-            exit_code: None,
-            signal: None,
-            timed_out: false,
-            output_bytes: stored,
-        })
-        .await?;
-    }
+    // The step's sandbox is gone: it ended without an exit status.
+    let stored = match state.running_step() {
+        Some(step) => run.ex.log().output_end(run.job, step.index)?,
+        None => 0,
+    };
+    end_running_step(run, state, stored).await?;
     run.teardown(Outcome::Lost, reason).await
 }
