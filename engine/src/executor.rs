@@ -321,6 +321,16 @@ impl Executor {
         outcome: Outcome,
         reason: &str,
     ) -> Result<(), LogError> {
+        if outcome == Outcome::Cancelled {
+            self.log
+                .append(
+                    job,
+                    Event::CancelRequested {
+                        reason: reason.to_string(),
+                    },
+                )
+                .await?;
+        }
         self.log
             .append(
                 job,
@@ -875,6 +885,18 @@ impl JobRun<'_> {
         reason: &str,
     ) -> Result<(), ExecError> {
         let before = self.phase;
+        let asked = self
+            .ex
+            .log
+            .live_state(self.job)
+            .is_some_and(|s| s.cancel_requested.is_some());
+        if outcome == Outcome::Cancelled && !asked {
+            // Put the request itself on the record before acting on it.
+            self.append(Event::CancelRequested {
+                reason: reason.to_string(),
+            })
+            .await?;
+        }
         self.append(Event::TeardownStarted {
             outcome,
             reason: reason.to_string(),

@@ -297,6 +297,7 @@ fn ctrl_c_cancels_the_job_and_cleans_the_sandbox() {
     assert_eq!(status.code(), Some(4));
     let names = events(state.path(), 1);
     assert_eq!(names.last().map(String::as_str), Some("Cancelled"));
+    assert!(names.contains(&"CancelRequested".to_string()), "{names:?}");
     assert!(names.contains(&"Cleaned".to_string()));
     assert_eq!(names.iter().filter(|n| *n == "StepStarted").count(), 1);
     assert_nothing_left(state.path(), "run");
