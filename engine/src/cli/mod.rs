@@ -14,7 +14,15 @@ mod run;
 /// reel: a durable job engine for CI. Every lifecycle transition of every job is
 /// an event in a crash-safe log; the tools below read that log offline.
 #[derive(Parser, Debug)]
-#[command(name = "reel", version, about, long_about = None, propagate_version = true)]
+#[command(
+    name = "reel",
+    version,
+    about = "reel: a durable job engine for CI. Every lifecycle transition of every job is an \
+             event in a crash-safe log; `run` runs jobs, `recover` finishes what a dead engine \
+             left, the other commands read the log offline.",
+    long_about = None,
+    propagate_version = true
+)]
 pub struct Cli {
     /// State directory holding the log. Default: $REEL_STATE_DIR, else
     /// $XDG_STATE_HOME/reel, else ~/.local/state/reel.

@@ -58,6 +58,12 @@ fn action_word(a: &Action) -> &'static str {
 }
 
 pub fn run(state_dir: &Path, args: &RecoverArgs) -> Result<ExitCode> {
+    if !reel_engine::log::exists(state_dir) {
+        anyhow::bail!(
+            "no reel log in {} (give --state-dir or set REEL_STATE_DIR)",
+            state_dir.display()
+        );
+    }
     let plugins = plugin::load_dir(&plugin_dir(&args.engine.plugin_dir)?);
     if args.dry_run {
         return dry_run(state_dir, plugins, args);
