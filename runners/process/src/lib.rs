@@ -78,6 +78,10 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 const CANCEL_GRACE: Duration = Duration::from_millis(1000);
 /// Acknowledge delivered output to the agent after this many bytes.
 const ACK_EVERY: u64 = 256 * 1024;
+/// The most output merged into one sink call.
+const COALESCE_BYTES: usize = 1024 * 1024;
+/// How long `follow` waits for more output before handing what it has to the sink.
+const COALESCE_WAIT: Duration = Duration::from_micros(300);
 /// How long `connect` waits for the agent's socket and handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `cleanup` keeps killing before it gives up on a busy cgroup.
@@ -445,6 +449,31 @@ fn to_stream(s: reel_agent::Stream) -> Stream {
 
 /// Follows one exec on `client` from `from`, passing output at or after `skip_below`
 /// to `sink` and acknowledging what the sink took.
+/// Hands merged output to the sink.
+fn deliver(pending: &mut Option<(Stream, u64, Vec<u8>)>, sink: &mut dyn OutputSink) {
+    if let Some((stream, offset, bytes)) = pending.take() {
+        sink.chunk(stream, offset, &bytes);
+    }
+}
+
+/// Acknowledges to the agent the output the sink has taken (everything up to
+/// `next` once nothing is pending), every `ACK_EVERY` bytes.
+fn ack_delivered(
+    client: &mut AgentClient,
+    exec_id: u64,
+    next: u64,
+    acked: &mut u64,
+    delivered: bool,
+) -> Result<(), RunnerError> {
+    if delivered && next - *acked >= ACK_EVERY {
+        client
+            .ack(exec_id, next)
+            .map_err(|e| client_error("acknowledging output", e))?;
+        *acked = next;
+    }
+    Ok(())
+}
+
 fn follow(
     client: &mut AgentClient,
     exec_id: u64,
@@ -454,12 +483,34 @@ fn follow(
 ) -> Result<ExecResult, RunnerError> {
     let mut next = from;
     let mut acked = from;
+    // Output frames that are already waiting are merged (same stream, up to
+    // COALESCE_BYTES) before the sink sees them: the engine makes every sink
+    // call durable before it returns, so fewer, larger calls store faster.
+    let mut pending: Option<(Stream, u64, Vec<u8>)> = None;
     loop {
-        let msg = match client.recv(Some(Duration::from_secs(1))) {
+        let wait = if pending.is_some() {
+            COALESCE_WAIT
+        } else {
+            Duration::from_secs(1)
+        };
+        let msg = match client.recv(Some(wait)) {
             Ok(Some(m)) => m,
-            Ok(None) => continue,
+            Ok(None) => {
+                deliver(&mut pending, sink);
+                ack_delivered(client, exec_id, next, &mut acked, pending.is_none())?;
+                continue;
+            }
             Err(e) => return Err(client_error(&format!("following exec {exec_id}"), e)),
         };
+        let merges = matches!(&msg, Message::Output { exec_id: id, stream, .. }
+        if *id == exec_id
+            && pending.as_ref().is_some_and(|(s, _, b)| {
+                *s == to_stream(*stream) && b.len() < COALESCE_BYTES
+            }));
+        if !merges {
+            deliver(&mut pending, sink);
+            ack_delivered(client, exec_id, next, &mut acked, true)?;
+        }
         match msg {
             Message::Output {
                 exec_id: id,
@@ -476,14 +527,11 @@ fn follow(
                 }
                 if end > next {
                     let skip = (next - offset) as usize;
-                    sink.chunk(to_stream(stream), next, &bytes[skip..]);
+                    match &mut pending {
+                        Some((_, _, buf)) => buf.extend_from_slice(&bytes[skip..]),
+                        None => pending = Some((to_stream(stream), next, bytes[skip..].to_vec())),
+                    }
                     next = end;
-                }
-                if next - acked >= ACK_EVERY {
-                    client
-                        .ack(exec_id, next)
-                        .map_err(|e| client_error("acknowledging output", e))?;
-                    acked = next;
                 }
             }
             Message::ExecExit {
