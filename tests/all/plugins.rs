@@ -254,6 +254,59 @@ fn plugin_notices_reach_the_host() {
     );
 }
 
+/// Records the messages of every `tracing` event the host emits.
+struct Capture;
+
+static LOGS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        let mut m = Message(String::new());
+        event.record(&mut m);
+        let line = format!(
+            "{} {} {}",
+            event.metadata().level(),
+            event.metadata().target(),
+            m.0
+        );
+        LOGS.lock().unwrap().push(line);
+    }
+}
+
+#[test]
+fn plugin_tracing_logs_reach_the_host() {
+    use tracing_subscriber::layer::SubscriberExt;
+    // Installed before the plugin loads: a plugin forwards logs up to the level
+    // the host has enabled when it is loaded.
+    let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry().with(Capture));
+    let b = built();
+    let dir = plugin_dir(&[(&b.panicky, "libreel_fixture_panicky.so", 0o755)]);
+    let set = plugin::load_dir(dir.path());
+    let sandbox = tempfile::tempdir().unwrap();
+    let runner = set
+        .instantiate("panicky", &config(sandbox.path(), dir.path()))
+        .unwrap();
+    let job = JobRequest {
+        name: "logged".to_owned(),
+        ..JobRequest::default()
+    };
+    runner.validate(&job).unwrap();
+    let logs = LOGS.lock().unwrap();
+    assert!(
+        logs.iter().any(|l| l.starts_with("WARN reel::plugin")
+            && l.contains("validating in the panicky plugin")),
+        "{logs:?}"
+    );
+}
+
 #[test]
 fn plugins_listing_reports_loaded_and_refused() {
     let b = built();
