@@ -12,12 +12,12 @@ use serde_json::json;
 
 use reel_engine::event::Outcome;
 use reel_engine::executor::{Cancel, Executor};
-use reel_engine::log::{EventLog, LogOptions};
+use reel_engine::log::EventLog;
 use reel_engine::plugin;
 use reel_engine::recover::{Action, Assessment, assess, recover};
 
 use super::print::{Finished, Printer};
-use super::run::{EngineArgs, exit_code, plugin_dir, secret_source, watch_signals};
+use super::run::{EngineArgs, exit_code, open_engine, plugin_dir, secret_source, watch_signals};
 
 #[derive(Args, Debug)]
 #[command(after_help = "\
@@ -69,21 +69,7 @@ pub fn run(state_dir: &Path, args: &RecoverArgs) -> Result<ExitCode> {
         return dry_run(state_dir, plugins, args);
     }
     let source = secret_source(&args.engine.secrets_file)?;
-    let log = EventLog::open(
-        state_dir,
-        LogOptions {
-            durability: args.engine.durability,
-        },
-    )
-    .map_err(|e| {
-        anyhow::Error::new(e).context(format!("cannot open the log in {}", state_dir.display()))
-    })?;
-    let executor = Arc::new(Executor::new(
-        log.clone(),
-        plugins,
-        state_dir.join("sandboxes"),
-        Default::default(),
-    )?);
+    let (log, executor) = open_engine(state_dir, &args.engine, plugins)?;
     let live = log.live_jobs()?;
     if live.is_empty() {
         if args.json {

@@ -125,15 +125,7 @@ pub fn run(state_dir: &Path, args: &RunArgs) -> Result<ExitCode> {
 
     let plugin_dir = plugin_dir(&args.engine.plugin_dir)?;
     let plugins = plugin::load_dir(&plugin_dir);
-    let log = EventLog::open(
-        state_dir,
-        LogOptions {
-            durability: args.engine.durability,
-        },
-    )
-    .map_err(|e| {
-        anyhow::Error::new(e).context(format!("cannot open the log in {}", state_dir.display()))
-    })?;
+    let (log, executor) = open_engine(state_dir, &args.engine, plugins)?;
     let orphans = log.live_jobs()?;
     if !orphans.is_empty() {
         eprintln!(
@@ -143,12 +135,6 @@ pub fn run(state_dir: &Path, args: &RunArgs) -> Result<ExitCode> {
             state_dir.display()
         );
     }
-    let executor = Arc::new(Executor::new(
-        log.clone(),
-        plugins,
-        state_dir.join("sandboxes"),
-        Default::default(),
-    )?);
 
     // Every runner must exist and accept its job before anything is submitted.
     for p in &jobs {
@@ -206,6 +192,31 @@ pub fn exit_code(results: &[Finished]) -> u8 {
         code = severest(code, c);
     }
     code
+}
+
+/// Opens the state directory's log for writing and an executor over it, with
+/// sandboxes under `<state>/sandboxes`.
+pub fn open_engine(
+    state_dir: &Path,
+    engine: &EngineArgs,
+    plugins: plugin::PluginSet,
+) -> Result<(EventLog, Arc<Executor>)> {
+    let log = EventLog::open(
+        state_dir,
+        LogOptions {
+            durability: engine.durability,
+        },
+    )
+    .map_err(|e| {
+        anyhow::Error::new(e).context(format!("cannot open the log in {}", state_dir.display()))
+    })?;
+    let executor = Executor::new(
+        log.clone(),
+        plugins,
+        state_dir.join("sandboxes"),
+        Default::default(),
+    )?;
+    Ok((log, Arc::new(executor)))
 }
 
 /// Where secrets come from: the file if given, else the environment.
