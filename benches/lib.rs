@@ -221,3 +221,23 @@ impl ReleaseBins {
         })
     }
 }
+
+/// Baseline: opening a cleanly closed log's sled db and trees with plain sled
+/// and the engine's cache setting, the part of `EventLog::open` that is sled's
+/// own (its recovery); returns the time.
+pub fn sled_open(state: &Path) -> anyhow::Result<Duration> {
+    use anyhow::Context as _;
+    let start = std::time::Instant::now();
+    let db = sled::Config::new()
+        .path(state.join("log"))
+        .cache_capacity(reel_engine::log::CACHE_BYTES)
+        .flush_every_ms(None)
+        .open()
+        .context("cannot open the log as a sled db")?;
+    let trees = reel_engine::log::TREES.map(|t| db.open_tree(t));
+    let took = start.elapsed();
+    for t in trees {
+        t?;
+    }
+    Ok(took)
+}

@@ -53,7 +53,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use reel_benches::{
-    BenchDir, ReleaseBins, dir_size, median_duration, ms, quick, ratio, scale, scaled, thousands,
+    BenchDir, ReleaseBins, dir_size, median_duration, ms, quick, ratio, scale, scaled, sled_open,
+    thousands,
 };
 use reel_engine::event::{Event, JobId, Outcome};
 use reel_engine::executor::{Cancel, Executor, Observer, Report};
@@ -484,24 +485,6 @@ fn recover_all(bins: &Bins, state: &Path, mode: Mode, expect: usize) -> anyhow::
         append,
         sled_open,
     })
-}
-
-/// Baseline: opening the (cleanly closed) log as a plain sled db and its trees,
-/// the part of `EventLog::open` that is sled's own.
-fn sled_open(state: &Path) -> anyhow::Result<Duration> {
-    let start = Instant::now();
-    let db = sled::Config::new()
-        .path(state.join("log"))
-        .cache_capacity(256 * 1024 * 1024)
-        .flush_every_ms(None)
-        .open()
-        .context("cannot open the log as a sled db")?;
-    let trees = ["meta", "events", "jobs", "live", "output"].map(|t| db.open_tree(t));
-    let took = start.elapsed();
-    for t in trees {
-        t?;
-    }
-    Ok(took)
 }
 
 /// Baseline: one pass over `/proc` reading every process's `stat` and

@@ -20,7 +20,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
-use reel_benches::{BenchDir, dir_size, median_duration, ms, quick, ratio, scaled, thousands};
+use reel_benches::{
+    BenchDir, dir_size, median_duration, ms, quick, ratio, scaled, sled_open, thousands,
+};
 use reel_engine::event::{Event, Handle, JobId, Outcome};
 use reel_engine::log::{Durability, EventLog, LogOptions};
 use reel_engine::simulate;
@@ -202,23 +204,6 @@ fn open_live(dir: &Path) -> anyhow::Result<(Duration, usize)> {
     let took = start.elapsed();
     log.close();
     Ok((took, live.len()))
-}
-
-/// Opening the db with plain sled (recovery only, no live fold); returns the time.
-fn sled_open(dir: &Path) -> anyhow::Result<Duration> {
-    let start = Instant::now();
-    let db = sled::Config::new()
-        .path(dir.join("log"))
-        .cache_capacity(256 * 1024 * 1024)
-        .flush_every_ms(None)
-        .open()
-        .context("cannot open the log as a sled db")?;
-    let trees = ["meta", "events", "jobs", "live", "output"].map(|t| db.open_tree(t));
-    let took = start.elapsed();
-    for t in trees {
-        t?;
-    }
-    Ok(took)
 }
 
 fn rate(events: u64, d: Duration) -> f64 {

@@ -237,7 +237,7 @@ impl Executor {
     ) -> Result<Executor, LogError> {
         let mut leases = BTreeSet::new();
         for job in log.live_jobs()? {
-            if let Some(cid) = log.live_state(job).and_then(|s| s.cid) {
+            if let Some(cid) = log.live_with(job, |s| s.cid).flatten() {
                 leases.insert(cid);
             }
         }
@@ -360,7 +360,10 @@ impl Executor {
         let deadline = spec
             .timeout_ms
             .map(|ms| started + Duration::from_millis(ms));
-        let phase = self.log.live_state(job).map_or(Phase::Queued, |s| s.phase);
+        let phase = self
+            .log
+            .live_with(job, |s| s.phase)
+            .unwrap_or(Phase::Queued);
         let mut run = JobRun {
             ex: self,
             job,
@@ -437,8 +440,8 @@ pub(crate) struct JobRun<'a> {
 impl JobRun<'_> {
     pub(crate) async fn append(&mut self, event: Event) -> Result<(), LogError> {
         self.ex.log.append(self.job, event).await?;
-        if let Some(s) = self.ex.log.live_state(self.job) {
-            self.phase = s.phase;
+        if let Some(phase) = self.ex.log.live_with(self.job, |s| s.phase) {
+            self.phase = phase;
         }
         Ok(())
     }
@@ -595,8 +598,8 @@ impl JobRun<'_> {
             None => self
                 .ex
                 .log
-                .live_state(self.job)
-                .map_or(0, |s| s.steps.len()),
+                .live_with(self.job, |s| s.steps.len())
+                .unwrap_or(0),
         };
         for (index, step) in self.spec.steps.iter().enumerate().skip(first) {
             let index = index as u32;
@@ -888,8 +891,8 @@ impl JobRun<'_> {
         let asked = self
             .ex
             .log
-            .live_state(self.job)
-            .is_some_and(|s| s.cancel_requested.is_some());
+            .live_with(self.job, |s| s.cancel_requested.is_some())
+            .unwrap_or(false);
         if outcome == Outcome::Cancelled && !asked {
             // Put the request itself on the record before acting on it.
             self.append(Event::CancelRequested {
@@ -902,12 +905,34 @@ impl JobRun<'_> {
             reason: reason.to_string(),
         })
         .await?;
+        self.tear_down(before, outcome, reason, true).await
+    }
+
+    /// Carries out a decided teardown from where the log says it stands
+    /// (`self.phase`: `TearingDown`, `Drained`, `PoweredOff`, `CleaningUp` or
+    /// `Cleaned`), given the phase the job was in when teardown was decided, and
+    /// ends the job. Recovery resumes an interrupted teardown with it.
+    pub(crate) async fn tear_down(
+        &mut self,
+        before: Phase,
+        outcome: Outcome,
+        reason: &str,
+        drain: bool,
+    ) -> Result<(), ExecError> {
         let runner = self.ex.runner(&self.spec.runner).ok();
         let handle = self.handle.clone();
+        let had_agent = matches!(
+            before,
+            Phase::Booting | Phase::Booted | Phase::Connected | Phase::Running
+        );
         if let (Some(runner), Some(handle)) = (runner, handle) {
             let h = to_sdk(&handle);
             // A lost sandbox (recovery reaping it) has nothing to drain.
-            if matches!(before, Phase::Connected | Phase::Running) && outcome != Outcome::Lost {
+            if drain
+                && self.phase == Phase::TearingDown
+                && matches!(before, Phase::Connected | Phase::Running)
+                && outcome != Outcome::Lost
+            {
                 let hh = h.clone();
                 match runner.unblock(move |r| r.drain(&hh)).await {
                     Ok(()) => self.append(Event::Drained {}).await?,
@@ -918,10 +943,7 @@ impl JobRun<'_> {
                     }
                 }
             }
-            if matches!(
-                before,
-                Phase::Booting | Phase::Booted | Phase::Connected | Phase::Running
-            ) {
+            if had_agent && matches!(self.phase, Phase::TearingDown | Phase::Drained) {
                 self.poweroff(&runner, &h, true).await?;
             }
             if self.cid.is_some() {

@@ -60,7 +60,7 @@ pub const KIND_SUMMARY: u16 = 0x8001;
 
 /// sled's page cache. Written pages stay cached up to this size, so it bounds
 /// what a long step's stored output costs in engine memory.
-const CACHE_BYTES: u64 = 48 * 1024 * 1024;
+pub const CACHE_BYTES: u64 = 48 * 1024 * 1024;
 
 /// Requests the writer takes in one round at most.
 const MAX_BATCH: usize = 4096;
@@ -372,6 +372,9 @@ fn is_lock_error(e: &sled::Error) -> bool {
     matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
 }
 
+/// The sled trees of the log, in the order `open_trees` opens them.
+pub const TREES: [&str; 4] = ["meta", "events", "jobs", "live"];
+
 fn open_trees(state_dir: &Path) -> Result<Trees, LogError> {
     let path = state_dir.join(DB_DIR);
     let db = sled::Config::new()
@@ -672,9 +675,15 @@ impl EventLog {
         smol::block_on(self.submit(spec))
     }
 
-    /// The folded state of a live job, from memory.
+    /// The folded state of a live job, from memory (a copy).
     pub fn live_state(&self, job: JobId) -> Option<JobState> {
-        lock(&self.shared.live).get(&job).cloned()
+        self.live_with(job, JobState::clone)
+    }
+
+    /// Reads a live job's folded state in place, without copying it (the
+    /// executor reads its phase after every append).
+    pub fn live_with<T>(&self, job: JobId, f: impl FnOnce(&JobState) -> T) -> Option<T> {
+        lock(&self.shared.live).get(&job).map(f)
     }
 
     /// Ids of every non-terminal job, ascending. Reads only the `live` tree.

@@ -385,35 +385,9 @@ async fn finish_teardown(
     outcome: Outcome,
 ) -> Result<(), ExecError> {
     let before = state.phase_before_teardown.unwrap_or(Phase::New);
-    let runner = run.runner().ok();
-    if let (Some(runner), Some(handle)) = (runner, run.handle.clone()) {
-        let h = to_sdk(&handle);
-        if matches!(state.phase, Phase::TearingDown | Phase::Drained) && has_sandbox_process(before)
-        {
-            run.poweroff(&runner, &h, true).await?;
-        }
-        if state.phase != Phase::Cleaned && state.cid.is_some() {
-            run.cleanup(&runner, &h).await?;
-        }
-    } else if state.phase != Phase::Cleaned && state.cid.is_some() {
-        run.append(Event::CleanupStarted {}).await?;
-        run.append(Event::Cleaned {}).await?;
-    }
-    if let Some(cid) = run.cid.take() {
-        run.ex.release(cid);
-    }
-    if outcome == Outcome::Lost {
-        run.append(Event::Reaped {
-            reason: state.reason.clone().unwrap_or_default(),
-        })
-        .await?;
-    }
-    run.append(Event::terminal(
-        outcome,
-        state.reason.clone().unwrap_or_default(),
-    ))
-    .await?;
-    Ok(())
+    let reason = state.reason.clone().unwrap_or_default();
+    // No drain: the output of finished steps is already stored.
+    run.tear_down(before, outcome, &reason, false).await
 }
 
 async fn reap(run: &mut JobRun<'_>, state: &JobState, reason: &str) -> Result<(), ExecError> {

@@ -226,6 +226,22 @@ fn a_panic_in_a_plugin_is_an_error_carrying_its_message() {
     assert_eq!(runner.cleanup(&handle), Ok(()));
 }
 
+/// Loads a fresh copy of the panicky fixture and has it validate a job named
+/// `name` (it raises a notice and logs a warning while doing so).
+fn validate_with_panicky(name: &str) -> Result<Vec<String>, reel_engine::plugin::RunnerError> {
+    let b = built();
+    let dir = plugin_dir(&[(&b.panicky, "libreel_fixture_panicky.so", 0o755)]);
+    let set = plugin::load_dir(dir.path());
+    let sandbox = tempfile::tempdir().unwrap();
+    let runner = set
+        .instantiate("panicky", &config(sandbox.path(), dir.path()))
+        .unwrap();
+    runner.validate(&JobRequest {
+        name: name.to_owned(),
+        ..JobRequest::default()
+    })
+}
+
 #[test]
 fn plugin_notices_reach_the_host() {
     static NOTICES: Mutex<Vec<String>> = Mutex::new(Vec::new());
@@ -235,18 +251,7 @@ fn plugin_notices_reach_the_host() {
             .unwrap()
             .push(format!("{plugin}/{kind}/{message}"));
     }));
-    let b = built();
-    let dir = plugin_dir(&[(&b.panicky, "libreel_fixture_panicky.so", 0o755)]);
-    let set = plugin::load_dir(dir.path());
-    let sandbox = tempfile::tempdir().unwrap();
-    let runner = set
-        .instantiate("panicky", &config(sandbox.path(), dir.path()))
-        .unwrap();
-    let job = JobRequest {
-        name: "j1".to_owned(),
-        ..JobRequest::default()
-    };
-    assert_eq!(runner.validate(&job), Ok(vec![]));
+    assert_eq!(validate_with_panicky("j1"), Ok(vec![]));
     let notices = NOTICES.lock().unwrap();
     assert!(
         notices.iter().any(|n| n == "panicky/validated/job j1"),
@@ -287,18 +292,7 @@ fn plugin_tracing_logs_reach_the_host() {
     // Installed before the plugin loads: a plugin forwards logs up to the level
     // the host has enabled when it is loaded.
     let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry().with(Capture));
-    let b = built();
-    let dir = plugin_dir(&[(&b.panicky, "libreel_fixture_panicky.so", 0o755)]);
-    let set = plugin::load_dir(dir.path());
-    let sandbox = tempfile::tempdir().unwrap();
-    let runner = set
-        .instantiate("panicky", &config(sandbox.path(), dir.path()))
-        .unwrap();
-    let job = JobRequest {
-        name: "logged".to_owned(),
-        ..JobRequest::default()
-    };
-    runner.validate(&job).unwrap();
+    validate_with_panicky("logged").unwrap();
     let logs = LOGS.lock().unwrap();
     assert!(
         logs.iter().any(|l| l.starts_with("WARN reel::plugin")
