@@ -230,11 +230,11 @@ pub fn sled_open(state: &Path) -> anyhow::Result<Duration> {
     let start = std::time::Instant::now();
     let db = sled::Config::new()
         .path(state.join("log"))
-        .cache_capacity(reel_engine::log::CACHE_BYTES)
+        .cache_capacity(reel_engine::store::CACHE_BYTES)
         .flush_every_ms(None)
         .open()
         .context("cannot open the log as a sled db")?;
-    let trees = reel_engine::log::TREES.map(|t| db.open_tree(t));
+    let trees = reel_engine::store::TREES.map(|t| db.open_tree(t));
     let took = start.elapsed();
     for t in trees {
         t?;

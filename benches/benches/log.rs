@@ -27,9 +27,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use reel_benches::{BenchDir, median, quick, ratio, scale, thousands, verdict};
-use reel_engine::event::Event;
-use reel_engine::log::{Durability, EventLog, LogOptions};
-use reel_engine::simulate;
+use reel_engine::model::event::Event;
+use reel_engine::store::{Durability, EventLog, LogOptions};
+use reel_engine::testkit::simulate;
 use reel_engine::time::now_ms;
 
 const RUNS: usize = 3;

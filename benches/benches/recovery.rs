@@ -56,13 +56,14 @@ use reel_benches::{
     BenchDir, ReleaseBins, dir_size, median_duration, ms, quick, ratio, scale, scaled, sled_open,
     thousands,
 };
-use reel_engine::event::{Event, JobId, Outcome};
-use reel_engine::executor::{Cancel, Executor, Observer, Report};
-use reel_engine::log::{Durability, EventLog, LogOptions};
+use reel_engine::input::secrets::ResolvedSecrets;
+use reel_engine::lifecycle::executor::{Executor, Runners};
+use reel_engine::lifecycle::observer::{Cancel, Observer, Report};
+use reel_engine::lifecycle::recover::{Action, assess, recover};
+use reel_engine::model::event::{Event, JobId, Outcome};
 use reel_engine::plugin;
-use reel_engine::recover::{Action, assess, recover};
-use reel_engine::secrets::ResolvedSecrets;
-use reel_engine::simulate::{self, Ending};
+use reel_engine::store::{Durability, EventLog, LogOptions};
+use reel_engine::testkit::simulate::{self, Ending};
 
 const BUILDERS: u64 = 1024;
 /// Steps of each historical job; `simulate::run_job` appends 16 + 2 × steps events.
@@ -381,9 +382,7 @@ fn recover_all(bins: &Bins, state: &Path, mode: Mode, expect: usize) -> anyhow::
     let plugins = plugin::load_dir(&bins.dir);
     let ex = Arc::new(Executor::new(
         log.clone(),
-        plugins,
-        state.join("sandboxes"),
-        Default::default(),
+        Runners::new(plugins, state.join("sandboxes"), Default::default()),
     )?);
     let live = log.live_jobs()?;
     let ready = t0.elapsed();
@@ -408,7 +407,7 @@ fn recover_all(bins: &Bins, state: &Path, mode: Mode, expect: usize) -> anyhow::
                     .log()
                     .live_state(job)
                     .with_context(|| format!("job {job} is not live"))?;
-                let a = assess(&ex, &state).await;
+                let a = assess(ex.runners(), ex.log(), &state).await;
                 let assessed = t0.elapsed();
                 let action = a.action.clone();
                 let outcome = recover(&ex, &a, Ok(ResolvedSecrets::default()), &cancel, &QUIET)

@@ -23,9 +23,9 @@ use anyhow::{Context as _, ensure};
 use reel_benches::{
     BenchDir, dir_size, median_duration, ms, quick, ratio, scaled, sled_open, thousands,
 };
-use reel_engine::event::{Event, Handle, JobId, Outcome};
-use reel_engine::log::{Durability, EventLog, LogOptions};
-use reel_engine::simulate;
+use reel_engine::model::event::{Event, Handle, JobId, Outcome};
+use reel_engine::store::{Durability, EventLog, LogOptions};
+use reel_engine::testkit::simulate;
 
 const FOLD_RUNS: usize = 3;
 const OPEN_RUNS: usize = 5;

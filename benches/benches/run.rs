@@ -40,7 +40,7 @@ use anyhow::{Context as _, bail, ensure};
 use reel_benches::{
     BenchDir, ReleaseBins, median, median_duration, ms, quick, ratio, scaled, verdict,
 };
-use reel_engine::log::EventLog;
+use reel_engine::store::LogReader;
 
 const RUNS: usize = 3;
 const JOBS: u64 = 200;
@@ -171,7 +171,7 @@ struct Timeline {
 
 impl Timeline {
     fn add(&mut self, state: &Path, jobs: u64) -> anyhow::Result<()> {
-        let (log, _snapshot) = EventLog::open_snapshot(state)
+        let log = LogReader::open_copy(state)
             .with_context(|| format!("cannot open the log in {}", state.display()))?;
         let mut first_submitted = None;
         let mut spans = Vec::new();

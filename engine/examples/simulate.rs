@@ -11,8 +11,8 @@
 
 use std::path::PathBuf;
 
-use reel_engine::log::{EventLog, LogOptions};
-use reel_engine::simulate::{Ending, run_job, spec};
+use reel_engine::store::{EventLog, LogOptions};
+use reel_engine::testkit::simulate::{Ending, run_job, spec};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -29,7 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let id = run_job(&log, spec(&format!("demo-{i}"), 3), i + 1, ending).await?;
             println!("job {id}: {ending:?}");
         }
-        Ok::<_, reel_engine::log::LogError>(())
+        Ok::<_, reel_engine::store::LogError>(())
     })?;
     log.close();
     Ok(())

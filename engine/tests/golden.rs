@@ -8,9 +8,9 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use reel_engine::codec::DecodeError;
-use reel_engine::event::{Event, Handle, Outcome};
-use reel_engine::spec::{JobSpec, Resources, StepSpec};
+use reel_engine::model::codec::DecodeError;
+use reel_engine::model::event::{Event, Handle, Outcome};
+use reel_engine::model::spec::{JobSpec, Resources, StepSpec};
 
 const AT_MS: u64 = 1_795_790_825_123;
 

@@ -10,10 +10,10 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use reel_engine::jobfile::{
+use reel_engine::input::jobfile::{
     Format, JobFileError, Location, ParsedJob, parse_job_file, parse_job_str,
 };
-use reel_engine::spec::JobSpec;
+use reel_engine::model::spec::JobSpec;
 use serde_json::json;
 
 fn data_dir() -> PathBuf {

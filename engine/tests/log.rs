@@ -5,10 +5,10 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use reel_engine::event::{Event, Outcome};
-use reel_engine::log::{EventLog, LogError, LogOptions, Stream};
-use reel_engine::simulate::{Ending, run_job, spec};
-use reel_engine::state::Phase;
+use reel_engine::model::event::{Event, Outcome};
+use reel_engine::model::state::Phase;
+use reel_engine::store::{EventLog, LogError, LogOptions, Stream};
+use reel_engine::testkit::simulate::{Ending, run_job, spec};
 
 fn open(dir: &std::path::Path) -> EventLog {
     EventLog::open(dir, LogOptions::default()).unwrap()
@@ -289,7 +289,11 @@ fn a_round_the_engine_died_in_is_completed_from_the_journal() {
         .append(true)
         .open(dir.path().join("journal"))
         .unwrap();
-    std::io::Write::write_all(&mut f, &reel_engine::journal::frame(job, seq, &envelope)).unwrap();
+    std::io::Write::write_all(
+        &mut f,
+        &reel_engine::store::journal::frame(job, seq, &envelope),
+    )
+    .unwrap();
     drop(f);
     let log = open(dir.path());
     let repairs: Vec<String> = log.repairs().iter().map(|r| r.message.clone()).collect();
@@ -325,8 +329,12 @@ fn acknowledged_events_sled_lost_are_restored_and_called_a_torn_store() {
     {
         let db = sled::open(dir.path().join("log")).unwrap();
         let events = db.open_tree("events").unwrap();
-        events.remove(reel_engine::log::event_key(job, 5)).unwrap();
-        events.remove(reel_engine::log::event_key(job, 6)).unwrap();
+        events
+            .remove(reel_engine::store::event_key(job, 5))
+            .unwrap();
+        events
+            .remove(reel_engine::store::event_key(job, 6))
+            .unwrap();
         db.open_tree("meta")
             .unwrap()
             .insert("journal_end", &0u64.to_be_bytes())
@@ -379,14 +387,14 @@ fn a_flipped_byte_in_an_output_file_is_reported_and_the_chunks_before_it_kept() 
     let pos = bytes.windows(6).position(|w| w == b"second").unwrap();
     bytes[pos + 2] ^= 0x20;
     std::fs::write(&file, bytes).unwrap();
-    let (log, _snap) = EventLog::open_snapshot(dir.path()).unwrap();
+    let log = reel_engine::store::LogReader::open_copy(dir.path()).unwrap();
     let items: Vec<_> = log.output(job, 0, 0).collect();
     assert_eq!(items.len(), 2);
     assert_eq!(items[0].as_ref().unwrap().bytes, b"first ");
     let err = items[1].as_ref().unwrap_err();
     assert!(
         err.to_string()
-            .contains(&format!("job {job} step 0: stored output is corrupt")),
+            .contains(&format!("job {job} step 1: stored output is corrupt")),
         "{err}"
     );
 }

@@ -2,9 +2,9 @@
 
 use proptest::prelude::*;
 
-use reel_engine::event::{Event, Handle, Outcome, Record};
-use reel_engine::spec::{JobSpec, StepSpec};
-use reel_engine::state::{JobState, Phase, apply, fold};
+use reel_engine::model::event::{Event, Handle, Outcome, Record};
+use reel_engine::model::spec::{JobSpec, StepSpec};
+use reel_engine::model::state::{JobState, Phase, apply, fold};
 
 fn spec(steps: usize) -> JobSpec {
     JobSpec {

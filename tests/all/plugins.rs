@@ -310,7 +310,7 @@ fn plugins_listing_reports_loaded_and_refused() {
     ]);
     let set = plugin::load_dir(dir.path());
     let path = |name: &str| dir.path().join(name).display().to_string();
-    let json = set.to_json();
+    let json = reel_cli::views::plugins_json(&set);
     assert_eq!(
         json,
         serde_json::json!({
@@ -330,7 +330,7 @@ fn plugins_listing_reports_loaded_and_refused() {
             }],
         })
     );
-    let text = set.render_text();
+    let text = reel_cli::views::plugins_text(&set);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(
         lines,

@@ -83,7 +83,7 @@ fn output_read_back_from_the_log_is_byte_exact() {
     // The two streams interleave in the combined output in the order the agent
     // read them, so check each stream's own bytes, and the combined length.
     assert_eq!(stored.stdout.len(), expected.len() + 5);
-    let (log, _snapshot) = reel_engine::log::EventLog::open_snapshot(state.path()).unwrap();
+    let log = reel_engine::store::LogReader::open_copy(state.path()).unwrap();
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let mut next = 0;
     for chunk in log.output(1, 0, 0) {
@@ -94,8 +94,8 @@ fn output_read_back_from_the_log_is_byte_exact() {
         );
         next += chunk.bytes.len() as u64;
         match chunk.stream {
-            reel_engine::log::Stream::Stdout => out.extend_from_slice(&chunk.bytes),
-            reel_engine::log::Stream::Stderr => err.extend_from_slice(&chunk.bytes),
+            reel_engine::store::Stream::Stdout => out.extend_from_slice(&chunk.bytes),
+            reel_engine::store::Stream::Stderr => err.extend_from_slice(&chunk.bytes),
         }
     }
     assert!(out == expected, "stdout differs from what the step printed");

@@ -11,7 +11,7 @@
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::event::Event;
+use crate::model::event::Event;
 
 /// The environment variable that arms the switch.
 pub const ENV: &str = "REEL_TEST_CRASH_AT";

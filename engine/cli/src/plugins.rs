@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use reel_engine::plugin;
 
+use crate::views::{plugins_json, plugins_text};
+
 /// List runner plugins: what loaded, and what was refused and why.
 #[derive(clap::Args, Debug)]
 pub struct PluginsArgs {
@@ -25,9 +27,9 @@ pub fn run(args: &PluginsArgs) -> anyhow::Result<()> {
     };
     let set = plugin::load_dir(&dir);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&set.to_json())?);
+        println!("{}", serde_json::to_string_pretty(&plugins_json(&set))?);
     } else {
-        print!("{}", set.render_text());
+        print!("{}", plugins_text(&set));
     }
     Ok(())
 }

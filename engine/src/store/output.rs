@@ -35,7 +35,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::event::JobId;
+use serde::{Deserialize, Serialize};
+
+use crate::model::event::JobId;
 
 const MAGIC: [u8; 2] = *b"RO";
 const HEAD: usize = 15;
@@ -46,6 +48,46 @@ pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
 
 /// The directory under the state directory.
 pub const DIR_NAME: &str = "output";
+
+/// Which stream a chunk of output came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// A stored piece of a step's output.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputChunk {
+    /// Byte offset of the first byte in the step's combined output.
+    pub offset: u64,
+    /// Which stream.
+    pub stream: Stream,
+    /// The bytes, exactly as the step wrote them (after secret masking).
+    pub bytes: Vec<u8>,
+}
+
+impl Stream {
+    /// The stream's byte in a frame header.
+    pub fn byte(self) -> u8 {
+        match self {
+            Stream::Stdout => 0,
+            Stream::Stderr => 1,
+        }
+    }
+
+    /// The stream a frame header's byte names (anything but 0 is stderr).
+    pub fn from_byte(b: u8) -> Stream {
+        if b == 0 {
+            Stream::Stdout
+        } else {
+            Stream::Stderr
+        }
+    }
+}
 
 /// One frame as read back: `(offset, stream byte, bytes)`.
 pub type Frame = (u64, u8, Vec<u8>);

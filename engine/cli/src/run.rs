@@ -8,16 +8,19 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use clap::Args;
+use clap::{Args, ValueEnum};
 
-use reel_engine::event::{Event, Outcome};
-use reel_engine::executor::{Cancel, Executor};
-
-use super::print::{Finished, Printer};
-use reel_engine::jobfile::{ParsedJob, parse_job_file};
-use reel_engine::log::{Durability, EventLog, LogOptions};
+use reel_engine::input::jobfile::{ParsedJob, parse_job_file};
+use reel_engine::input::secrets::{ResolvedSecrets, SecretSource};
+use reel_engine::lifecycle::batch::{self, BatchJob, Finished, Work};
+use reel_engine::lifecycle::executor::{Executor, Runners};
+use reel_engine::lifecycle::observer::Cancel;
+use reel_engine::model::event::{Event, Outcome};
 use reel_engine::plugin;
-use reel_engine::secrets::{ResolvedSecrets, SecretSource};
+use reel_engine::store::{Durability, EventLog, LogOptions};
+
+use crate::app::chain;
+use crate::print::Printer;
 
 /// Exit status of `reel run`: the most severe outcome of the batch.
 pub const EXIT_FAILED: u8 = 1;
@@ -65,11 +68,31 @@ pub struct EngineArgs {
     #[arg(long, env = "REEL_PLUGIN_DIR", value_name = "DIR")]
     pub plugin_dir: Option<PathBuf>,
     /// How hard each logged event is pushed to disk before reel acts on it.
-    #[arg(long, value_enum, default_value_t = Durability::Fsync)]
-    pub durability: Durability,
+    #[arg(long, value_enum, default_value_t = DurabilityArg::Fsync)]
+    pub durability: DurabilityArg,
     /// Print only step summaries and results, not step output.
     #[arg(short, long)]
     pub quiet: bool,
+}
+
+/// `--durability`: the engine's [`Durability`], as the command line spells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DurabilityArg {
+    /// sled's flush (`sync_file_range`) only: survives a crash of the
+    /// process, not every power loss.
+    Flush,
+    /// flush, and `fdatasync` of the journal and output files: survives power
+    /// loss on a drive that honours cache flushes.
+    Fsync,
+}
+
+impl From<DurabilityArg> for Durability {
+    fn from(d: DurabilityArg) -> Durability {
+        match d {
+            DurabilityArg::Flush => Durability::Flush,
+            DurabilityArg::Fsync => Durability::Fsync,
+        }
+    }
 }
 
 struct Prepared {
@@ -158,7 +181,7 @@ pub fn run(state_dir: &Path, args: &RunArgs) -> Result<ExitCode> {
             );
         }
         let warnings = smol::block_on(executor.validate(spec))
-            .map_err(|e| anyhow::anyhow!("{}: {e}", p.file.display()))?;
+            .with_context(|| p.file.display().to_string())?;
         for w in warnings {
             eprintln!("reel: warning: {}: {w}", p.file.display());
         }
@@ -204,26 +227,26 @@ pub fn open_engine(
     let log = EventLog::open(
         state_dir,
         LogOptions {
-            durability: engine.durability,
+            durability: engine.durability.into(),
         },
     )
     .map_err(|e| {
         anyhow::Error::new(e).context(format!("cannot open the log in {}", state_dir.display()))
     })?;
-    let executor = Executor::new(
-        log.clone(),
-        plugins,
-        state_dir.join("sandboxes"),
-        Default::default(),
-    )?;
+    let executor = Executor::new(log.clone(), runners(state_dir, plugins))?;
     Ok((log, Arc::new(executor)))
+}
+
+/// The runners of `plugins`, with sandboxes under `<state>/sandboxes`.
+pub fn runners(state_dir: &Path, plugins: plugin::PluginSet) -> Runners {
+    Runners::new(plugins, state_dir.join("sandboxes"), Default::default())
 }
 
 /// Where secrets come from: the file if given, else the environment.
 pub fn secret_source(file: &Option<PathBuf>) -> Result<SecretSource> {
     Ok(match file {
         Some(f) => SecretSource::from_file(f).context("cannot read the secrets file")?,
-        None => SecretSource::from_env(Some(reel_engine::secrets::DEFAULT_ENV_PREFIX)),
+        None => SecretSource::from_env(Some(reel_engine::input::secrets::DEFAULT_ENV_PREFIX)),
     })
 }
 
@@ -294,84 +317,35 @@ async fn run_batch(
         let id = log.submit(p.parsed.spec.clone()).await?;
         log.append(id, Event::Queued {}).await?;
         printer.register(id, &p.parsed.spec.name, &p.file, p.parsed.spec.steps.len());
-        queued.push((id, p));
+        queued.push(BatchJob {
+            job: id,
+            name: p.parsed.spec.name.clone(),
+            work: Work::Run {
+                spec: Box::new(p.parsed.spec),
+                secrets: p.secrets,
+            },
+        });
     }
-
     // Ctrl-C / SIGTERM cancel the batch; the executor tears every sandbox down.
     let watcher = watch_signals(cancel, printer)?;
-
-    // -j N: N tokens; each job takes one while it runs.
-    let (tokens_tx, tokens_rx) = async_channel::bounded::<()>(parallel as usize);
-    for _ in 0..parallel {
-        tokens_tx.send(()).await?;
-    }
-    let mut tasks = Vec::new();
-    for (id, p) in queued {
-        let executor = executor.clone();
-        let cancel = cancel.clone();
-        let printer = printer.clone();
-        let tokens_rx = tokens_rx.clone();
-        let tokens_tx = tokens_tx.clone();
-        tasks.push(smol::spawn(async move {
-            let spec = &p.parsed.spec;
-            let started = Instant::now();
-            let token = smol::future::or(async { tokens_rx.recv().await.ok() }, async {
-                cancel.cancelled().await;
-                None
-            })
-            .await;
-            let result = if token.is_none() || cancel.reason().is_some() {
-                let reason = cancel.reason().unwrap_or_else(|| "cancelled".into());
-                executor
-                    .end_unstarted(id, Outcome::Cancelled, &reason)
-                    .await
-                    .map(|()| Outcome::Cancelled)
-                    .map_err(anyhow::Error::new)
-            } else {
-                printer.job_header(id);
-                executor
-                    .run(id, spec, &p.secrets, &cancel, printer.as_ref())
-                    .await
-                    .map_err(anyhow::Error::new)
-            };
-            if token.is_some() {
-                let _ = tokens_tx.send(()).await;
-            }
-            let outcome = match &result {
-                Ok(o) => *o,
-                Err(e) => {
-                    printer.line(&format!("reel: job {id}: {}", crate::cli::chain(e)));
-                    Outcome::Failed
-                }
-            };
-            let reason = executor
-                .log()
-                .fold(id)
-                .ok()
-                .and_then(|s| s.reason)
-                .unwrap_or_default();
-            (
-                result.is_err(),
-                Finished {
-                    job: id,
-                    name: spec.name.clone(),
-                    outcome,
-                    reason,
-                    duration: started.elapsed(),
-                },
-            )
-        }));
-    }
-    let mut results = Vec::new();
-    let mut engine_error = false;
-    for t in tasks {
-        let (err, f) = t.await;
-        engine_error |= err;
-        results.push(f);
-    }
+    let results = batch::run(executor, queued, parallel, cancel, printer.clone()).await;
     drop(watcher);
-    if engine_error {
+    report_errors(&results, printer)?;
+    Ok(results)
+}
+
+/// Prints each job the engine could not finish; fails if there was one.
+pub fn report_errors(results: &[Finished], printer: &Printer) -> Result<()> {
+    let mut failed = false;
+    for (f, e) in results
+        .iter()
+        .filter_map(|f| f.error.as_ref().map(|e| (f, e)))
+    {
+        failed = true;
+        printer.line(&format!("reel: job {}: {}", f.job, chain(e)));
+    }
+    if failed {
         bail!("the engine could not finish every job; see above");
     }
-    Ok(results)
+    Ok(())
 }

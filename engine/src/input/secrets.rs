@@ -556,6 +556,11 @@ impl StreamMasker {
         self.resumed_inside = true;
     }
 
+    /// How many bytes of input it holds back (they could begin a secret).
+    pub fn held(&self) -> usize {
+        self.pending.len()
+    }
+
     /// Ends the stream; returns the remaining output.
     pub fn finish(&mut self) -> Vec<u8> {
         if self.resumed_inside {

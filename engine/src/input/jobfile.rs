@@ -58,7 +58,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_yaml::Value;
 
-use crate::spec::{JobSpec, Resources, StepSpec};
+use crate::model::spec::{JobSpec, Resources, StepSpec};
 
 /// The runner a job uses when its file names none (and the only one spindle
 /// workflows can map to).
@@ -564,7 +564,7 @@ impl<'de> de::DeserializeSeed<'de> for SecretNameSeed<'_> {
     type Value = String;
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<String, D::Error> {
         checked_str(deserializer, "a secret name", |name| {
-            if !crate::secrets::is_valid_name(name) {
+            if !crate::input::secrets::is_valid_name(name) {
                 return Err(format!(
                     "invalid secret name \"{}\": use letters, digits and \"_\", not starting with a digit",
                     name.escape_default()

@@ -5,11 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod plugins;
-mod print;
-mod recover;
-mod replay;
-mod run;
+use crate::{plugins, recover, replay, run};
 
 /// reel: a durable job engine for CI. Every lifecycle transition of every job is
 /// an event in a crash-safe log; the tools below read that log offline.
@@ -113,21 +109,23 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("reel: {}", chain(&e));
+            eprintln!("reel: {}", chain(e.as_ref()));
             ExitCode::from(run::EXIT_ERROR)
         }
     }
 }
 
 /// An error and its causes on one line, each said once.
-pub fn chain(e: &anyhow::Error) -> String {
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
-    for cause in e.chain().skip(1) {
+    let mut source = e.source();
+    while let Some(cause) = source {
         let c = cause.to_string();
         if !out.contains(&c) {
             out.push_str(": ");
             out.push_str(&c);
         }
+        source = cause.source();
     }
     out
 }

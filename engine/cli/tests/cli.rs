@@ -4,8 +4,8 @@
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use reel_engine::log::{EventLog, LogOptions};
-use reel_engine::simulate::{Ending, run_job, spec};
+use reel_engine::store::{EventLog, LogOptions};
+use reel_engine::testkit::simulate::{Ending, run_job, spec};
 use serde_json::Value;
 
 fn reel(dir: &Path, args: &[&str]) -> Output {

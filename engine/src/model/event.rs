@@ -13,8 +13,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{self, DecodeError};
-use crate::spec::JobSpec;
+use crate::model::codec::{self, DecodeError};
+use crate::model::spec::JobSpec;
 
 /// A job's identifier: the log's own counter, so ids sort by submission order.
 pub type JobId = u64;

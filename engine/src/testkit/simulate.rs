@@ -5,9 +5,9 @@
 //! events the executor appends for a job, with plausible output, and nothing
 //! else. It never touches a sandbox.
 
-use crate::event::{Event, Handle, JobId, Outcome};
-use crate::log::{EventLog, LogError, Stream};
-use crate::spec::{JobSpec, StepSpec};
+use crate::model::event::{Event, Handle, JobId, Outcome};
+use crate::model::spec::{JobSpec, StepSpec};
+use crate::store::{EventLog, LogError, Stream};
 
 /// How a simulated job should end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

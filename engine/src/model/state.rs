@@ -23,8 +23,8 @@
 
 use serde::Serialize;
 
-use crate::event::{Event, Handle, JobId, Outcome, Record, Seq};
-use crate::spec::JobSpec;
+use crate::model::event::{Event, Handle, JobId, Outcome, Record, Seq};
+use crate::model::spec::JobSpec;
 
 /// Where a job is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -96,16 +96,41 @@ impl Phase {
         }
     }
 
-    /// Whether the runner may have started the VM or agent and not yet stopped it.
-    fn may_have_agent(self) -> bool {
+    /// Whether, before any teardown, the runner may have started the VM or
+    /// agent in this phase: from `BootRequested` (the agent may exist before its
+    /// `VmBooted` lands) to the last step. The one answer to "may an agent be
+    /// running?"; during teardown ask [`JobState::agent_may_be_running`], which
+    /// looks at the phase teardown started from.
+    pub fn agent_may_run(self) -> bool {
         matches!(
             self,
-            Phase::Booting
-                | Phase::Booted
-                | Phase::Connected
-                | Phase::Running
-                | Phase::TearingDown
+            Phase::Booting | Phase::Booted | Phase::Connected | Phase::Running
+        )
+    }
+
+    /// Whether the engine holds a connection to the agent in this phase (so
+    /// there is buffered output to drain).
+    pub fn agent_connected(self) -> bool {
+        matches!(self, Phase::Connected | Phase::Running)
+    }
+
+    /// Whether teardown has been decided (and not finished): recovery finishes it.
+    pub fn tearing_down(self) -> bool {
+        matches!(
+            self,
+            Phase::TearingDown
                 | Phase::Drained
+                | Phase::PoweredOff
+                | Phase::CleaningUp
+                | Phase::Cleaned
+        )
+    }
+
+    /// Whether the job never had a sandbox: it can simply run again.
+    pub fn before_sandbox(self) -> bool {
+        matches!(
+            self,
+            Phase::New | Phase::Submitted | Phase::Queued | Phase::SlotGranted
         )
     }
 }
@@ -253,32 +278,70 @@ impl JobState {
         }
     }
 
+    /// Whether the job's agent or VM may be running now: before teardown, as
+    /// [`Phase::agent_may_run`] says; during teardown, until `PoweredOff`, if it
+    /// may have run when teardown started. Used by the state machine, the
+    /// executor's teardown, recovery and the replay tools alike.
+    pub fn agent_may_be_running(&self) -> bool {
+        match self.phase {
+            Phase::TearingDown | Phase::Drained => {
+                self.phase_before_teardown.is_some_and(Phase::agent_may_run)
+            }
+            p => p.agent_may_run(),
+        }
+    }
+
     /// What the job holds now and recovery would have to undo, in teardown order.
     pub fn held_resources(&self) -> Vec<String> {
+        self.held().into_iter().map(|h| h.to_string()).collect()
+    }
+
+    /// What the job holds now, in teardown order.
+    pub fn held(&self) -> Vec<Held<'_>> {
         let mut held = Vec::new();
-        if self.phase == Phase::Terminal
-            || self.phase == Phase::Cleaned
-            || self.phase == Phase::Reaped
-        {
+        if matches!(self.phase, Phase::Terminal | Phase::Cleaned | Phase::Reaped) {
             return held;
         }
         let p = self.holding_phase();
-        if p.may_have_agent() || (self.phase == Phase::TearingDown && p.may_have_agent()) {
-            held.push("agent/VM process (poweroff)".to_string());
+        if self.agent_may_be_running() {
+            held.push(Held::Agent);
         }
-        let before_cleanup = !matches!(self.phase, Phase::Cleaned);
-        if before_cleanup && self.cid.is_some() && !matches!(p, Phase::CidAllocated) {
+        if self.cid.is_some() && !matches!(p, Phase::CidAllocated) {
             for r in &self.planned_resources {
-                held.push(r.clone());
+                held.push(Held::Planned(r));
             }
             for v in &self.volumes {
-                held.push(format!("volume {v}"));
+                held.push(Held::Volume(v));
             }
         }
         if let Some(cid) = self.cid {
-            held.push(format!("sandbox id lease {cid}"));
+            held.push(Held::Lease(cid));
         }
         held
+    }
+}
+
+/// One thing a job holds that recovery would have to undo.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Held<'a> {
+    /// The agent or VM process (powered off).
+    Agent,
+    /// A resource the runner's plan named (workdir, cgroup, socket...).
+    Planned(&'a str),
+    /// A formatted volume.
+    Volume(&'a str),
+    /// The sandbox id lease.
+    Lease(u32),
+}
+
+impl std::fmt::Display for Held<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Held::Agent => f.write_str("agent/VM process (poweroff)"),
+            Held::Planned(r) => f.write_str(r),
+            Held::Volume(v) => write!(f, "volume {v}"),
+            Held::Lease(cid) => write!(f, "sandbox id lease {cid}"),
+        }
     }
 }
 
@@ -388,15 +451,7 @@ impl JobState {
             | Event::RecoveryStarted { .. } => Ok(()),
             Event::TeardownStarted { outcome, .. } => {
                 need(
-                    !matches!(
-                        phase,
-                        P::TearingDown
-                            | P::Drained
-                            | P::PoweredOff
-                            | P::CleaningUp
-                            | P::Cleaned
-                            | P::Reaped
-                    ),
+                    !phase.tearing_down() && phase != P::Reaped,
                     "teardown already started",
                 )?;
                 need(
@@ -442,10 +497,8 @@ impl JobState {
                     self.recovered_by.is_some(),
                     "reattach happens only during recovery",
                 )?;
-                let p = self.holding_phase();
                 need(
-                    p.may_have_agent()
-                        && !matches!(phase, P::PoweredOff | P::CleaningUp | P::Cleaned),
+                    self.agent_may_be_running(),
                     "there is no sandbox to reattach to",
                 )
             }

@@ -1,25 +1,28 @@
 //! The offline replay tool: `jobs`, `replay`, `inspect`, `export`, `verify`.
 //!
-//! Each command reads a *copy* of the log (`EventLog::open_snapshot`), so the
-//! log of a dead engine is never changed by looking at it, and a log that a
-//! running engine holds is refused with a plain sentence.
+//! Each command reads a *copy* of the log through a [`LogReader`] (which has no
+//! way to append), so the log of a dead engine is never changed by looking at
+//! it, and a log that a running engine holds is refused with a plain sentence.
 //!
 //! Exit status: 0 when everything read was sound, 1 when some stored record is
 //! corrupt (everything else is still shown), 2 when the command could not run.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use clap::ValueEnum;
 use serde_json::{Value, json};
 
-use reel_engine::event::{Event, JobId, Record, Seq};
-use reel_engine::log::{EventLog, LogError, Snapshot};
-use reel_engine::state::{JobState, StepState};
+use reel_engine::lifecycle::recover::outlook;
+use reel_engine::model::event::{Event, JobId, Seq};
+use reel_engine::model::state::{JobState, StepState};
+use reel_engine::store::{Audit, History, LogError, LogReader, Stream, corrupt_seq, error_line};
 use reel_engine::time::{format_duration_ms, format_ms};
+
+use crate::views::{chunk_json, state_json};
 
 #[derive(Args, Debug)]
 pub struct JobsArgs {
@@ -61,12 +64,46 @@ pub struct ExportArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(after_help = "\
+Without --json the bytes are written exactly as stored (secrets masked as a run of `*`),
+both streams interleaved as the step wrote them unless --stream picks one. With --json,
+one JSON object per stored chunk: step, stream, offset, len, and text (or bytes_hex when
+the bytes are not UTF-8).")]
 pub struct OutputArgs {
     /// The job id (see `reel jobs`).
     pub job: JobId,
-    /// Only this step (1-based, as `reel run` numbers them); default: every step.
+    /// Only this step (numbered from 1, as `reel run` numbers them); default: every step.
     #[arg(long, value_name = "N")]
     pub step: Option<u32>,
+    /// Only this stream.
+    #[arg(long, value_enum, value_name = "STREAM")]
+    pub stream: Option<StreamArg>,
+    /// Start at this byte offset of the step's combined output (stdout and
+    /// stderr as they were interleaved); with --stream, bytes of that stream
+    /// at or after it.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub offset: u64,
+    /// Print JSON lines, one per stored chunk, instead of the raw bytes.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `--stream`: which of a step's streams.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StreamArg {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+impl From<StreamArg> for Stream {
+    fn from(s: StreamArg) -> Stream {
+        match s {
+            StreamArg::Stdout => Stream::Stdout,
+            StreamArg::Stderr => Stream::Stderr,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -76,55 +113,46 @@ pub struct VerifyArgs {
     pub json: bool,
 }
 
-/// A snapshot of the log, cross-checked against its journal.
+/// A copy of the log, cross-checked against its journal.
 struct Opened {
-    log: EventLog,
-    _snapshot: Snapshot,
-    /// Problems found on opening, with the job each concerns (if one).
-    problems: Vec<(Option<JobId>, String)>,
-    /// Intact journal copies of events whose stored copy is corrupt.
-    good_copies: HashMap<(JobId, Seq), Vec<u8>>,
+    log: LogReader,
+    audit: Audit,
 }
 
 impl Opened {
-    fn problems_of(&self, job: JobId) -> impl Iterator<Item = &String> {
-        self.problems
-            .iter()
-            .filter(move |(j, _)| *j == Some(job))
-            .map(|(_, p)| p)
-    }
-
     /// Prints every problem not tied to a job.
     fn report_general(&self) {
-        for (j, p) in &self.problems {
-            if j.is_none() {
-                eprintln!("reel: {p}");
-            }
+        for p in self.audit.general() {
+            eprintln!("reel: {p}");
         }
+    }
+
+    /// Whether a problem not tied to a job was found.
+    fn damaged(&self) -> bool {
+        self.audit.general().next().is_some()
+    }
+
+    /// A job's history, with a plain error for a job that is not there.
+    fn history(&self, job: JobId) -> Result<History> {
+        self.audit.history(&self.log, job).map_err(|e| match e {
+            LogError::UnknownJob(j) => {
+                anyhow::anyhow!("no job {j} in the log at {}", self.log.dir().display())
+            }
+            e => anyhow::Error::new(e).context(format!("cannot read job {job}")),
+        })
     }
 }
 
 fn open(dir: &Path) -> Result<Opened> {
-    let (log, snapshot) = EventLog::open_snapshot(dir).map_err(|e| match e {
+    let log = LogReader::open_copy(dir).map_err(|e| match e {
         LogError::Missing(_) => anyhow::anyhow!(
             "no reel log in {} (give --state-dir or set REEL_STATE_DIR)",
             dir.display()
         ),
         other => anyhow::Error::new(other),
     })?;
-    let mut problems: Vec<(Option<JobId>, String)> = log
-        .repairs()
-        .iter()
-        .map(|r| (r.job, r.message.clone()))
-        .collect();
-    let (findings, good_copies) = log.check_journal().context("cannot check the journal")?;
-    problems.extend(findings.iter().map(|f| (f.job(), f.to_string())));
-    Ok(Opened {
-        log,
-        _snapshot: snapshot,
-        problems,
-        good_copies,
-    })
+    let audit = log.audit().context("cannot check the journal")?;
+    Ok(Opened { log, audit })
 }
 
 fn code(corrupt: bool) -> ExitCode {
@@ -135,128 +163,21 @@ fn code(corrupt: bool) -> ExitCode {
     }
 }
 
-/// The events of a job that decode, the errors of those that do not, and
-/// notes about damage that was repaired.
-struct History {
-    records: Vec<Record>,
-    errors: Vec<LogError>,
-    notes: Vec<String>,
-}
-
-impl History {
-    /// Whether anything about this job was found damaged (repaired or not).
-    fn damaged(&self) -> bool {
-        !self.errors.is_empty() || !self.notes.is_empty()
+/// Prints what a history found damaged.
+fn report(h: &History) {
+    for n in &h.notes {
+        eprintln!("reel: {n}");
     }
-
-    fn report(&self) {
-        for n in &self.notes {
-            eprintln!("reel: {n}");
-        }
-        for e in &self.errors {
-            eprintln!("reel: {}", error_line(e));
-        }
+    for e in &h.errors {
+        eprintln!("reel: {}", error_line(e));
     }
-}
-
-fn history(o: &Opened, job: JobId) -> Result<History> {
-    let mut h = History {
-        records: Vec::new(),
-        errors: Vec::new(),
-        notes: o.problems_of(job).cloned().collect(),
-    };
-    for item in o.log.events(job) {
-        match item {
-            Ok(r) => h.records.push(r),
-            Err(LogError::Corrupt {
-                job: j,
-                seq,
-                source,
-            }) => {
-                let e = LogError::Corrupt {
-                    job: j,
-                    seq,
-                    source,
-                };
-                match o.good_copies.get(&(job, seq)).map(|b| Event::decode(b)) {
-                    Some(Ok((at_ms, event))) => {
-                        h.notes.push(format!(
-                            "{}; the journal's intact copy is used",
-                            error_line(&e)
-                        ));
-                        h.records.push(Record {
-                            job,
-                            seq,
-                            at_ms,
-                            event,
-                        });
-                    }
-                    _ => h.errors.push(e),
-                }
-            }
-            Err(e) => return Err(e).context(format!("cannot read job {job}")),
-        }
-    }
-    if h.records.is_empty() && h.errors.is_empty() {
-        anyhow::bail!("no job {job} in the log at {}", o.log.dir().display());
-    }
-    Ok(h)
-}
-
-/// Folds the readable records up to `at`. A corrupt record stops the fold (the
-/// state after it would be a guess); the error says where.
-fn fold(job: JobId, h: &History, at: Option<Seq>) -> (JobState, Option<String>) {
-    let mut state = JobState::new(job);
-    let first_bad = h.errors.iter().filter_map(corrupt_seq).min();
-    for r in &h.records {
-        if at.is_some_and(|at| r.seq > at) {
-            break;
-        }
-        if first_bad.is_some_and(|bad| r.seq > bad) {
-            return (
-                state,
-                Some(format!(
-                    "fold stopped before corrupt seq {}",
-                    first_bad.unwrap_or(0)
-                )),
-            );
-        }
-        if let Err(e) = state.apply_mut(r.at_ms, &r.event) {
-            return (state, Some(e.to_string()));
-        }
-    }
-    if let Some(bad) = first_bad.filter(|b| at.is_none_or(|at| *b <= at)) {
-        return (
-            state,
-            Some(format!("fold stopped before corrupt seq {bad}")),
-        );
-    }
-    (state, None)
-}
-
-fn corrupt_seq(e: &LogError) -> Option<Seq> {
-    match e {
-        LogError::Corrupt { seq, .. } => Some(*seq),
-        _ => None,
-    }
-}
-
-fn error_line(e: &LogError) -> String {
-    let mut s = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 pub fn jobs(dir: &Path, args: &JobsArgs) -> Result<ExitCode> {
     let o = open(dir)?;
     o.report_general();
     let log = &o.log;
-    let mut corrupt = o.problems.iter().any(|(j, _)| j.is_none());
+    let mut corrupt = o.damaged();
     let mut rows = Vec::new();
     for item in log.jobs() {
         let summary = match item {
@@ -282,11 +203,11 @@ pub fn jobs(dir: &Path, args: &JobsArgs) -> Result<ExitCode> {
             "steps": summary.steps,
         });
         if !args.no_verify || summary.finished_ms.is_none() {
-            let h = history(&o, summary.id)?;
-            let (state, problem) = fold(summary.id, &h, None);
+            let h = o.history(summary.id)?;
+            let (state, problem) = h.fold(summary.id, None);
             if h.damaged() {
                 corrupt = true;
-                h.report();
+                report(&h);
                 let mut all: Vec<String> = h.notes.clone();
                 all.extend(h.errors.iter().map(error_line));
                 row["corrupt"] = json!(all);
@@ -386,7 +307,7 @@ fn details(event: &Event, state: &JobState) -> String {
                 .as_ref()
                 .and_then(|s| s.steps.get(*index as usize))
                 .map_or("?", |s| s.name.as_str());
-            format!("step {index} {name:?} exec={exec_id}")
+            format!("step {} {name:?} exec={exec_id}", index + 1)
         }
         Event::StepFinished {
             index,
@@ -409,7 +330,10 @@ fn details(event: &Event, state: &JobState) -> String {
                 .and_then(|s| s.finished_ms.map(|f| f.saturating_sub(s.started_ms)))
                 .map(|ms| format!(", took {}", format_duration_ms(ms)))
                 .unwrap_or_default();
-            format!("step {index} {how}, {output_bytes} bytes of output{took}")
+            format!(
+                "step {} {how}, {output_bytes} bytes of output{took}",
+                index + 1
+            )
         }
         Event::CancelRequested { reason } => reason.clone(),
         Event::TeardownStarted { outcome, reason } if reason.is_empty() => {
@@ -426,45 +350,6 @@ fn details(event: &Event, state: &JobState) -> String {
         Event::RecoveryStarted { engine_pid } => format!("engine pid {engine_pid}"),
         Event::RunnerNotice { message } => message.clone(),
         _ => String::new(),
-    }
-}
-
-fn state_json(state: &JobState) -> Value {
-    let mut v = serde_json::to_value(state).unwrap_or(Value::Null);
-    v["phase"] = json!(state.phase.as_str());
-    v["terminal"] = json!(state.is_terminal());
-    v["held_resources"] = json!(state.held_resources());
-    v["recovery"] = json!(recovery_outlook(state));
-    v
-}
-
-/// What recovery would do with a job in this state, in words.
-fn recovery_outlook(state: &JobState) -> Vec<String> {
-    use reel_engine::state::Phase as P;
-    match state.phase {
-        P::Terminal => vec!["nothing: the job has ended".into()],
-        P::New | P::Submitted | P::Queued => {
-            vec!["queue the job again in its original order".into()]
-        }
-        P::SlotGranted => vec!["release the slot and queue the job again".into()],
-        _ => {
-            let mut v = Vec::new();
-            let held = state.held_resources();
-            if held.iter().any(|h| h.starts_with("agent")) {
-                v.push(
-                    "probe the sandbox (pid and start time); reattach and resume if it is alive"
-                        .into(),
-                );
-                v.push("otherwise power it off".into());
-            }
-            for h in held.iter().filter(|h| !h.starts_with("agent")) {
-                v.push(format!("remove {h}"));
-            }
-            if v.is_empty() {
-                v.push("append the terminal event".into());
-            }
-            v
-        }
     }
 }
 
@@ -518,11 +403,7 @@ fn print_state(out: &mut impl Write, state: &JobState, problem: &Option<String>)
     for n in &state.notices {
         writeln!(out, "  notice:    {n}")?;
     }
-    writeln!(
-        out,
-        "  recovery would: {}",
-        recovery_outlook(state).join("; ")
-    )?;
+    writeln!(out, "  recovery would: {}", outlook(state).join("; "))?;
     if let Some(p) = problem {
         writeln!(out, "  WARNING:   {p}")?;
     }
@@ -550,16 +431,17 @@ fn step_line(state: &JobState, s: &StepState) -> String {
         .unwrap_or_default();
     format!(
         "[{}] {name:?}: {how}{took}, {} bytes",
-        s.index, s.output_bytes
+        s.index + 1,
+        s.output_bytes
     )
 }
 
 pub fn replay(dir: &Path, args: &ReplayArgs) -> Result<ExitCode> {
     let o = open(dir)?;
     o.report_general();
-    let mut corrupt = o.problems.iter().any(|(j, _)| j.is_none());
-    let h = history(&o, args.job)?;
-    let (state, problem) = fold(args.job, &h, args.at);
+    let mut corrupt = o.damaged();
+    let h = o.history(args.job)?;
+    let (state, problem) = h.fold(args.job, args.at);
     corrupt |= h.damaged();
     if let Some(at) = args.at {
         let last = h.records.last().map_or(0, |r| r.seq);
@@ -638,16 +520,16 @@ pub fn replay(dir: &Path, args: &ReplayArgs) -> Result<ExitCode> {
         writeln!(out)?;
         print_state(&mut out, &state, &problem)?;
     }
-    h.report();
+    report(&h);
     Ok(code(corrupt))
 }
 
 pub fn inspect(dir: &Path, args: &InspectArgs) -> Result<ExitCode> {
     let o = open(dir)?;
     o.report_general();
-    let corrupt = o.problems.iter().any(|(j, _)| j.is_none());
-    let h = history(&o, args.job)?;
-    let (state, problem) = fold(args.job, &h, None);
+    let corrupt = o.damaged();
+    let h = o.history(args.job)?;
+    let (state, problem) = h.fold(args.job, None);
     let mut out = std::io::stdout().lock();
     if args.json {
         let mut v = state_json(&state);
@@ -661,29 +543,29 @@ pub fn inspect(dir: &Path, args: &InspectArgs) -> Result<ExitCode> {
         writeln!(out, "job {} {name:?}", args.job)?;
         print_state(&mut out, &state, &problem)?;
     }
-    h.report();
+    report(&h);
     Ok(code(corrupt || h.damaged()))
 }
 
 pub fn export(dir: &Path, args: &ExportArgs) -> Result<ExitCode> {
     let o = open(dir)?;
     o.report_general();
-    let corrupt = o.problems.iter().any(|(j, _)| j.is_none());
-    let h = history(&o, args.job)?;
+    let corrupt = o.damaged();
+    let h = o.history(args.job)?;
     let mut out = std::io::stdout().lock();
     for r in &h.records {
         serde_json::to_writer(&mut out, r)?;
         writeln!(out)?;
     }
-    h.report();
+    report(&h);
     Ok(code(corrupt || h.damaged()))
 }
 
 pub fn output(dir: &Path, args: &OutputArgs) -> Result<ExitCode> {
     let o = open(dir)?;
     o.report_general();
-    let h = history(&o, args.job)?;
-    let (state, _) = fold(args.job, &h, None);
+    let h = o.history(args.job)?;
+    let (state, _) = h.fold(args.job, None);
     let steps: Vec<u32> = match args.step {
         Some(0) => bail!("steps are numbered from 1"),
         Some(n) if n as usize > state.step_count() => {
@@ -696,72 +578,45 @@ pub fn output(dir: &Path, args: &OutputArgs) -> Result<ExitCode> {
         Some(n) => vec![n - 1],
         None => state.steps.iter().map(|s| s.index).collect(),
     };
+    let only: Option<Stream> = args.stream.map(Stream::from);
     let mut out = std::io::stdout().lock();
     let mut corrupt = h.damaged();
     for index in steps {
-        for chunk in o.log.output(args.job, index, 0) {
-            match chunk {
-                Ok(c) => out.write_all(&c.bytes)?,
+        for chunk in o.log.output(args.job, index, args.offset) {
+            let mut c = match chunk {
+                Ok(c) => c,
                 Err(e) => {
                     corrupt = true;
                     eprintln!("reel: {}", error_line(&e));
+                    continue;
                 }
+            };
+            if only.is_some_and(|s| s != c.stream) {
+                continue;
+            }
+            // The chunk that straddles --offset starts at it.
+            let skip = usize::try_from(args.offset.saturating_sub(c.offset)).unwrap_or(usize::MAX);
+            if skip > 0 {
+                c.bytes.drain(..skip.min(c.bytes.len()));
+                c.offset = args.offset;
+            }
+            if args.json {
+                serde_json::to_writer(&mut out, &chunk_json(index, &c))?;
+                writeln!(out)?;
+            } else {
+                out.write_all(&c.bytes)?;
             }
         }
     }
     out.flush()?;
-    h.report();
+    report(&h);
     Ok(code(corrupt))
 }
 
 pub fn verify(dir: &Path, args: &VerifyArgs) -> Result<ExitCode> {
     let o = open(dir)?;
-    let log = &o.log;
-    let mut problems: Vec<String> = o.problems.iter().map(|(_, p)| p.clone()).collect();
-    let mut jobs = 0u64;
-    let mut events = 0u64;
-    let mut chunks = 0u64;
-    for item in log.jobs() {
-        let summary = match item {
-            Ok(s) => s,
-            Err(e) => {
-                problems.push(error_line(&e));
-                continue;
-            }
-        };
-        jobs += 1;
-        let h = history(&o, summary.id)?;
-        events += h.records.len() as u64;
-        problems.extend(h.errors.iter().map(error_line));
-        problems.extend(
-            h.notes
-                .iter()
-                .filter(|n| n.contains("journal's intact copy"))
-                .cloned(),
-        );
-        let (state, problem) = fold(summary.id, &h, None);
-        if let Some(p) = problem.filter(|_| h.errors.is_empty()) {
-            problems.push(format!("job {}: {p}", summary.id));
-        }
-        for s in &state.steps {
-            let mut stored = 0u64;
-            for c in log.output(summary.id, s.index, 0) {
-                match c {
-                    Ok(c) => {
-                        chunks += 1;
-                        stored = stored.max(c.offset + c.bytes.len() as u64);
-                    }
-                    Err(e) => problems.push(error_line(&e)),
-                }
-            }
-            if s.finished_ms.is_some() && stored != s.output_bytes {
-                problems.push(format!(
-                    "job {} step {}: {stored} bytes of output stored, the step produced {}",
-                    summary.id, s.index, s.output_bytes
-                ));
-            }
-        }
-    }
+    let v = reel_engine::store::verify(&o.log, &o.audit)?;
+    let (jobs, events, chunks, problems) = (v.jobs, v.events, v.output_chunks, v.problems);
     let mut out = std::io::stdout().lock();
     if args.json {
         serde_json::to_writer_pretty(

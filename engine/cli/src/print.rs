@@ -7,18 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use reel_engine::event::{JobId, Outcome};
-use reel_engine::executor::{Observer, Report};
+use reel_engine::lifecycle::batch::Finished;
+use reel_engine::lifecycle::observer::{Observer, Report};
+use reel_engine::model::event::{JobId, Outcome};
 use reel_engine::time::format_duration_ms;
-
-/// How one job of a batch ended.
-pub struct Finished {
-    pub job: JobId,
-    pub name: String,
-    pub outcome: Outcome,
-    pub reason: String,
-    pub duration: Duration,
-}
 
 /// Prints reports: step headers, live output (line-prefixed when several jobs
 /// run at once), step and job summaries.
@@ -82,22 +74,6 @@ impl Printer {
         format!("{name}#{job} | ")
     }
 
-    pub fn job_header(&self, job: JobId) {
-        let st = self.state();
-        if let Some(j) = st.jobs.get(&job) {
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(
-                out,
-                "==> job {job} {:?} ({}): {} step{}",
-                j.name,
-                j.file.display(),
-                j.steps,
-                if j.steps == 1 { "" } else { "s" }
-            );
-            let _ = out.flush();
-        }
-    }
-
     pub fn batch_summary(&self, results: &[Finished], took: Duration) {
         let count = |o: Outcome| results.iter().filter(|r| r.outcome == o).count();
         let mut parts = Vec::new();
@@ -141,6 +117,18 @@ impl Observer for Printer {
         let mut out = std::io::stdout().lock();
         match report {
             Report::Started { .. } => {}
+            Report::Dispatched { job } => {
+                if let Some(j) = st.jobs.get(&job) {
+                    let _ = writeln!(
+                        out,
+                        "==> job {job} {:?} ({}): {} step{}",
+                        j.name,
+                        j.file.display(),
+                        j.steps,
+                        if j.steps == 1 { "" } else { "s" }
+                    );
+                }
+            }
             Report::StepStarted { job, index, name } => {
                 let total = st.jobs.get(&job).map_or(0, |j| j.steps);
                 let tag = self.tag(&st, job);

@@ -10,14 +10,17 @@ use anyhow::{Context, Result};
 use clap::Args;
 use serde_json::json;
 
-use reel_engine::event::Outcome;
-use reel_engine::executor::{Cancel, Executor};
-use reel_engine::log::EventLog;
+use reel_engine::lifecycle::batch::{self, BatchJob, Work};
+use reel_engine::lifecycle::observer::Cancel;
+use reel_engine::lifecycle::recover::{Action, Assessment, assess};
 use reel_engine::plugin;
-use reel_engine::recover::{Action, Assessment, assess, recover};
+use reel_engine::store::LogReader;
 
-use super::print::{Finished, Printer};
-use super::run::{EngineArgs, exit_code, open_engine, plugin_dir, secret_source, watch_signals};
+use crate::print::Printer;
+use crate::run::{
+    EXIT_ERROR, EngineArgs, exit_code, open_engine, plugin_dir, report_errors, runners,
+    secret_source, watch_signals,
+};
 
 #[derive(Args, Debug)]
 #[command(after_help = "\
@@ -58,7 +61,7 @@ fn action_word(a: &Action) -> &'static str {
 }
 
 pub fn run(state_dir: &Path, args: &RecoverArgs) -> Result<ExitCode> {
-    if !reel_engine::log::exists(state_dir) {
+    if !reel_engine::store::exists(state_dir) {
         anyhow::bail!(
             "no reel log in {} (give --state-dir or set REEL_STATE_DIR)",
             state_dir.display()
@@ -89,19 +92,14 @@ pub fn run(state_dir: &Path, args: &RecoverArgs) -> Result<ExitCode> {
     let cancel = Cancel::default();
     let started = Instant::now();
     let results = smol::block_on(async {
-        let _watcher = watch_signals(&cancel, &printer)?;
-        let (tokens_tx, tokens_rx) = async_channel::bounded::<()>(args.parallel as usize);
-        for _ in 0..args.parallel {
-            tokens_tx.send(()).await?;
-        }
-        let mut tasks = Vec::new();
+        let mut jobs = Vec::new();
         for job in live {
             let Some(state) = executor.log().live_state(job) else {
                 continue;
             };
-            let a = assess(&executor, &state).await;
+            let a = assess(executor.runners(), executor.log(), &state).await;
             let spec = state.spec.clone().unwrap_or_default();
-            printer.register(job, &a.name, Path::new("(recovered)"), spec.steps.len());
+            printer.register(job, &a.name, Path::new("recovered"), spec.steps.len());
             printer.line(&format!(
                 "==> job {job} {:?}: {}: {}",
                 a.name,
@@ -111,50 +109,19 @@ pub fn run(state_dir: &Path, args: &RecoverArgs) -> Result<ExitCode> {
             let secrets = source.resolve(&spec.secrets).map_err(|e| {
                 format!("the recovering engine cannot resolve the job's secrets: {e}")
             });
-            let (executor, cancel, printer) = (executor.clone(), cancel.clone(), printer.clone());
-            let (tokens_tx, tokens_rx) = (tokens_tx.clone(), tokens_rx.clone());
-            // Requeued jobs wait for a token, in id order (the order of this loop).
-            let queued = a.action == Action::Requeue;
-            let token = if queued {
-                tokens_rx.recv().await.ok()
-            } else {
-                None
-            };
-            tasks.push(smol::spawn(async move {
-                let began = Instant::now();
-                let result = recover(&executor, &a, secrets, &cancel, printer.as_ref()).await;
-                if token.is_some() {
-                    let _ = tokens_tx.send(()).await;
-                }
-                let outcome = match result {
-                    Ok(Some(o)) => Some(o),
-                    Ok(None) => None,
-                    Err(e) => {
-                        printer.line(&format!("reel: job {}: {e}", a.job));
-                        Some(Outcome::Failed)
-                    }
-                };
-                let reason = executor
-                    .log()
-                    .fold(a.job)
-                    .ok()
-                    .and_then(|s| s.reason)
-                    .unwrap_or_default();
-                outcome.map(|outcome| Finished {
-                    job: a.job,
-                    name: a.name.clone(),
-                    outcome,
-                    reason,
-                    duration: began.elapsed(),
-                })
-            }));
+            jobs.push(BatchJob {
+                job,
+                name: a.name.clone(),
+                work: Work::Recover {
+                    assessment: Box::new(a),
+                    secrets,
+                },
+            });
         }
-        let mut results = Vec::new();
-        for t in tasks {
-            if let Some(f) = t.await {
-                results.push(f);
-            }
-        }
+        let _watcher = watch_signals(&cancel, &printer)?;
+        let results = batch::run(&executor, jobs, args.parallel, &cancel, printer.clone()).await;
+        // An engine error is reported per job; the jobs left live are counted below.
+        let _ = report_errors(&results, &printer);
         anyhow::Ok(results)
     })?;
     let still_live = log.live_jobs()?.len();
@@ -172,26 +139,20 @@ pub fn run(state_dir: &Path, args: &RecoverArgs) -> Result<ExitCode> {
     }
     if still_live > 0 {
         eprintln!("reel: {still_live} job(s) are still unfinished; see above");
-        return Ok(ExitCode::from(super::run::EXIT_ERROR));
+        return Ok(ExitCode::from(EXIT_ERROR));
     }
     Ok(ExitCode::from(exit_code(&results)))
 }
 
 fn dry_run(state_dir: &Path, plugins: plugin::PluginSet, args: &RecoverArgs) -> Result<ExitCode> {
-    let (log, _snapshot) = EventLog::open_snapshot(state_dir)
+    // Read-only by construction: a reader over a copy has no way to append.
+    let log = LogReader::open_copy(state_dir)
         .with_context(|| format!("cannot read the log in {}", state_dir.display()))?;
-    let executor = Executor::new(
-        log.clone(),
-        plugins,
-        state_dir.join("sandboxes"),
-        Default::default(),
-    )?;
+    let runners = runners(state_dir, plugins);
     let mut found: Vec<Assessment> = Vec::new();
     smol::block_on(async {
-        for job in log.live_jobs()? {
-            if let Some(state) = log.live_state(job) {
-                found.push(assess(&executor, &state).await);
-            }
+        for state in log.live_states()? {
+            found.push(assess(&runners, &log, &state).await);
         }
         anyhow::Ok(())
     })?;

@@ -27,8 +27,8 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::codec::MAX_ENVELOPE;
-use crate::event::{JobId, Seq};
+use crate::model::codec::MAX_ENVELOPE;
+use crate::model::event::{JobId, Seq};
 
 const MAGIC: [u8; 2] = *b"RJ";
 const HEAD: usize = 18;

@@ -24,12 +24,12 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::event::{Event, JobId, Outcome};
-use crate::executor::{
-    Abort, Cancel, ExecError, Executor, JobRun, Observer, Report, Resume, to_sdk,
-};
-use crate::secrets::ResolvedSecrets;
-use crate::state::{JobState, Phase};
+use super::executor::{Abort, ExecError, Executor, JobRun, Resume, Runners, from_sdk, to_sdk};
+use super::observer::{Cancel, Observer, Report};
+use crate::input::secrets::ResolvedSecrets;
+use crate::model::event::{Event, JobId, Outcome};
+use crate::model::state::{Held, JobState, Phase};
+use crate::store::LogReader;
 use crate::time::now_ms;
 
 /// What recovery will do with one job.
@@ -86,15 +86,99 @@ pub struct Assessment {
     pub why: String,
 }
 
-fn has_sandbox_process(phase: Phase) -> bool {
-    matches!(
-        phase,
-        Phase::Booting | Phase::Booted | Phase::Connected | Phase::Running
-    )
+/// What the log alone says recovery will do with a job: the one answer to
+/// "what would recovery do?", used by [`assess`] (which then probes) and by the
+/// replay tools (which only read).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// The job has ended: nothing.
+    Nothing,
+    /// It never had a sandbox: run it again from the queue.
+    Requeue,
+    /// Only the lease exists: release it, end the job lost.
+    ReleaseLease,
+    /// The sandbox was being set up and no agent can run: remove what exists.
+    RemoveSetup,
+    /// An agent may be running: probe it; reattach if alive, else reap.
+    ProbeAgent,
+    /// Teardown was decided: finish it with the decided outcome.
+    FinishTeardown {
+        /// The outcome teardown decided.
+        outcome: Outcome,
+    },
+    /// It was reaped: only the terminal event is missing.
+    AppendTerminal,
 }
 
-/// Decides what to do with a live job. Only probes: changes nothing.
-pub async fn assess(ex: &Executor, state: &JobState) -> Assessment {
+/// Decides, from the log alone, what recovery does with a job in `state`.
+pub fn plan(state: &JobState) -> Plan {
+    let p = state.phase;
+    if p == Phase::Terminal {
+        Plan::Nothing
+    } else if p.before_sandbox() {
+        Plan::Requeue
+    } else if p == Phase::CidAllocated {
+        Plan::ReleaseLease
+    } else if p == Phase::Reaped {
+        Plan::AppendTerminal
+    } else if p.tearing_down() {
+        Plan::FinishTeardown {
+            outcome: state.outcome.unwrap_or(Outcome::Lost),
+        }
+    } else if p.agent_may_run() {
+        Plan::ProbeAgent
+    } else {
+        Plan::RemoveSetup
+    }
+}
+
+/// What recovery would do with a job in `state`, step by step in words (for
+/// `inspect` and `replay`, which do not probe).
+pub fn outlook(state: &JobState) -> Vec<String> {
+    let removals = |v: &mut Vec<String>| {
+        for h in state.held() {
+            match h {
+                Held::Agent => v.push("power the agent/VM off".into()),
+                other => v.push(format!("remove {other}")),
+            }
+        }
+    };
+    let mut v = Vec::new();
+    match plan(state) {
+        Plan::Nothing => v.push("nothing: the job has ended".into()),
+        Plan::Requeue if state.phase == Phase::SlotGranted => {
+            v.push("release the slot and queue the job again".into());
+        }
+        Plan::Requeue => v.push("queue the job again in its original order".into()),
+        Plan::ReleaseLease | Plan::RemoveSetup => {
+            removals(&mut v);
+            v.push("end the job lost".into());
+        }
+        Plan::ProbeAgent => {
+            v.push(
+                "probe the sandbox (pid and start time); reattach and resume if it is alive".into(),
+            );
+            v.push("otherwise power it off".into());
+            for h in state.held().into_iter().filter(|h| *h != Held::Agent) {
+                v.push(format!("remove {h}"));
+            }
+        }
+        Plan::FinishTeardown { outcome } => {
+            v.push(format!(
+                "finish the teardown decided before the crash (outcome {})",
+                outcome.as_str()
+            ));
+            removals(&mut v);
+        }
+        Plan::AppendTerminal => v.push("append the terminal event".into()),
+    }
+    v
+}
+
+/// Decides what to do with a live job: [`plan`], then a probe of the sandbox
+/// (by pid *and* start time) where one may exist. Changes nothing, so it runs
+/// as well on a read-only copy of a dead engine's log (`recover --dry-run`).
+pub async fn assess(runners: &Runners, log: &LogReader, state: &JobState) -> Assessment {
     let spec = state.spec.clone().unwrap_or_default();
     let mut a = Assessment {
         job: state.id,
@@ -107,29 +191,30 @@ pub async fn assess(ex: &Executor, state: &JobState) -> Assessment {
         why: String::new(),
     };
     let teardown_from = state.phase_before_teardown.unwrap_or(Phase::New);
-    match state.phase {
-        Phase::New | Phase::Submitted | Phase::Queued | Phase::SlotGranted => {
+    let plan = plan(state);
+    match plan {
+        Plan::Nothing | Plan::Requeue => {
             a.why = "it never had a sandbox: it runs again from the queue, in its original order"
                 .into();
             return a;
         }
-        Phase::CidAllocated => {
+        Plan::ReleaseLease => {
             a.action = Action::Reap {
                 reason: "the engine died before the runner planned the sandbox; nothing was created but the lease".into(),
             };
             a.why = "no sandbox exists; the lease is released".into();
             return a;
         }
-        Phase::Reaped => {
+        Plan::AppendTerminal => {
             a.action = Action::Reap {
                 reason: state.reason.clone().unwrap_or_else(|| "reaped".into()),
             };
             a.why = "it was reaped; only its terminal event is missing".into();
             return a;
         }
-        _ => {}
+        Plan::RemoveSetup | Plan::ProbeAgent | Plan::FinishTeardown { .. } => {}
     }
-    let runner = match ex.runner(&spec.runner) {
+    let runner = match runners.get(&spec.runner) {
         Ok(r) => r,
         Err(e) => {
             a.action = Action::Skip {
@@ -154,15 +239,7 @@ pub async fn assess(ex: &Executor, state: &JobState) -> Assessment {
     };
     a.alive = Some(alive);
     a.probe = Some(detail.clone());
-    if matches!(
-        state.phase,
-        Phase::TearingDown
-            | Phase::Drained
-            | Phase::PoweredOff
-            | Phase::CleaningUp
-            | Phase::Cleaned
-    ) {
-        let outcome = state.outcome.unwrap_or(Outcome::Lost);
+    if let Plan::FinishTeardown { outcome } = plan {
         a.action = Action::FinishTeardown { outcome };
         a.why = format!(
             "teardown was decided ({}) before the engine died (from phase {}); it is finished from where the log stopped",
@@ -171,10 +248,10 @@ pub async fn assess(ex: &Executor, state: &JobState) -> Assessment {
         );
         return a;
     }
-    if alive && reattachable && has_sandbox_process(state.phase) {
+    if alive && reattachable && plan == Plan::ProbeAgent {
         let running = state.running_step().map(|s| s.index);
         let from = match running {
-            Some(i) => ex.log().output_end(state.id, i).unwrap_or(0),
+            Some(i) => log.output_end(state.id, i).unwrap_or(0),
             None => 0,
         };
         let done = state.steps_finished();
@@ -197,7 +274,7 @@ pub async fn assess(ex: &Executor, state: &JobState) -> Assessment {
         };
         return a;
     }
-    let reason = if has_sandbox_process(state.phase) {
+    let reason = if plan == Plan::ProbeAgent {
         format!("the sandbox is gone: {detail}")
     } else {
         format!(
@@ -287,7 +364,7 @@ pub async fn recover(
                 Err(Abort::Log(e)) => return Err(e.into()),
                 Err(Abort::Runner(e)) => return Err(e),
             };
-            run.teardown(outcome, &reason).await?;
+            run.start_teardown(outcome, &reason).await?;
             (outcome, reason)
         }
         // Handled above.
@@ -313,7 +390,7 @@ async fn reattach_and_run(
     let h = to_sdk(run.handle.as_ref().unwrap_or(&Default::default()));
     let reattached = runner.unblock(move |r| r.reattach(&h)).await;
     let handle = match reattached {
-        Ok(h) => crate::executor::from_sdk(h),
+        Ok(h) => from_sdk(h),
         Err(e) => {
             end_running_step(run, state, resume_from).await?;
             return Ok((
@@ -384,10 +461,9 @@ async fn finish_teardown(
     state: &JobState,
     outcome: Outcome,
 ) -> Result<(), ExecError> {
-    let before = state.phase_before_teardown.unwrap_or(Phase::New);
     let reason = state.reason.clone().unwrap_or_default();
     // No drain: the output of finished steps is already stored.
-    run.tear_down(before, outcome, &reason, false).await
+    run.teardown(outcome, &reason).await
 }
 
 async fn reap(run: &mut JobRun<'_>, state: &JobState, reason: &str) -> Result<(), ExecError> {
@@ -404,5 +480,5 @@ async fn reap(run: &mut JobRun<'_>, state: &JobState, reason: &str) -> Result<()
         None => 0,
     };
     end_running_step(run, state, stored).await?;
-    run.teardown(Outcome::Lost, reason).await
+    run.start_teardown(Outcome::Lost, reason).await
 }

@@ -1,0 +1,113 @@
+//! Why a log operation failed: one enum for the whole store, its doc comments
+//! the messages.
+
+use std::path::PathBuf;
+
+use crate::model::codec::DecodeError;
+use crate::model::event::{JobId, Seq};
+use crate::model::state::IllegalTransition;
+use crate::store::output;
+
+/// Why a log operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// Another process (a running engine) has the log open.
+    #[error(
+        "the log at {} is in use by another process{}; stop it, or ask the running engine instead",
+        path.display(),
+        holder.map(|p| format!(" (engine pid {p})")).unwrap_or_default()
+    )]
+    Locked {
+        /// The log directory.
+        path: PathBuf,
+        /// The pid recorded by the engine that holds it, if known.
+        holder: Option<u32>,
+    },
+    /// No log exists at the path (only for read-only opens).
+    #[error("no reel log at {}", .0.display())]
+    Missing(PathBuf),
+    /// sled failed.
+    #[error("the log's storage failed")]
+    Storage(#[from] sled::Error),
+    /// A filesystem operation around the log failed.
+    #[error("{what} {}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A stored event does not decode.
+    #[error("job {job} seq {seq}: stored event is corrupt")]
+    Corrupt {
+        /// The job.
+        job: JobId,
+        /// The seq of the corrupt event.
+        seq: Seq,
+        /// What is wrong with the bytes.
+        #[source]
+        source: DecodeError,
+    },
+    /// A stored job summary or output chunk does not decode.
+    #[error("job {job}: stored {what} is corrupt")]
+    CorruptRecord {
+        /// The job.
+        job: JobId,
+        /// What kind of record.
+        what: &'static str,
+        /// What is wrong with the bytes.
+        #[source]
+        source: DecodeError,
+    },
+    /// A step's output file is damaged.
+    #[error("job {job} step {}: stored output is corrupt", step + 1)]
+    CorruptOutput {
+        /// The job.
+        job: JobId,
+        /// The step's index in the spec (from 0; messages number steps from 1).
+        step: u32,
+        /// Where the damage is.
+        #[source]
+        source: output::FrameError,
+    },
+    /// A key that does not have the layout its tree uses.
+    #[error("malformed key in tree {tree}: {len} bytes")]
+    BadKey {
+        /// The tree.
+        tree: &'static str,
+        /// The key's length.
+        len: usize,
+    },
+    /// The log was written by a newer or unknown format.
+    #[error("the log is format {found}; this build reads format {expected}")]
+    Format {
+        /// Format found in `meta`.
+        found: u16,
+        /// Format this build reads.
+        expected: u16,
+    },
+    /// The state machine refused the event; nothing was written.
+    #[error(transparent)]
+    Illegal(#[from] IllegalTransition),
+    /// The job does not exist.
+    #[error("no job {0} in the log")]
+    UnknownJob(JobId),
+    /// Output would leave a gap in a step's stream.
+    #[error("job {job} step {}: output at offset {offset} leaves a gap after {end}", step + 1)]
+    OutputGap {
+        /// The job.
+        job: JobId,
+        /// The step's index in the spec (from 0; messages number steps from 1).
+        step: u32,
+        /// The chunk's offset.
+        offset: u64,
+        /// Where the stored stream ends.
+        end: u64,
+    },
+    /// The writer stopped (after a storage failure, or on close).
+    #[error("the log writer has stopped{}", .0.as_ref().map(|r| format!(": {r}")).unwrap_or_default())]
+    WriterStopped(Option<std::sync::Arc<LogError>>),
+}

@@ -1,0 +1,117 @@
+//! The durable event log: the only room that opens sled.
+//!
+//! # Layout
+//!
+//! One sled `Db` in `<state dir>/log/`, with four trees. Keys are raw big-endian
+//! bytes (never bincode) so they sort numerically; values are envelopes
+//! (`codec.rs`).
+//!
+//! | tree     | key                                   | value                            |
+//! |----------|---------------------------------------|----------------------------------|
+//! | `events` | job id u64 ++ seq u32                 | event envelope (kind 1..=0x7fff) |
+//! | `jobs`   | job id u64                            | [`JobSummary`] (kind 0x8001)     |
+//! | `live`   | job id u64                            | empty: the job is not terminal   |
+//! | `meta`   | `format`, `next_job`, `journal_end`   | u16 BE, u64 BE, u64 BE           |
+//!
+//! Beside it, `<state dir>/journal` holds a second copy of every event
+//! ([`journal`]), so that damage sled would silently truncate is found and
+//! repaired, and `<state dir>/output/` holds step output in append-only files
+//! ([`output`]), written by the same writer in the same rounds.
+//!
+//! # The files of this room
+//!
+//! | file | concern |
+//! |---|---|
+//! | `event_log.rs` | [`EventLog`]: open a log for a running engine, submit, append |
+//! | `writer.rs` | the one writer thread: rounds, group commit, output staging |
+//! | `reader.rs` | [`LogReader`]: every read; `open_copy` for offline tools |
+//! | `reconcile.rs` | completing or restoring sled from the journal on open |
+//! | `audit.rs` | journal vs sled, histories with intact copies, `verify` |
+//! | `trees.rs` | the sled trees, their keys, the reads shared by writer and readers |
+//! | `summary.rs` | [`JobSummary`], the per-job listing record |
+//! | `journal.rs` | the journal file format |
+//! | `output.rs` | step output files |
+//! | `snapshot.rs` | temporary copies for offline readers; the lock probe |
+//! | `error.rs` | [`LogError`] |
+//!
+//! # Writing: one writer, group commit
+//!
+//! All mutation goes through one writer thread (running an async task on its
+//! own `smol::block_on`). Callers send requests over a bounded `async_channel`.
+//! Each round the writer takes every request waiting (up to a cap), checks each
+//! event against the job's folded state (an event the state machine rejects is
+//! refused and never written), writes the round's journal frames, applies one
+//! batch per tree (the `meta` checkpoint last), awaits `flush_async` while
+//! syncing the journal (in [`Durability::Fsync`] mode), and only then answers
+//! every caller. An append that returned `Ok` is durable; one that returned
+//! `Err` was not written. A crash between the batches is completed from the
+//! journal when the log is next opened (`reconcile`). ARCHITECTURE.md has the
+//! durability promise in full.
+//!
+//! # Reading
+//!
+//! Readers hold a [`LogReader`], which has no way to append: offline tools open
+//! one over a copy ([`LogReader::open_copy`]), so a dry run is read-only by
+//! construction. An [`EventLog`] dereferences to the `LogReader` over its own
+//! trees. A value that fails its checksum or does not decode is reported as
+//! [`LogError::Corrupt`] naming the job and seq (or output offset); other jobs
+//! stay readable.
+
+mod audit;
+mod error;
+mod event_log;
+pub mod journal;
+pub mod output;
+mod reader;
+mod reconcile;
+mod snapshot;
+mod summary;
+mod trees;
+mod writer;
+
+pub use audit::{
+    Audit, GoodCopies, History, JournalFinding, Verification, corrupt_seq, error_line, verify,
+};
+pub use error::LogError;
+pub use event_log::EventLog;
+pub use output::{OutputChunk, Stream};
+pub use reader::LogReader;
+pub use reconcile::Repair;
+pub use summary::{JobSummary, KIND_SUMMARY};
+pub use trees::{TREES, event_key, exists};
+
+use std::sync::Mutex;
+
+/// sled's page cache. Written pages stay cached up to this size, so it bounds
+/// what a long step's stored output costs in engine memory.
+pub const CACHE_BYTES: u64 = 48 * 1024 * 1024;
+
+/// How hard an acknowledged append is pushed to stable storage.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// sled's `flush` (`pwrite` + `sync_file_range(WAIT_BEFORE|WRITE|WAIT_AFTER)`
+    /// on the written range); the journal and output files are written, not
+    /// synced. Survives a crash of the process; survives power loss only if the
+    /// drive has no volatile write cache and the files' sizes and extents were
+    /// already on disk.
+    Flush,
+    /// `flush`, and `fdatasync` of the journal (every event) and of each output
+    /// file written: survives power loss on a drive that honours cache flushes
+    /// (a sled store torn by the power cut is restored from the journal on open).
+    /// The default.
+    #[default]
+    Fsync,
+}
+
+/// Options for opening a log.
+#[derive(Clone, Debug, Default)]
+pub struct LogOptions {
+    /// Durability of acknowledged appends.
+    pub durability: Durability,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding this lock cannot leave the map half-updated in a way
+    // that matters (inserts and removes are single operations), so recover it.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -1,0 +1,214 @@
+//! Bringing sled up to date with the journal when a log is opened.
+//!
+//! The journal holds every event of every round, written before sled's
+//! batches. Opening compares the journal from sled's checkpoint on with sled:
+//! events sled lacks after the last commit marker are an interrupted round (the
+//! engine died between the journal write and the sled batches) and are
+//! completed; events sled lacks *before* a commit marker were acknowledged and
+//! lost by sled (a torn or damaged store) and are restored, saying so. A torn
+//! journal tail that was never acknowledged is cut.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::journal::{self, Journal};
+use super::summary::JobSummary;
+use super::trees::{Trees, be_u64, event_key, fold_from};
+use crate::model::event::{JobId, Seq};
+use crate::store::LogError;
+
+/// Compares the journal's tail (from sled's checkpoint on) with sled, restores
+/// every event sled lost, and cuts a torn journal tail. Returns where the next
+/// journal frame goes and what was repaired.
+pub(super) fn reconcile(t: &Trees, journal: &Journal) -> Result<(u64, Vec<Repair>), LogError> {
+    let io = |source| LogError::Io {
+        what: "cannot read the journal",
+        path: journal.path().to_path_buf(),
+        source,
+    };
+    let checkpoint = match t.meta.get("journal_end")? {
+        Some(v) => be_u64(&v).unwrap_or(0),
+        None => 0,
+    };
+    let len = journal.len().map_err(io)?;
+    let mut repairs = Vec::new();
+    if len < checkpoint {
+        repairs.push(Repair::general(format!(
+            "the journal ends at byte {len} but the log recorded {checkpoint}: its last round was lost; \
+             later events are journaled from here on"
+        )));
+        return Ok((len, repairs));
+    }
+    let tail = journal.read_from(checkpoint).map_err(io)?;
+    let items = journal::parse(&tail, checkpoint);
+    let mut end = checkpoint;
+    let mut restored: BTreeMap<JobId, Vec<Seq>> = BTreeMap::new();
+    let mut touched: BTreeSet<JobId> = BTreeSet::new();
+    let mut first_lost: Option<(JobId, Seq, u64)> = None;
+    let mut acked_upto = 0u64;
+    let mut batch = sled::Batch::default();
+    for (i, item) in items.iter().enumerate() {
+        match item {
+            journal::Item::Frame { offset, job: 0, .. } => {
+                // A commit marker: every frame before it was acknowledged.
+                end = offset + journal::marker().len() as u64;
+                acked_upto = *offset;
+            }
+            journal::Item::Frame {
+                offset,
+                job,
+                seq,
+                envelope,
+            } => {
+                end = offset + journal::frame(*job, *seq, envelope).len() as u64;
+                touched.insert(*job);
+                if t.events.get(event_key(*job, *seq))?.is_none() {
+                    if first_lost.is_none() {
+                        first_lost = Some((*job, *seq, *offset));
+                    }
+                    batch.insert(&event_key(*job, *seq), envelope.as_slice());
+                    restored.entry(*job).or_default().push(*seq);
+                }
+            }
+            journal::Item::Damaged { offset, len, .. } if i + 1 == items.len() => {
+                // A partial last round: written but never acknowledged.
+                repairs.push(Repair::general(format!(
+                    "cut a torn journal tail of {len} bytes at offset {offset} (never acknowledged)"
+                )));
+                journal.truncate(*offset).map_err(io)?;
+            }
+            journal::Item::Damaged {
+                offset,
+                len,
+                claimed,
+            } => repairs.push(Repair {
+                job: claimed.map(|c| c.0),
+                message: format!(
+                    "journal bytes {offset}..{} are damaged{}",
+                    offset + len,
+                    claimed
+                        .map(|(j, s)| format!(" (frame header names job {j} seq {s})"))
+                        .unwrap_or_default()
+                ),
+            }),
+        }
+    }
+    // A crash in the middle of a round leaves events the journal has and sled
+    // lacks, all after the last commit marker. A lost event *before* a marker
+    // was acknowledged: sled lost it (a torn or damaged store).
+    let torn = first_lost.is_some_and(|(_, _, offset)| offset < acked_upto);
+    if let (Some((job, seq, _)), true) = (first_lost, torn) {
+        let total: usize = restored.values().map(Vec::len).sum();
+        repairs.push(Repair {
+            job: Some(job),
+            message: format!(
+                "the sled store was torn at job {job} seq {seq}: it had lost {total} events from there on \
+                 (damage on disk near that event is the likely cause); all were restored from the journal"
+            ),
+        });
+    }
+    if !restored.is_empty() {
+        t.events.apply_batch(batch)?;
+    }
+    for (job, seqs) in &restored {
+        repairs.push(Repair {
+            job: Some(*job),
+            message: if torn {
+                format!(
+                    "job {job} seq {}: restored from the journal; the sled store had lost {} (torn or corrupt on disk)",
+                    ranges(seqs),
+                    if seqs.len() == 1 { "it" } else { "them" }
+                )
+            } else {
+                format!(
+                    "job {job} seq {}: completed from the journal (the engine stopped in the middle of writing it)",
+                    ranges(seqs)
+                )
+            },
+        });
+    }
+    // Jobs the last rounds touched, and any job sled holds events of beyond the
+    // recorded id counter: rebuild their summaries and live-set membership,
+    // which a crash between the per-tree batches may have left behind.
+    let mut next_job = t
+        .meta
+        .get("next_job")?
+        .and_then(|v| be_u64(&v))
+        .unwrap_or(1);
+    for item in t.events.range(event_key(next_job, 0)..) {
+        let (k, _) = item?;
+        if let Some(job) = be_u64(&k) {
+            touched.insert(job);
+        }
+    }
+    for job in &touched {
+        let state = match fold_from(&t.events, *job) {
+            Ok(s) => s,
+            Err(e) => {
+                repairs.push(Repair {
+                    job: Some(*job),
+                    message: format!("job {job}: cannot rebuild its summary: {e}"),
+                });
+                continue;
+            }
+        };
+        let stale = t
+            .jobs
+            .get(job.to_be_bytes())?
+            .and_then(|v| JobSummary::decode(&v).ok())
+            .is_none_or(|old| old.finished_ms.is_none() && state.is_terminal());
+        if stale || restored.contains_key(job) {
+            t.jobs
+                .insert(job.to_be_bytes(), JobSummary::of(&state).encode())?;
+        }
+        if state.is_terminal() {
+            t.live.remove(job.to_be_bytes())?;
+        } else {
+            t.live.insert(job.to_be_bytes(), &[])?;
+        }
+        next_job = next_job.max(job + 1);
+    }
+    t.meta.insert("next_job", &next_job.to_be_bytes())?;
+    t.meta.insert("journal_end", &end.to_be_bytes())?;
+    t.db.flush()?;
+    Ok((end, repairs))
+}
+
+/// Something opening the log found damaged and repaired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repair {
+    /// The job it concerns, if one.
+    pub job: Option<JobId>,
+    /// What was found and done, as a sentence.
+    pub message: String,
+}
+
+impl Repair {
+    fn general(message: String) -> Repair {
+        Repair { job: None, message }
+    }
+}
+
+impl std::fmt::Display for Repair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// `1..3, 7` for `[1, 2, 3, 7]`.
+fn ranges(seqs: &[Seq]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < seqs.len() {
+        let mut j = i;
+        while j + 1 < seqs.len() && seqs[j + 1] == seqs[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j {
+            seqs[i].to_string()
+        } else {
+            format!("{}..{}", seqs[i], seqs[j])
+        });
+        i = j + 1;
+    }
+    out.join(", ")
+}
