@@ -20,6 +20,7 @@ struct Built {
     panicky: PathBuf,
     abi_v2: PathBuf,
     not_a_plugin: PathBuf,
+    firehose: PathBuf,
 }
 
 fn workspace_root() -> PathBuf {
@@ -65,7 +66,7 @@ fn built() -> &'static Built {
                 manifest.to_str().unwrap(),
             ],
         );
-        for fixture in ["panicky", "abi-v2", "not-a-plugin"] {
+        for fixture in ["panicky", "abi-v2", "not-a-plugin", "firehose"] {
             let manifest = root
                 .join("tests/fixtures/plugins")
                 .join(fixture)
@@ -82,6 +83,7 @@ fn built() -> &'static Built {
             panicky: lib("reel_fixture_panicky"),
             abi_v2: lib("reel_fixture_abi_v2"),
             not_a_plugin: lib("reel_fixture_not_a_plugin"),
+            firehose: lib("reel_fixture_firehose"),
         }
     })
 }
@@ -358,4 +360,72 @@ fn an_unknown_plugin_name_is_an_error() {
         .instantiate("qemu", &config(dir.path(), dir.path()))
         .unwrap_err();
     assert_eq!(err.to_string(), "no runner plugin named `qemu` is loaded");
+}
+
+struct Quiet;
+
+impl reel_engine::lifecycle::observer::Observer for Quiet {
+    fn report(&self, _report: reel_engine::lifecycle::observer::Report<'_>) {}
+}
+
+/// The executor passes the runner's own output offsets to the log, whose writer
+/// refuses a gap: a runner that skips bytes fails its step instead of having
+/// its output silently stored as if it were contiguous.
+#[test]
+fn a_runner_that_leaves_a_gap_in_its_output_fails_the_step() {
+    use reel_engine::input::secrets::ResolvedSecrets;
+    use reel_engine::lifecycle::executor::{Executor, Runners};
+    use reel_engine::lifecycle::observer::Cancel;
+    use reel_engine::model::event::{Event, Outcome};
+    use reel_engine::model::spec::{JobSpec, StepSpec};
+    use reel_engine::store::{EventLog, LogOptions};
+
+    let b = built();
+    let dir = plugin_dir(&[(&b.firehose, "libreel_fixture_firehose.so", 0o755)]);
+    let state = tempfile::tempdir().unwrap();
+    let log = EventLog::open(state.path(), LogOptions::default()).unwrap();
+    let runners = Runners::new(
+        plugin::load_dir(dir.path()),
+        state.path().join("sandboxes"),
+        Default::default(),
+    );
+    let ex = Executor::new(log.clone(), runners).unwrap();
+    let spec = JobSpec {
+        name: "gap".into(),
+        runner: "firehose".into(),
+        steps: vec![StepSpec {
+            name: "gap".into(),
+            command: "gap".into(),
+            ..StepSpec::default()
+        }],
+        ..JobSpec::default()
+    };
+    smol::block_on(async {
+        let id = log.submit(spec.clone()).await.unwrap();
+        log.append(id, Event::Queued {}).await.unwrap();
+        let outcome = ex
+            .run(
+                id,
+                &spec,
+                &ResolvedSecrets::default(),
+                &Cancel::default(),
+                &Quiet,
+            )
+            .await
+            .unwrap();
+        assert_eq!(outcome, Outcome::Failed);
+        let end = log.fold(id).unwrap();
+        let reason = end.reason.unwrap_or_default();
+        assert!(
+            reason.contains("offset 100") && reason.contains("gap"),
+            "{reason}"
+        );
+        let stored: Vec<u8> = log
+            .output(id, 0, 0)
+            .flat_map(|c| c.unwrap().bytes)
+            .collect();
+        assert_eq!(stored, b"first ");
+        assert_eq!(end.steps[0].output_bytes, 6);
+    });
+    log.close();
 }

@@ -61,15 +61,38 @@ fn hello_runs_end_to_end_and_every_lifecycle_event_is_in_the_log() {
 
 #[test]
 fn output_read_back_from_the_log_is_byte_exact() {
+    output_is_stored_byte_exact_per_stream(None);
+}
+
+/// With a secret set, each stream is masked on its own: what a masker holds
+/// back at the end of stdout is stored as stdout, not under the stderr tag of
+/// the chunk that follows.
+#[test]
+fn output_read_back_from_the_log_is_byte_exact_with_a_secret_set() {
+    output_is_stored_byte_exact_per_stream(Some("zz-not-in-output-zz!"));
+}
+
+fn output_is_stored_byte_exact_per_stream(secret: Option<&str>) {
     let state = tempfile::tempdir().unwrap();
     let files = tempfile::tempdir().unwrap();
     // 20 MiB of a repeating pattern, then invalid UTF-8 on stdout and stderr.
+    let secrets = if secret.is_some() {
+        "secrets: [TOKEN]\n"
+    } else {
+        ""
+    };
     let job = write(
         files.path(),
         "big.yml",
-        "name: big\nsteps:\n  - name: lots\n    command: |\n      yes 0123456789abcdef | head -c 20971520\n      printf '\\377\\376\\n'\n      printf 'err\\200\\n' >&2\n",
+        &format!(
+            "name: big\n{secrets}steps:\n  - name: lots\n    command: |\n      yes 0123456789abcdef | head -c 20971520\n      printf '\\377\\376\\n'\n      printf 'err\\200\\n' >&2\n"
+        ),
     );
-    let out = reel(state.path(), &["run", "-q", &job], &[]);
+    let env: Vec<(&str, &str)> = secret
+        .map(|v| ("REEL_SECRET_TOKEN", v))
+        .into_iter()
+        .collect();
+    let out = reel(state.path(), &["run", "-q", &job], &env);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stored = reel(state.path(), &["output", "1"], &[]);
     assert!(stored.status.success());
@@ -100,6 +123,76 @@ fn output_read_back_from_the_log_is_byte_exact() {
     }
     assert!(out == expected, "stdout differs from what the step printed");
     assert_eq!(err, b"err\x80\n");
+    assert_nothing_left(state.path(), "run");
+}
+
+/// `reel output --stream` gives each stream's own bytes, the secret masked
+/// where it was printed; `--json` gives the chunks with stream and offset, and
+/// `--offset` starts inside the combined output.
+#[test]
+fn output_by_stream_keeps_each_stream_and_masks_the_secret() {
+    let state = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let job = write(
+        files.path(),
+        "streams.yml",
+        "name: streams\nsecrets: [TOKEN]\nsteps:\n  - name: both\n    command: |\n      printf OUT; sleep 0.3; printf ERR >&2; sleep 0.3; printf \"$TOKEN\"\n",
+    );
+    let env = [("REEL_SECRET_TOKEN", "hunter2-secret")];
+    let out = reel(state.path(), &["run", "-q", &job], &env);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = reel(
+        state.path(),
+        &["output", "1", "--step", "1", "--stream", "stdout"],
+        &[],
+    );
+    assert!(stdout.status.success(), "{}", text(&stdout.stderr));
+    assert_eq!(text(&stdout.stdout), "OUT**************");
+    let stderr = reel(
+        state.path(),
+        &["output", "1", "--step", "1", "--stream", "stderr"],
+        &[],
+    );
+    assert_eq!(text(&stderr.stdout), "ERR");
+    let all = reel(
+        state.path(),
+        &["output", "1", "--step", "1", "--offset", "2"],
+        &[],
+    );
+    assert_eq!(text(&all.stdout), "TERR**************");
+    let lines: Vec<serde_json::Value> =
+        text(&reel(state.path(), &["output", "1", "--json"], &[]).stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    // Runs of one stream, however the chunks were cut: (stream, offset, text).
+    let mut streams: Vec<(String, u64, String)> = Vec::new();
+    for c in &lines {
+        assert_eq!(c["step"], 1);
+        let (stream, offset, t) = (
+            c["stream"].as_str().unwrap(),
+            c["offset"].as_u64().unwrap(),
+            c["text"].as_str().unwrap(),
+        );
+        match streams.last_mut() {
+            Some(last) if last.0 == stream && last.1 + last.2.len() as u64 == offset => {
+                last.2.push_str(t);
+            }
+            _ => streams.push((stream.to_string(), offset, t.to_string())),
+        }
+    }
+    let streams: Vec<(&str, u64, &str)> = streams
+        .iter()
+        .map(|(s, o, t)| (s.as_str(), *o, t.as_str()))
+        .collect();
+    assert_eq!(
+        streams,
+        [
+            ("stdout", 0, "OUT"),
+            ("stderr", 3, "ERR"),
+            ("stdout", 6, "**************")
+        ]
+    );
     assert_nothing_left(state.path(), "run");
 }
 

@@ -259,3 +259,33 @@ fn a_missing_log_and_an_unknown_job_are_plain_errors() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no job 42"));
 }
+
+/// Steps are numbered from 1 wherever a person or a script reads them:
+/// timelines, the state's step list, JSON and `output --step`.
+#[test]
+fn steps_are_numbered_from_one_in_replay_inspect_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    write_log(dir.path());
+    let text = String::from_utf8(reel(dir.path(), &["replay", "1"]).stdout).unwrap();
+    let started: Vec<&str> = text.lines().filter(|l| l.contains("StepStarted")).collect();
+    assert_eq!(started.len(), 3, "{text}");
+    // The scripted steps are named "step 0", "step 1"...: the number comes first.
+    assert!(started[0].contains("step 1 \"step 0\""), "{}", started[0]);
+    assert!(started[2].contains("step 3 \"step 2\""), "{}", started[2]);
+    let inspect = String::from_utf8(reel(dir.path(), &["inspect", "1"]).stdout).unwrap();
+    assert!(
+        inspect.contains("    [1] \"step 0\"") && inspect.contains("    [3] "),
+        "{inspect}"
+    );
+    assert!(!inspect.contains("[0]"), "{inspect}");
+    let v = json(&reel(dir.path(), &["inspect", "1", "--json"]));
+    let steps: Vec<u64> = v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [1, 2, 3]);
+    let v = json(&reel(dir.path(), &["replay", "1", "--json"]));
+    assert_eq!(v["state"]["steps"][0]["step"], 1);
+}

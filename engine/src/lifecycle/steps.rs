@@ -217,10 +217,18 @@ impl JobRun<'_> {
             }
             let _ = done.send(()).await;
         }
-        let result = exec.await;
+        let mut result = exec.await;
         drop(watcher);
-        if let Some(e) = failure {
-            return Err(e);
+        match failure {
+            // A runner that skips output breaks its contract: the step fails,
+            // the job is torn down; what it stored is what the log holds.
+            Some(LogError::OutputGap { offset, end, .. }) => {
+                result = Err(RunnerError::failed(format!(
+                    "it sent output at offset {offset}, past the {end} bytes stored: a gap"
+                )));
+            }
+            Some(e) => return Err(e),
+            None => {}
         }
         self.flush_output(&mut out, index, None).await?;
         let stored = out.stored;

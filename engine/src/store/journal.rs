@@ -193,13 +193,9 @@ impl Journal {
         self.file.sync_data()
     }
 
-    /// Writes `bytes` at `offset` and, if `sync`, waits for `fdatasync`.
-    pub fn write_at(&self, bytes: &[u8], offset: u64, sync: bool) -> std::io::Result<()> {
-        self.file.write_all_at(bytes, offset)?;
-        if sync {
-            self.file.sync_data()?;
-        }
-        Ok(())
+    /// Writes `bytes` at `offset` (not synced: see [`Journal::sync`]).
+    pub fn write_at(&self, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+        self.file.write_all_at(bytes, offset)
     }
 }
 

@@ -21,7 +21,7 @@ use super::reconcile::{Repair, reconcile};
 use super::snapshot::Snapshot;
 use super::summary::JobSummary;
 use super::trees::{Trees, be_u64, events_of, fold_from, live_ids, open_trees};
-use crate::model::event::{JobId, Record, Seq};
+use crate::model::event::{JobId, Record};
 use crate::model::state::JobState;
 use crate::store::LogError;
 
@@ -143,22 +143,6 @@ impl LogReader {
     /// Folds a job's whole history.
     pub fn fold(&self, job: JobId) -> Result<JobState, LogError> {
         fold_from(&self.trees.events, job)
-    }
-
-    /// Folds a job's history up to and including `seq`.
-    pub fn fold_at(&self, job: JobId, seq: Seq) -> Result<JobState, LogError> {
-        let mut state = JobState::new(job);
-        for r in self.events(job) {
-            let r = r?;
-            if r.seq > seq {
-                break;
-            }
-            state.apply_mut(r.at_ms, &r.event)?;
-        }
-        if state.seq == 0 {
-            return Err(LogError::UnknownJob(job));
-        }
-        Ok(state)
     }
 
     /// The folded state of every live job, ascending by id.

@@ -197,7 +197,14 @@ impl Writer {
             let marker = journal::marker();
             if self
                 .journal
-                .write_at(&marker, self.journal_end, self.sync_files)
+                .write_at(&marker, self.journal_end)
+                .and_then(|()| {
+                    if self.sync_files {
+                        self.journal.sync()
+                    } else {
+                        Ok(())
+                    }
+                })
                 .is_ok()
             {
                 let end = self.journal_end + marker.len() as u64;
@@ -425,7 +432,7 @@ impl Writer {
         }
         meta.insert("journal_end", &journal_end.to_be_bytes());
         self.journal
-            .write_at(&round.journal, self.journal_end, false)
+            .write_at(&round.journal, self.journal_end)
             .map_err(|source| LogError::Io {
                 what: "cannot write the journal",
                 path: self.journal.path().to_path_buf(),
