@@ -3,7 +3,7 @@
 //!
 //! ```sh
 //! cargo run -p reel-engine --example simulate -- /tmp/reel-demo 5
-//! cargo run -p reel-engine --bin reel -- --state-dir /tmp/reel-demo jobs
+//! cargo run -p reel-cli --bin reel -- --state-dir /tmp/reel-demo jobs
 //! ```
 //!
 //! Job 1 succeeds, job 2 fails at its second step, job 3 is left mid-step (as a

@@ -12,7 +12,7 @@
 //! * `format` is [`FORMAT_VERSION`]. A reader refuses any other value with
 //!   [`DecodeError::UnknownFormat`] instead of guessing.
 //! * `kind` says what the payload is: an event variant (1..=0x7fff, see
-//!   `event.rs`) or a job summary (0x8001, see `log.rs`).
+//!   `event.rs`) or a job summary (0x8001, see `store/summary.rs`).
 //! * `payload` is bincode 2 in its standard configuration (varint integers,
 //!   little-endian), decoded with a hard limit of [`MAX_ENVELOPE`] bytes so a
 //!   corrupt length prefix can never make the reader allocate without bound.

@@ -4,7 +4,7 @@
 //!
 //! One sled `Db` in `<state dir>/log/`, with four trees. Keys are raw big-endian
 //! bytes (never bincode) so they sort numerically; values are envelopes
-//! (`codec.rs`).
+//! (`model/codec.rs`).
 //!
 //! | tree     | key                                   | value                            |
 //! |----------|---------------------------------------|----------------------------------|
