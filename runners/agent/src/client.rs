@@ -26,6 +26,12 @@
 //! output was stored; the agent resends from there, continues live and finishes with the
 //! `ExecExit` (also when the step ended while nobody was connected).
 //!
+//! # Errors
+//!
+//! The agent's errors are [`ClientError::Agent`] with an [`ErrorCode`] to decide on
+//! (from protocol version 2; a version-1 agent's errors have
+//! [`ErrorCode::Unspecified`]) and a message for people.
+//!
 //! [`run_exec`]: AgentClient::run_exec
 //! [`resume_exec`]: AgentClient::resume_exec
 
@@ -37,7 +43,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::proto::{
-    self, FrameReader, MAX_VERSION, MIN_VERSION, Message, ProtoError, Role, Stream,
+    self, ErrorCode, FrameReader, MAX_VERSION, MIN_VERSION, Message, ProtoError, Role, Stream,
 };
 
 /// Errors from [`AgentClient`].
@@ -54,12 +60,15 @@ pub enum ClientError {
     /// Framing or I/O failed.
     #[error(transparent)]
     Proto(#[from] ProtoError),
-    /// The agent answered with an `Error` message.
+    /// The agent answered with an error (`Error` or `Failure`).
     #[error("The agent reported an error{}: {message}", exec_id.map(|e| format!(" for exec {e}")).unwrap_or_default())]
     Agent {
         /// The exec the error concerns, if any.
         exec_id: Option<u64>,
-        /// The agent's message.
+        /// What went wrong, to decide on; [`ErrorCode::Unspecified`] from a version-1
+        /// agent.
+        code: ErrorCode,
+        /// The agent's message, for people.
         message: String,
     },
     /// The agent sent something the protocol does not allow here.
@@ -148,6 +157,16 @@ pub struct AgentClient {
     merge_wait: Duration,
 }
 
+/// The error an agent's `Error` or `Failure` message carries, if `msg` is one.
+fn agent_error(msg: &Message) -> Option<ClientError> {
+    msg.as_error()
+        .map(|(exec_id, code, message)| ClientError::Agent {
+            exec_id,
+            code,
+            message: message.to_owned(),
+        })
+}
+
 impl AgentClient {
     /// Connects to the agent's socket, retrying until `timeout`, and performs `Hello`.
     pub fn connect(socket_path: impl AsRef<Path>, timeout: Duration) -> Result<Self> {
@@ -206,13 +225,12 @@ impl AgentClient {
                 client.version = v;
                 Ok(client)
             }
-            Some(Message::Error { exec_id, message }) => {
-                Err(ClientError::Agent { exec_id, message })
-            }
-            Some(other) => Err(ClientError::Protocol(format!(
-                "expected Hello from the agent, got {}",
-                other.name()
-            ))),
+            Some(other) => Err(agent_error(&other).unwrap_or_else(|| {
+                ClientError::Protocol(format!(
+                    "expected Hello from the agent, got {}",
+                    other.name()
+                ))
+            })),
             None => Err(ClientError::Timeout("Hello")),
         }
     }
@@ -250,7 +268,7 @@ impl AgentClient {
 
     fn read_raw(&mut self, timeout: Option<Duration>) -> Result<Option<Message>> {
         if let Some(m) = self.frames.try_decode()? {
-            return Ok(Some(m));
+            return self.checked(m).map(Some);
         }
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
@@ -266,9 +284,22 @@ impl AgentClient {
             };
             self.reader.set_read_timeout(wait).map_err(ProtoError::Io)?;
             if let Some(m) = self.frames.read_message(&mut self.reader)? {
-                return Ok(Some(m));
+                return self.checked(m).map(Some);
             }
         }
+    }
+
+    /// Refuses a message whose kind the negotiated version does not have (before
+    /// `Hello` completes, `version` is 0 and the handshake checks what arrives).
+    fn checked(&self, m: Message) -> Result<Message> {
+        if self.version != 0 && m.since_version() > self.version {
+            return Err(ClientError::Protocol(format!(
+                "the agent sent {}, which protocol version {} does not have",
+                m.name(),
+                self.version
+            )));
+        }
+        Ok(m)
     }
 
     /// Receives the next message, waiting at most `timeout` (`None`: forever).
@@ -281,7 +312,7 @@ impl AgentClient {
     }
 
     /// Waits for a message `want` accepts; others are queued for [`Self::recv`].
-    /// An `Error` without an exec id fails the wait.
+    /// An error without an exec id fails the wait.
     fn wait_for(
         &mut self,
         what: &'static str,
@@ -299,16 +330,10 @@ impl AgentClient {
             match self.read_raw(Some(left))? {
                 None => return Err(ClientError::Timeout(what)),
                 Some(m) if want(&m) => return Ok(m),
-                Some(Message::Error {
-                    exec_id: None,
-                    message,
-                }) => {
-                    return Err(ClientError::Agent {
-                        exec_id: None,
-                        message,
-                    });
-                }
-                Some(m) => self.pending.push_back(m),
+                Some(m) => match agent_error(&m) {
+                    Some(e @ ClientError::Agent { exec_id: None, .. }) => return Err(e),
+                    _ => self.pending.push_back(m),
+                },
             }
         }
     }
@@ -517,16 +542,14 @@ impl AgentClient {
                     });
                 }
                 Message::ExecStarted { exec_id: id, .. } if id == exec_id => {}
-                Message::Error {
-                    exec_id: id,
-                    message,
-                } if id.is_none_or(|id| id == exec_id) => {
-                    return Err(ClientError::Agent {
-                        exec_id: id,
-                        message,
-                    });
-                }
-                other => f.deferred.push_back(other),
+                other => match agent_error(&other) {
+                    Some(e @ ClientError::Agent { exec_id: id, .. })
+                        if id.is_none_or(|id| id == exec_id) =>
+                    {
+                        return Err(e);
+                    }
+                    _ => f.deferred.push_back(other),
+                },
             }
         }
     }

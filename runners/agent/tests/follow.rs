@@ -1,12 +1,12 @@
 //! The client's follow loop against a scripted agent: merging, acknowledgements,
-//! offsets and errors.
+//! offsets, and which error kinds a negotiated version may carry.
 
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use reel_agent::proto::{self, FrameReader, Message, ProtoError, Role, Stream};
+use reel_agent::proto::{self, ErrorCode, FrameReader, Message, ProtoError, Role, Stream};
 use reel_agent::{AgentClient, ClientError};
 
 const T: Duration = Duration::from_secs(10);
@@ -216,19 +216,21 @@ fn bytes_sent_again_are_dropped_and_a_gap_is_an_error() {
 }
 
 #[test]
-fn an_error_ends_the_follow_and_others_are_kept() {
+fn an_error_ends_the_follow_with_its_code_and_others_are_kept() {
     let agent = Scripted::start(
-        1,
+        2,
         vec![
             output(Stream::Stdout, 0, b"ab"),
-            Message::Error {
+            Message::Failure {
                 exec_id: Some(2),
+                code: ErrorCode::UnknownExec,
                 message: "about another exec".into(),
             },
             output(Stream::Stdout, 2, b"cd"),
-            Message::Error {
+            Message::Failure {
                 exec_id: Some(1),
-                message: "lost".into(),
+                code: ErrorCode::OutputLost,
+                message: "reworded at will".into(),
             },
         ],
     );
@@ -240,6 +242,7 @@ fn an_error_ends_the_follow_and_others_are_kept() {
             result,
             Err(ClientError::Agent {
                 exec_id: Some(1),
+                code: ErrorCode::OutputLost,
                 ..
             })
         ),
@@ -254,8 +257,43 @@ fn an_error_ends_the_follow_and_others_are_kept() {
     );
     assert!(matches!(
         c.recv(Some(T)).unwrap(),
-        Some(Message::Error {
+        Some(Message::Failure {
             exec_id: Some(2),
+            code: ErrorCode::UnknownExec,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_kind_newer_than_the_negotiated_version_is_a_protocol_violation() {
+    let failure = Message::Failure {
+        exec_id: Some(1),
+        code: ErrorCode::ExecExists,
+        message: "x".into(),
+    };
+    let agent = Scripted::start(1, vec![failure]);
+    let mut c = agent.client();
+    assert_eq!(c.version(), 1);
+    match follow(&mut c).0 {
+        Err(ClientError::Protocol(m)) => {
+            assert!(m.contains("Failure") && m.contains("version 1"), "{m}")
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+
+    // A version-1 error on a version-2 connection is read, without a code.
+    let error = Message::Error {
+        exec_id: Some(1),
+        message: "Exec 1 already exists.".into(),
+    };
+    let agent = Scripted::start(2, vec![error]);
+    let mut c = agent.client();
+    assert!(matches!(
+        follow(&mut c).0,
+        Err(ClientError::Agent {
+            exec_id: Some(1),
+            code: ErrorCode::Unspecified,
             ..
         })
     ));

@@ -53,7 +53,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use reel_agent::proto::Message;
+use reel_agent::proto::{ErrorCode, Message};
 use reel_agent::{AgentClient, CancelHandle, ClientError, ExecRequest};
 use reel_plugin_sdk::{
     Description, ExecResult, Handle, JobRequest, OutputSink, Probe, Runner, RunnerConfig,
@@ -451,8 +451,8 @@ fn to_stream(s: reel_agent::Stream) -> Stream {
 
 /// Follows one exec on `client` from `from` with the agent client's follow loop,
 /// passing its output to `sink`. When a step sent as new (`started_fresh`) is one the
-/// agent already has (a restarted engine re-sent it), it is resumed from the start
-/// instead.
+/// agent already has ([`ErrorCode::ExecExists`]: a restarted engine re-sent it), it is
+/// resumed from the start instead.
 fn follow(
     client: &mut AgentClient,
     exec_id: u64,
@@ -464,8 +464,9 @@ fn follow(
     let outcome = match client.follow(exec_id, from, &mut on_output) {
         Err(ClientError::Agent {
             exec_id: Some(id),
-            ref message,
-        }) if started_fresh && id == exec_id && message.contains("already exists") => {
+            code: ErrorCode::ExecExists,
+            ..
+        }) if started_fresh && id == exec_id => {
             tracing::info!(exec_id, "exec already running; resuming from 0");
             client
                 .resume(exec_id, 0)
@@ -489,10 +490,12 @@ fn follow_error(exec_id: u64, e: ClientError) -> RunnerError {
         ClientError::Agent {
             exec_id: Some(id),
             message,
+            ..
         } => RunnerError::failed(format!("the agent reported for exec {id}: {message}")),
         ClientError::Agent {
             exec_id: None,
             message,
+            ..
         } => RunnerError::failed(format!("the agent reported: {message}")),
         ClientError::Protocol(message) => RunnerError::failed(message),
         e => client_error(&format!("following exec {exec_id}"), e),
