@@ -6,8 +6,9 @@ mod common;
 
 use std::os::unix::net::UnixListener;
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
-use common::{Output, job, step};
+use common::{Fixture, Output, job, step};
 use reel_agent::proto::{self, ErrorCode, FrameReader, Message, ProtoError, Role, Stream};
 use reel_plugin_sdk::{ExecResult, Handle, Runner, RunnerError};
 use reel_runner_process::ProcessRunner;
@@ -143,4 +144,28 @@ fn a_version_1_error_without_a_code_fails_the_step() {
     let err = result.unwrap_err();
     assert!(err.message.contains("Exec 1 already exists."), "{err}");
     assert!(!resumed(&sent), "{sent:?}");
+}
+
+#[test]
+fn a_step_re_sent_to_the_real_agent_is_followed_from_the_start() {
+    let f = Fixture::new(123);
+    let s = step(5, "echo one; sleep 0.5; echo two");
+    thread::scope(|scope| {
+        // The first engine starts the step and stores nothing before it "dies".
+        let first = scope.spawn(|| f.runner.exec(&f.handle, &s, &mut Output::default()));
+        thread::sleep(Duration::from_millis(200));
+        let engine2 = f.new_runner();
+        let handle2 = engine2.reattach(&f.handle).unwrap();
+        // With nothing stored the step is sent as new; the agent answers ExecExists.
+        let mut out = Output::default();
+        let result = engine2.exec(&handle2, &s, &mut out).unwrap();
+        assert!(result.success(), "{result:?}");
+        assert_eq!(out.stdout, b"one\ntwo\n");
+        assert!(out.gaps.is_empty(), "{:?}", out.gaps);
+        assert!(
+            first.join().unwrap().is_err(),
+            "the replaced connection's exec"
+        );
+        engine2.cleanup(&handle2).unwrap();
+    });
 }
