@@ -11,6 +11,38 @@ use serde::de::DeserializeOwned;
 use super::host;
 use super::loaded::LoadedRunner;
 
+// The loader reads a plugin's table through a `&RunnerVTable`, which is sound only
+// for the fields every 1.x table has (`struct_size` at least `VTABLE_V1_0_SIZE`):
+// today that is the whole table. A field appended in a later minor stops the build
+// here, so that it is read only where `abi::field_present(struct_size, its end)`
+// holds, through the raw pointer, and no reference to the whole table is made over a
+// 1.0 plugin's shorter one.
+const _: () = assert!(
+    std::mem::size_of::<abi::RunnerVTable>() == abi::VTABLE_V1_0_SIZE,
+    "RunnerVTable grew past its 1.0 layout: read the new fields only where \
+     abi::field_present says the plugin's struct_size covers them"
+);
+
+/// Checks a table's header, before anything else in the table is read: its major,
+/// and that its `struct_size` covers every field this host reads. Those are all 1.0
+/// fields, so a table of any 1.x minor, older or newer than ours, passes.
+fn check_header(version: abi::AbiVersion, struct_size: usize) -> Result<(), String> {
+    if version.major != abi::ABI_MAJOR {
+        return Err(format!(
+            "its vtable is for plugin ABI major {}, but this reel speaks ABI major {}",
+            version.major,
+            abi::ABI_MAJOR
+        ));
+    }
+    if !abi::field_present(struct_size, abi::VTABLE_V1_0_SIZE) {
+        return Err(format!(
+            "its vtable is {struct_size} bytes, smaller than the {} bytes of ABI 1.0",
+            abi::VTABLE_V1_0_SIZE
+        ));
+    }
+    Ok(())
+}
+
 /// A plugin library that passed every check. Leaked: never unloaded.
 #[derive(Debug)]
 pub(super) struct Library {
@@ -111,21 +143,10 @@ impl Library {
         // starts with `abi_version` and `struct_size`. Only those two fields are read
         // until `struct_size` is checked.
         let (version, size) = unsafe { ((*vtable).abi_version, (*vtable).struct_size) };
-        if version.major != abi::ABI_MAJOR {
-            return Err(format!(
-                "its vtable is for plugin ABI major {}, but this reel speaks ABI major {}",
-                version.major,
-                abi::ABI_MAJOR
-            ));
-        }
-        if size < abi::VTABLE_V1_0_SIZE {
-            return Err(format!(
-                "its vtable is {size} bytes, smaller than the {} bytes of ABI 1.0",
-                abi::VTABLE_V1_0_SIZE
-            ));
-        }
-        // SAFETY: the table is static in the library, which is never unloaded, and is
-        // at least as large as the 1.0 layout we read through this reference.
+        check_header(version, size)?;
+        // SAFETY: the table is static in the library, which is never unloaded, and
+        // covers the 1.0 layout, which is all of `RunnerVTable` (asserted at compile
+        // time above).
         let vtable: &'static abi::RunnerVTable = unsafe { &*vtable };
         let library: &'static Library = Box::leak(Box::new(Library {
             _library: library,
@@ -244,5 +265,35 @@ pub(super) fn slice(bytes: &[u8]) -> abi::Slice {
     abi::Slice {
         ptr: bytes.as_ptr(),
         len: bytes.len(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(major: u32, minor: u32) -> abi::AbiVersion {
+        abi::AbiVersion { major, minor }
+    }
+
+    #[test]
+    fn a_table_is_accepted_from_the_frozen_1_0_size_on() {
+        let word = std::mem::size_of::<usize>();
+        // A 1.0 plugin: abi_version, struct_size and 17 functions.
+        assert_eq!(check_header(v(1, 0), 8 + 18 * word), Ok(()));
+        // A plugin of a newer minor, with fields this host does not know.
+        assert_eq!(check_header(v(1, 1), abi::VTABLE_V1_0_SIZE + word), Ok(()));
+        let short = abi::VTABLE_V1_0_SIZE - word;
+        assert_eq!(
+            check_header(v(1, 0), short),
+            Err(format!(
+                "its vtable is {short} bytes, smaller than the {} bytes of ABI 1.0",
+                abi::VTABLE_V1_0_SIZE
+            ))
+        );
+        assert_eq!(
+            check_header(v(2, 0), abi::VTABLE_V1_0_SIZE),
+            Err("its vtable is for plugin ABI major 2, but this reel speaks ABI major 1".into())
+        );
     }
 }

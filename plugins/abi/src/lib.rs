@@ -15,6 +15,26 @@
 //!   init, free_buffer, create, destroy, <one function per operation>
 //! ```
 //!
+//! # Growing a struct
+//!
+//! [`RunnerVTable`] and [`HostCallbacks`] grow only by appending fields in a new
+//! minor, and each carries the `struct_size` its builder compiled. Their 1.0 layouts
+//! are frozen as literals, [`VTABLE_V1_0_SIZE`] and [`HOST_CALLBACKS_V1_0_SIZE`] (not
+//! `size_of`, which grows with the struct), and `tests/layout.rs` pins the size and
+//! the offset of every 1.0 field. A reader
+//!
+//! - refuses a struct whose `struct_size` is below the 1.0 size;
+//! - reads a field appended later only where [`field_present`] says `struct_size`
+//!   covers the field's end, and otherwise treats it as absent;
+//! - never makes a reference to the whole struct unless `struct_size` covers all of
+//!   it (today the structs are exactly their 1.0 layouts, and the host and the SDK
+//!   assert that at compile time, so the first appended field makes them choose).
+//!
+//! An appended field must start at or after the previous minor's size, never in its
+//! tail padding: `HostCallbacks` ends with a `u32`, so on 64-bit targets a 1.1 field
+//! must be 8-byte aligned (or follow an explicit `u32` of padding), or a 1.0 host's
+//! `struct_size` would seem to cover it.
+//!
 //! Payloads are bincode envelopes (standard configuration) of the SDK's boundary
 //! types. An input [`Slice`] is borrowed for the duration of the call only. A result
 //! [`Buffer`] is allocated by the plugin and must be given back to the plugin's own
@@ -124,7 +144,8 @@ pub struct LogRecord {
 #[repr(C)]
 #[derive(Debug)]
 pub struct HostCallbacks {
-    /// `size_of::<HostCallbacks>()` as the host saw it.
+    /// `size_of::<HostCallbacks>()` as the host saw it; at least
+    /// [`HOST_CALLBACKS_V1_0_SIZE`].
     pub struct_size: usize,
     /// Opaque host state passed back to every callback.
     pub ctx: *const c_void,
@@ -172,7 +193,7 @@ pub type ExecFn = unsafe extern "C" fn(
 pub struct RunnerVTable {
     /// The ABI this table implements.
     pub abi_version: AbiVersion,
-    /// `size_of::<RunnerVTable>()` in the plugin.
+    /// `size_of::<RunnerVTable>()` in the plugin; at least [`VTABLE_V1_0_SIZE`].
     pub struct_size: usize,
     /// Called once per loaded library before anything else; `host` lives forever.
     pub init: unsafe extern "C" fn(host: *const HostCallbacks) -> Status,
@@ -215,8 +236,32 @@ pub struct RunnerVTable {
     pub reattach: OpFn,
 }
 
-/// The size of a version 1.0 table: the least `struct_size` a 1.x host accepts.
-pub const VTABLE_V1_0_SIZE: usize = core::mem::size_of::<RunnerVTable>();
+/// The size of a version 1.0 [`RunnerVTable`], frozen: `abi_version` (8 bytes), then
+/// `struct_size` and 17 function pointers, one word each. The least `struct_size` a
+/// 1.x host accepts. A literal layout, not `size_of::<RunnerVTable>()`: appending a
+/// 1.1 field must not raise what a host asks of a 1.0 plugin.
+pub const VTABLE_V1_0_SIZE: usize = 8 + 18 * core::mem::size_of::<usize>();
+
+/// The size of version 1.0 [`HostCallbacks`], frozen: `struct_size`, `ctx`, `event`
+/// and `log`, one word each, then `max_level` (a `u32`) padded to a word. The least
+/// `struct_size` a 1.x plugin accepts.
+pub const HOST_CALLBACKS_V1_0_SIZE: usize = 5 * core::mem::size_of::<usize>();
+
+/// Whether a struct whose builder reported `struct_size` holds the field that ends
+/// `field_end` bytes from the struct's start (its offset plus its size). A field it
+/// does not hold was added in a later minor than the builder's; read it as absent.
+///
+/// ```
+/// use core::mem::{offset_of, size_of};
+/// use reel_plugin_abi::{OpFn, RunnerVTable, VTABLE_V1_0_SIZE, field_present};
+///
+/// let end = offset_of!(RunnerVTable, reattach) + size_of::<OpFn>();
+/// assert!(field_present(VTABLE_V1_0_SIZE, end));
+/// assert!(!field_present(VTABLE_V1_0_SIZE - 1, end));
+/// ```
+pub const fn field_present(struct_size: usize, field_end: usize) -> bool {
+    field_end <= struct_size
+}
 
 /// The signature of the entry symbol.
 pub type EntryFn = unsafe extern "C" fn() -> *const RunnerVTable;

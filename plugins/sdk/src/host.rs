@@ -26,6 +26,22 @@ unsafe impl Sync for HostRef {}
 
 static HOST: OnceLock<HostRef> = OnceLock::new();
 
+// `host()` makes a `&HostCallbacks` over the host's struct, which is sound only for
+// the fields every 1.x host provides: today that is the whole struct. A field appended
+// in a later minor stops the build here, so that it is read only where
+// `abi::field_present(struct_size, its end)` holds, through the raw pointer.
+const _: () = assert!(
+    std::mem::size_of::<abi::HostCallbacks>() == abi::HOST_CALLBACKS_V1_0_SIZE,
+    "HostCallbacks grew past its 1.0 layout: read the new fields only where \
+     abi::field_present says the host's struct_size covers them"
+);
+
+/// Whether callbacks whose host reported `struct_size` hold every field this SDK
+/// reads (all of them 1.0 fields): true for any 1.x host, older or newer than us.
+fn accepted(struct_size: usize) -> bool {
+    abi::field_present(struct_size, abi::HOST_CALLBACKS_V1_0_SIZE)
+}
+
 fn host() -> Option<&'static abi::HostCallbacks> {
     // SAFETY: the pointer was non-null when stored and the host keeps it alive and
     // unchanged for the life of the process.
@@ -48,11 +64,16 @@ pub(crate) unsafe fn install(host: *const abi::HostCallbacks) {
     if host.is_null() {
         return;
     }
-    // SAFETY: the caller guarantees a non-null `host` is valid for the process life.
-    let callbacks = unsafe { &*host };
-    if callbacks.struct_size < std::mem::size_of::<abi::HostCallbacks>() {
+    // SAFETY: the caller guarantees a non-null `host` is valid for the process life,
+    // and every version of the struct starts with `struct_size`, which is read alone
+    // until it is checked.
+    let struct_size = unsafe { (*host).struct_size };
+    if !accepted(struct_size) {
         return;
     }
+    // SAFETY: as above, and the host's struct covers the 1.0 layout, which is all of
+    // `HostCallbacks` (asserted at compile time above).
+    let callbacks = unsafe { &*host };
     if HOST.set(HostRef(host)).is_ok() {
         let max = callbacks.max_level;
         let subscriber = tracing_subscriber::registry().with(HostLogLayer { max_level: max });
@@ -133,5 +154,51 @@ impl<S: Subscriber> Layer<S> for HostLogLayer {
         // SAFETY: the callbacks are valid for the life of the process; the record and
         // the bytes it borrows outlive the call.
         unsafe { (h.log)(h.ctx, &record) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::c_void;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    static NOTICES: AtomicUsize = AtomicUsize::new(0);
+
+    unsafe extern "C" fn on_event(_: *const c_void, _: abi::Slice, _: abi::Slice) {
+        NOTICES.fetch_add(1, Ordering::SeqCst);
+    }
+
+    unsafe extern "C" fn on_log(_: *const c_void, _: *const abi::LogRecord) {}
+
+    fn callbacks(struct_size: usize) -> *const abi::HostCallbacks {
+        Box::leak(Box::new(abi::HostCallbacks {
+            struct_size,
+            ctx: std::ptr::null(),
+            event: on_event,
+            log: on_log,
+            max_level: 0,
+        }))
+    }
+
+    #[test]
+    fn callbacks_are_accepted_from_the_frozen_1_0_size_on() {
+        assert!(accepted(abi::HOST_CALLBACKS_V1_0_SIZE));
+        #[cfg(target_pointer_width = "64")]
+        assert!(accepted(40));
+        // A host of a newer minor reports a larger struct.
+        assert!(accepted(abi::HOST_CALLBACKS_V1_0_SIZE + 8));
+        assert!(!accepted(abi::HOST_CALLBACKS_V1_0_SIZE - 1));
+
+        // SAFETY: the struct is leaked, so it lives for the rest of the process.
+        unsafe { install(callbacks(abi::HOST_CALLBACKS_V1_0_SIZE - 1)) };
+        assert!(host().is_none(), "undersized callbacks were installed");
+        notice("ignored", "no host yet");
+        // SAFETY: as above.
+        unsafe { install(callbacks(abi::HOST_CALLBACKS_V1_0_SIZE)) };
+        assert!(host().is_some(), "1.0 callbacks were refused");
+        notice("kind", "message");
+        assert_eq!(NOTICES.load(Ordering::SeqCst), 1);
     }
 }

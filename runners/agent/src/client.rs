@@ -9,13 +9,28 @@
 //! `Cancel` while [`AgentClient::run_exec`] is blocked reading output. Frames never
 //! interleave because every write takes the lock.
 //!
+//! # Following an exec
+//!
+//! [`AgentClient::follow`] is the one loop that reads an exec's output to its end;
+//! [`run_exec`] and [`resume_exec`] send `ExecStart` or `Resume` and then follow. It
+//! checks offsets: a gap is an error, and bytes sent again (below what was already
+//! passed on) are dropped, so the callback sees every byte exactly once, in order. With
+//! [`AgentClient::set_merge`], output frames of one stream that are already waiting are
+//! merged into one callback (a caller that makes each callback durable stores fewer,
+//! larger chunks). Output is acknowledged only after the callback that took it
+//! returned.
+//!
 //! # Resuming
 //!
 //! After a reconnect, call [`AgentClient::resume_exec`] with the offset up to which the
 //! output was stored; the agent resends from there, continues live and finishes with the
-//! `ExecExit` (also when the step ended while nobody was connected). [`run_exec`] and
-//! [`resume_exec`] check that offsets are contiguous, so a gap or a duplicate is an error,
-//! never silently passed on.
+//! `ExecExit` (also when the step ended while nobody was connected).
+//!
+//! # Errors
+//!
+//! The agent's errors are [`ClientError::Agent`] with an [`ErrorCode`] to decide on
+//! (from protocol version 2; a version-1 agent's errors have
+//! [`ErrorCode::Unspecified`]) and a message for people.
 //!
 //! [`run_exec`]: AgentClient::run_exec
 //! [`resume_exec`]: AgentClient::resume_exec
@@ -28,7 +43,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::proto::{
-    self, FrameReader, MAX_VERSION, MIN_VERSION, Message, ProtoError, Role, Stream,
+    self, ErrorCode, FrameReader, MAX_VERSION, MIN_VERSION, Message, ProtoError, Role, Stream,
 };
 
 /// Errors from [`AgentClient`].
@@ -45,12 +60,15 @@ pub enum ClientError {
     /// Framing or I/O failed.
     #[error(transparent)]
     Proto(#[from] ProtoError),
-    /// The agent answered with an `Error` message.
+    /// The agent answered with an error (`Error` or `Failure`).
     #[error("The agent reported an error{}: {message}", exec_id.map(|e| format!(" for exec {e}")).unwrap_or_default())]
     Agent {
         /// The exec the error concerns, if any.
         exec_id: Option<u64>,
-        /// The agent's message.
+        /// What went wrong, to decide on; [`ErrorCode::Unspecified`] from a version-1
+        /// agent.
+        code: ErrorCode,
+        /// The agent's message, for people.
         message: String,
     },
     /// The agent sent something the protocol does not allow here.
@@ -133,6 +151,20 @@ pub struct AgentClient {
     version: u16,
     /// Acknowledge delivered output after this many bytes (see [`Self::set_ack_every`]).
     ack_every: u64,
+    /// Merge waiting output frames up to this many bytes (see [`Self::set_merge`]).
+    merge_bytes: usize,
+    /// How long to wait for more output to merge.
+    merge_wait: Duration,
+}
+
+/// The error an agent's `Error` or `Failure` message carries, if `msg` is one.
+fn agent_error(msg: &Message) -> Option<ClientError> {
+    msg.as_error()
+        .map(|(exec_id, code, message)| ClientError::Agent {
+            exec_id,
+            code,
+            message: message.to_owned(),
+        })
 }
 
 impl AgentClient {
@@ -173,6 +205,8 @@ impl AgentClient {
             pending: VecDeque::new(),
             version: 0,
             ack_every: 256 * 1024,
+            merge_bytes: 0,
+            merge_wait: Duration::ZERO,
         };
         client.send(&Message::Hello {
             min_version,
@@ -191,13 +225,12 @@ impl AgentClient {
                 client.version = v;
                 Ok(client)
             }
-            Some(Message::Error { exec_id, message }) => {
-                Err(ClientError::Agent { exec_id, message })
-            }
-            Some(other) => Err(ClientError::Protocol(format!(
-                "expected Hello from the agent, got {}",
-                other.name()
-            ))),
+            Some(other) => Err(agent_error(&other).unwrap_or_else(|| {
+                ClientError::Protocol(format!(
+                    "expected Hello from the agent, got {}",
+                    other.name()
+                ))
+            })),
             None => Err(ClientError::Timeout("Hello")),
         }
     }
@@ -207,10 +240,18 @@ impl AgentClient {
         self.version
     }
 
-    /// How many delivered bytes [`Self::run_exec`] lets pass before sending `Ack`
+    /// How many delivered bytes [`Self::follow`] lets pass before sending `Ack`
     /// (it also acknowledges at the end). 0 disables automatic acknowledgements.
     pub fn set_ack_every(&mut self, bytes: u64) {
         self.ack_every = bytes;
+    }
+
+    /// Lets [`Self::follow`] merge output frames of one stream that arrive within
+    /// `wait` of each other into one callback of up to `max_bytes` (it may pass the
+    /// bound by one frame). 0 bytes, the default, passes on each frame as it arrives.
+    pub fn set_merge(&mut self, max_bytes: usize, wait: Duration) {
+        self.merge_bytes = max_bytes;
+        self.merge_wait = wait;
     }
 
     /// A handle another thread can use to send `Cancel` on this connection.
@@ -227,7 +268,7 @@ impl AgentClient {
 
     fn read_raw(&mut self, timeout: Option<Duration>) -> Result<Option<Message>> {
         if let Some(m) = self.frames.try_decode()? {
-            return Ok(Some(m));
+            return self.checked(m).map(Some);
         }
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
@@ -243,9 +284,22 @@ impl AgentClient {
             };
             self.reader.set_read_timeout(wait).map_err(ProtoError::Io)?;
             if let Some(m) = self.frames.read_message(&mut self.reader)? {
-                return Ok(Some(m));
+                return self.checked(m).map(Some);
             }
         }
+    }
+
+    /// Refuses a message whose kind the negotiated version does not have (before
+    /// `Hello` completes, `version` is 0 and the handshake checks what arrives).
+    fn checked(&self, m: Message) -> Result<Message> {
+        if self.version != 0 && m.since_version() > self.version {
+            return Err(ClientError::Protocol(format!(
+                "the agent sent {}, which protocol version {} does not have",
+                m.name(),
+                self.version
+            )));
+        }
+        Ok(m)
     }
 
     /// Receives the next message, waiting at most `timeout` (`None`: forever).
@@ -258,7 +312,7 @@ impl AgentClient {
     }
 
     /// Waits for a message `want` accepts; others are queued for [`Self::recv`].
-    /// An `Error` without an exec id fails the wait.
+    /// An error without an exec id fails the wait.
     fn wait_for(
         &mut self,
         what: &'static str,
@@ -276,16 +330,10 @@ impl AgentClient {
             match self.read_raw(Some(left))? {
                 None => return Err(ClientError::Timeout(what)),
                 Some(m) if want(&m) => return Ok(m),
-                Some(Message::Error {
-                    exec_id: None,
-                    message,
-                }) => {
-                    return Err(ClientError::Agent {
-                        exec_id: None,
-                        message,
-                    });
-                }
-                Some(m) => self.pending.push_back(m),
+                Some(m) => match agent_error(&m) {
+                    Some(e @ ClientError::Agent { exec_id: None, .. }) => return Err(e),
+                    _ => self.pending.push_back(m),
+                },
             }
         }
     }
@@ -358,10 +406,7 @@ impl AgentClient {
         Ok(())
     }
 
-    /// Starts `req` and follows it to its end, passing each output chunk to `on_output`
-    /// as `(stream, offset, bytes)`. Output is acknowledged once `on_output` returned
-    /// (so `on_output` must only return once the bytes are stored), every
-    /// [`Self::set_ack_every`] bytes and at the end.
+    /// Starts `req` and follows it to its end (see [`Self::follow`]).
     pub fn run_exec(
         &mut self,
         req: &ExecRequest,
@@ -383,20 +428,62 @@ impl AgentClient {
         self.follow(exec_id, from_offset, on_output)
     }
 
-    fn follow(
+    /// Follows `exec_id`, whose `ExecStart` or `Resume` was sent, from `from_offset` to
+    /// its `ExecExit`, passing its output to `on_output` as `(stream, offset, bytes)`.
+    ///
+    /// Every byte from `from_offset` on reaches `on_output` exactly once and in order:
+    /// output past the next expected offset is an error (bytes are missing; what
+    /// arrived before the gap is passed on first), output below it (sent again) is
+    /// dropped. Frames are merged as [`Self::set_merge`] allows: a merged chunk is
+    /// passed on when it reaches the bound, when the next message is anything but more
+    /// output of the same stream, or when nothing arrives for the merge wait. Output is
+    /// acknowledged once `on_output` returned (so `on_output` must only return once the
+    /// bytes are stored), every [`Self::set_ack_every`] bytes and at the end; the last
+    /// acknowledgement is best effort, since the exit is known by then.
+    ///
+    /// An error from the agent about this exec, or about none, ends the follow with
+    /// [`ClientError::Agent`] (after the output before it was passed on). Messages
+    /// about other execs are kept, in order, for later [`Self::recv`] calls.
+    pub fn follow(
         &mut self,
         exec_id: u64,
         from_offset: u64,
         mut on_output: impl FnMut(Stream, u64, &[u8]),
     ) -> Result<ExecOutcome> {
-        let mut next = from_offset;
-        let mut acked = from_offset;
-        let mut deferred = VecDeque::new();
-        let result = loop {
-            let msg = match self.recv(None)? {
-                Some(m) => m,
-                None => continue,
+        let mut f = Following {
+            exec_id,
+            next: from_offset,
+            acked: from_offset,
+            merged: None,
+            deferred: VecDeque::new(),
+        };
+        let result = self.follow_to_exit(&mut f, &mut on_output);
+        // Keep messages for other execs for later `recv` calls, in order.
+        f.deferred.extend(self.pending.drain(..));
+        self.pending = f.deferred;
+        result
+    }
+
+    fn follow_to_exit(
+        &mut self,
+        f: &mut Following,
+        on_output: &mut impl FnMut(Stream, u64, &[u8]),
+    ) -> Result<ExecOutcome> {
+        let exec_id = f.exec_id;
+        loop {
+            let wait = f.merged.as_ref().map(|_| self.merge_wait);
+            let Some(msg) = self.recv(wait)? else {
+                self.deliver(f, on_output)?;
+                continue;
             };
+            let merges = matches!(&msg, Message::Output { exec_id: id, stream, .. }
+            if *id == exec_id
+                && f.merged.as_ref().is_some_and(|(s, _, b)| {
+                    s == stream && b.len() < self.merge_bytes
+                }));
+            if !merges {
+                self.deliver(f, on_output)?;
+            }
             match msg {
                 Message::Output {
                     exec_id: id,
@@ -404,16 +491,29 @@ impl AgentClient {
                     offset,
                     bytes,
                 } if id == exec_id => {
-                    if offset != next {
-                        break Err(ClientError::Protocol(format!(
-                            "output of exec {exec_id} arrived at offset {offset}, expected {next}"
+                    let next = f.next;
+                    if offset > next {
+                        // What arrived before the gap is whole: pass it on first.
+                        self.deliver(f, on_output)?;
+                        return Err(ClientError::Protocol(format!(
+                            "output of exec {exec_id} arrived at offset {offset}, expected \
+                             {next}: bytes {next}..{offset} are missing"
                         )));
                     }
-                    on_output(stream, offset, &bytes);
-                    next += bytes.len() as u64;
-                    if self.ack_every > 0 && next - acked >= self.ack_every {
-                        self.ack(exec_id, next)?;
-                        acked = next;
+                    let end = offset + bytes.len() as u64;
+                    if end > next {
+                        let fresh = &bytes[(next - offset) as usize..];
+                        match &mut f.merged {
+                            Some((_, _, buf)) => buf.extend_from_slice(fresh),
+                            None => f.merged = Some((stream, next, fresh.to_vec())),
+                        }
+                        f.next = end;
+                    }
+                    if f.merged
+                        .as_ref()
+                        .is_some_and(|(_, _, b)| b.len() >= self.merge_bytes)
+                    {
+                        self.deliver(f, on_output)?;
                     }
                 }
                 Message::ExecExit {
@@ -423,15 +523,17 @@ impl AgentClient {
                     timed_out,
                     total_bytes,
                 } if id == exec_id => {
-                    if total_bytes != next {
-                        break Err(ClientError::Protocol(format!(
-                            "exec {exec_id} ended with {total_bytes} bytes of output but {next} were received"
+                    if total_bytes != f.next {
+                        return Err(ClientError::Protocol(format!(
+                            "exec {exec_id} ended with {total_bytes} bytes of output but {} \
+                             were received",
+                            f.next
                         )));
                     }
-                    if self.ack_every > 0 && next > acked {
-                        self.ack(exec_id, next)?;
+                    if self.ack_every > 0 && f.next > f.acked {
+                        let _ = self.ack(exec_id, f.next);
                     }
-                    break Ok(ExecOutcome {
+                    return Ok(ExecOutcome {
                         exec_id,
                         code,
                         signal,
@@ -440,21 +542,47 @@ impl AgentClient {
                     });
                 }
                 Message::ExecStarted { exec_id: id, .. } if id == exec_id => {}
-                Message::Error {
-                    exec_id: id,
-                    message,
-                } if id == Some(exec_id) || id.is_none() => {
-                    break Err(ClientError::Agent {
-                        exec_id: id,
-                        message,
-                    });
-                }
-                other => deferred.push_back(other),
+                other => match agent_error(&other) {
+                    Some(e @ ClientError::Agent { exec_id: id, .. })
+                        if id.is_none_or(|id| id == exec_id) =>
+                    {
+                        return Err(e);
+                    }
+                    _ => f.deferred.push_back(other),
+                },
             }
-        };
-        // Keep messages for other execs for later `recv` calls, in order.
-        deferred.extend(self.pending.drain(..));
-        self.pending = deferred;
-        result
+        }
     }
+
+    /// Passes merged output on, then acknowledges it if [`Self::set_ack_every`] bytes
+    /// were passed on since the last acknowledgement.
+    fn deliver(
+        &mut self,
+        f: &mut Following,
+        on_output: &mut impl FnMut(Stream, u64, &[u8]),
+    ) -> Result<()> {
+        let Some((stream, offset, bytes)) = f.merged.take() else {
+            return Ok(());
+        };
+        on_output(stream, offset, &bytes);
+        let delivered = offset + bytes.len() as u64;
+        if self.ack_every > 0 && delivered - f.acked >= self.ack_every {
+            self.ack(f.exec_id, delivered)?;
+            f.acked = delivered;
+        }
+        Ok(())
+    }
+}
+
+/// Where [`AgentClient::follow`] is in one exec's output.
+struct Following {
+    exec_id: u64,
+    /// The next offset expected: everything below it was received.
+    next: u64,
+    /// Everything below it was acknowledged.
+    acked: u64,
+    /// Received output not yet passed on: `(stream, offset, bytes)`, ending at `next`.
+    merged: Option<(Stream, u64, Vec<u8>)>,
+    /// Messages about other execs, for later `recv` calls.
+    deferred: VecDeque<Message>,
 }

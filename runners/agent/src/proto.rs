@@ -22,8 +22,24 @@
 //! - `crc32c` is the CRC-32C (Castagnoli) of `format`, `kind` and the payload bytes.
 //!
 //! A malformed, oversized, bad-CRC, unknown-format or unknown-kind frame is a
-//! [`ProtoError`]; whoever reads it sends an [`Message::Error`] if it still can and
+//! [`ProtoError`]; whoever reads it sends an error (see below) if it still can and
 //! closes the connection. Decoding never panics on any input.
+//!
+//! # Versions
+//!
+//! | version | what it adds |
+//! |---:|---|
+//! | 1 | kinds 1 to 17 |
+//! | 2 | kind 18, [`Message::Failure`]: an error with an [`ErrorCode`] |
+//!
+//! A kind's payload never changes once defined: a message that needs another field is
+//! a new kind, introduced with a new version. `Hello` agrees on one version, and from
+//! then on each side sends only the kinds that version has ([`Message::since_version`]);
+//! receiving a newer kind is a protocol violation. So an agent reports errors as
+//! `Failure` to a version-2 host and as kind 17 `Error` (text only) to a version-1
+//! host ([`Message::failure`] picks the form). Before `Hello` has agreed on a version,
+//! and when it fails, errors are always kind 17 `Error`, which every version reads.
+//! A host decides by the code, never by the message text, which is for people.
 //!
 //! # Conversation
 //!
@@ -33,7 +49,8 @@
 //!    before a successful `Hello` is answered with `Error` and the connection is closed.
 //! 2. The host sends `Init { job_id, session_token }`; the agent remembers the first token
 //!    and answers `Initialized`. A later connection must present the same token, otherwise
-//!    it gets `Error` and is closed. Exec messages before `Init` are refused with `Error`.
+//!    it gets an error ([`ErrorCode::WrongSession`]) and is closed. Exec messages before
+//!    `Init` are refused ([`ErrorCode::NotInitialized`]).
 //! 3. `ExecStart` starts a step; its output arrives as `Output` frames whose `offset` is the
 //!    byte offset in the exec's combined output (stdout and stderr interleaved in the order
 //!    the agent read them), then one `ExecExit`. A connection only receives output of the
@@ -41,7 +58,8 @@
 //!    duplicated across reconnects.
 //! 4. `Ack` lets the agent drop buffered output below an offset. Unacknowledged output is
 //!    bounded by the agent's `--max-buffer`; past it the exec's output is marked lost and
-//!    the host gets an `Error` naming the exec (never silent truncation).
+//!    the host gets an error naming the exec ([`ErrorCode::OutputLost`], never silent
+//!    truncation).
 //! 5. `Cancel`, `Drain` → `Drained`, `Poweroff` → `PoweringOff`, `Ping` → `Pong`.
 
 use std::io::{self, Read, Write};
@@ -52,7 +70,9 @@ use serde::{Deserialize, Serialize};
 /// Lowest protocol version this build speaks.
 pub const MIN_VERSION: u16 = 1;
 /// Highest protocol version this build speaks.
-pub const MAX_VERSION: u16 = 1;
+pub const MAX_VERSION: u16 = 2;
+/// The first version with [`Message::Failure`] (errors with an [`ErrorCode`]).
+pub const FAILURE_VERSION: u16 = 2;
 /// The only payload format defined: bincode 2, standard configuration.
 pub const FORMAT_BINCODE: u16 = 1;
 /// Hard maximum payload size of one frame (1 MiB).
@@ -86,6 +106,91 @@ pub enum Stream {
     Stdout,
     /// The step's standard error.
     Stderr,
+}
+
+/// What went wrong, in a form a program can decide on: the code of a
+/// [`Message::Failure`]. On the wire it is a `u16`; numbers are never reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// No code: a kind 17 `Error` (from a version-1 peer, or sent before `Hello`
+    /// agreed on a version).
+    Unspecified,
+    /// A frame could not be read; the connection is closed.
+    BadFrame,
+    /// A message the protocol does not allow here (a second `Hello`, or one only the
+    /// agent sends); the connection may be closed.
+    UnexpectedMessage,
+    /// An exec message arrived before `Init`.
+    NotInitialized,
+    /// `Init` named another job or session token than the agent's; the connection is
+    /// closed.
+    WrongSession,
+    /// `ExecStart` for an exec id the agent already has (running or finished); the
+    /// host can `Resume` it instead.
+    ExecExists,
+    /// The step could not be started (the program is missing, for example).
+    SpawnFailed,
+    /// `Resume`, `Ack` or `Cancel` for an exec id the agent does not have.
+    UnknownExec,
+    /// More output was buffered than `--max-buffer` allows, so some was dropped.
+    OutputLost,
+    /// Output the host asked for was acknowledged and dropped already.
+    OutputDropped,
+    /// `Resume` from past the end of the exec's output.
+    OffsetPastEnd,
+    /// A code this build does not know (from a newer peer), with its wire number.
+    Other(u16),
+}
+
+impl ErrorCode {
+    /// The code's number on the wire.
+    pub fn number(self) -> u16 {
+        match self {
+            ErrorCode::Unspecified => 0,
+            ErrorCode::BadFrame => 1,
+            ErrorCode::UnexpectedMessage => 2,
+            ErrorCode::NotInitialized => 3,
+            ErrorCode::WrongSession => 4,
+            ErrorCode::ExecExists => 5,
+            ErrorCode::SpawnFailed => 6,
+            ErrorCode::UnknownExec => 7,
+            ErrorCode::OutputLost => 8,
+            ErrorCode::OutputDropped => 9,
+            ErrorCode::OffsetPastEnd => 10,
+            ErrorCode::Other(n) => n,
+        }
+    }
+
+    /// The code with wire number `n`; a number this build does not know is
+    /// [`ErrorCode::Other`].
+    pub fn from_number(n: u16) -> ErrorCode {
+        match n {
+            0 => ErrorCode::Unspecified,
+            1 => ErrorCode::BadFrame,
+            2 => ErrorCode::UnexpectedMessage,
+            3 => ErrorCode::NotInitialized,
+            4 => ErrorCode::WrongSession,
+            5 => ErrorCode::ExecExists,
+            6 => ErrorCode::SpawnFailed,
+            7 => ErrorCode::UnknownExec,
+            8 => ErrorCode::OutputLost,
+            9 => ErrorCode::OutputDropped,
+            10 => ErrorCode::OffsetPastEnd,
+            n => ErrorCode::Other(n),
+        }
+    }
+}
+
+impl Serialize for ErrorCode {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u16(self.number())
+    }
+}
+
+impl<'de> Deserialize<'de> for ErrorCode {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        u16::deserialize(deserializer).map(ErrorCode::from_number)
+    }
 }
 
 /// Errors reading or writing frames.
@@ -227,8 +332,60 @@ messages! {
     15 => Ping {},
     /// Answer to `Ping`.
     16 => Pong {},
-    /// Something went wrong; `exec_id` names the exec it concerns, if any.
+    /// Something went wrong; `exec_id` names the exec it concerns, if any. Version 1's
+    /// error, and every error sent before `Hello` agreed on a version: text only.
     17 => Error { exec_id: Option<u64>, message: String },
+    /// Something went wrong (version 2 on): what, as a `code` to decide on, and a
+    /// `message` for people; `exec_id` names the exec it concerns, if any.
+    18 => Failure { exec_id: Option<u64>, code: ErrorCode, message: String },
+}
+
+impl Message {
+    /// The protocol version that introduced this message's kind. A peer sends it
+    /// only on a connection of that version or later.
+    pub fn since_version(&self) -> u16 {
+        match self {
+            Message::Failure { .. } => FAILURE_VERSION,
+            _ => 1,
+        }
+    }
+
+    /// An error for a connection speaking `version`: a [`Message::Failure`] with its
+    /// code from [`FAILURE_VERSION`] on, else a kind 17 [`Message::Error`] with the
+    /// message only.
+    pub fn failure(
+        version: u16,
+        exec_id: Option<u64>,
+        code: ErrorCode,
+        message: impl Into<String>,
+    ) -> Message {
+        let message = message.into();
+        if version >= FAILURE_VERSION {
+            Message::Failure {
+                exec_id,
+                code,
+                message,
+            }
+        } else {
+            Message::Error { exec_id, message }
+        }
+    }
+
+    /// The parts of an error message of either kind: `(exec_id, code, message)`; a
+    /// kind 17 `Error` has [`ErrorCode::Unspecified`]. `None` for any other message.
+    pub fn as_error(&self) -> Option<(Option<u64>, ErrorCode, &str)> {
+        match self {
+            Message::Error { exec_id, message } => {
+                Some((*exec_id, ErrorCode::Unspecified, message.as_str()))
+            }
+            Message::Failure {
+                exec_id,
+                code,
+                message,
+            } => Some((*exec_id, *code, message.as_str())),
+            _ => None,
+        }
+    }
 }
 
 /// Encodes `msg` as one complete frame.
@@ -386,7 +543,104 @@ mod tests {
                 exec_id: None,
                 message: "x".into(),
             },
+            Message::Failure {
+                exec_id: Some(7),
+                code: ErrorCode::ExecExists,
+                message: "y".into(),
+            },
+            Message::Failure {
+                exec_id: None,
+                code: ErrorCode::Other(999),
+                message: String::new(),
+            },
         ]
+    }
+
+    #[test]
+    fn error_frames_are_byte_exact() {
+        // Kind 17 keeps its version-1 layout; kind 18 adds the code as a varint u16.
+        let error = Message::Error {
+            exec_id: Some(7),
+            message: "hi".into(),
+        };
+        let failure = Message::Failure {
+            exec_id: Some(7),
+            code: ErrorCode::ExecExists,
+            message: "hi".into(),
+        };
+        let golden: [(&Message, &[u8]); 2] = [
+            (
+                &error,
+                &[
+                    0, 0, 0, 5, 0, 1, 0, 17, 1, 7, 2, b'h', b'i', 0xb7, 0x67, 0x65, 0xd8,
+                ],
+            ),
+            (
+                &failure,
+                &[
+                    0, 0, 0, 6, 0, 1, 0, 18, 1, 7, 5, 2, b'h', b'i', 0xf1, 0x0c, 0x87, 0x1e,
+                ],
+            ),
+        ];
+        for (msg, bytes) in golden {
+            assert_eq!(encode_frame(msg).unwrap(), bytes, "{msg:?}");
+        }
+    }
+
+    #[test]
+    fn error_code_numbers_are_frozen() {
+        let codes = [
+            (ErrorCode::Unspecified, 0),
+            (ErrorCode::BadFrame, 1),
+            (ErrorCode::UnexpectedMessage, 2),
+            (ErrorCode::NotInitialized, 3),
+            (ErrorCode::WrongSession, 4),
+            (ErrorCode::ExecExists, 5),
+            (ErrorCode::SpawnFailed, 6),
+            (ErrorCode::UnknownExec, 7),
+            (ErrorCode::OutputLost, 8),
+            (ErrorCode::OutputDropped, 9),
+            (ErrorCode::OffsetPastEnd, 10),
+        ];
+        for (code, n) in codes {
+            assert_eq!(code.number(), n, "{code:?}");
+            assert_eq!(ErrorCode::from_number(n), code);
+        }
+        // A code from a newer peer is kept, not refused.
+        assert_eq!(ErrorCode::from_number(11), ErrorCode::Other(11));
+        assert_eq!(ErrorCode::Other(11).number(), 11);
+    }
+
+    #[test]
+    fn an_error_takes_the_form_of_the_connections_version() {
+        let v1 = Message::failure(1, Some(3), ErrorCode::UnknownExec, "Unknown exec 3.");
+        assert_eq!(
+            v1,
+            Message::Error {
+                exec_id: Some(3),
+                message: "Unknown exec 3.".into(),
+            }
+        );
+        assert_eq!(v1.since_version(), 1);
+        assert_eq!(
+            v1.as_error(),
+            Some((Some(3), ErrorCode::Unspecified, "Unknown exec 3."))
+        );
+        let v2 = Message::failure(2, Some(3), ErrorCode::UnknownExec, "Unknown exec 3.");
+        assert_eq!(
+            v2,
+            Message::Failure {
+                exec_id: Some(3),
+                code: ErrorCode::UnknownExec,
+                message: "Unknown exec 3.".into(),
+            }
+        );
+        assert_eq!(v2.since_version(), FAILURE_VERSION);
+        assert_eq!(
+            v2.as_error(),
+            Some((Some(3), ErrorCode::UnknownExec, "Unknown exec 3."))
+        );
+        assert_eq!(Message::Ping {}.as_error(), None);
     }
 
     #[test]

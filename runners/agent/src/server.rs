@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 use rustix::process::{Pid, Signal, kill_process_group, test_kill_process_group};
 
 use crate::proto::{
-    self, FrameReader, MAX_OUTPUT_CHUNK, MAX_VERSION, MIN_VERSION, Message, ProtoError, Role,
-    Stream,
+    self, ErrorCode, FrameReader, MAX_OUTPUT_CHUNK, MAX_VERSION, MIN_VERSION, Message, ProtoError,
+    Role, Stream,
 };
 
 /// How long a new connection may take to send its `Hello`.
@@ -93,6 +93,8 @@ struct Sub {
 
 struct Conn {
     generation: u64,
+    /// The protocol version `Hello` agreed on; the agent sends only its kinds.
+    version: u16,
     stream: UnixStream,
     initialized: bool,
     closed: bool,
@@ -152,6 +154,9 @@ fn send_direct(stream: &mut UnixStream, msg: &Message) {
     let _ = proto::write_message(stream, msg);
 }
 
+/// An error sent before `Hello` agreed on a version: always kind 17, which every
+/// version reads. After `Hello`, errors are made with [`Message::failure`] for the
+/// connection's version.
 fn error(exec_id: Option<u64>, message: impl Into<String>) -> Message {
     Message::Error {
         exec_id,
@@ -225,6 +230,7 @@ fn handle_conn(agent: &Arc<Agent>, mut stream: UnixStream) {
         }
         st.conn = Some(Conn {
             generation,
+            version: hi,
             stream: shutdown_stream,
             initialized: false,
             closed: false,
@@ -251,10 +257,11 @@ fn handle_conn(agent: &Arc<Agent>, mut stream: UnixStream) {
                 return;
             }
             Err(e) => {
+                let m = format!("Bad frame: {e}");
                 close_conn(
                     agent,
                     generation,
-                    Some(error(None, format!("Bad frame: {e}"))),
+                    Some(Message::failure(hi, None, ErrorCode::BadFrame, m)),
                 );
                 return;
             }
@@ -298,17 +305,21 @@ fn handle_message(agent: &Arc<Agent>, generation: u64, msg: Message) -> bool {
         msg,
         Message::Init { .. } | Message::Ping {} | Message::Hello { .. }
     );
+    let version = conn.version;
+    let fail = |exec_id, code, message: String| Message::failure(version, exec_id, code, message);
     if needs_init && !conn.initialized {
         let m = format!("Send Init before {}.", msg.name());
-        conn.replies.push_back(error(None, m));
+        conn.replies
+            .push_back(fail(None, ErrorCode::NotInitialized, m));
         agent.cv.notify_all();
         return true;
     }
     match msg {
         Message::Hello { .. } => {
-            conn.replies.push_back(error(
+            conn.replies.push_back(fail(
                 None,
-                "Hello was already negotiated on this connection.",
+                ErrorCode::UnexpectedMessage,
+                "Hello was already negotiated on this connection.".to_owned(),
             ));
         }
         Message::Init {
@@ -320,7 +331,11 @@ fn handle_message(agent: &Arc<Agent>, generation: u64, msg: Message) -> bool {
                     "This agent belongs to job {j}; Init for job {job_id} with a different session token is refused."
                 );
                 drop(st);
-                close_conn(agent, generation, Some(error(None, m)));
+                close_conn(
+                    agent,
+                    generation,
+                    Some(fail(None, ErrorCode::WrongSession, m)),
+                );
                 return false;
             }
             _ => {
@@ -338,8 +353,9 @@ fn handle_message(agent: &Arc<Agent>, generation: u64, msg: Message) -> bool {
             timeout_ms,
         } => match state.execs.entry(exec_id) {
             Entry::Occupied(_) => {
-                conn.replies.push_back(error(
+                conn.replies.push_back(fail(
                     Some(exec_id),
+                    ErrorCode::ExecExists,
                     format!("Exec {exec_id} already exists."),
                 ));
             }
@@ -362,7 +378,8 @@ fn handle_message(agent: &Arc<Agent>, generation: u64, msg: Message) -> bool {
                 }
                 Err(e) => {
                     let m = format!("Failed to start exec {exec_id} ({argv:?}): {e}.");
-                    conn.replies.push_back(error(Some(exec_id), m));
+                    conn.replies
+                        .push_back(fail(Some(exec_id), ErrorCode::SpawnFailed, m));
                 }
             },
         },
@@ -370,12 +387,15 @@ fn handle_message(agent: &Arc<Agent>, generation: u64, msg: Message) -> bool {
             exec_id,
             from_offset,
         } => match state.execs.get(&exec_id) {
-            None => conn
-                .replies
-                .push_back(error(Some(exec_id), format!("Unknown exec {exec_id}."))),
+            None => conn.replies.push_back(fail(
+                Some(exec_id),
+                ErrorCode::UnknownExec,
+                format!("Unknown exec {exec_id}."),
+            )),
             Some(e) if e.lost => {
-                conn.replies.push_back(error(
+                conn.replies.push_back(fail(
                     Some(exec_id),
+                    ErrorCode::OutputLost,
                     lost_message(exec_id, agent.opts.max_buffer),
                 ));
                 conn.subs.insert(
@@ -391,14 +411,16 @@ fn handle_message(agent: &Arc<Agent>, generation: u64, msg: Message) -> bool {
                     "Cannot resume exec {exec_id} from offset {from_offset}: output below offset {} was acknowledged and dropped.",
                     e.start()
                 );
-                conn.replies.push_back(error(Some(exec_id), m));
+                conn.replies
+                    .push_back(fail(Some(exec_id), ErrorCode::OutputDropped, m));
             }
             Some(e) if from_offset > e.total => {
                 let m = format!(
                     "Cannot resume exec {exec_id} from offset {from_offset}: only {} bytes were produced.",
                     e.total
                 );
-                conn.replies.push_back(error(Some(exec_id), m));
+                conn.replies
+                    .push_back(fail(Some(exec_id), ErrorCode::OffsetPastEnd, m));
             }
             Some(_) => {
                 conn.subs.insert(
@@ -421,15 +443,17 @@ fn handle_message(agent: &Arc<Agent>, generation: u64, msg: Message) -> bool {
                     e.chunks.pop_front();
                 }
             } else {
-                conn.replies.push_back(error(
+                conn.replies.push_back(fail(
                     Some(exec_id),
+                    ErrorCode::UnknownExec,
                     format!("Ack for unknown exec {exec_id}."),
                 ));
             }
         }
         Message::Cancel { exec_id, grace_ms } => match state.execs.get(&exec_id) {
-            None => conn.replies.push_back(error(
+            None => conn.replies.push_back(fail(
                 Some(exec_id),
+                ErrorCode::UnknownExec,
                 format!("Cancel for unknown exec {exec_id}."),
             )),
             Some(e) if e.exit.is_some() => {}
@@ -456,7 +480,11 @@ fn handle_message(agent: &Arc<Agent>, generation: u64, msg: Message) -> bool {
         other => {
             let m = format!("The host may not send {}.", other.name());
             drop(st);
-            close_conn(agent, generation, Some(error(None, m)));
+            close_conn(
+                agent,
+                generation,
+                Some(fail(None, ErrorCode::UnexpectedMessage, m)),
+            );
             return false;
         }
     }
@@ -686,7 +714,12 @@ fn collect(state: &mut State, generation: u64, max_buffer: u64) -> Option<(Vec<u
                 sub.lost_reported = true;
                 push(
                     &mut out,
-                    &error(Some(exec_id), lost_message(exec_id, max_buffer)),
+                    &Message::failure(
+                        conn.version,
+                        Some(exec_id),
+                        ErrorCode::OutputLost,
+                        lost_message(exec_id, max_buffer),
+                    ),
                 );
             }
             sub.next = e.total;
@@ -697,7 +730,10 @@ fn collect(state: &mut State, generation: u64, max_buffer: u64) -> Option<(Vec<u
                     sub.next,
                     e.start()
                 );
-                push(&mut out, &error(Some(exec_id), m));
+                push(
+                    &mut out,
+                    &Message::failure(conn.version, Some(exec_id), ErrorCode::OutputDropped, m),
+                );
                 sub.next = e.start();
             }
             while sub.next < e.total && out.len() < WRITE_BATCH {

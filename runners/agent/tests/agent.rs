@@ -8,7 +8,9 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use reel_agent::proto::{self, FrameReader, Message, ProtoError, Role, Stream};
+use reel_agent::proto::{
+    self, ErrorCode, FrameReader, MAX_VERSION, Message, ProtoError, Role, Stream,
+};
 use reel_agent::{AgentClient, ClientError, ExecOutcome, ExecRequest};
 use rustix::process::{Pid, test_kill_process, test_kill_process_group};
 
@@ -184,7 +186,7 @@ fn raw_hello(s: &mut UnixStream) {
 fn handshake_and_ping() {
     let agent = Agent::start(&[]);
     let mut c = agent.client();
-    assert_eq!(c.version(), 1);
+    assert_eq!(c.version(), MAX_VERSION);
     c.ping(T).unwrap();
 }
 
@@ -200,6 +202,8 @@ fn version_mismatch_refused() {
     }
     // Overlapping ranges pick the highest common version.
     let c = AgentClient::connect_with_versions(&agent.socket, T, 0, 7).unwrap();
+    assert_eq!(c.version(), MAX_VERSION);
+    let c = AgentClient::connect_with_versions(&agent.socket, T, 0, 1).unwrap();
     assert_eq!(c.version(), 1);
 }
 
@@ -218,14 +222,17 @@ fn message_before_hello_refused() {
     let mut c = AgentClient::connect(&agent.socket, T).unwrap();
     c.exec_start(&sh(1, "true")).unwrap();
     assert!(
-        matches!(c.recv(Some(T)).unwrap(), Some(Message::Error { message, .. }) if message.contains("Init"))
+        matches!(c.recv(Some(T)).unwrap(), Some(Message::Failure { code: ErrorCode::NotInitialized, message, .. }) if message.contains("Init"))
     );
     // A different session token is refused.
     c.init("job-1", "token-1").unwrap();
     let mut c2 = AgentClient::connect(&agent.socket, T).unwrap();
     assert!(matches!(
         c2.init("job-1", "other"),
-        Err(ClientError::Agent { .. })
+        Err(ClientError::Agent {
+            code: ErrorCode::WrongSession,
+            ..
+        })
     ));
 }
 
@@ -441,7 +448,9 @@ fn a_full_buffer_slows_the_step_down_and_loses_nothing() {
                 received += bytes.len() as u64;
             }
             Message::ExecExit { .. } => exited = true,
-            Message::Error { message, .. } => panic!("unexpected error: {message}"),
+            Message::Error { message, .. } | Message::Failure { message, .. } => {
+                panic!("unexpected error: {message}")
+            }
             _ => {}
         }
     }
@@ -469,7 +478,9 @@ fn a_full_buffer_slows_the_step_down_and_loses_nothing() {
                 assert_eq!(code, Some(0));
                 break total_bytes;
             }
-            Message::Error { message, .. } => panic!("unexpected error: {message}"),
+            Message::Error { message, .. } | Message::Failure { message, .. } => {
+                panic!("unexpected error: {message}")
+            }
             _ => {}
         }
     };
@@ -651,6 +662,7 @@ fn spawn_failure_is_reported() {
     match c.run_exec(&req, |_, _, _| {}) {
         Err(ClientError::Agent {
             exec_id: Some(9),
+            code: ErrorCode::SpawnFailed,
             message,
         }) => {
             assert!(message.contains("Failed to start exec 9"), "{message}")
@@ -661,6 +673,65 @@ fn spawn_failure_is_reported() {
     c.run_exec(&sh(10, "true"), |_, _, _| {}).unwrap();
     assert!(matches!(
         c.run_exec(&sh(10, "true"), |_, _, _| {}),
-        Err(ClientError::Agent { .. })
+        Err(ClientError::Agent {
+            exec_id: Some(10),
+            code: ErrorCode::ExecExists,
+            ..
+        })
     ));
+}
+
+#[test]
+fn errors_carry_codes_on_version_2_and_text_only_on_version_1() {
+    let agent = Agent::start(&[]);
+    for version in [1, 2] {
+        let mut c = AgentClient::connect_with_versions(&agent.socket, T, 1, version).unwrap();
+        assert_eq!(c.version(), version);
+        c.init("job-1", "token-1").unwrap();
+        let id = u64::from(version) * 100;
+        c.run_exec(&sh(id, "true"), |_, _, _| {}).unwrap();
+        c.exec_start(&sh(id, "true")).unwrap();
+        c.ack(id + 1, 0).unwrap();
+        let mut errors = Vec::new();
+        while errors.len() < 2 {
+            // A kind the version does not have would be a protocol error here.
+            match c.recv(Some(T)).unwrap().expect("no answer") {
+                m @ (Message::Error { .. } | Message::Failure { .. }) => errors.push(m),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let exists = format!("Exec {id} already exists.");
+        let unknown = format!("Ack for unknown exec {}.", id + 1);
+        if version == 1 {
+            assert_eq!(
+                errors,
+                [
+                    Message::Error {
+                        exec_id: Some(id),
+                        message: exists,
+                    },
+                    Message::Error {
+                        exec_id: Some(id + 1),
+                        message: unknown,
+                    },
+                ]
+            );
+        } else {
+            assert_eq!(
+                errors,
+                [
+                    Message::Failure {
+                        exec_id: Some(id),
+                        code: ErrorCode::ExecExists,
+                        message: exists,
+                    },
+                    Message::Failure {
+                        exec_id: Some(id + 1),
+                        code: ErrorCode::UnknownExec,
+                        message: unknown,
+                    },
+                ]
+            );
+        }
+    }
 }

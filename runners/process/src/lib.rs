@@ -53,7 +53,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use reel_agent::proto::Message;
+use reel_agent::proto::{ErrorCode, Message};
 use reel_agent::{AgentClient, CancelHandle, ClientError, ExecRequest};
 use reel_plugin_sdk::{
     Description, ExecResult, Handle, JobRequest, OutputSink, Probe, Runner, RunnerConfig,
@@ -78,7 +78,8 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 const CANCEL_GRACE: Duration = Duration::from_millis(1000);
 /// Acknowledge delivered output to the agent after this many bytes.
 const ACK_EVERY: u64 = 256 * 1024;
-/// The most output merged into one sink call.
+/// The most output merged into one sink call: the engine makes every sink call
+/// durable before it returns, so fewer, larger calls store faster.
 const COALESCE_BYTES: usize = 1024 * 1024;
 /// How long `follow` waits for more output before handing what it has to the sink.
 const COALESCE_WAIT: Duration = Duration::from_micros(300);
@@ -370,7 +371,8 @@ impl ProcessRunner {
         })?;
         let mut client = AgentClient::connect(&state.socket, timeout)
             .map_err(|e| client_error("connecting to the agent", e))?;
-        client.set_ack_every(0);
+        client.set_ack_every(ACK_EVERY);
+        client.set_merge(COALESCE_BYTES, COALESCE_WAIT);
         client
             .init(&state.job_id.to_string(), &token)
             .map_err(|e| client_error("initializing the agent session", e))?;
@@ -447,33 +449,10 @@ fn to_stream(s: reel_agent::Stream) -> Stream {
     }
 }
 
-/// Follows one exec on `client` from `from`, passing output at or after `skip_below`
-/// to `sink` and acknowledging what the sink took.
-/// Hands merged output to the sink.
-fn deliver(pending: &mut Option<(Stream, u64, Vec<u8>)>, sink: &mut dyn OutputSink) {
-    if let Some((stream, offset, bytes)) = pending.take() {
-        sink.chunk(stream, offset, &bytes);
-    }
-}
-
-/// Acknowledges to the agent the output the sink has taken (everything up to
-/// `next` once nothing is pending), every `ACK_EVERY` bytes.
-fn ack_delivered(
-    client: &mut AgentClient,
-    exec_id: u64,
-    next: u64,
-    acked: &mut u64,
-    delivered: bool,
-) -> Result<(), RunnerError> {
-    if delivered && next - *acked >= ACK_EVERY {
-        client
-            .ack(exec_id, next)
-            .map_err(|e| client_error("acknowledging output", e))?;
-        *acked = next;
-    }
-    Ok(())
-}
-
+/// Follows one exec on `client` from `from` with the agent client's follow loop,
+/// passing its output to `sink`. When a step sent as new (`started_fresh`) is one the
+/// agent already has ([`ErrorCode::ExecExists`]: a restarted engine re-sent it), it is
+/// resumed from the start instead.
 fn follow(
     client: &mut AgentClient,
     exec_id: u64,
@@ -481,109 +460,45 @@ fn follow(
     started_fresh: bool,
     sink: &mut dyn OutputSink,
 ) -> Result<ExecResult, RunnerError> {
-    let mut next = from;
-    let mut acked = from;
-    // Output frames that are already waiting are merged (same stream, up to
-    // COALESCE_BYTES) before the sink sees them: the engine makes every sink
-    // call durable before it returns, so fewer, larger calls store faster.
-    let mut pending: Option<(Stream, u64, Vec<u8>)> = None;
-    loop {
-        let wait = if pending.is_some() {
-            COALESCE_WAIT
-        } else {
-            Duration::from_secs(1)
-        };
-        let msg = match client.recv(Some(wait)) {
-            Ok(Some(m)) => m,
-            Ok(None) => {
-                deliver(&mut pending, sink);
-                ack_delivered(client, exec_id, next, &mut acked, pending.is_none())?;
-                continue;
-            }
-            Err(e) => return Err(client_error(&format!("following exec {exec_id}"), e)),
-        };
-        let merges = matches!(&msg, Message::Output { exec_id: id, stream, .. }
-        if *id == exec_id
-            && pending.as_ref().is_some_and(|(s, _, b)| {
-                *s == to_stream(*stream) && b.len() < COALESCE_BYTES
-            }));
-        if !merges {
-            deliver(&mut pending, sink);
-            ack_delivered(client, exec_id, next, &mut acked, true)?;
+    let mut on_output = |stream, offset, bytes: &[u8]| sink.chunk(to_stream(stream), offset, bytes);
+    let outcome = match client.follow(exec_id, from, &mut on_output) {
+        Err(ClientError::Agent {
+            exec_id: Some(id),
+            code: ErrorCode::ExecExists,
+            ..
+        }) if started_fresh && id == exec_id => {
+            tracing::info!(exec_id, "exec already running; resuming from 0");
+            client
+                .resume(exec_id, 0)
+                .map_err(|e| client_error("resuming exec", e))?;
+            client.follow(exec_id, from, &mut on_output)
         }
-        match msg {
-            Message::Output {
-                exec_id: id,
-                stream,
-                offset,
-                bytes,
-            } if id == exec_id => {
-                let end = offset + bytes.len() as u64;
-                if offset > next {
-                    return Err(RunnerError::failed(format!(
-                        "output of exec {exec_id} arrived at offset {offset}, expected {next}: \
-                         bytes {next}..{offset} are missing"
-                    )));
-                }
-                if end > next {
-                    let skip = (next - offset) as usize;
-                    match &mut pending {
-                        Some((_, _, buf)) => buf.extend_from_slice(&bytes[skip..]),
-                        None => pending = Some((to_stream(stream), next, bytes[skip..].to_vec())),
-                    }
-                    next = end;
-                }
-            }
-            Message::ExecExit {
-                exec_id: id,
-                code,
-                signal,
-                timed_out,
-                total_bytes,
-            } if id == exec_id => {
-                if total_bytes != next {
-                    return Err(RunnerError::failed(format!(
-                        "exec {exec_id} ended with {total_bytes} bytes of output but {next} \
-                         were received"
-                    )));
-                }
-                if next > acked {
-                    let _ = client.ack(exec_id, next);
-                }
-                return Ok(ExecResult {
-                    exit_code: code,
-                    signal,
-                    timed_out,
-                    output_bytes: total_bytes,
-                });
-            }
-            Message::Error {
-                exec_id: Some(id),
-                message,
-            } if id == exec_id => {
-                if started_fresh && message.contains("already exists") {
-                    // A restarted engine re-sent a step the agent already runs:
-                    // follow it from the start instead.
-                    tracing::info!(exec_id, "exec already running; resuming from 0");
-                    client
-                        .resume(exec_id, 0)
-                        .map_err(|e| client_error("resuming exec", e))?;
-                    return follow(client, exec_id, from, false, sink);
-                }
-                return Err(RunnerError::failed(format!(
-                    "the agent reported for exec {exec_id}: {message}"
-                )));
-            }
-            Message::Error {
-                exec_id: None,
-                message,
-            } => {
-                return Err(RunnerError::failed(format!(
-                    "the agent reported: {message}"
-                )));
-            }
-            other => tracing::debug!(exec_id, message = other.name(), "ignored agent message"),
-        }
+        outcome => outcome,
+    };
+    let outcome = outcome.map_err(|e| follow_error(exec_id, e))?;
+    Ok(ExecResult {
+        exit_code: outcome.code,
+        signal: outcome.signal,
+        timed_out: outcome.timed_out,
+        output_bytes: outcome.total_bytes,
+    })
+}
+
+/// The runner's error for a follow that failed.
+fn follow_error(exec_id: u64, e: ClientError) -> RunnerError {
+    match e {
+        ClientError::Agent {
+            exec_id: Some(id),
+            message,
+            ..
+        } => RunnerError::failed(format!("the agent reported for exec {id}: {message}")),
+        ClientError::Agent {
+            exec_id: None,
+            message,
+            ..
+        } => RunnerError::failed(format!("the agent reported: {message}")),
+        ClientError::Protocol(message) => RunnerError::failed(message),
+        e => client_error(&format!("following exec {exec_id}"), e),
     }
 }
 
