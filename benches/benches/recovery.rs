@@ -410,7 +410,7 @@ fn recover_all(bins: &Bins, state: &Path, mode: Mode, expect: usize) -> anyhow::
                 let a = assess(ex.runners(), ex.log(), &state).await;
                 let assessed = t0.elapsed();
                 let action = a.action.clone();
-                let outcome = recover(&ex, &a, Ok(ResolvedSecrets::default()), &cancel, &QUIET)
+                let outcome = recover(&ex, &a, &Ok(ResolvedSecrets::default()), &cancel, &QUIET)
                     .await
                     .with_context(|| format!("recovering job {job}"))?;
                 anyhow::Ok((job, action, assessed, outcome, t0.elapsed()))

@@ -106,9 +106,7 @@ pub fn run(state_dir: &Path, args: &RecoverArgs) -> Result<ExitCode> {
                 action_word(&a.action),
                 a.why
             ));
-            let secrets = source.resolve(&spec.secrets).map_err(|e| {
-                format!("the recovering engine cannot resolve the job's secrets: {e}")
-            });
+            let secrets = source.resolve(&spec.secrets);
             jobs.push(BatchJob {
                 job,
                 name: a.name.clone(),

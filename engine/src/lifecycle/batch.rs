@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use super::executor::{ExecError, Executor};
 use super::observer::{Cancel, Observer, Report};
 use super::recover::{Action, Assessment, recover};
-use crate::input::secrets::ResolvedSecrets;
+use crate::input::secrets::{ResolvedSecrets, SecretError};
 use crate::model::event::{JobId, Outcome};
 use crate::model::spec::JobSpec;
 
@@ -33,7 +33,7 @@ pub enum Work {
         /// What recovery decided.
         assessment: Box<Assessment>,
         /// Its secrets' values, or why the recovering engine has none.
-        secrets: Result<ResolvedSecrets, String>,
+        secrets: Result<ResolvedSecrets, SecretError>,
     },
 }
 
@@ -154,7 +154,7 @@ async fn run_one(
             if has_slot {
                 observer.report(Report::Dispatched { job });
             }
-            recover(executor, assessment, secrets.clone(), cancel, observer).await
+            recover(executor, assessment, secrets, cancel, observer).await
         }
     };
     let (outcome, error) = match result {

@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use super::executor::{Abort, ExecError, Executor, JobRun, Resume, Runners, from_sdk, to_sdk};
 use super::observer::{Cancel, Observer, Report};
-use crate::input::secrets::ResolvedSecrets;
+use crate::input::secrets::{ResolvedSecrets, SecretError};
 use crate::model::event::{Event, JobId, Outcome};
 use crate::model::state::{Held, JobState, Phase};
 use crate::store::LogReader;
@@ -300,7 +300,7 @@ fn deadline(state: &JobState) -> Option<Instant> {
 pub async fn recover(
     ex: &Executor,
     assessment: &Assessment,
-    secrets: Result<ResolvedSecrets, String>,
+    secrets: &Result<ResolvedSecrets, SecretError>,
     cancel: &Cancel,
     observer: &dyn Observer,
 ) -> Result<Option<Outcome>, ExecError> {
@@ -326,9 +326,10 @@ pub async fn recover(
             log.append(job, Event::Queued {}).await?;
         }
         return match secrets {
-            Ok(s) => ex.run(job, &spec, &s, cancel, observer).await.map(Some),
-            Err(why) => {
-                ex.end_unstarted(job, Outcome::Failed, &why).await?;
+            Ok(s) => ex.run(job, &spec, s, cancel, observer).await.map(Some),
+            Err(e) => {
+                ex.end_unstarted(job, Outcome::Failed, &secrets_reason(e))
+                    .await?;
                 Ok(Some(Outcome::Failed))
             }
         };
@@ -379,12 +380,17 @@ pub async fn recover(
     Ok(Some(outcome))
 }
 
+/// Why a job whose secrets the recovering engine cannot resolve ends failed.
+fn secrets_reason(e: &SecretError) -> String {
+    format!("the recovering engine cannot resolve the job's secrets: {e}")
+}
+
 async fn reattach_and_run(
     run: &mut JobRun<'_>,
     state: &JobState,
     resume_step: Option<u32>,
     resume_from: u64,
-    secrets: Result<ResolvedSecrets, String>,
+    secrets: &Result<ResolvedSecrets, SecretError>,
 ) -> Result<(Outcome, String), Abort> {
     let runner = run.runner()?;
     let h = to_sdk(run.handle.as_ref().unwrap_or(&Default::default()));
@@ -413,9 +419,9 @@ async fn reattach_and_run(
     if run.phase == Phase::Booted {
         run.append(Event::AgentConnected { handle }).await?;
     }
-    let stop = match (&secrets, &state.cancel_requested) {
+    let stop = match (secrets, &state.cancel_requested) {
         (_, Some(reason)) => Some((Outcome::Cancelled, reason.clone())),
-        (Err(why), None) => Some((Outcome::Failed, why.clone())),
+        (Err(e), None) => Some((Outcome::Failed, secrets_reason(e))),
         (Ok(_), None) => None,
     };
     if let Some(stop) = stop {
@@ -433,7 +439,7 @@ async fn reattach_and_run(
             from: resume_from,
         })
     });
-    run.run_steps(&secrets, deadline(state), resume).await
+    run.run_steps(secrets, deadline(state), resume).await
 }
 
 /// Records the step that was running as ended without an exit status; its
