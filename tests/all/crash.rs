@@ -327,3 +327,70 @@ fn a_sandbox_killed_with_its_engine_is_reaped_lost_and_nothing_is_left() {
     assert!(names.contains(&"Reaped".to_string()));
     assert_nothing_left(state.path(), "killed sandbox");
 }
+
+/// The bytes a secret masker holds back (they could begin the secret) are not
+/// durable, so they are never acknowledged to the agent: SIGKILL the engine
+/// while a step sleeps after printing 300,000 bytes and the first bytes of a
+/// 20-byte secret; `reel recover` reattaches, the agent sends those bytes
+/// again, and the job succeeds with its output byte-exact (the secret masked
+/// across the crash).
+#[test]
+fn output_a_masker_holds_back_survives_a_sigkill_of_the_engine() {
+    let state = tempfile::tempdir().unwrap();
+    let job = state.path().join("held.yml");
+    std::fs::write(
+        &job,
+        "name: held\nsecrets: [TOKEN]\nsteps:\n  - name: print\n    command: |\n      head -c 300000 /dev/zero | tr '\\0' x\n      printf 's3cret-to'\n      sleep 3\n      printf 'ken-2026-ab\\n'\n",
+    )
+    .unwrap();
+    let secret = ("REEL_SECRET_TOKEN", "s3cret-token-2026-ab");
+    let mut child = Command::new(target_dir().join("reel"))
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["run", "-q", job.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .env(secret.0, secret.1)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the 300,000 bytes are stored (the secret's start is held), then kill.
+    let out_file = state.path().join("output/1/0.out");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::metadata(&out_file).map_or(0, |m| m.len()) < 300_000 {
+        assert!(
+            Instant::now() < deadline,
+            "the step's output never reached the log"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    child.kill().unwrap();
+    assert_eq!(child.wait().unwrap().signal(), Some(9));
+    let recover = reel(state.path(), &["recover"], &[secret]);
+    assert_eq!(
+        recover.status.code(),
+        Some(0),
+        "{} / {}",
+        text(&recover.stdout),
+        text(&recover.stderr)
+    );
+    let names = events(state.path(), 1);
+    assert!(names.contains(&"Reattached".to_string()), "{names:?}");
+    assert_eq!(
+        names.last().map(String::as_str),
+        Some("Succeeded"),
+        "{names:?}"
+    );
+    let output = reel(state.path(), &["output", "1"], &[]).stdout;
+    let mut expected = vec![b'x'; 300_000];
+    expected.extend_from_slice(&[b'*'; 20]);
+    expected.push(b'\n');
+    assert!(
+        output == expected,
+        "stored output differs: {} bytes, ends {:?}",
+        output.len(),
+        text(&output[output.len().saturating_sub(40)..])
+    );
+    assert_nothing_left(state.path(), "held-back output");
+}

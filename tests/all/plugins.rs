@@ -114,7 +114,8 @@ fn template_passes_conformance_through_the_cdylib() {
     let set = plugin::load_dir(dir.path());
     assert_eq!(set.refusals(), &[], "nothing should be refused");
     let info = set.get("template").expect("template plugin not loaded");
-    assert_eq!((info.abi_major, info.abi_minor), (1, 0));
+    // The template is built against this workspace's ABI (1.1 since output_stored).
+    assert_eq!((info.abi_major, info.abi_minor), (1, plugin::abi::ABI_MINOR));
     assert!(info.capabilities.iter().any(|c| c == "cancel"), "{info:?}");
 
     let sandbox = tempfile::tempdir().unwrap();
@@ -320,9 +321,9 @@ fn plugins_listing_reports_loaded_and_refused() {
             "loaded": [{
                 "name": "template",
                 "version": env!("CARGO_PKG_VERSION"),
-                "abi": "1.0",
+                "abi": format!("1.{}", plugin::abi::ABI_MINOR),
                 "abi_major": 1,
-                "abi_minor": 0,
+                "abi_minor": plugin::abi::ABI_MINOR,
                 "capabilities": ["cancel", "timeout", "reattach"],
                 "path": path("libreel_runner_template.so"),
             }],
@@ -339,8 +340,9 @@ fn plugins_listing_reports_loaded_and_refused() {
         [
             format!("plugin directory: {}", dir.path().display()),
             format!(
-                "loaded   template {} (ABI 1.0) [cancel, timeout, reattach] {}",
+                "loaded   template {} (ABI 1.{}) [cancel, timeout, reattach] {}",
                 env!("CARGO_PKG_VERSION"),
+                plugin::abi::ABI_MINOR,
                 path("libreel_runner_template.so")
             ),
             format!(

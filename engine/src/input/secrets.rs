@@ -486,9 +486,10 @@ impl Patterns {
 /// chunk boundaries.
 ///
 /// [`push`](Self::push) returns the masked output that is final so far and holds
-/// back at most `max_secret_len - 1` bytes (the longest tail that could still be the
-/// start of a secret); [`finish`](Self::finish) returns the rest at the end of the
-/// stream. The concatenated output is the same however the input is split, and the
+/// back only a real partial match: the tail from the first position where the rest
+/// is a proper prefix of some secret (at most `max_secret_len - 1` bytes, none when
+/// the tail cannot begin a secret); [`finish`](Self::finish) returns the rest at the
+/// end of the stream. The concatenated output is the same however the input is split, and the
 /// same as [`Masker::mask`] on the whole input. After `finish` the masker is ready
 /// for a new stream.
 #[derive(Debug)]
@@ -522,12 +523,35 @@ impl StreamMasker {
             return bytes.to_vec();
         }
         self.pending.extend_from_slice(bytes);
-        if self.resumed_inside && self.pending.len() + 1 >= max_len {
+        if self.resumed_inside {
+            if self.pending.len() + 1 < max_len {
+                // Not enough yet to tell how much of a cut secret comes first.
+                return Vec::new();
+            }
             self.mask_resumed_prefix();
         }
-        // A position can be decided once the longest secret fits after it.
-        let ready = self.pending.len().saturating_sub(max_len - 1);
+        // A position is decided unless what follows it could still grow into a
+        // secret: only a real partial match at the tail is held back.
+        let ready = self.first_partial_match();
         self.release(ready)
+    }
+
+    /// The first pending position from which the rest of the pending input is a
+    /// proper prefix of some secret (so more input could complete it), or the
+    /// pending length if there is none. Only the last `max_secret_len - 1`
+    /// positions can be one.
+    fn first_partial_match(&self) -> usize {
+        let patterns = &*self.masker.inner;
+        let len = self.pending.len();
+        let from = len.saturating_sub(patterns.max_len.saturating_sub(1));
+        (from..len)
+            .find(|&i| {
+                let tail = &self.pending[i..];
+                patterns.by_first_byte[usize::from(tail[0])]
+                    .iter()
+                    .any(|v| v.len() > tail.len() && v.starts_with(tail))
+            })
+            .unwrap_or(len)
     }
 
     /// Hides the longest prefix of pending input that ends some secret.
@@ -649,7 +673,7 @@ mod tests {
         let m = masker(&[b"TOKEN123"]);
         let mut s = m.stream();
         let mut out = s.push(b"echo TOK");
-        assert_eq!(out, b"e", "holds back at most max_len - 1 bytes");
+        assert_eq!(out, b"echo ", "holds back only the partial match");
         out.extend(s.push(b"EN1"));
         out.extend(s.push(b"23 done"));
         out.extend(s.finish());
@@ -785,6 +809,24 @@ mod tests {
         let mut out = s.push(b"xyz done");
         out.extend(s.finish());
         assert_eq!(out, b"xyz done");
+    }
+
+    #[test]
+    fn only_a_real_partial_match_is_held_back() {
+        let m = masker(&[b"hunter2-secret"]);
+        let mut s = m.stream();
+        // Nothing here can begin the secret: all of it is released at once.
+        assert_eq!(s.push(b"plain output\n"), b"plain output\n");
+        assert_eq!(s.held(), 0);
+        // "hun" could: it is held until it is decided.
+        assert_eq!(s.push(b"more hun"), b"more ");
+        assert_eq!(s.held(), 3);
+        assert_eq!(s.push(b"gry\n"), b"hungry\n");
+        assert_eq!(s.held(), 0);
+        assert_eq!(s.push(b"hunter2-"), b"");
+        assert_eq!(s.held(), 8);
+        assert_eq!(s.push(b"secret!"), b"**************!");
+        assert_eq!(s.finish(), b"");
     }
 
     #[test]

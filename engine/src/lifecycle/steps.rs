@@ -141,7 +141,7 @@ impl JobRun<'_> {
         LogError,
     > {
         let handle = to_sdk(self.handle.as_ref().unwrap_or(&Handle::default()));
-        let (index, exec_id) = (req.index, req.exec_id);
+        let (index, exec_id, resume_from) = (req.index, req.exec_id, req.resume_from);
         // Chunks go from the runner's thread to this task; the runner's sink
         // waits for each chunk to be durable before it returns.
         let (chunk_tx, chunk_rx) = async_channel::bounded::<Chunk>(1);
@@ -151,7 +151,10 @@ impl JobRun<'_> {
             smol::spawn(async move {
                 runner
                     .unblock(move |r| {
-                        let mut sink = DurableSink { tx: chunk_tx };
+                        let mut sink = DurableSink {
+                            tx: chunk_tx,
+                            stored: plugin::Stored::Upto(resume_from),
+                        };
                         r.exec(&handle, &req, &mut sink)
                     })
                     .await
@@ -215,7 +218,13 @@ impl JobRun<'_> {
             {
                 failure = Some(e);
             }
-            let _ = done.send(()).await;
+            // Only what the log holds may be dropped by the agent: never the
+            // bytes a masker holds back, nothing at all once storing failed.
+            let stored = match failure {
+                None => plugin::Stored::Upto(out.stored),
+                Some(_) => plugin::Stored::Refused,
+            };
+            let _ = done.send(stored).await;
         }
         let mut result = exec.await;
         drop(watcher);
@@ -312,13 +321,16 @@ impl JobRun<'_> {
 
 /// A chunk on its way from the runner's sink to the job's task: stream, the
 /// runner's offset in the step's combined output, the bytes, and where to say
-/// that it is durable.
-type Chunk = (Stream, u64, Vec<u8>, async_channel::Sender<()>);
+/// what is durable once the chunk is handled.
+type Chunk = (Stream, u64, Vec<u8>, async_channel::Sender<plugin::Stored>);
 
 /// The sink given to the runner: hands each chunk, with the runner's own
-/// offset, to the executor task and waits until it is durable.
+/// offset, to the executor task and waits until it is handled; then it knows
+/// how much of the step's output is durable (the maskers may hold a few bytes
+/// back), which the runner asks before it lets its agent drop output.
 struct DurableSink {
     tx: async_channel::Sender<Chunk>,
+    stored: plugin::Stored,
 }
 
 impl plugin::OutputSink for DurableSink {
@@ -328,13 +340,17 @@ impl plugin::OutputSink for DurableSink {
             plugin::Stream::Stderr => Stream::Stderr,
         };
         let (done_tx, done_rx) = async_channel::bounded(1);
-        if self
+        self.stored = match self
             .tx
             .send_blocking((stream, offset, bytes.to_vec(), done_tx))
-            .is_ok()
         {
-            let _ = done_rx.recv_blocking();
-        }
+            Ok(()) => done_rx.recv_blocking().unwrap_or(plugin::Stored::Refused),
+            Err(_) => plugin::Stored::Refused,
+        };
+    }
+
+    fn stored(&self) -> plugin::Stored {
+        self.stored
     }
 }
 

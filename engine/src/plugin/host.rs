@@ -127,6 +127,7 @@ pub(super) fn callbacks(path: &Path) -> *const abi::HostCallbacks {
         event: on_event,
         log: on_log,
         max_level,
+        output_stored: super::loaded::output_stored,
     }))
 }
 

@@ -48,6 +48,29 @@ impl Drop for LoadedRunner {
 struct ExecSink<'a> {
     sink: &'a mut dyn OutputSink,
     panic: Option<Box<dyn Any + Send>>,
+    /// Where the output passed to `sink` so far ends.
+    passed: u64,
+}
+
+/// `HostCallbacks::output_stored` (ABI 1.1): what the exec's sink holds durably.
+///
+/// # Safety
+/// `sink` must be the `OutputCallback` of a running exec, called on its thread.
+pub(super) unsafe extern "C" fn output_stored(sink: *const abi::OutputCallback) -> u64 {
+    if sink.is_null() {
+        return abi::OUTPUT_REFUSED;
+    }
+    // SAFETY: the plugin passes back the callback we gave it for this exec; its
+    // `ctx` is the `ExecSink` on our stack, touched by nobody else meanwhile (the
+    // plugin calls this on the exec's thread, between chunks).
+    let exec = unsafe { &*(*sink).ctx.cast::<ExecSink<'_>>() };
+    if exec.panic.is_some() {
+        return abi::OUTPUT_REFUSED;
+    }
+    match catch_unwind(AssertUnwindSafe(|| exec.sink.stored().end(exec.passed))) {
+        Ok(Some(end)) => end,
+        Ok(None) | Err(_) => abi::OUTPUT_REFUSED,
+    }
 }
 
 /// # Safety
@@ -72,6 +95,7 @@ unsafe extern "C" fn output_chunk(ctx: *mut c_void, stream: u32, offset: u64, by
     };
     // A panicking sink must not unwind through the plugin; it is resumed after the
     // exec returns.
+    exec.passed = exec.passed.max(offset + bytes.len() as u64);
     if let Err(payload) = catch_unwind(AssertUnwindSafe(|| exec.sink.chunk(stream, offset, bytes)))
     {
         exec.panic = Some(payload);
@@ -175,7 +199,11 @@ impl LoadedRunner {
         sink: &mut dyn OutputSink,
     ) -> Result<ExecResult, RunnerError> {
         let input = reel_plugin_sdk::codec::encode(&(handle, step))?;
-        let mut exec = ExecSink { sink, panic: None };
+        let mut exec = ExecSink {
+            sink,
+            panic: None,
+            passed: step.resume_from,
+        };
         let callback = abi::OutputCallback {
             ctx: (&mut exec as *mut ExecSink<'_>).cast::<c_void>(),
             chunk: output_chunk,

@@ -29,7 +29,7 @@ pub use loaded::LoadedRunner;
 pub use reel_plugin_abi as abi;
 pub use reel_plugin_sdk::{
     Description, ErrorKind, ExecResult, Handle, JobRequest, OutputSink, Probe, Resources, Runner,
-    RunnerConfig, RunnerError, StepRequest, Stream,
+    RunnerConfig, RunnerError, StepRequest, Stored, Stream,
 };
 
 pub use host::{capture_notices, set_notice_hook};

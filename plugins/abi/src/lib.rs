@@ -51,8 +51,9 @@ use core::ffi::c_void;
 
 /// The ABI major version this crate describes. A host refuses any other major.
 pub const ABI_MAJOR: u32 = 1;
-/// The ABI minor version: the number of append-only revisions of [`RunnerVTable`].
-pub const ABI_MINOR: u32 = 0;
+/// The ABI minor version: the number of append-only revisions of [`RunnerVTable`]
+/// and [`HostCallbacks`]. 1.1 appended [`HostCallbacks::output_stored`].
+pub const ABI_MINOR: u32 = 1;
 /// The NUL-terminated name of the entry symbol for [`ABI_MAJOR`].
 pub const ENTRY_SYMBOL: &[u8] = b"reel_runner_entry_v1\0";
 /// The NUL-terminated name of the unversioned `u32` symbol holding a plugin's major.
@@ -155,7 +156,22 @@ pub struct HostCallbacks {
     pub log: unsafe extern "C" fn(ctx: *const c_void, record: *const LogRecord),
     /// The most verbose `LOG_*` level the host wants; records above it are not sent.
     pub max_level: u32,
+    /// 1.1: how much of an exec's output the host holds durably, asked with the
+    /// exec's own [`OutputCallback`] (on the thread running the exec, between
+    /// chunks): the offset in the exec's combined output below which every byte
+    /// is stored, or [`OUTPUT_REFUSED`] when the host has stopped taking this
+    /// exec's output (its storage failed). A runner tells its sandbox to drop
+    /// output only below this offset. The host may hold back bytes it was given
+    /// (a possible start of a secret it must mask), so the answer can lag behind
+    /// the chunks passed. Present only if `struct_size` covers it (a 1.0 host:
+    /// every byte of a chunk is stored once `chunk` returns).
+    pub output_stored: unsafe extern "C" fn(sink: *const OutputCallback) -> u64,
 }
+
+/// [`HostCallbacks::output_stored`]'s answer when the host takes no more output
+/// of the exec: the runner stops following it, acknowledges nothing more, and
+/// returns an error (the sandbox keeps the output for a later engine).
+pub const OUTPUT_REFUSED: u64 = u64::MAX;
 
 /// The host's output sink for one exec call; valid for that call only.
 #[repr(C)]
@@ -246,6 +262,10 @@ pub const VTABLE_V1_0_SIZE: usize = 8 + 18 * core::mem::size_of::<usize>();
 /// and `log`, one word each, then `max_level` (a `u32`) padded to a word. The least
 /// `struct_size` a 1.x plugin accepts.
 pub const HOST_CALLBACKS_V1_0_SIZE: usize = 5 * core::mem::size_of::<usize>();
+
+/// The size of version 1.1 [`HostCallbacks`]: the 1.0 layout, then `output_stored`.
+pub const HOST_CALLBACKS_V1_1_SIZE: usize =
+    HOST_CALLBACKS_V1_0_SIZE + core::mem::size_of::<usize>();
 
 /// Whether a struct whose builder reported `struct_size` holds the field that ends
 /// `field_end` bytes from the struct's start (its offset plus its size). A field it

@@ -5,8 +5,8 @@
 use core::mem::{offset_of, size_of};
 
 use reel_plugin_abi::{
-    AbiVersion, ExecFn, HOST_CALLBACKS_V1_0_SIZE, HostCallbacks, OpFn, RunnerVTable,
-    VTABLE_V1_0_SIZE, field_present,
+    AbiVersion, ExecFn, HOST_CALLBACKS_V1_0_SIZE, HOST_CALLBACKS_V1_1_SIZE, HostCallbacks, OpFn,
+    RunnerVTable, VTABLE_V1_0_SIZE, field_present,
 };
 
 /// One machine word: `usize`, pointers and function pointers.
@@ -74,6 +74,21 @@ fn host_callbacks_1_0_fields_keep_their_offsets() {
     // a field appended in 1.1 starts at or after it.
     assert!(offset_of!(HostCallbacks, max_level) + size_of::<u32>() <= HOST_CALLBACKS_V1_0_SIZE);
     assert!(size_of::<HostCallbacks>() >= HOST_CALLBACKS_V1_0_SIZE);
+}
+
+#[test]
+fn host_callbacks_1_1_appends_output_stored_after_the_1_0_layout() {
+    // Starts at (not inside the padding of) the 1.0 size: a 1.0 host's
+    // struct_size never seems to cover it.
+    assert_eq!(
+        offset_of!(HostCallbacks, output_stored),
+        HOST_CALLBACKS_V1_0_SIZE
+    );
+    assert_eq!(HOST_CALLBACKS_V1_1_SIZE, 6 * W);
+    assert_eq!(size_of::<HostCallbacks>(), HOST_CALLBACKS_V1_1_SIZE);
+    let end = offset_of!(HostCallbacks, output_stored) + W;
+    assert!(!field_present(HOST_CALLBACKS_V1_0_SIZE, end));
+    assert!(field_present(HOST_CALLBACKS_V1_1_SIZE, end));
 }
 
 #[test]

@@ -129,6 +129,14 @@ op!(reattach, Handle, Handle, |r, h| r.reattach(&h));
 struct HostSink(*const abi::OutputCallback);
 
 impl OutputSink for HostSink {
+    fn stored(&self) -> crate::types::Stored {
+        match crate::host::output_stored(self.0) {
+            None => crate::types::Stored::All,
+            Some(abi::OUTPUT_REFUSED) => crate::types::Stored::Refused,
+            Some(n) => crate::types::Stored::Upto(n),
+        }
+    }
+
     fn chunk(&mut self, stream: Stream, offset: u64, bytes: &[u8]) {
         let stream = match stream {
             Stream::Stdout => abi::STREAM_STDOUT,

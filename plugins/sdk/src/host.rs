@@ -26,26 +26,46 @@ unsafe impl Sync for HostRef {}
 
 static HOST: OnceLock<HostRef> = OnceLock::new();
 
-// `host()` makes a `&HostCallbacks` over the host's struct, which is sound only for
-// the fields every 1.x host provides: today that is the whole struct. A field appended
-// in a later minor stops the build here, so that it is read only where
-// `abi::field_present(struct_size, its end)` holds, through the raw pointer.
-const _: () = assert!(
-    std::mem::size_of::<abi::HostCallbacks>() == abi::HOST_CALLBACKS_V1_0_SIZE,
-    "HostCallbacks grew past its 1.0 layout: read the new fields only where \
-     abi::field_present says the host's struct_size covers them"
-);
+/// The host's callbacks and the `struct_size` it reported. Fields are read one at a
+/// time through the raw pointer (never as a `&HostCallbacks`, which would claim the
+/// whole, possibly newer, struct): a 1.0 field always, a later one only where
+/// [`abi::field_present`] says the host's struct covers it.
+#[derive(Clone, Copy)]
+struct Host {
+    callbacks: *const abi::HostCallbacks,
+    struct_size: usize,
+}
 
-/// Whether callbacks whose host reported `struct_size` hold every field this SDK
-/// reads (all of them 1.0 fields): true for any 1.x host, older or newer than us.
+/// Whether callbacks whose host reported `struct_size` hold every 1.0 field: true
+/// for any 1.x host, older or newer than us.
 fn accepted(struct_size: usize) -> bool {
     abi::field_present(struct_size, abi::HOST_CALLBACKS_V1_0_SIZE)
 }
 
-fn host() -> Option<&'static abi::HostCallbacks> {
-    // SAFETY: the pointer was non-null when stored and the host keeps it alive and
-    // unchanged for the life of the process.
-    HOST.get().map(|h| unsafe { &*h.0 })
+fn host() -> Option<Host> {
+    let h = HOST.get()?;
+    // SAFETY: the pointer was non-null and accepted when stored, and the host keeps
+    // it alive and unchanged for the life of the process; `struct_size` is a 1.0 field.
+    let struct_size = unsafe { (*h.0).struct_size };
+    Some(Host {
+        callbacks: h.0,
+        struct_size,
+    })
+}
+
+/// How much of the exec whose sink is `sink` the host holds durably (see
+/// [`abi::HostCallbacks::output_stored`]), or `None` from a 1.0 host, which stores
+/// every chunk before `chunk` returns.
+pub(crate) fn output_stored(sink: *const abi::OutputCallback) -> Option<u64> {
+    let h = host()?;
+    let end =
+        core::mem::offset_of!(abi::HostCallbacks, output_stored) + std::mem::size_of::<usize>();
+    if !abi::field_present(h.struct_size, end) {
+        return None;
+    }
+    // SAFETY: the host's struct covers `output_stored` (checked above) and lives for
+    // the process; `sink` is the exec's own callback, valid during the exec.
+    Some(unsafe { ((*h.callbacks).output_stored)(sink) })
 }
 
 fn slice(bytes: &[u8]) -> abi::Slice {
@@ -71,11 +91,10 @@ pub(crate) unsafe fn install(host: *const abi::HostCallbacks) {
     if !accepted(struct_size) {
         return;
     }
-    // SAFETY: as above, and the host's struct covers the 1.0 layout, which is all of
-    // `HostCallbacks` (asserted at compile time above).
-    let callbacks = unsafe { &*host };
+    // SAFETY: as above, and the host's struct covers the 1.0 layout, which holds
+    // `max_level`.
+    let max = unsafe { (*host).max_level };
     if HOST.set(HostRef(host)).is_ok() {
-        let max = callbacks.max_level;
         let subscriber = tracing_subscriber::registry().with(HostLogLayer { max_level: max });
         // Another subscriber may already be set if the plugin installed its own;
         // theirs wins.
@@ -87,9 +106,12 @@ pub(crate) unsafe fn install(host: *const abi::HostCallbacks) {
 /// `"vm-exited"`) to the host. Without a host it is logged instead.
 pub fn notice(kind: &str, message: &str) {
     match host() {
-        // SAFETY: the callbacks are valid for the life of the process (see `install`)
-        // and the slices are borrowed for the duration of the call.
-        Some(h) => unsafe { (h.event)(h.ctx, slice(kind.as_bytes()), slice(message.as_bytes())) },
+        // SAFETY: the callbacks are valid for the life of the process (see `install`),
+        // `event` and `ctx` are 1.0 fields, and the slices are borrowed for the call.
+        Some(h) => unsafe {
+            let p = h.callbacks;
+            ((*p).event)((*p).ctx, slice(kind.as_bytes()), slice(message.as_bytes()))
+        },
         None => tracing::info!(kind, message, "runner notice"),
     }
 }
@@ -151,9 +173,12 @@ impl<S: Subscriber> Layer<S> for HostLogLayer {
             target: slice(target.as_bytes()),
             message: slice(visitor.message.as_bytes()),
         };
-        // SAFETY: the callbacks are valid for the life of the process; the record and
-        // the bytes it borrows outlive the call.
-        unsafe { (h.log)(h.ctx, &record) };
+        // SAFETY: the callbacks are valid for the life of the process, `log` and `ctx`
+        // are 1.0 fields; the record and the bytes it borrows outlive the call.
+        unsafe {
+            let p = h.callbacks;
+            ((*p).log)((*p).ctx, &record)
+        };
     }
 }
 
@@ -172,6 +197,10 @@ mod tests {
 
     unsafe extern "C" fn on_log(_: *const c_void, _: *const abi::LogRecord) {}
 
+    unsafe extern "C" fn on_output_stored(_: *const abi::OutputCallback) -> u64 {
+        7
+    }
+
     fn callbacks(struct_size: usize) -> *const abi::HostCallbacks {
         Box::leak(Box::new(abi::HostCallbacks {
             struct_size,
@@ -179,6 +208,7 @@ mod tests {
             event: on_event,
             log: on_log,
             max_level: 0,
+            output_stored: on_output_stored,
         }))
     }
 
@@ -200,5 +230,8 @@ mod tests {
         assert!(host().is_some(), "1.0 callbacks were refused");
         notice("kind", "message");
         assert_eq!(NOTICES.load(Ordering::SeqCst), 1);
+        // A 1.0 host has no `output_stored`: it is not called, though this struct
+        // (built by a newer SDK) happens to hold one.
+        assert_eq!(output_stored(std::ptr::null()), None);
     }
 }

@@ -258,6 +258,40 @@ pub trait OutputSink {
     /// One chunk; `offset` is the byte offset of `bytes` in the exec's combined output,
     /// so consecutive chunks have consecutive offsets across both streams.
     fn chunk(&mut self, stream: Stream, offset: u64, bytes: &[u8]);
+
+    /// How much of the output passed so far the host holds durably. A runner tells
+    /// its sandbox to drop output only below [`Stored::Upto`]'s offset, and stops
+    /// following the exec on [`Stored::Refused`] (returning an error, leaving the
+    /// step running and its output in the sandbox for a later engine). The host
+    /// may hold back a few bytes it was given (the possible start of a secret it
+    /// must mask), so this can lag behind the chunks passed. The default,
+    /// [`Stored::All`], is for sinks that store every chunk before `chunk` returns.
+    fn stored(&self) -> Stored {
+        Stored::All
+    }
+}
+
+/// What an [`OutputSink`] holds durably of an exec's output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stored {
+    /// Every byte passed to `chunk` so far.
+    All,
+    /// Every byte below this offset of the exec's combined output.
+    Upto(u64),
+    /// The host takes no more output of this exec (its storage failed).
+    Refused,
+}
+
+impl Stored {
+    /// The offset below which output is durable, given where the passed output
+    /// ends; `None` when the host refused.
+    pub fn end(self, passed_end: u64) -> Option<u64> {
+        match self {
+            Stored::All => Some(passed_end),
+            Stored::Upto(n) => Some(n.min(passed_end)),
+            Stored::Refused => None,
+        }
+    }
 }
 
 /// A runner backend. One instance serves many jobs concurrently: every call names

@@ -37,6 +37,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::ops::ControlFlow;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -77,6 +78,15 @@ pub enum ClientError {
     /// No answer arrived in time.
     #[error("Timed out waiting for the agent to answer {0}.")]
     Timeout(&'static str),
+    /// The caller of a follow stopped taking output (its storage failed); output
+    /// from `acked` on was not acknowledged and stays in the agent.
+    #[error("The host stopped taking the output of exec {exec_id} at offset {acked}.")]
+    Stopped {
+        /// The exec.
+        exec_id: u64,
+        /// Where acknowledged output ends.
+        acked: u64,
+    },
 }
 
 /// Result alias for the client.
@@ -450,10 +460,29 @@ impl AgentClient {
         from_offset: u64,
         mut on_output: impl FnMut(Stream, u64, &[u8]),
     ) -> Result<ExecOutcome> {
+        self.follow_stored(exec_id, from_offset, |stream, offset, bytes| {
+            on_output(stream, offset, bytes);
+            ControlFlow::Continue(offset + bytes.len() as u64)
+        })
+    }
+
+    /// [`Self::follow`] for a caller that may store less than it was given (it holds
+    /// bytes back) or stop: `on_output` returns `Continue(end)`, the offset below
+    /// which the caller holds the output durably, and only output below it is ever
+    /// acknowledged (also at the exec's exit: what the caller did not hold then stays
+    /// in the agent for a later resume); `Break` ends the follow with
+    /// [`ClientError::Stopped`], acknowledging nothing more.
+    pub fn follow_stored(
+        &mut self,
+        exec_id: u64,
+        from_offset: u64,
+        mut on_output: impl FnMut(Stream, u64, &[u8]) -> ControlFlow<(), u64>,
+    ) -> Result<ExecOutcome> {
         let mut f = Following {
             exec_id,
             next: from_offset,
             acked: from_offset,
+            stored: from_offset,
             merged: None,
             deferred: VecDeque::new(),
         };
@@ -467,7 +496,7 @@ impl AgentClient {
     fn follow_to_exit(
         &mut self,
         f: &mut Following,
-        on_output: &mut impl FnMut(Stream, u64, &[u8]),
+        on_output: &mut impl FnMut(Stream, u64, &[u8]) -> ControlFlow<(), u64>,
     ) -> Result<ExecOutcome> {
         let exec_id = f.exec_id;
         loop {
@@ -530,8 +559,10 @@ impl AgentClient {
                             f.next
                         )));
                     }
-                    if self.ack_every > 0 && f.next > f.acked {
-                        let _ = self.ack(exec_id, f.next);
+                    // Only what the caller holds: bytes it held back stay in the
+                    // agent, to be sent again if its engine dies before storing them.
+                    if self.ack_every > 0 && f.stored > f.acked {
+                        let _ = self.ack(exec_id, f.stored);
                     }
                     return Ok(ExecOutcome {
                         exec_id,
@@ -559,16 +590,24 @@ impl AgentClient {
     fn deliver(
         &mut self,
         f: &mut Following,
-        on_output: &mut impl FnMut(Stream, u64, &[u8]),
+        on_output: &mut impl FnMut(Stream, u64, &[u8]) -> ControlFlow<(), u64>,
     ) -> Result<()> {
         let Some((stream, offset, bytes)) = f.merged.take() else {
             return Ok(());
         };
-        on_output(stream, offset, &bytes);
         let delivered = offset + bytes.len() as u64;
-        if self.ack_every > 0 && delivered - f.acked >= self.ack_every {
-            self.ack(f.exec_id, delivered)?;
-            f.acked = delivered;
+        match on_output(stream, offset, &bytes) {
+            ControlFlow::Continue(stored) => f.stored = f.stored.max(stored.min(delivered)),
+            ControlFlow::Break(()) => {
+                return Err(ClientError::Stopped {
+                    exec_id: f.exec_id,
+                    acked: f.acked,
+                });
+            }
+        }
+        if self.ack_every > 0 && f.stored - f.acked >= self.ack_every {
+            self.ack(f.exec_id, f.stored)?;
+            f.acked = f.stored;
         }
         Ok(())
     }
@@ -581,6 +620,9 @@ struct Following {
     next: u64,
     /// Everything below it was acknowledged.
     acked: u64,
+    /// Everything below it is held durably by the caller: the most that may be
+    /// acknowledged.
+    stored: u64,
     /// Received output not yet passed on: `(stream, offset, bytes)`, ending at `next`.
     merged: Option<(Stream, u64, Vec<u8>)>,
     /// Messages about other execs, for later `recv` calls.

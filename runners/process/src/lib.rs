@@ -46,6 +46,7 @@ pub mod procfs;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read as _;
+use std::ops::ControlFlow;
 use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -460,8 +461,16 @@ fn follow(
     started_fresh: bool,
     sink: &mut dyn OutputSink,
 ) -> Result<ExecResult, RunnerError> {
-    let mut on_output = |stream, offset, bytes: &[u8]| sink.chunk(to_stream(stream), offset, bytes);
-    let outcome = match client.follow(exec_id, from, &mut on_output) {
+    // The agent may drop only what the host holds durably; a host that stops
+    // taking output ends the follow, and the step's output stays in the agent.
+    let mut on_output = |stream, offset, bytes: &[u8]| {
+        sink.chunk(to_stream(stream), offset, bytes);
+        match sink.stored().end(offset + bytes.len() as u64) {
+            Some(end) => ControlFlow::Continue(end),
+            None => ControlFlow::Break(()),
+        }
+    };
+    let outcome = match client.follow_stored(exec_id, from, &mut on_output) {
         Err(ClientError::Agent {
             exec_id: Some(id),
             code: ErrorCode::ExecExists,
@@ -471,7 +480,7 @@ fn follow(
             client
                 .resume(exec_id, 0)
                 .map_err(|e| client_error("resuming exec", e))?;
-            client.follow(exec_id, from, &mut on_output)
+            client.follow_stored(exec_id, from, &mut on_output)
         }
         outcome => outcome,
     };
