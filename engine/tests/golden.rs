@@ -105,6 +105,9 @@ fn samples() -> Vec<Event> {
         Event::RunnerNotice {
             message: "cgroup skipped".into(),
         },
+        Event::DeadlinePassed {
+            reason: "the job ran past its timeout of 1h".into(),
+        },
     ]
 }
 

@@ -394,3 +394,144 @@ fn output_a_masker_holds_back_survives_a_sigkill_of_the_engine() {
     );
     assert_nothing_left(state.path(), "held-back output");
 }
+
+/// Starts `reel run JOB` with `env`, waits until its first step has printed,
+/// and sends it `signal` (if one); returns how it ended.
+fn run_until_output(
+    state: &std::path::Path,
+    job: &std::path::Path,
+    env: &[(&str, &str)],
+    signal: Option<rustix::process::Signal>,
+) -> std::process::ExitStatus {
+    let mut cmd = Command::new(target_dir().join("reel"));
+    cmd.arg("--state-dir")
+        .arg(state)
+        .args(["run", "-q", job.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let out_file = state.join("output/1/0.out");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::metadata(&out_file).map_or(0, |m| m.len()) == 0 {
+        assert!(Instant::now() < deadline, "the step never printed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if let Some(sig) = signal {
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, sig).unwrap();
+    }
+    child.wait().unwrap()
+}
+
+/// The job's terminal event after `reel recover`, which must succeed; nothing
+/// of the job may be left.
+fn recover_to_end(state: &std::path::Path, context: &str) -> String {
+    let recover = reel(state, &["recover"], &[]);
+    assert!(
+        matches!(recover.status.code(), Some(0 | 1 | 3 | 4)),
+        "{context}: recover failed: {} / {}",
+        text(&recover.stdout),
+        text(&recover.stderr)
+    );
+    let names = events(state, 1);
+    let terminals: Vec<&String> = names
+        .iter()
+        .filter(|n| TERMINALS.contains(&n.as_str()))
+        .collect();
+    assert_eq!(terminals.len(), 1, "{context}: {names:?}");
+    assert!(
+        names.contains(&"Cleaned".to_string()),
+        "{context}: {names:?}"
+    );
+    assert_nothing_left(state, context);
+    terminals[0].clone()
+}
+
+/// A job whose failed step was logged before the engine died ends `Failed` when
+/// recovered, its teardown done, instead of trying to run on.
+#[test]
+fn recovery_after_a_failed_step_ends_the_job_failed() {
+    let state = tempfile::tempdir().unwrap();
+    let run = reel(
+        state.path(),
+        &["run", "examples/failing.yml"],
+        &[("REEL_TEST_CRASH_AT", "StepFinished:after:2")],
+    );
+    assert_eq!(run.status.signal(), Some(9), "{}", text(&run.stderr));
+    assert_eq!(recover_to_end(state.path(), "failed step"), "Failed");
+    let v = json(&reel(state.path(), &["inspect", "1", "--json"], &[]));
+    assert_eq!(v["outcome"], "failed");
+    assert!(
+        v["reason"].as_str().unwrap().contains("exited with code 3"),
+        "{v}"
+    );
+    assert_eq!(v["steps"].as_array().unwrap().len(), 2, "step 3 never runs");
+}
+
+const SLEEPER: &str =
+    "name: sleeper\nsteps:\n  - name: wait\n    command: echo started; sleep 3; echo done\n";
+
+/// A cancel is on the record before any signal reaches the step: an engine
+/// killed right after `CancelRequested` is durable leaves a job that recovery
+/// ends `Cancelled`; one killed right before it has sent no signal, and the
+/// recovered step runs to its end.
+#[test]
+fn a_cancel_is_durable_before_the_step_is_signalled_and_recovery_honours_it() {
+    for (when, expected) in [("after", "Cancelled"), ("before", "Succeeded")] {
+        let context = format!("CancelRequested:{when}");
+        let state = tempfile::tempdir().unwrap();
+        let job = state.path().join("sleeper.yml");
+        std::fs::write(&job, SLEEPER).unwrap();
+        let status = run_until_output(
+            state.path(),
+            &job,
+            &[("REEL_TEST_CRASH_AT", &context)],
+            Some(rustix::process::Signal::TERM),
+        );
+        assert_eq!(status.signal(), Some(9), "{context}");
+        assert_eq!(
+            recover_to_end(state.path(), &context),
+            expected,
+            "{context}"
+        );
+        let v = json(&reel(state.path(), &["inspect", "1", "--json"], &[]));
+        let step = &v["steps"][0];
+        if expected == "Succeeded" {
+            assert_eq!(
+                step["exit_code"], 0,
+                "{context}: the step was signalled: {v}"
+            );
+            assert_eq!(
+                text(&reel(state.path(), &["output", "1"], &[]).stdout),
+                "started\ndone\n"
+            );
+        } else {
+            assert!(v["cancel_requested"].is_string(), "{context}: {v}");
+        }
+    }
+}
+
+/// The job's deadline is an intent too (`DeadlinePassed`), durable before the
+/// step is stopped; recovery ends the job `TimedOut`.
+#[test]
+fn a_passed_deadline_is_durable_before_the_step_is_stopped_and_recovery_honours_it() {
+    let state = tempfile::tempdir().unwrap();
+    let job = state.path().join("late.yml");
+    std::fs::write(
+        &job,
+        "name: late\ntimeout: 1s\nsteps:\n  - name: wait\n    command: echo started; sleep 5\n",
+    )
+    .unwrap();
+    let status = run_until_output(
+        state.path(),
+        &job,
+        &[("REEL_TEST_CRASH_AT", "DeadlinePassed:after")],
+        None,
+    );
+    assert_eq!(status.signal(), Some(9));
+    assert_eq!(recover_to_end(state.path(), "deadline"), "TimedOut");
+}

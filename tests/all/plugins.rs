@@ -115,7 +115,10 @@ fn template_passes_conformance_through_the_cdylib() {
     assert_eq!(set.refusals(), &[], "nothing should be refused");
     let info = set.get("template").expect("template plugin not loaded");
     // The template is built against this workspace's ABI (1.1 since output_stored).
-    assert_eq!((info.abi_major, info.abi_minor), (1, plugin::abi::ABI_MINOR));
+    assert_eq!(
+        (info.abi_major, info.abi_minor),
+        (1, plugin::abi::ABI_MINOR)
+    );
     assert!(info.capabilities.iter().any(|c| c == "cancel"), "{info:?}");
 
     let sandbox = tempfile::tempdir().unwrap();

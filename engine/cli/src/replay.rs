@@ -335,7 +335,7 @@ fn details(event: &Event, state: &JobState) -> String {
                 index + 1
             )
         }
-        Event::CancelRequested { reason } => reason.clone(),
+        Event::CancelRequested { reason } | Event::DeadlinePassed { reason } => reason.clone(),
         Event::TeardownStarted { outcome, reason } if reason.is_empty() => {
             format!("outcome={}", outcome.as_str())
         }

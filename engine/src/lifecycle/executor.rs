@@ -256,7 +256,11 @@ impl Executor {
         outcome: Outcome,
         reason: &str,
     ) -> Result<(), LogError> {
-        if outcome == Outcome::Cancelled {
+        let asked = self
+            .log
+            .live_with(job, |s| s.cancel_requested.is_some())
+            .unwrap_or(false);
+        if outcome == Outcome::Cancelled && !asked {
             self.log
                 .append(
                     job,

@@ -194,8 +194,13 @@ pub async fn assess(runners: &Runners, log: &LogReader, state: &JobState) -> Ass
     let plan = plan(state);
     match plan {
         Plan::Nothing | Plan::Requeue => {
-            a.why = "it never had a sandbox: it runs again from the queue, in its original order"
-                .into();
+            a.why = match &state.cancel_requested {
+                Some(r) => format!("it was cancelled while it waited ({r}): it ends cancelled"),
+                None => {
+                    "it never had a sandbox: it runs again from the queue, in its original order"
+                        .into()
+                }
+            };
             return a;
         }
         Plan::ReleaseLease => {
@@ -325,6 +330,11 @@ pub async fn recover(
         if state.phase == Phase::Submitted {
             log.append(job, Event::Queued {}).await?;
         }
+        if let Some(reason) = &state.cancel_requested {
+            // Cancelled while it waited: it does not run again.
+            ex.end_unstarted(job, Outcome::Cancelled, reason).await?;
+            return Ok(Some(Outcome::Cancelled));
+        }
         return match secrets {
             Ok(s) => ex.run(job, &spec, s, cancel, observer).await.map(Some),
             Err(e) => {
@@ -419,10 +429,13 @@ async fn reattach_and_run(
     if run.phase == Phase::Booted {
         run.append(Event::AgentConnected { handle }).await?;
     }
-    let stop = match (secrets, &state.cancel_requested) {
-        (_, Some(reason)) => Some((Outcome::Cancelled, reason.clone())),
-        (Err(e), None) => Some((Outcome::Failed, secrets_reason(e))),
-        (Ok(_), None) => None,
+    // A logged intent to stop is honoured: the dead engine may have died
+    // before (or after) it signalled the step.
+    let stop = match (secrets, &state.cancel_requested, &state.deadline_passed) {
+        (_, Some(reason), _) => Some((Outcome::Cancelled, reason.clone())),
+        (_, None, Some(reason)) => Some((Outcome::TimedOut, reason.clone())),
+        (Err(e), None, None) => Some((Outcome::Failed, secrets_reason(e))),
+        (Ok(_), None, None) => None,
     };
     if let Some(stop) = stop {
         // The step still runs in the sandbox; teardown stops it.

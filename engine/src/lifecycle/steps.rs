@@ -9,6 +9,8 @@ use super::executor::{Abort, JobRun, Resume, fmt_ms, to_sdk};
 use super::observer::Report;
 use crate::input::secrets::{MASK_BYTE, Masker, ResolvedSecrets, StreamMasker};
 use crate::model::event::{Event, Handle, Outcome};
+use crate::model::spec::StepSpec;
+use crate::model::state::StepState;
 use crate::plugin::{self, LoadedRunner, RunnerError};
 use crate::store::{LogError, Stream};
 
@@ -31,13 +33,31 @@ impl JobRun<'_> {
         for (name, value) in secrets.iter() {
             base_env.insert(name.to_string(), value.to_string());
         }
+        // A step that ended before this run (a resumed job) and failed decides
+        // the outcome: no further step may start.
+        let finished: Vec<StepState> = self
+            .ex
+            .log()
+            .live_with(self.job, |s| {
+                s.steps
+                    .iter()
+                    .filter(|st| st.finished_ms.is_some())
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for st in &finished {
+            let Some(spec) = self.spec.steps.get(st.index as usize) else {
+                continue;
+            };
+            let label = format!("step {} {:?}", st.index + 1, spec.name);
+            if let Some(end) = verdict(&label, spec, st.exit_code, st.signal, st.timed_out) {
+                return Ok(end);
+            }
+        }
         let first = match &resume {
             Some(r) => r.index as usize,
-            None => self
-                .ex
-                .log()
-                .live_with(self.job, |s| s.steps.len())
-                .unwrap_or(0),
+            None => finished.len(),
         };
         for (index, step) in self.spec.steps.iter().enumerate().skip(first) {
             let index = index as u32;
@@ -100,24 +120,11 @@ impl JobRun<'_> {
             }
             match result {
                 Err(e) => return Ok((Outcome::Failed, format!("{label}: the runner failed: {e}"))),
-                Ok(r) if r.timed_out => {
-                    return Ok((
-                        Outcome::TimedOut,
-                        format!(
-                            "{label} ran past its timeout of {}",
-                            fmt_ms(step.timeout_ms.unwrap_or(0))
-                        ),
-                    ));
+                Ok(r) => {
+                    if let Some(end) = verdict(&label, step, r.exit_code, r.signal, r.timed_out) {
+                        return Ok(end);
+                    }
                 }
-                Ok(r) if r.exit_code != Some(0) => {
-                    let how = match (r.exit_code, r.signal) {
-                        (_, Some(s)) => format!("was killed by signal {s}"),
-                        (Some(c), None) => format!("exited with code {c}"),
-                        (None, None) => "ended without an exit status".to_string(),
-                    };
-                    return Ok((Outcome::Failed, format!("{label} {how}")));
-                }
-                Ok(_) => {}
             }
         }
         Ok((Outcome::Succeeded, String::new()))
@@ -161,13 +168,16 @@ impl JobRun<'_> {
             })
         };
 
-        // Watcher: on cancel or the job deadline, tell the runner to stop the step.
+        // Watcher: on cancel or the job deadline, put the intent on the record
+        // (`CancelRequested` / `DeadlinePassed`), and only once it is durable
+        // tell the runner to stop the step; recovery honours a logged intent.
         let stopped: Arc<Mutex<Option<(Outcome, String)>>> = Arc::default();
         let watcher = {
             let runner = runner.clone();
             let cancel = self.cancel.clone();
             let stopped = stopped.clone();
             let timeout_ms = self.spec.timeout_ms.unwrap_or(0);
+            let (log, job) = (self.ex.log().clone(), self.job);
             smol::spawn(async move {
                 let reason = smol::future::or(
                     async {
@@ -188,8 +198,18 @@ impl JobRun<'_> {
                     },
                 )
                 .await;
+                let intent = match reason.0 {
+                    Outcome::TimedOut => Event::DeadlinePassed {
+                        reason: reason.1.clone(),
+                    },
+                    _ => Event::CancelRequested {
+                        reason: reason.1.clone(),
+                    },
+                };
                 *lock(&stopped) = Some(reason);
-                let _ = runner.unblock(move |r| r.cancel(&handle, exec_id)).await;
+                if log.append(job, intent).await.is_ok() {
+                    let _ = runner.unblock(move |r| r.cancel(&handle, exec_id)).await;
+                }
                 // Stay alive (and cancelled) until the step ends and drops us.
                 std::future::pending::<()>().await;
             })
@@ -317,6 +337,33 @@ impl JobRun<'_> {
         });
         Ok(())
     }
+}
+
+/// The outcome a finished step decides for its job, if it ends the job: its
+/// own timeout, a signal, a non-zero exit or no exit status at all.
+fn verdict(
+    label: &str,
+    step: &StepSpec,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    timed_out: bool,
+) -> Option<(Outcome, String)> {
+    if timed_out {
+        return Some((
+            Outcome::TimedOut,
+            format!(
+                "{label} ran past its timeout of {}",
+                fmt_ms(step.timeout_ms.unwrap_or(0))
+            ),
+        ));
+    }
+    let how = match (exit_code, signal) {
+        (Some(0), None) => return None,
+        (_, Some(s)) => format!("was killed by signal {s}"),
+        (Some(c), None) => format!("exited with code {c}"),
+        (None, None) => "ended without an exit status".to_string(),
+    };
+    Some((Outcome::Failed, format!("{label} {how}")))
 }
 
 /// A chunk on its way from the runner's sink to the job's task: stream, the

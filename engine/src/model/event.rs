@@ -170,6 +170,9 @@ events! {
     26 => Reaped { reason: String }
     /// Something the runner wants on the record (e.g. a skipped cgroup).
     27 => RunnerNotice { message: String }
+    /// Intent: the job ran past its deadline; the engine is about to stop its
+    /// running step, and the job ends `TimedOut` (recovery honours it).
+    28 => DeadlinePassed { reason: String }
 }
 
 impl Event {

@@ -18,7 +18,9 @@
 //! `TeardownStarted` may come from any phase before it (a failed prepare, a
 //! cancel while queued); a job that never leased a sandbox id goes from
 //! `TeardownStarted` straight to its terminal event. `CancelRequested`,
-//! `RunnerNotice` and `RecoveryStarted` may come in any non-terminal phase.
+//! `DeadlinePassed`, `RunnerNotice` and `RecoveryStarted` may come in any
+//! non-terminal phase; no step starts after a `CancelRequested` or
+//! `DeadlinePassed`.
 //! `Reattached` and `Reaped` need a `RecoveryStarted` before them.
 
 use serde::Serialize;
@@ -196,6 +198,8 @@ pub struct JobState {
     pub reason: Option<String>,
     /// A cancel was requested.
     pub cancel_requested: Option<String>,
+    /// The job's deadline passed (why).
+    pub deadline_passed: Option<String>,
     /// A recovering engine took the job over (its pid).
     pub recovered_by: Option<u32>,
     /// The recovering engine reattached to the live sandbox.
@@ -239,6 +243,7 @@ impl JobState {
             outcome: None,
             reason: None,
             cancel_requested: None,
+            deadline_passed: None,
             recovered_by: None,
             reattached: false,
             notices: Vec::new(),
@@ -437,7 +442,8 @@ impl JobState {
                     self.steps.iter().all(StepState::succeeded),
                     "a step failed; no further step may start",
                 )?;
-                need(self.cancel_requested.is_none(), "a cancel was requested")
+                need(self.cancel_requested.is_none(), "a cancel was requested")?;
+                need(self.deadline_passed.is_none(), "the job's deadline passed")
             }
             Event::StepFinished { index, .. } => {
                 need(phase == P::Running, "no step is running")?;
@@ -447,6 +453,7 @@ impl JobState {
                 )
             }
             Event::CancelRequested { .. }
+            | Event::DeadlinePassed { .. }
             | Event::RunnerNotice { .. }
             | Event::RecoveryStarted { .. } => Ok(()),
             Event::TeardownStarted { outcome, .. } => {
@@ -607,6 +614,9 @@ impl JobState {
             }
             Event::CancelRequested { reason } => {
                 self.cancel_requested.get_or_insert_with(|| reason.clone());
+            }
+            Event::DeadlinePassed { reason } => {
+                self.deadline_passed.get_or_insert_with(|| reason.clone());
             }
             Event::TeardownStarted { outcome, reason } => {
                 self.phase_before_teardown = Some(self.phase);
