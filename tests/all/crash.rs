@@ -535,3 +535,73 @@ fn a_passed_deadline_is_durable_before_the_step_is_stopped_and_recovery_honours_
     assert_eq!(status.signal(), Some(9));
     assert_eq!(recover_to_end(state.path(), "deadline"), "TimedOut");
 }
+
+/// Damage in a running step's stored output is decided on, not looped on:
+/// recovery cannot resume the step without a gap (the agent dropped what was
+/// acknowledged), so it reaps the job, once, with the reason, and nothing is left.
+#[test]
+fn damaged_output_of_a_running_step_is_reaped_once_not_resumed_for_ever() {
+    let state = tempfile::tempdir().unwrap();
+    let job = state.path().join("two.yml");
+    std::fs::write(
+        &job,
+        "name: two\nsteps:\n  - name: print\n    command: echo first; sleep 0.5; echo second; sleep 5\n",
+    )
+    .unwrap();
+    let mut child = Command::new(target_dir().join("reel"))
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["run", "-q", job.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Two frames: 15 bytes of header and 4 of CRC around each line.
+    let out_file = state.path().join("output/1/0.out");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::metadata(&out_file).map_or(0, |m| m.len()) < 19 + 6 + 19 + 7 {
+        assert!(
+            Instant::now() < deadline,
+            "the step's output never reached the log"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut bytes = std::fs::read(&out_file).unwrap();
+    bytes[15] ^= 0x01; // the first byte of "first\n"
+    std::fs::write(&out_file, bytes).unwrap();
+
+    let dry = json(&reel(
+        state.path(),
+        &["recover", "--dry-run", "--json"],
+        &[],
+    ));
+    assert_eq!(dry[0]["action"], "reap", "{dry}");
+    assert!(
+        dry[0]["reason"].as_str().unwrap().contains("damaged"),
+        "{dry}"
+    );
+    let recover = reel(state.path(), &["recover"], &[]);
+    assert_eq!(recover.status.code(), Some(1), "{}", text(&recover.stdout));
+    let names = events(state.path(), 1);
+    assert_eq!(names.last().map(String::as_str), Some("Lost"), "{names:?}");
+    assert_eq!(names.iter().filter(|n| *n == "RecoveryStarted").count(), 1);
+    let again = json(&reel(
+        state.path(),
+        &["recover", "--dry-run", "--json"],
+        &[],
+    ));
+    assert_eq!(again, serde_json::json!([]), "the job is still live");
+    let root = state.path().join("sandboxes");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !processes_under(&root).is_empty() {
+        assert!(Instant::now() < deadline, "processes remain");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let left: Vec<_> = std::fs::read_dir(&root)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "sandbox directories remain: {left:?}");
+}

@@ -29,7 +29,7 @@ use super::observer::{Cancel, Observer, Report};
 use crate::input::secrets::{ResolvedSecrets, SecretError};
 use crate::model::event::{Event, JobId, Outcome};
 use crate::model::state::{Held, JobState, Phase};
-use crate::store::LogReader;
+use crate::store::{LogReader, error_line};
 use crate::time::now_ms;
 
 /// What recovery will do with one job.
@@ -253,8 +253,20 @@ pub async fn assess(runners: &Runners, log: &LogReader, state: &JobState) -> Ass
         );
         return a;
     }
+    let running = state.running_step().map(|s| s.index);
+    let damaged = running.and_then(|i| log.output_end(state.id, i).err().map(|e| (i, e)));
+    if let (Some((i, e)), true) = (&damaged, alive && reattachable && plan == Plan::ProbeAgent) {
+        // Output the agent was told to drop is gone: resuming would leave a gap.
+        let reason = format!(
+            "the stored output of step {} is damaged ({}); it cannot be resumed without a gap",
+            i + 1,
+            error_line(e)
+        );
+        a.why = format!("{reason}; the sandbox is removed and the job ends lost");
+        a.action = Action::Reap { reason };
+        return a;
+    }
     if alive && reattachable && plan == Plan::ProbeAgent {
-        let running = state.running_step().map(|s| s.index);
         let from = match running {
             Some(i) => log.output_end(state.id, i).unwrap_or(0),
             None => 0,
@@ -493,11 +505,20 @@ async fn reap(run: &mut JobRun<'_>, state: &JobState, reason: &str) -> Result<()
         .await?;
         return Ok(());
     }
-    // The step's sandbox is gone: it ended without an exit status.
+    // The step's sandbox is gone: it ended without an exit status, with the
+    // output stored up to any damage.
     let stored = match state.running_step() {
-        Some(step) => run.ex.log().output_end(run.job, step.index)?,
+        Some(step) => intact_output_end(run.ex.log(), run.job, step.index),
         None => 0,
     };
     end_running_step(run, state, stored).await?;
     run.start_teardown(Outcome::Lost, reason).await
+}
+
+/// Where a step's stored output ends, up to the first damaged frame if any.
+pub(crate) fn intact_output_end(log: &LogReader, job: JobId, step: u32) -> u64 {
+    log.output(job, step, 0)
+        .map_while(Result::ok)
+        .last()
+        .map_or(0, |c| c.offset + c.bytes.len() as u64)
 }

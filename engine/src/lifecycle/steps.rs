@@ -149,6 +149,24 @@ impl JobRun<'_> {
     > {
         let handle = to_sdk(self.handle.as_ref().unwrap_or(&Handle::default()));
         let (index, exec_id, resume_from) = (req.index, req.exec_id, req.resume_from);
+        let log = self.ex.log();
+        let stored = match log.output_end(self.job, index) {
+            Ok(end) => end,
+            // Damaged stored output (found when a step is resumed): the step
+            // cannot go on without a gap; it fails and the job is torn down.
+            Err(e @ LogError::CorruptOutput { .. }) => {
+                let end = super::recover::intact_output_end(log, self.job, index);
+                return Ok((
+                    Err(RunnerError::failed(format!(
+                        "its stored output is damaged, it cannot be resumed: {}",
+                        crate::store::error_line(&e)
+                    ))),
+                    end,
+                    None,
+                ));
+            }
+            Err(e) => return Err(e),
+        };
         // Chunks go from the runner's thread to this task; the runner's sink
         // waits for each chunk to be durable before it returns.
         let (chunk_tx, chunk_rx) = async_channel::bounded::<Chunk>(1);
@@ -215,8 +233,7 @@ impl JobRun<'_> {
             })
         };
 
-        let log = self.ex.log();
-        let mut out = StepOutput::new(masker, log.output_end(self.job, index)?);
+        let mut out = StepOutput::new(masker, stored);
         if out.stored > 0 && masker.max_secret_len() > 0 {
             // A resumed stream: if the stored output ends inside a masked secret,
             // the rest of that secret arrives first (on the same stream) and must
