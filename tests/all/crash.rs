@@ -605,3 +605,228 @@ fn damaged_output_of_a_running_step_is_reaped_once_not_resumed_for_ever() {
         .unwrap_or_default();
     assert!(left.is_empty(), "sandbox directories remain: {left:?}");
 }
+
+/// One path of the extended crash matrix: a job, how it is driven, the
+/// lifecycle events it passes (each `(event, n)`: the n-th of that kind), and
+/// how it must end.
+struct Path {
+    name: &'static str,
+    job: String,
+    env: Vec<(&'static str, &'static str)>,
+    /// SIGTERM once the first step printed (a cancel mid-step).
+    cancel: bool,
+    points: Vec<(&'static str, u32)>,
+    /// The terminal event when the sandbox survives the crash.
+    outcome: &'static str,
+    /// What the steps print, as stored (secrets masked).
+    output: String,
+}
+
+/// The setup events every path passes before its first step.
+const SETUP: [&str; 10] = [
+    "Submitted",
+    "Queued",
+    "SlotGranted",
+    "CidAllocated",
+    "SandboxPlanned",
+    "WorkDirCreated",
+    "VolumesFormatted",
+    "BootRequested",
+    "VmBooted",
+    "AgentConnected",
+];
+
+fn teardown_points(terminal: &'static str) -> Vec<(&'static str, u32)> {
+    [
+        "TeardownStarted",
+        "Drained",
+        "PoweredOff",
+        "CleanupStarted",
+        "Cleaned",
+        terminal,
+    ]
+    .into_iter()
+    .map(|p| (p, 1))
+    .collect()
+}
+
+/// Runs one crash case of `path`: the engine SIGKILLs itself `when` the n-th
+/// `point` is durable; `reel recover` must end the job exactly once, as the path
+/// says, with its output byte-exact, and leave nothing behind.
+fn path_case(path: &Path, point: &str, n: u32, when: &str) {
+    let context = format!("{}: crash {when} {point} #{n}", path.name);
+    let state = tempfile::tempdir().unwrap();
+    let job = state.path().join("job.yml");
+    std::fs::write(&job, &path.job).unwrap();
+    let crash = format!("{point}:{when}:{n}");
+    let mut env = path.env.clone();
+    env.push(("REEL_TEST_CRASH_AT", &crash));
+    if path.cancel {
+        let status = run_until_output(
+            state.path(),
+            &job,
+            &env,
+            Some(rustix::process::Signal::TERM),
+        );
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "{context}: reel run was not killed"
+        );
+    } else {
+        let run = reel(state.path(), &["run", job.to_str().unwrap()], &env);
+        assert_eq!(
+            run.status.signal(),
+            Some(9),
+            "{context}: reel run was not killed: {} / {}",
+            text(&run.stdout),
+            text(&run.stderr)
+        );
+    }
+    let recover = reel(state.path(), &["recover"], &path.env);
+    assert!(
+        recover.status.code().is_some_and(|c| c != 2),
+        "{context}: recover failed: {} / {}",
+        text(&recover.stdout),
+        text(&recover.stderr)
+    );
+    if point == "Submitted" && when == "before" {
+        let jobs = json(&reel(state.path(), &["jobs", "--json"], &[]));
+        assert_eq!(jobs.as_array().map_or(0, Vec::len), 0, "{context}");
+        assert_nothing_left(state.path(), &context);
+        return;
+    }
+    let names = events(state.path(), 1);
+    let terminals: Vec<&String> = names
+        .iter()
+        .filter(|n| TERMINALS.contains(&n.as_str()))
+        .collect();
+    assert_eq!(terminals.len(), 1, "{context}: {names:?}");
+    let output = text(&reel(state.path(), &["output", "1"], &[]).stdout);
+    if must_be_lost(point, when) {
+        assert_eq!(terminals[0], "Lost", "{context}: {names:?}");
+        assert_eq!(output, "", "{context}: no step ran");
+    } else if path.cancel && point == "CancelRequested" && when == "before" {
+        // The engine died before the cancel was on the record: no signal was
+        // sent, and the recovered job runs to its end.
+        assert_eq!(terminals[0], "Succeeded", "{context}: {names:?}");
+    } else {
+        assert_eq!(terminals[0], path.outcome, "{context}: {names:?}");
+        assert_eq!(output, path.output, "{context}: output differs");
+    }
+    assert_nothing_left(state.path(), &context);
+}
+
+/// Every case of `path`, a few at a time, failures collected.
+fn run_path(path: &Path) {
+    let mut cases: Vec<(&str, u32, &str)> = Vec::new();
+    for (p, n) in &path.points {
+        cases.push((p, *n, "before"));
+        cases.push((p, *n, "after"));
+    }
+    let failures = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for chunk in cases.chunks(cases.len().div_ceil(3)) {
+            let failures = &failures;
+            s.spawn(move || {
+                for (point, n, when) in chunk {
+                    let r = std::panic::catch_unwind(|| path_case(path, point, *n, when));
+                    if let Err(e) = r {
+                        let msg = e
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_default();
+                        failures.lock().unwrap().push(msg);
+                    }
+                }
+            });
+        }
+    });
+    let failures = failures.into_inner().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn crash_matrix_a_job_whose_step_fails() {
+    let mut points: Vec<(&str, u32)> = SETUP.iter().map(|p| (*p, 1)).collect();
+    points.extend([
+        ("StepStarted", 1),
+        ("StepFinished", 1),
+        ("StepStarted", 2),
+        ("StepFinished", 2),
+    ]);
+    points.extend(teardown_points("Failed"));
+    run_path(&Path {
+        name: "failing step",
+        job: "name: fails\nsteps:\n  - name: one\n    command: echo one; sleep 0.2\n  - name: two\n    command: echo two; sleep 0.2; exit 3\n  - name: three\n    command: echo never\n".into(),
+        env: vec![],
+        cancel: false,
+        points,
+        outcome: "Failed",
+        output: "one\ntwo\n".into(),
+    });
+}
+
+#[test]
+fn crash_matrix_a_job_cancelled_mid_step() {
+    let mut points = vec![("CancelRequested", 1)];
+    points.extend(teardown_points("Cancelled"));
+    run_path(&Path {
+        name: "cancelled",
+        job: "name: cancelled\nsteps:\n  - name: wait\n    command: echo started; sleep 2\n".into(),
+        env: vec![],
+        cancel: true,
+        points,
+        outcome: "Cancelled",
+        output: "started\n".into(),
+    });
+}
+
+#[test]
+fn crash_matrix_a_job_whose_step_times_out() {
+    let mut points: Vec<(&str, u32)> = SETUP.iter().map(|p| (*p, 1)).collect();
+    points.extend([("StepStarted", 1), ("StepFinished", 1)]);
+    points.extend(teardown_points("TimedOut"));
+    run_path(&Path {
+        name: "timed out",
+        job: "name: slow\nsteps:\n  - name: wait\n    command: echo started; sleep 5\n    timeout: 1s\n".into(),
+        env: vec![],
+        cancel: false,
+        points,
+        outcome: "TimedOut",
+        output: "started\n".into(),
+    });
+}
+
+#[test]
+fn crash_matrix_a_job_with_a_secret_printing_past_the_hold_back() {
+    let mut points: Vec<(&str, u32)> = SETUP.iter().map(|p| (*p, 1)).collect();
+    points.extend([
+        ("StepStarted", 1),
+        ("StepFinished", 1),
+        ("StepStarted", 2),
+        ("StepFinished", 2),
+    ]);
+    points.extend(teardown_points("Succeeded"));
+    let secret = "tok-0123456789-abcdef";
+    let mut output = "x".repeat(100_000);
+    output.push_str(&"*".repeat(secret.len()));
+    output.push_str("\nafter ");
+    output.push_str(&"*".repeat(secret.len()));
+    output.push('\n');
+    run_path(&Path {
+        name: "secret",
+        job: "name: secret\nsecrets: [TOKEN]\nsteps:\n  - name: print\n    command: |\n      head -c 100000 /dev/zero | tr '\\0' x\n      printf 'tok-0123'; sleep 0.3; printf '456789-abcdef\\n'\n  - name: again\n    command: printf 'after %s\\n' \"$TOKEN\"\n".into(),
+        env: vec![("REEL_SECRET_TOKEN", secret)],
+        cancel: false,
+        points,
+        outcome: "Succeeded",
+        output,
+    });
+}
