@@ -35,15 +35,12 @@ impl JobRun<'_> {
         }
         // A step that ended before this run (a resumed job) and failed decides
         // the outcome: no further step may start.
-        let finished: Vec<StepState> = self
+        let (started, finished): (usize, Vec<StepState>) = self
             .ex
             .log()
             .live_with(self.job, |s| {
-                s.steps
-                    .iter()
-                    .filter(|st| st.finished_ms.is_some())
-                    .cloned()
-                    .collect()
+                let finished = s.steps.iter().filter(|st| st.finished_ms.is_some());
+                (s.steps.len(), finished.cloned().collect())
             })
             .unwrap_or_default();
         for st in &finished {
@@ -57,7 +54,7 @@ impl JobRun<'_> {
         }
         let first = match &resume {
             Some(r) => r.index as usize,
-            None => finished.len(),
+            None => started,
         };
         for (index, step) in self.spec.steps.iter().enumerate().skip(first) {
             let index = index as u32;
