@@ -11,6 +11,15 @@
 //! session, moved into the cgroup(s) as soon as it runs. Steps run through the agent as
 //! `sh -c <command>` in `work/`.
 //!
+//! # Environment
+//!
+//! Nothing of the engine's environment reaches the job. The agent starts with
+//! `PATH=`[`DEFAULT_PATH`] and `HOME=<work dir>` only (never `REEL_SECRET_*`, never
+//! the engine's `PATH`), and starts each step with exactly the environment the
+//! step's `ExecStart` carries, built by `step_environment`: the job's variables and
+//! declared secrets and the step's own (as the engine gives them), `HOME` and
+//! `PATH` as above unless the job sets them, `CI=true` and `REEL_JOB_ID=<job id>`.
+//!
 //! # The handle
 //!
 //! The handle (format version [`HANDLE_VERSION`]) is the bincode encoding of a private
@@ -74,7 +83,8 @@ pub const RESOURCE_NOTICE: &str = "planned-resource";
 /// The longest unix socket path (`sun_path` is 108 bytes including the NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
 
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// The `PATH` of the agent, and of a step whose job sets none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Grace between the signals of the agent's INT → TERM → KILL ladder on cancel.
 const CANCEL_GRACE: Duration = Duration::from_millis(1000);
 /// Acknowledge delivered output to the agent after this many bytes.
@@ -423,6 +433,25 @@ impl ProcessRunner {
     }
 }
 
+/// A step's whole environment (the agent clears its own before it starts the
+/// step): the job's variables, then the step's as the engine gives them (the
+/// job's again, its declared secrets, the step's own), `HOME` (the work dir) and
+/// `PATH` ([`DEFAULT_PATH`]) unless the job sets them, and always `CI=true` and
+/// `REEL_JOB_ID`. Nothing of the engine's own environment: its `PATH` could name
+/// directories only the engine's user should run from, and its `REEL_SECRET_*`
+/// variables hold the secrets of every job.
+fn step_environment(state: &JobState, step: &StepRequest) -> BTreeMap<String, String> {
+    let mut env = state.environment.clone();
+    env.extend(step.environment.clone());
+    env.entry("HOME".to_owned())
+        .or_insert_with(|| state.workdir.display().to_string());
+    env.entry("PATH".to_owned())
+        .or_insert_with(|| DEFAULT_PATH.to_owned());
+    env.insert("CI".to_owned(), "true".to_owned());
+    env.insert("REEL_JOB_ID".to_owned(), state.job_id.to_string());
+    env
+}
+
 fn read_pidfile(path: &Path) -> Option<i32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
@@ -620,7 +649,15 @@ impl Runner for ProcessRunner {
             )));
         }
         let binary = self.agent_binary()?;
+        // The agent starts from an empty environment: the engine's holds its own
+        // settings and every `REEL_SECRET_*` value, and a step can read its
+        // agent's environment from `/proc/$PPID/environ`. The agent needs only
+        // `PATH` (to find `sh`) and `HOME`; each step gets its environment
+        // complete in its `ExecStart`.
         let output = Command::new(&binary)
+            .env_clear()
+            .env("PATH", DEFAULT_PATH)
+            .env("HOME", &state.workdir)
             .arg("--daemonize")
             .arg("--socket")
             .arg(&state.socket)
@@ -713,18 +750,7 @@ impl Runner for ProcessRunner {
             return result;
         }
 
-        let mut env = state.environment.clone();
-        env.extend(step.environment.clone());
-        env.entry("HOME".to_owned())
-            .or_insert_with(|| state.workdir.display().to_string());
-        env.entry("PATH".to_owned()).or_insert_with(|| {
-            std::env::var("PATH")
-                .ok()
-                .filter(|p| !p.is_empty())
-                .unwrap_or_else(|| DEFAULT_PATH.to_owned())
-        });
-        env.insert("CI".to_owned(), "true".to_owned());
-        env.insert("REEL_JOB_ID".to_owned(), state.job_id.to_string());
+        let env = step_environment(&state, step);
         let request = ExecRequest {
             exec_id: step.exec_id,
             argv: vec!["sh".to_owned(), "-c".to_owned(), step.command.clone()],

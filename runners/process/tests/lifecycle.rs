@@ -63,9 +63,19 @@ fn step_environment() {
     );
     assert!(vars.contains(&"STEP_VAR=from step = with spaces"), "{text}");
     assert!(vars.contains(&"JOB_VAR=overridden"), "{text}");
-    assert!(vars.iter().any(|v| v.starts_with("PATH=")), "{text}");
+    let path = format!("PATH={}", reel_runner_process::DEFAULT_PATH);
+    assert!(vars.contains(&path.as_str()), "{text}");
     // Nothing of the engine's own environment leaks in.
     assert!(!text.contains("CARGO_MANIFEST_DIR"), "{text}");
+    // Nor into the agent, whose environment every step can read.
+    let agent = std::fs::read(format!("/proc/{}/environ", f.agent_pid())).unwrap();
+    let mut agent: Vec<String> = agent
+        .split(|&b| b == 0)
+        .filter(|v| !v.is_empty())
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect();
+    agent.sort_unstable();
+    assert_eq!(agent, [format!("HOME={}", workdir.display()), path]);
 
     // The step runs in work/, and HOME and PATH given by the engine are kept.
     let mut s = step(2, "pwd; echo $HOME; echo $PATH");
