@@ -561,3 +561,15 @@ fn a_plugin_directory_others_may_write_to_is_refused() {
     assert_eq!(set.refusals(), &[]);
     assert_eq!(set.plugins().count(), 1);
 }
+
+/// reel's own log lines carry no ANSI colour codes when stderr is not a terminal
+/// (a CI log, a file, a pipe).
+#[test]
+fn log_lines_on_a_piped_stderr_have_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("notes.so"), "not an ELF file\n").unwrap();
+    let (_, out) = reel_plugins(dir.path());
+    let stderr = reel_tests::text(&out.stderr);
+    assert!(stderr.contains("runner plugin refused"), "{stderr:?}");
+    assert!(!stderr.contains('\x1b'), "{stderr:?}");
+}
