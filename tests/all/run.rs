@@ -494,3 +494,36 @@ fn neither_the_agent_nor_a_step_inherits_the_engines_environment() {
     );
     assert_nothing_left(state.path(), "run");
 }
+
+/// A step the kernel's OOM killer ends inside the job's memory cgroup ends with
+/// that cause, not with the bare exit code 137 it leaves behind.
+#[test]
+fn a_step_killed_for_memory_ends_with_the_cause_and_the_limit() {
+    let state = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let job = write(
+        files.path(),
+        "hog.yml",
+        "name: hog\nresources: { memory: 64M }\nsteps:\n  - name: hog\n    command: perl -e '$x = \"a\" x (300 << 20); print length $x'\n",
+    );
+    let out = reel(state.path(), &["run", &job], &[]);
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout} / {}",
+        text(&out.stderr)
+    );
+    assert!(
+        stdout.contains("out of memory (limit 64 MiB)"),
+        "the job's end names the cause (this test needs the memory cgroup the \
+         process runner sets up as root): {stdout}"
+    );
+    let inspect = json(&reel(state.path(), &["inspect", "1", "--json"], &[]));
+    let reason = inspect["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("out of memory (limit 64 MiB)") && reason.contains("137"),
+        "the cause is on the job's record: {inspect}"
+    );
+    assert_nothing_left(state.path(), "run");
+}
