@@ -434,3 +434,142 @@ fn a_runner_that_leaves_a_gap_in_its_output_fails_the_step() {
     });
     log.close();
 }
+
+/// `reel plugins --json --plugin-dir DIR`, run as the real binary with stderr piped.
+fn reel_plugins(dir: &Path) -> (serde_json::Value, std::process::Output) {
+    let state = tempfile::tempdir().unwrap();
+    let out = reel_tests::reel(
+        state.path(),
+        &["plugins", "--json", "--plugin-dir", dir.to_str().unwrap()],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "reel plugins ended with {}: {}",
+        out.status,
+        reel_tests::text(&out.stderr)
+    );
+    (reel_tests::json(&out), out)
+}
+
+/// A plugin cut short (a partial copy, a full disk) would be mapped by `dlopen`
+/// past its end, and the first touch of a missing page kills reel with SIGBUS. It
+/// is refused from its ELF headers before `dlopen`, in one line, and the intact
+/// plugin beside it still loads and runs a job.
+#[test]
+fn a_truncated_plugin_is_refused_before_it_is_loaded() {
+    let process = reel_tests::target_dir().join("libreel_runner_process.so");
+    let whole = std::fs::read(&process).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (name, len) in [("libcut100k.so", 100_000), ("libcut4k.so", 4096)] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, &whole[..len]).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let intact = dir.path().join("libreel_runner_process.so");
+    std::fs::write(&intact, &whole).unwrap();
+    std::fs::set_permissions(&intact, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let (listing, _) = reel_plugins(dir.path());
+    let loaded: Vec<&str> = listing["loaded"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(loaded, ["process"], "{listing}");
+    let refused = listing["refused"].as_array().unwrap();
+    assert_eq!(refused.len(), 2, "{listing}");
+    for (entry, len) in refused.iter().zip([100_000u64, 4096]) {
+        let reason = entry["reason"].as_str().unwrap();
+        let prefix = format!("truncated: {len} bytes, segments need ");
+        let need: u64 = reason
+            .strip_prefix(&prefix)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{reason:?} is not {prefix:?} and a number"));
+        assert!(
+            need > len && need <= whole.len() as u64,
+            "{reason:?}: the segments of a {}-byte library",
+            whole.len()
+        );
+    }
+
+    let state = tempfile::tempdir().unwrap();
+    let run = reel_tests::reel(
+        state.path(),
+        &[
+            "run",
+            "-q",
+            "--plugin-dir",
+            dir.path().to_str().unwrap(),
+            "examples/hello.yml",
+        ],
+        &[],
+    );
+    assert!(
+        run.status.success(),
+        "reel run ended with {}: {}",
+        run.status,
+        reel_tests::text(&run.stderr)
+    );
+}
+
+/// Whoever may write to the plugin directory (or rename one of its ancestors)
+/// can put a library of their own in it, whatever the modes of the files: such a
+/// directory is refused as a whole, in one line naming it.
+#[test]
+fn a_plugin_directory_others_may_write_to_is_refused() {
+    let b = built();
+    for (mode, word) in [
+        (0o777, "world-writable"),
+        (0o775, "group-writable"),
+        (0o1777, "world-writable"),
+    ] {
+        let dir = plugin_dir(&[(&b.template, "libreel_runner_template.so", 0o644)]);
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+        let set = plugin::load_dir(dir.path());
+        assert_eq!(set.plugins().count(), 0, "mode {mode:o}");
+        let refusals = set.refusals();
+        assert_eq!(refusals.len(), 1, "mode {mode:o}: {refusals:?}");
+        assert_eq!(refusals[0].path, dir.path());
+        let reason = &refusals[0].reason;
+        assert!(
+            reason.contains(word) && reason.contains(&format!("{mode:04o}")),
+            "mode {mode:o}: {reason:?}"
+        );
+    }
+
+    // An ancestor others may write to without the sticky bit lets them swap the
+    // whole directory.
+    let outer = tempfile::tempdir().unwrap();
+    let open = outer.path().join("open");
+    let inner = open.join("plugins");
+    std::fs::create_dir_all(&inner).unwrap();
+    std::fs::copy(&b.template, inner.join("libreel_runner_template.so")).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let set = plugin::load_dir(&inner);
+    assert_eq!(set.plugins().count(), 0);
+    let reason = &set.refusals()[0].reason;
+    assert!(
+        reason.contains(&open.display().to_string()) && reason.contains("world-writable"),
+        "{reason:?}"
+    );
+    // With the sticky bit (like /tmp, where these directories live) only the
+    // owner may rename what is in it.
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let set = plugin::load_dir(&inner);
+    assert_eq!(set.refusals(), &[]);
+    assert_eq!(set.plugins().count(), 1);
+}
+
+/// reel's own log lines carry no ANSI colour codes when stderr is not a terminal
+/// (a CI log, a file, a pipe).
+#[test]
+fn log_lines_on_a_piped_stderr_have_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("notes.so"), "not an ELF file\n").unwrap();
+    let (_, out) = reel_plugins(dir.path());
+    let stderr = reel_tests::text(&out.stderr);
+    assert!(stderr.contains("runner plugin refused"), "{stderr:?}");
+    assert!(!stderr.contains('\x1b'), "{stderr:?}");
+}

@@ -426,3 +426,104 @@ fn bad_input_is_refused_before_anything_runs() {
         text(&missing.stderr)
     );
 }
+
+/// The `PATH` a step gets when its job sets none (documented in
+/// `plugins/README.md`, "The environment of the agent and of a step").
+const MINIMAL_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The engine's environment, secrets included, reaches neither the agent nor a
+/// step: the agent starts with `PATH` and `HOME` only, and a step with its job's
+/// variables, its declared secrets and the documented `CI`/`REEL_JOB_ID`/`HOME`/
+/// `PATH`. Read the way a hostile step would: from the agent's
+/// `/proc/$PPID/environ`.
+#[test]
+fn neither_the_agent_nor_a_step_inherits_the_engines_environment() {
+    let state = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let job = write(
+        files.path(),
+        "env.yml",
+        "name: env\nenvironment: { JOB_VAR: from-job }\nsecrets: [DECLARED]\nsteps:\n  - name: look\n    command: |\n      tr '\\0' '\\n' < /proc/$PPID/environ\n      echo ---\n      env\n",
+    );
+    let undeclared = "undeclared-engine-secret-7731";
+    let declared = "declared-secret-value-5519";
+    let out = reel(
+        state.path(),
+        &["run", "-q", &job],
+        &[
+            ("REEL_SECRET_TOKEN", undeclared),
+            ("REEL_SECRET_DECLARED", declared),
+            ("ENGINE_ONLY_VAR", "engine-only-value"),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stored = text(&reel(state.path(), &["output", "1"], &[]).stdout);
+    assert!(!stored.contains(undeclared), "{stored}");
+    assert!(!stored.contains(declared), "{stored}");
+    assert!(!stored.contains("engine-only-value"), "{stored}");
+    let (agent, step) = stored.split_once("---\n").expect("the step printed both");
+    let workdir = std::path::absolute(state.path())
+        .unwrap()
+        .join("sandboxes/1/work");
+    let mut agent: Vec<&str> = agent.lines().collect();
+    agent.sort_unstable();
+    assert_eq!(
+        agent,
+        [
+            format!("HOME={}", workdir.display()),
+            format!("PATH={MINIMAL_PATH}")
+        ],
+        "the agent's environment"
+    );
+    let mut step: Vec<&str> = step.lines().collect();
+    step.sort_unstable();
+    assert_eq!(
+        step,
+        [
+            "CI=true".to_owned(),
+            // Declared, so the step has it; masked in the stored output.
+            format!("DECLARED={}", "*".repeat(declared.len())),
+            format!("HOME={}", workdir.display()),
+            "JOB_VAR=from-job".to_owned(),
+            format!("PATH={MINIMAL_PATH}"),
+            // Set by sh itself.
+            format!("PWD={}", workdir.display()),
+            "REEL_JOB_ID=1".to_owned(),
+        ],
+        "the step's environment"
+    );
+    assert_nothing_left(state.path(), "run");
+}
+
+/// A step the kernel's OOM killer ends inside the job's memory cgroup ends with
+/// that cause, not with the bare exit code 137 it leaves behind.
+#[test]
+fn a_step_killed_for_memory_ends_with_the_cause_and_the_limit() {
+    let state = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let job = write(
+        files.path(),
+        "hog.yml",
+        "name: hog\nresources: { memory: 64M }\nsteps:\n  - name: hog\n    command: perl -e '$x = \"a\" x (300 << 20); print length $x'\n",
+    );
+    let out = reel(state.path(), &["run", &job], &[]);
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout} / {}",
+        text(&out.stderr)
+    );
+    assert!(
+        stdout.contains("out of memory (limit 64 MiB)"),
+        "the job's end names the cause (this test needs the memory cgroup the \
+         process runner sets up as root): {stdout}"
+    );
+    let inspect = json(&reel(state.path(), &["inspect", "1", "--json"], &[]));
+    let reason = inspect["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("out of memory (limit 64 MiB)") && reason.contains("137"),
+        "the cause is on the job's record: {inspect}"
+    );
+    assert_nothing_left(state.path(), "run");
+}

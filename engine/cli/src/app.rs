@@ -76,7 +76,10 @@ pub fn state_dir(flag: &Option<PathBuf>) -> PathBuf {
     home.join(".local/state/reel")
 }
 
+/// reel's own diagnostics go to stderr, coloured only when stderr is a terminal:
+/// in a CI log, a file or a pipe, ANSI escape codes are noise.
 fn init_tracing(level: &str) {
+    use std::io::IsTerminal as _;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
@@ -84,6 +87,7 @@ fn init_tracing(level: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }
 

@@ -4,13 +4,23 @@
 //! Architecture invariant: nothing but `reel-plugin-abi` types crosses the plugin
 //! boundary, and this module and the SDK glue are the only places with `unsafe` for it.
 //!
+//! The directory is refused as a whole (one refusal naming it, nothing loaded) when
+//! it is group- or world-writable, or one of its ancestors is without the sticky
+//! bit: others could then put a library of their own there, whatever the modes of
+//! the files.
+//!
 //! Loading a file, in order (the first failure is the one-line refusal reason):
 //! 1. it must be a regular file that is neither group- nor world-writable;
-//! 2. `dlopen` must succeed;
-//! 3. its ABI major (the `reel_runner_abi_major` symbol, or else the highest
+//! 2. if it is an ELF64 little-endian file, it must hold every byte its headers
+//!    describe: the program headers, each `PT_LOAD` segment's `p_offset +
+//!    p_filesz` (which `dlopen` maps: a file cut short would kill the engine with
+//!    SIGBUS, not fail) and the section header table ("truncated: N bytes,
+//!    segments need M");
+//! 3. `dlopen` must succeed;
+//! 4. its ABI major (the `reel_runner_abi_major` symbol, or else the highest
 //!    `reel_runner_entry_v{N}` it exports) must equal [`abi::ABI_MAJOR`];
-//! 4. its vtable must be at least as large as a 1.0 table;
-//! 5. an instance created with [`describe_config`] must `describe` itself, and no
+//! 5. its vtable must be at least as large as a 1.0 table;
+//! 6. an instance created with [`describe_config`] must `describe` itself, and no
 //!    other loaded plugin may have the same name.
 //!
 //! Libraries are never unloaded: runner instances, host callbacks and `tracing`
@@ -112,14 +122,23 @@ pub fn describe_config(dir: &Path) -> RunnerConfig {
     }
 }
 
-/// Loads every `*.so` file in `dir`, in name order. A directory that cannot be read
-/// gives an empty set with one refusal naming the directory.
+/// Loads every `*.so` file in `dir`, in name order. A directory that cannot be read,
+/// or that others may write to (see the module doc), gives an empty set with one
+/// refusal naming the directory.
 pub fn load_dir(dir: &Path) -> PluginSet {
     let mut set = PluginSet {
         dir: dir.to_path_buf(),
         loaded: Vec::new(),
         refused: Vec::new(),
     };
+    if let Some(reason) = library::directory_problem(dir) {
+        tracing::warn!(path = %dir.display(), %reason, "plugin directory refused");
+        set.refused.push(Refusal {
+            path: dir.to_path_buf(),
+            reason,
+        });
+        return set;
+    }
     let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(entries) => entries
             .filter_map(|e| e.ok().map(|e| e.path()))

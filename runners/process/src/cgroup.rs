@@ -232,6 +232,19 @@ impl Cgroup {
             .collect()
     }
 
+    /// How many processes of this cgroup the kernel's OOM killer has ended so far:
+    /// the `oom_kill` count of `memory.events` (v2) or `memory.oom_control` (v1,
+    /// kernels from 4.13 on). `None` for a `pids` cgroup, a kernel without the
+    /// count, or a cgroup that is gone.
+    pub fn oom_kills(&self) -> Option<u64> {
+        let file = match self.kind {
+            Kind::V2 => "memory.events",
+            Kind::V1Memory => "memory.oom_control",
+            Kind::V1Pids => return None,
+        };
+        parse_oom_kills(&std::fs::read_to_string(self.path.join(file)).ok()?)
+    }
+
     /// Removes the directory; a missing one is fine.
     pub fn remove(&self) -> io::Result<()> {
         match std::fs::remove_dir(&self.path) {
@@ -244,9 +257,28 @@ impl Cgroup {
     }
 }
 
+/// The `oom_kill N` line of `memory.events` or `memory.oom_control` (whose
+/// `oom_kill_disable` line is another key).
+fn parse_oom_kills(text: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let (key, value) = line.split_once(' ')?;
+        (key == "oom_kill").then(|| value.trim().parse().ok())?
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_oom_kill_count_of_either_hierarchy() {
+        let v1 = "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n";
+        assert_eq!(parse_oom_kills(v1), Some(3));
+        let v2 = "low 0\nhigh 0\nmax 12\noom 2\noom_kill 1\noom_group_kill 0\n";
+        assert_eq!(parse_oom_kills(v2), Some(1));
+        // A v1 kernel older than 4.13 has no count.
+        assert_eq!(parse_oom_kills("oom_kill_disable 0\nunder_oom 0\n"), None);
+    }
 
     #[test]
     fn unescapes_mountinfo() {

@@ -11,6 +11,26 @@
 //! session, moved into the cgroup(s) as soon as it runs. Steps run through the agent as
 //! `sh -c <command>` in `work/`.
 //!
+//! # Environment
+//!
+//! Nothing of the engine's environment reaches the job. The agent starts with
+//! `PATH=`[`DEFAULT_PATH`] and `HOME=<work dir>` only (never `REEL_SECRET_*`, never
+//! the engine's `PATH`), and starts each step with exactly the environment the
+//! step's `ExecStart` carries, built by `step_environment`: the job's variables and
+//! declared secrets and the step's own (as the engine gives them), `HOME` and
+//! `PATH` as above unless the job sets them, `CI=true` and `REEL_JOB_ID=<job id>`.
+//!
+//! # Out of memory
+//!
+//! A step that fails while the kernel's OOM killer ends processes of the job's
+//! memory cgroup (the `oom_kill` count of v2 `memory.events` or v1
+//! `memory.oom_control` rose during the step) fails with the cause — `out of
+//! memory (limit 64 MiB): the kernel's OOM killer ended 1 process of the job; the
+//! step exited with code 137` — as `exec`'s error (the SDK's `ExecResult` has no
+//! field for a cause; the engine records the error as the job's reason), and a
+//! notice of kind [`OOM_NOTICE`]. A step that succeeds although a child of it was
+//! killed is left as it is.
+//!
 //! # The handle
 //!
 //! The handle (format version [`HANDLE_VERSION`]) is the bincode encoding of a private
@@ -71,10 +91,13 @@ reel_plugin_sdk::export_runner!(ProcessRunner);
 pub const HANDLE_VERSION: u32 = 1;
 /// The notice kind `plan` uses for each resource it names.
 pub const RESOURCE_NOTICE: &str = "planned-resource";
+/// The notice kind `exec` raises when a step failed for lack of memory.
+pub const OOM_NOTICE: &str = "out-of-memory";
 /// The longest unix socket path (`sun_path` is 108 bytes including the NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
 
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// The `PATH` of the agent, and of a step whose job sets none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Grace between the signals of the agent's INT → TERM → KILL ladder on cancel.
 const CANCEL_GRACE: Duration = Duration::from_millis(1000);
 /// Acknowledge delivered output to the agent after this many bytes.
@@ -146,6 +169,11 @@ impl JobState {
 
     fn key(&self) -> (u64, u32) {
         (self.job_id, self.sandbox_id)
+    }
+
+    /// OOM kills in the job's memory cgroup so far, if it has one that counts them.
+    fn oom_kills(&self) -> Option<u64> {
+        self.cgroups.iter().find_map(Cgroup::oom_kills)
     }
 
     fn resources(&self) -> Vec<String> {
@@ -423,6 +451,25 @@ impl ProcessRunner {
     }
 }
 
+/// A step's whole environment (the agent clears its own before it starts the
+/// step): the job's variables, then the step's as the engine gives them (the
+/// job's again, its declared secrets, the step's own), `HOME` (the work dir) and
+/// `PATH` ([`DEFAULT_PATH`]) unless the job sets them, and always `CI=true` and
+/// `REEL_JOB_ID`. Nothing of the engine's own environment: its `PATH` could name
+/// directories only the engine's user should run from, and its `REEL_SECRET_*`
+/// variables hold the secrets of every job.
+fn step_environment(state: &JobState, step: &StepRequest) -> BTreeMap<String, String> {
+    let mut env = state.environment.clone();
+    env.extend(step.environment.clone());
+    env.entry("HOME".to_owned())
+        .or_insert_with(|| state.workdir.display().to_string());
+    env.entry("PATH".to_owned())
+        .or_insert_with(|| DEFAULT_PATH.to_owned());
+    env.insert("CI".to_owned(), "true".to_owned());
+    env.insert("REEL_JOB_ID".to_owned(), state.job_id.to_string());
+    env
+}
+
 fn read_pidfile(path: &Path) -> Option<i32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
@@ -491,6 +538,56 @@ fn follow(
         timed_out: outcome.timed_out,
         output_bytes: outcome.total_bytes,
     })
+}
+
+/// A step that failed while the kernel's OOM killer ended processes of the job's
+/// memory cgroup (its count rose from `before`) fails with that cause: the exit
+/// code 137 or signal 9 it leaves behind says nothing of memory. `ExecResult` has
+/// no field for a cause, and a notice raised during `exec` is only logged by the
+/// engine, so the cause travels as the step's error, which the engine records as
+/// the job's reason (the exit status is kept in the message); a notice of kind
+/// [`OOM_NOTICE`] says it too. A step that succeeded although one of its
+/// processes was killed is left as it is.
+fn with_oom_cause(
+    state: &JobState,
+    before: Option<u64>,
+    result: Result<ExecResult, RunnerError>,
+) -> Result<ExecResult, RunnerError> {
+    let ended = match &result {
+        Ok(r) if r.success() || r.timed_out => return result,
+        Ok(r) => match (r.exit_code, r.signal) {
+            (_, Some(signal)) => format!("the step was killed by signal {signal}"),
+            (Some(code), None) => format!("the step exited with code {code}"),
+            (None, None) => "the step ended without an exit status".to_owned(),
+        },
+        Err(e) => format!("then {e}"),
+    };
+    let (Some(before), Some(after)) = (before, state.oom_kills()) else {
+        return result;
+    };
+    if after <= before {
+        return result;
+    }
+    let killed = after - before;
+    let message = format!(
+        "out of memory ({}): the kernel's OOM killer ended {killed} process{} of the job; {ended}",
+        memory_limit(state.memory_bytes),
+        if killed == 1 { "" } else { "es" },
+    );
+    reel_plugin_sdk::host::notice(OOM_NOTICE, &message);
+    Err(RunnerError::failed(message))
+}
+
+/// `limit 64 MiB`, `limit 2 GiB`, or that there was none (the host ran out).
+fn memory_limit(bytes: u64) -> String {
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+    match bytes {
+        0 => "no limit set: the host ran out".to_owned(),
+        b if b % GIB == 0 => format!("limit {} GiB", b / GIB),
+        b if b % MIB == 0 => format!("limit {} MiB", b / MIB),
+        b => format!("limit {b} bytes"),
+    }
 }
 
 /// The runner's error for a follow that failed.
@@ -620,7 +717,15 @@ impl Runner for ProcessRunner {
             )));
         }
         let binary = self.agent_binary()?;
+        // The agent starts from an empty environment: the engine's holds its own
+        // settings and every `REEL_SECRET_*` value, and a step can read its
+        // agent's environment from `/proc/$PPID/environ`. The agent needs only
+        // `PATH` (to find `sh`) and `HOME`; each step gets its environment
+        // complete in its `ExecStart`.
         let output = Command::new(&binary)
+            .env_clear()
+            .env("PATH", DEFAULT_PATH)
+            .env("HOME", &state.workdir)
             .arg("--daemonize")
             .arg("--socket")
             .arg(&state.socket)
@@ -710,21 +815,15 @@ impl Runner for ProcessRunner {
             }
             let result = follow(&mut client, step.exec_id, step.resume_from, false, sink);
             lock(&session.execs).remove(&step.exec_id);
-            return result;
+            // The count when the step started is not known to this engine: any OOM
+            // kill in the job's cgroup so far is taken as the step's (a step that
+            // ran before it and lost a process to the OOM killer yet succeeded is
+            // the rare case this gets wrong).
+            let before = state.oom_kills().map(|_| 0);
+            return with_oom_cause(&state, before, result);
         }
 
-        let mut env = state.environment.clone();
-        env.extend(step.environment.clone());
-        env.entry("HOME".to_owned())
-            .or_insert_with(|| state.workdir.display().to_string());
-        env.entry("PATH".to_owned()).or_insert_with(|| {
-            std::env::var("PATH")
-                .ok()
-                .filter(|p| !p.is_empty())
-                .unwrap_or_else(|| DEFAULT_PATH.to_owned())
-        });
-        env.insert("CI".to_owned(), "true".to_owned());
-        env.insert("REEL_JOB_ID".to_owned(), state.job_id.to_string());
+        let env = step_environment(&state, step);
         let request = ExecRequest {
             exec_id: step.exec_id,
             argv: vec!["sh".to_owned(), "-c".to_owned(), step.command.clone()],
@@ -732,6 +831,7 @@ impl Runner for ProcessRunner {
             cwd: None,
             timeout_ms: step.timeout_ms.unwrap_or(0),
         };
+        let before = state.oom_kills();
         {
             let mut execs = lock(&session.execs);
             if execs.remove(&step.exec_id) == Some(true) {
@@ -745,7 +845,7 @@ impl Runner for ProcessRunner {
         }
         let result = follow(&mut client, step.exec_id, 0, true, sink);
         lock(&session.execs).remove(&step.exec_id);
-        result
+        with_oom_cause(&state, before, result)
     }
 
     fn cancel(&self, handle: &Handle, exec_id: u64) -> Result<(), RunnerError> {
@@ -977,4 +1077,18 @@ fn backoff(round: &mut u32) -> Duration {
     let d = Duration::from_millis(1 << (*round).min(4));
     *round += 1;
     d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_memory_limit_is_said_in_the_largest_whole_unit() {
+        assert_eq!(memory_limit(64 << 20), "limit 64 MiB");
+        assert_eq!(memory_limit(2 << 30), "limit 2 GiB");
+        assert_eq!(memory_limit(1536 << 20), "limit 1536 MiB");
+        assert_eq!(memory_limit(1000), "limit 1000 bytes");
+        assert_eq!(memory_limit(0), "no limit set: the host ran out");
+    }
 }

@@ -63,9 +63,19 @@ fn step_environment() {
     );
     assert!(vars.contains(&"STEP_VAR=from step = with spaces"), "{text}");
     assert!(vars.contains(&"JOB_VAR=overridden"), "{text}");
-    assert!(vars.iter().any(|v| v.starts_with("PATH=")), "{text}");
+    let path = format!("PATH={}", reel_runner_process::DEFAULT_PATH);
+    assert!(vars.contains(&path.as_str()), "{text}");
     // Nothing of the engine's own environment leaks in.
     assert!(!text.contains("CARGO_MANIFEST_DIR"), "{text}");
+    // Nor into the agent, whose environment every step can read.
+    let agent = std::fs::read(format!("/proc/{}/environ", f.agent_pid())).unwrap();
+    let mut agent: Vec<String> = agent
+        .split(|&b| b == 0)
+        .filter(|v| !v.is_empty())
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect();
+    agent.sort_unstable();
+    assert_eq!(agent, [format!("HOME={}", workdir.display()), path]);
 
     // The step runs in work/, and HOME and PATH given by the engine are kept.
     let mut s = step(2, "pwd; echo $HOME; echo $PATH");
@@ -224,6 +234,46 @@ fn cgroup_v1_limits_and_removal() {
     assert!(common::job_processes(106, Some(agent)).len() >= 2);
     f.runner.cleanup(&f.handle).unwrap();
     common::assert_nothing_left(f.root.path(), 106, Some(agent));
+}
+
+/// A step the OOM killer ends in the job's memory cgroup (128 MiB in these tests)
+/// fails with that cause; a step that survives the loss of a child is left alone.
+#[test]
+fn a_step_killed_for_memory_fails_with_the_cause() {
+    let f = Fixture::new(117);
+    if !plan_resources(&f.plan)
+        .iter()
+        .any(|r| r.starts_with("cgroup-v1-memory") || r.starts_with("cgroup-v2"))
+    {
+        eprintln!("skipped: this host gives the runner no memory cgroup");
+        return;
+    }
+    let hog = "perl -e '$x = \"a\" x (600 << 20); print length $x'";
+    let err = f
+        .runner
+        .exec(&f.handle, &step(1, hog), &mut Output::default())
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Failed);
+    assert!(
+        err.message.starts_with(
+            "out of memory (limit 128 MiB): the kernel's OOM killer ended 1 process of the job; \
+             the step "
+        ) && err.message.contains("137"),
+        "{err}"
+    );
+    let survivor = format!("{hog}; echo survived");
+    let mut out = Output::default();
+    let result = f
+        .runner
+        .exec(&f.handle, &step(2, &survivor), &mut out)
+        .unwrap();
+    assert!(result.success(), "{result:?}");
+    assert_eq!(out.stdout, b"survived\n");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Killed"),
+        "the child was not OOM-killed: {:?}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
