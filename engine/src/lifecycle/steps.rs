@@ -116,6 +116,10 @@ impl JobRun<'_> {
                 return Ok(stop);
             }
             match result {
+                Err(e) if e.kind == plugin::ErrorKind::Failed => {
+                    // The runner's sentence says what failed; "failed: " would repeat it.
+                    return Ok((Outcome::Failed, format!("{label}: {}", e.message)));
+                }
                 Err(e) => return Ok((Outcome::Failed, format!("{label}: the runner failed: {e}"))),
                 Ok(r) => {
                     if let Some(end) = verdict(&label, step, r.exit_code, r.signal, r.timed_out) {
