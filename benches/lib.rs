@@ -166,9 +166,10 @@ pub fn dir_size(dir: &Path) -> u64 {
 }
 
 /// Release builds of `reel`, `reel-agent` and the process runner, side by side,
-/// made by a nested cargo into `target/<target_subdir>` (a nested cargo on the
-/// outer target directory would wait forever for the build lock the outer one
-/// holds).
+/// made by a nested `cargo build --workspace --release` into
+/// `target/<target_subdir>` (its own directory: a nested cargo must not wait on,
+/// or overwrite, the outer build's). Found by file name, whichever package
+/// builds them.
 pub struct ReleaseBins {
     /// The directory holding all three.
     pub dir: PathBuf,
@@ -179,41 +180,14 @@ pub struct ReleaseBins {
 impl ReleaseBins {
     /// Builds (or finds up to date) the binaries.
     pub fn build(target_subdir: &str) -> anyhow::Result<ReleaseBins> {
-        use anyhow::{Context as _, ensure};
-        let root = workspace_root();
-        let target = root.join("target").join(target_subdir);
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        eprintln!(
-            "building release reel, reel-agent and the process runner into {} \
-             (the first build takes a few minutes)",
-            target.display()
-        );
+        let target = workspace_root().join("target").join(target_subdir);
+        eprintln!("(the first release build takes a few minutes)");
         let started = std::time::Instant::now();
-        let status = std::process::Command::new(cargo)
-            .current_dir(&root)
-            .env_remove("CARGO_TARGET_DIR")
-            .args(["build", "--release", "--quiet"])
-            .args([
-                "-p",
-                "reel-engine",
-                "-p",
-                "reel-agent",
-                "-p",
-                "reel-runner-process",
-            ])
-            .arg("--target-dir")
-            .arg(&target)
-            .status()
-            .context("cannot run cargo")?;
-        ensure!(status.success(), "the nested cargo build failed: {status}");
-        let dir = target.join("release");
-        for f in ["reel", "reel-agent", "libreel_runner_process.so"] {
-            ensure!(
-                dir.join(f).exists(),
-                "{} was not built",
-                dir.join(f).display()
-            );
-        }
+        let dir = reel_test_artefacts::build(
+            &target,
+            "release",
+            &["reel", "reel-agent", "libreel_runner_process.so"],
+        )?;
         eprintln!("build: {:.1} s", started.elapsed().as_secs_f64());
         Ok(ReleaseBins {
             reel: dir.join("reel"),

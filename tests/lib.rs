@@ -1,8 +1,10 @@
 //! Helpers shared by the workspace integration tests.
 //!
 //! End-to-end tests run the real `reel` binary, the real `reel-agent` and the real
-//! runner plugins from the workspace's target directory, where `cargo test
-//! --workspace` (and `cargo build --workspace`) put them side by side.
+//! process runner plugin, side by side as they are installed (`reel` loads plugins
+//! from its own directory; the process runner finds `reel-agent` beside the plugin).
+//! [`target_dir`] finds what cargo built for this test run, or builds it once
+//! (see `reel-test-artefacts`), so `cargo test --workspace` needs no build first.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -10,23 +12,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// The directory holding `reel`, `reel-agent` and the plugins: the parent of the
-/// test binary's `deps/` directory.
+/// A directory holding `reel`, `reel-agent` and `libreel_runner_process.so` side by
+/// side: `target/<profile>/` after `cargo build --workspace`, else links to what
+/// `cargo test` built, else a nested build (see `reel_test_artefacts::dir_with`).
 pub fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("no current exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary is not in target/<profile>/deps")
-        .to_path_buf();
-    for needed in ["reel", "reel-agent", "libreel_runner_process.so"] {
-        assert!(
-            dir.join(needed).exists(),
-            "{} is missing: run `cargo build --workspace` (or `cargo test --workspace`) first",
-            dir.join(needed).display()
-        );
-    }
-    dir
+    reel_test_artefacts::dir_with(&["reel", "reel-agent", "libreel_runner_process.so"])
 }
 
 /// The workspace root.

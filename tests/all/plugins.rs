@@ -1,10 +1,13 @@
 //! Runner plugins through the real loader: cdylibs built by these tests, loaded with
 //! `reel_engine::plugin::load_dir`, and called across the C ABI.
 //!
-//! The cdylibs are built once per test run by a nested cargo with its own target
-//! directory (`target/plugin-tests`): a nested cargo on the outer target directory
-//! would wait forever for the build lock the outer cargo holds.
+//! The template is the `libreel_runner_template.so` cargo built for this test run
+//! (found by `reel-test-artefacts`, which builds it only if cargo did not). The
+//! fixture plugins are workspaces of their own, so no outer cargo builds them: a
+//! nested cargo builds them once per test binary into their own target directory
+//! (`target/plugin-tests`), never the outer build's.
 
+use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -53,20 +56,17 @@ fn cargo_build(root: &Path, target: &Path, args: &[&str]) {
 fn built() -> &'static Built {
     static BUILT: OnceLock<Built> = OnceLock::new();
     BUILT.get_or_init(|| {
+        let template = reel_test_artefacts::file("libreel_runner_template.so");
         let root = workspace_root();
         let target = root.join("target/plugin-tests");
-        let manifest = root.join("Cargo.toml");
-        cargo_build(
-            &root,
-            &target,
-            &[
-                "-p",
-                "reel-runner-template",
-                "--manifest-path",
-                manifest.to_str().unwrap(),
-            ],
+        let fixtures = ["panicky", "abi-v2", "not-a-plugin", "firehose"];
+        // Straight to the terminal: libtest captures `eprintln!` of a passing test.
+        let _ = writeln!(
+            std::io::stderr(),
+            "plugin tests: building the fixture plugins {fixtures:?} into {}",
+            target.display()
         );
-        for fixture in ["panicky", "abi-v2", "not-a-plugin", "firehose"] {
+        for fixture in fixtures {
             let manifest = root
                 .join("tests/fixtures/plugins")
                 .join(fixture)
@@ -79,7 +79,7 @@ fn built() -> &'static Built {
         }
         let lib = |name: &str| target.join("debug").join(format!("lib{name}.so"));
         Built {
-            template: lib("reel_runner_template"),
+            template,
             panicky: lib("reel_fixture_panicky"),
             abi_v2: lib("reel_fixture_abi_v2"),
             not_a_plugin: lib("reel_fixture_not_a_plugin"),

@@ -1,15 +1,14 @@
 //! Shared test helpers.
 //!
-//! The agent binary: `REEL_AGENT_BIN` if set, else built once per test binary by a
-//! nested `cargo build -p reel-agent` into `<workspace>/target/process-tests` (a
-//! separate target dir: a nested cargo on the outer build's target dir would wait for
-//! the lock the outer `cargo test` holds).
+//! The agent binary: `REEL_AGENT_BIN` if set, else the `reel-agent` cargo built for
+//! this test run (`cargo test --workspace` builds it for the agent's own
+//! integration tests), else one built once by a nested cargo into
+//! `target/test-artefacts` (see `reel-test-artefacts`).
 
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use reel_plugin_sdk::{
@@ -20,23 +19,9 @@ use reel_runner_process::ProcessRunner;
 pub fn agent_binary() -> PathBuf {
     static AGENT: OnceLock<PathBuf> = OnceLock::new();
     AGENT
-        .get_or_init(|| {
-            if let Some(p) = std::env::var_os("REEL_AGENT_BIN") {
-                return PathBuf::from(p);
-            }
-            let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-            let target = workspace.join("target/process-tests");
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "-p", "reel-agent", "--bin", "reel-agent"])
-                .env("CARGO_TARGET_DIR", &target)
-                .current_dir(&workspace)
-                .status()
-                .expect("run cargo to build reel-agent");
-            assert!(status.success(), "building reel-agent failed: {status}");
-            let bin = target.join("debug/reel-agent");
-            assert!(bin.is_file(), "{} was not built", bin.display());
-            bin
+        .get_or_init(|| match std::env::var_os("REEL_AGENT_BIN") {
+            Some(p) => PathBuf::from(p),
+            None => reel_test_artefacts::file("reel-agent"),
         })
         .clone()
 }
