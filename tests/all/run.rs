@@ -527,3 +527,66 @@ fn a_step_killed_for_memory_ends_with_the_cause_and_the_limit() {
     );
     assert_nothing_left(state.path(), "run");
 }
+
+/// A full disk stops the engine with the cause named, and loses nothing: no
+/// output that was not stored was acknowledged to the agent, so once space
+/// returns `reel recover` finishes the job with its complete output. (A real
+/// 20 MiB tmpfs that a step printing 60 MB fills.)
+#[test]
+fn a_full_disk_stops_the_engine_plainly_and_recover_finishes_with_every_byte() {
+    let mnt = tempfile::tempdir().unwrap();
+    let mount = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=20m", "tmpfs"])
+        .arg(mnt.path())
+        .status()
+        .unwrap();
+    assert!(mount.success(), "mount needs root (CI is root)");
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.path());
+    let state = mnt.path().join("state");
+    let files = tempfile::tempdir().unwrap();
+    let job = write(
+        files.path(),
+        "big.yml",
+        "name: big\nsteps:\n  - name: lots\n    command: yes 0123456789abcdef | head -c 40000000\n",
+    );
+    let out = reel(&state, &["run", "-q", &job], &[]);
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    let line = said
+        .lines()
+        .find(|l| l.starts_with("reel: job 1:"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("No space left on device") && line.contains(&format!("{}", state.display())),
+        "the cause and the path are not named: {said}"
+    );
+    let grow = Command::new("mount")
+        .args(["-o", "remount,size=300m"])
+        .arg(mnt.path())
+        .status()
+        .unwrap();
+    assert!(grow.success());
+    let recover = reel(&state, &["recover", "-q"], &[]);
+    assert_eq!(
+        recover.status.code(),
+        Some(0),
+        "{} / {}",
+        text(&recover.stdout),
+        text(&recover.stderr)
+    );
+    let stored = reel(&state, &["output", "1"], &[]).stdout;
+    let expected: Vec<u8> = b"0123456789abcdef\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(40_000_000)
+        .collect();
+    assert!(stored == expected, "{} bytes stored", stored.len());
+    assert_nothing_left(&state, "full disk");
+}

@@ -107,7 +107,9 @@ pub enum LogError {
         /// Where the stored stream ends.
         end: u64,
     },
-    /// The writer stopped (after a storage failure, or on close).
-    #[error("the log writer has stopped{}", .0.as_ref().map(|r| format!(": {r}")).unwrap_or_default())]
+    /// The writer stopped (after a storage failure, or on close). The failure is
+    /// shared by every waiting caller, so it is said in full here (with its
+    /// causes, e.g. "No space left on device") rather than as a source.
+    #[error("the log writer has stopped{}", .0.as_ref().map(|r| format!(": {}", super::error_line(r))).unwrap_or_default())]
     WriterStopped(Option<std::sync::Arc<LogError>>),
 }

@@ -169,7 +169,7 @@ impl Writer {
             }
             let replies = std::mem::take(&mut round.replies);
             if let Err(e) = self.commit(round).await {
-                tracing::error!(error = %e, "log commit failed; the writer stops");
+                tracing::error!(error = %super::error_line(&e), "log commit failed; the writer stops");
                 let why = Arc::new(e);
                 for r in replies {
                     r.fail(&why);
