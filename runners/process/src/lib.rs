@@ -62,7 +62,7 @@
 //!   pid count).
 
 mod cgroup;
-pub mod procfs;
+pub use reel_agent::procfs;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read as _;
