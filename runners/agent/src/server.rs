@@ -99,8 +99,14 @@ impl Group {
     }
 }
 
-/// The live processes of the host in any of `groups` (one scan of `/proc`).
+/// The live processes of the host in any of `groups` (one scan of `/proc`, skipped
+/// when no process has any of their group ids: asking for that harms no one).
 fn members(groups: &[Group]) -> Vec<i32> {
+    let exists =
+        |g: &Group| Pid::from_raw(g.pgid).is_some_and(|p| test_kill_process_group(p).is_ok());
+    if !groups.iter().any(exists) {
+        return Vec::new();
+    }
     procfs::all_pids()
         .into_iter()
         .filter(|&pid| procfs::stat(pid).is_some_and(|s| groups.iter().any(|g| g.has(&s))))
