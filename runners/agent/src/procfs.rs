@@ -154,10 +154,29 @@ pub fn signal_if(pid: i32, signal: Signal, is_target: impl FnOnce(&Stat) -> bool
     }
 }
 
-/// Sends `signal` to the process with pid `pid` and start time `start_time`, if it
-/// still exists: a process found by a `/proc` scan, rechecked once pinned.
-pub fn signal_process(pid: i32, start_time: u64, signal: Signal) -> bool {
-    signal_if(pid, signal, |s| s.live() && s.start_time == start_time)
+/// A process named by its pid and start time, which together name one process
+/// even after the pid is reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Process {
+    /// The pid.
+    pub pid: i32,
+    /// Start time in clock ticks after boot.
+    pub start_time: u64,
+}
+
+impl Process {
+    /// The live process that has pid `pid` now, if any.
+    pub fn of(pid: i32) -> Option<Process> {
+        start_time(pid).map(|start_time| Process { pid, start_time })
+    }
+
+    /// Sends `signal` to this process if it still runs, rechecking its start time
+    /// once it is pinned; true if the signal was sent.
+    pub fn signal(&self, signal: Signal) -> bool {
+        signal_if(self.pid, signal, |s| {
+            s.live() && s.start_time == self.start_time
+        })
+    }
 }
 
 #[cfg(test)]
@@ -189,17 +208,20 @@ mod tests {
             .arg("300")
             .spawn()
             .unwrap();
-        let pid = child.id() as i32;
-        let start = start_time(pid).unwrap();
+        let found = Process::of(child.id() as i32).unwrap();
         // A process with this pid but another start time is not the one found.
-        assert!(!signal_process(pid, start + 1, Signal::KILL));
+        let other = Process {
+            start_time: found.start_time + 1,
+            ..found
+        };
+        assert!(!other.signal(Signal::KILL));
         assert!(
             child.try_wait().unwrap().is_none(),
             "the wrong start time was signalled"
         );
-        assert!(signal_process(pid, start, Signal::KILL));
+        assert!(found.signal(Signal::KILL));
         child.wait().unwrap();
-        assert!(!signal_process(pid, start, Signal::KILL));
+        assert!(!found.signal(Signal::KILL));
     }
 
     /// A pinned process that exited gets no signal (`tests/agent.rs` gives its pid
