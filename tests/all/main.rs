@@ -1,4 +1,5 @@
 //! Workspace integration tests, one module per area.
 mod crash;
+mod isolation;
 mod plugins;
 mod run;

@@ -2,9 +2,12 @@
 //! side (used by the `reel-agent` binary).
 //!
 //! See [`proto`] for the frame layout and the conversation, [`client::AgentClient`] for
-//! the host side and [`server`] for the agent side.
+//! the host side and [`server`] for the agent side. [`procfs`] reads `/proc` and
+//! signals processes found there without hitting a reused pid; the process runner
+//! uses it too.
 
 pub mod client;
+pub mod procfs;
 pub mod proto;
 pub mod server;
 

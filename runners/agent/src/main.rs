@@ -11,7 +11,9 @@
 //! until the pidfile names the child (or, without `--pidfile`, until the socket accepts
 //! connections), prints the child's pid and exits 0; if the child dies first, the parent
 //! fails. Instead of a second fork the child simply never opens a terminal, so being a
-//! session leader cannot give it a controlling terminal.
+//! session leader cannot give it a controlling terminal. Without `--daemonize` the
+//! agent still starts a session of its own where it can (when it does not lead a
+//! process group already).
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
@@ -133,8 +135,17 @@ fn run(args: Args) -> Result<(), String> {
     if args.daemonize {
         return daemonize_parent(&args);
     }
-    if args.daemon_child {
-        rustix::process::setsid().map_err(|e| format!("setsid failed: {e}."))?;
+    // The agent leads a session of its own, which only its steps' processes share:
+    // that is how it tells a finished step's process group from a later one with the
+    // same id. Started without `--daemonize` by a shell that made it a process group
+    // leader it cannot start one, and stays in the session it was given.
+    let me = rustix::process::getpid();
+    if rustix::process::getsid(None).ok() != Some(me) {
+        match rustix::process::setsid() {
+            Ok(_) => {}
+            Err(e) if args.daemon_child => return Err(format!("setsid failed: {e}.")),
+            Err(_) => {}
+        }
     }
     let cwd =
         std::env::current_dir().map_err(|e| format!("Cannot read the current directory: {e}."))?;

@@ -10,6 +10,16 @@
 //!   readers, records the exit), and optionally a timeout watcher; a ladder thread per
 //!   cancel.
 //!
+//! Signals reach only processes still known to be the job's. An exec's process group
+//! id is its leader's pid. While the leader is unreaped (running, or a zombie the
+//! waiter has not collected), that pid cannot be given to another process, so the
+//! group is signalled as a whole; the waiter marks the group unpinned, under the lock
+//! that every such signal is sent under, before it reaps. After that the id may be
+//! reused by anyone, so only processes still in the group **and** in the agent's
+//! session are signalled, each pinned first ([`crate::procfs::signal_if`]): a process
+//! group lies in one session, and the agent leads a session of its own, which only
+//! its steps' processes share.
+//!
 //! Output goes into a per-exec buffer keyed by offset, independent of any connection;
 //! the writer only reads from it. The buffer holds up to `max_buffer`
 //! unacknowledged bytes; past that the agent stops reading the step's pipes, so a
@@ -30,8 +40,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use rustix::process::{Pid, Signal, kill_process_group, test_kill_process_group};
+use rustix::process::{
+    Pid, Signal, WaitId, WaitIdOptions, kill_process_group, test_kill_process_group, waitid,
+};
 
+use crate::procfs::{self, Stat};
 use crate::proto::{
     self, ErrorCode, FrameReader, MAX_OUTPUT_CHUNK, MAX_VERSION, MIN_VERSION, Message, ProtoError,
     Role, Stream,
@@ -68,8 +81,44 @@ struct ExitInfo {
     signal: Option<i32>,
 }
 
+/// An exec's process group, as it can be recognised once its id may be reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Group {
+    /// The group id: the leader's pid.
+    pgid: i32,
+    /// The agent's session, in which the group was made.
+    session: i32,
+}
+
+impl Group {
+    /// Whether a live process is in this group: its group id is the exec's and its
+    /// session the agent's. A group of that id in another session (an unrelated
+    /// process that got the leader's pid and called `setsid`) is someone else's.
+    fn has(&self, stat: &Stat) -> bool {
+        stat.live() && stat.pgrp == self.pgid && stat.session == self.session
+    }
+}
+
+/// The live processes of the host in any of `groups` (one scan of `/proc`, skipped
+/// when no process has any of their group ids: asking for that harms no one).
+fn members(groups: &[Group]) -> Vec<i32> {
+    let exists =
+        |g: &Group| Pid::from_raw(g.pgid).is_some_and(|p| test_kill_process_group(p).is_ok());
+    if !groups.iter().any(exists) {
+        return Vec::new();
+    }
+    procfs::all_pids()
+        .into_iter()
+        .filter(|&pid| procfs::stat(pid).is_some_and(|s| groups.iter().any(|g| g.has(&s))))
+        .collect()
+}
+
 struct Exec {
     pgid: Pid,
+    group: Group,
+    /// True until the waiter is about to reap the leader: while true, `pgid` is
+    /// still the exec's own group and may be signalled as a whole (under the lock).
+    pinned: bool,
     chunks: VecDeque<Chunk>,
     acked: u64,
     total: u64,
@@ -119,6 +168,8 @@ struct Agent {
     st: Mutex<State>,
     cv: Condvar,
     opts: Options,
+    /// The agent's session id.
+    session: i32,
 }
 
 impl Agent {
@@ -129,10 +180,12 @@ impl Agent {
 
 /// Serves `listener` forever (until `Poweroff`, which exits the process).
 pub fn serve(listener: UnixListener, opts: Options) -> io::Result<()> {
+    let session = rustix::process::getsid(None).map_or(0, Pid::as_raw_pid);
     let agent = Arc::new(Agent {
         st: Mutex::new(State::default()),
         cv: Condvar::new(),
         opts,
+        session,
     });
     for stream in listener.incoming() {
         match stream {
@@ -457,9 +510,10 @@ fn handle_message(agent: &Arc<Agent>, generation: u64, msg: Message) -> bool {
                 format!("Cancel for unknown exec {exec_id}."),
             )),
             Some(e) if e.exit.is_some() => {}
-            Some(e) => {
-                let pgid = e.pgid;
-                thread::spawn(move || signal_ladder(pgid, Duration::from_millis(grace_ms)));
+            Some(_) => {
+                let agent = Arc::clone(agent);
+                let grace = Duration::from_millis(grace_ms);
+                thread::spawn(move || signal_ladder(&agent, exec_id, grace));
             }
         },
         Message::Drain {} => {
@@ -534,6 +588,11 @@ fn spawn_exec(
     let pgid = Pid::from_child(&child);
     let exec = Exec {
         pgid,
+        group: Group {
+            pgid: pgid.as_raw_pid(),
+            session: agent.session,
+        },
+        pinned: true,
         chunks: VecDeque::new(),
         acked: 0,
         total: 0,
@@ -557,6 +616,16 @@ fn start_exec_threads(agent: &Arc<Agent>, exec_id: u64, children: Children, time
     {
         let agent = Arc::clone(agent);
         thread::spawn(move || {
+            // Learn of the leader's exit without reaping it, so that its pid, the
+            // group id, stays the exec's until the group is marked unpinned.
+            let pid = Pid::from_child(&child);
+            while let Err(rustix::io::Errno::INTR) = waitid(
+                WaitId::Pid(pid),
+                WaitIdOptions::EXITED | WaitIdOptions::NOWAIT,
+            ) {}
+            if let Some(e) = agent.lock().execs.get_mut(&exec_id) {
+                e.pinned = false;
+            }
             let status = child.wait();
             let _ = r1.join();
             let _ = r2.join();
@@ -592,9 +661,8 @@ fn start_exec_threads(agent: &Arc<Agent>, exec_id: u64, children: Children, time
                 let now = Instant::now();
                 if now >= deadline {
                     e.timed_out = true;
-                    let pgid = e.pgid;
                     drop(st);
-                    signal_ladder(pgid, agent.opts.timeout_grace);
+                    signal_ladder(&agent, exec_id, agent.opts.timeout_grace);
                     return;
                 }
                 st = agent
@@ -657,14 +725,52 @@ fn pump(agent: &Agent, exec_id: u64, stream: Stream, mut pipe: impl Read) {
     }
 }
 
-fn group_gone(pgid: Pid) -> bool {
-    test_kill_process_group(pgid).is_err()
+/// Sends `sig` to the process groups of `exec_ids`, only to processes still known
+/// to be the job's (see the module doc); true if any process was signalled.
+fn signal_execs(agent: &Agent, exec_ids: &[u64], sig: Signal) -> bool {
+    let mut sent = false;
+    let mut unpinned = Vec::new();
+    {
+        let st = agent.lock();
+        for e in exec_ids.iter().filter_map(|id| st.execs.get(id)) {
+            if e.pinned {
+                // Under the lock: the waiter cannot reap the leader meanwhile.
+                sent |= kill_process_group(e.pgid, sig).is_ok();
+            } else {
+                unpinned.push(e.group);
+            }
+        }
+    }
+    if !unpinned.is_empty() {
+        for pid in members(&unpinned) {
+            sent |= procfs::signal_if(pid, sig, |s| unpinned.iter().any(|g| g.has(s)));
+        }
+    }
+    sent
 }
 
-fn wait_group_gone(pgid: Pid, grace: Duration) -> bool {
+/// Whether no process of the groups of `exec_ids` is left.
+fn execs_gone(agent: &Agent, exec_ids: &[u64]) -> bool {
+    let mut unpinned = Vec::new();
+    {
+        let st = agent.lock();
+        for e in exec_ids.iter().filter_map(|id| st.execs.get(id)) {
+            if e.pinned {
+                if test_kill_process_group(e.pgid).is_ok() {
+                    return false;
+                }
+            } else {
+                unpinned.push(e.group);
+            }
+        }
+    }
+    unpinned.is_empty() || members(&unpinned).is_empty()
+}
+
+fn wait_execs_gone(agent: &Agent, exec_ids: &[u64], grace: Duration) -> bool {
     let deadline = Instant::now() + grace;
     loop {
-        if group_gone(pgid) {
+        if execs_gone(agent, exec_ids) {
             return true;
         }
         if Instant::now() >= deadline {
@@ -674,14 +780,14 @@ fn wait_group_gone(pgid: Pid, grace: Duration) -> bool {
     }
 }
 
-/// SIGINT, wait `grace`, SIGTERM, wait `grace`, SIGKILL to the process group.
-fn signal_ladder(pgid: Pid, grace: Duration) {
+/// SIGINT, wait `grace`, SIGTERM, wait `grace`, SIGKILL to the exec's process group.
+fn signal_ladder(agent: &Agent, exec_id: u64, grace: Duration) {
     for sig in [Signal::INT, Signal::TERM] {
-        if kill_process_group(pgid, sig).is_err() || wait_group_gone(pgid, grace) {
+        if !signal_execs(agent, &[exec_id], sig) || wait_execs_gone(agent, &[exec_id], grace) {
             return;
         }
     }
-    let _ = kill_process_group(pgid, Signal::KILL);
+    signal_execs(agent, &[exec_id], Signal::KILL);
 }
 
 /// Collects the next batch of frames for connection `generation`; returns `(frames, close,
@@ -845,14 +951,10 @@ fn poweroff(agent: &Agent, generation: u64) -> ! {
             .unwrap_or_else(|p| p.into_inner())
             .0;
     }
-    let groups: Vec<Pid> = st.execs.values().map(|e| e.pgid).collect();
+    let execs: Vec<u64> = st.execs.keys().copied().collect();
     drop(st);
-    for &pgid in &groups {
-        let _ = kill_process_group(pgid, Signal::KILL);
-    }
-    for &pgid in &groups {
-        wait_group_gone(pgid, Duration::from_secs(2));
-    }
+    signal_execs(agent, &execs, Signal::KILL);
+    wait_execs_gone(agent, &execs, Duration::from_secs(2));
     remove_files(&agent.opts);
     std::process::exit(0);
 }
@@ -889,4 +991,37 @@ pub fn write_pidfile(path: &Path, pid: u32) -> io::Result<()> {
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stat(state: char, pgrp: i32, session: i32) -> Stat {
+        Stat {
+            state,
+            pgrp,
+            session,
+            start_time: 1,
+        }
+    }
+
+    /// Once a finished exec's group id may be reused, a process with that group id
+    /// is taken for the exec's only in the agent's session, and only while it lives.
+    #[test]
+    fn a_finished_execs_group_is_recognised_by_its_session() {
+        let group = Group {
+            pgid: 4242,
+            session: 100,
+        };
+        assert!(group.has(&stat('S', 4242, 100)));
+        assert!(group.has(&stat('R', 4242, 100)));
+        // An unrelated process that got the leader's pid and called `setsid`.
+        assert!(!group.has(&stat('S', 4242, 4242)));
+        // A job process in another group.
+        assert!(!group.has(&stat('S', 4243, 100)));
+        // Zombies and dead processes need no signal.
+        assert!(!group.has(&stat('Z', 4242, 100)));
+        assert!(!group.has(&stat('X', 4242, 100)));
+    }
 }

@@ -735,3 +735,105 @@ fn errors_carry_codes_on_version_2_and_text_only_on_version_1() {
         }
     }
 }
+
+/// Tests that set `ns_last_pid` take turns, so as not to take each other's pid.
+static PID_REUSE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Starts `argv` with the pid `pid`, as pid reuse would give it, by setting the
+/// pid namespace's last allocated pid (`/proc/sys/kernel/ns_last_pid`, root
+/// only) just below it. Other processes of the host fork too, so it retries.
+fn spawn_with_pid(pid: u32, argv: &[&str]) -> Child {
+    let _turn = PID_REUSE.lock().unwrap_or_else(|p| p.into_inner());
+    for _ in 0..500 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string())
+            .expect("cannot write /proc/sys/kernel/ns_last_pid (these tests run as root)");
+        let mut child = Command::new(argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        if child.id() == pid {
+            return child;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("could not start {argv:?} with pid {pid}");
+}
+
+fn alive(child: &mut Child) -> bool {
+    child.try_wait().unwrap().is_none()
+}
+
+/// A finished step's process group id, now the pid (and group and session) of an
+/// unrelated `setsid` process, is not the job's any more: poweroff leaves it alone.
+#[test]
+fn poweroff_spares_an_unrelated_process_holding_a_finished_steps_group_id() {
+    let mut agent = Agent::start(&[]);
+    let mut c = agent.client();
+    let (pid, _, exit) = run_low(&mut c, &sh(1, "exit 0"));
+    assert_eq!(exit.code, Some(0));
+    // The step's leader is reaped and its group is empty: its id is free for reuse.
+    let mut stranger = spawn_with_pid(pid, &["setsid", "sleep", "300"]);
+    thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        rustix::process::getpgid(Pid::from_raw(pid as i32)).unwrap(),
+        Pid::from_raw(pid as i32).unwrap(),
+        "the stranger leads a process group with the step's old id"
+    );
+    c.poweroff(T).unwrap();
+    agent
+        .wait_exit(Duration::from_secs(10))
+        .expect("agent did not exit");
+    let spared = alive(&mut stranger);
+    let _ = stranger.kill();
+    let _ = stranger.wait();
+    assert!(
+        spared,
+        "the agent killed an unrelated process that reused a finished step's group id"
+    );
+}
+
+/// What a finished step left running in its own process group is still the job's:
+/// poweroff kills it.
+#[test]
+fn poweroff_kills_what_a_finished_step_left_in_its_group() {
+    let mut agent = Agent::start(&[]);
+    let mut c = agent.client();
+    let (leader, chunks, exit) = run_low(&mut c, &sh(1, "sleep 300 >/dev/null 2>&1 & echo $!"));
+    assert_eq!(exit.code, Some(0));
+    let out: Vec<u8> = chunks.into_iter().flat_map(|(_, _, b)| b).collect();
+    let left: i32 = String::from_utf8_lossy(&out).trim().parse().unwrap();
+    assert_eq!(
+        rustix::process::getpgid(Pid::from_raw(left)).unwrap(),
+        Pid::from_raw(leader as i32).unwrap()
+    );
+    c.poweroff(T).unwrap();
+    agent
+        .wait_exit(Duration::from_secs(10))
+        .expect("agent did not exit");
+    assert!(
+        process_gone(left),
+        "the finished step's sleep survived poweroff"
+    );
+}
+
+/// A process pinned by `procfs` and then gone gets no signal, and neither does the
+/// unrelated process that was given its pid since.
+#[test]
+fn a_pinned_process_whose_pid_was_reused_is_not_signalled() {
+    let mut first = Command::new("true").spawn().unwrap();
+    let pid = first.id();
+    let pinned = reel_agent::procfs::Pinned::new(pid as i32).unwrap();
+    first.wait().unwrap();
+    let mut stranger = spawn_with_pid(pid, &["sleep", "300"]);
+    let sent = pinned.signal(rustix::process::Signal::KILL);
+    thread::sleep(Duration::from_millis(50));
+    let spared = alive(&mut stranger);
+    let _ = stranger.kill();
+    let _ = stranger.wait();
+    assert!(
+        !sent && spared,
+        "a signal for a gone process reached the one that reused its pid"
+    );
+}

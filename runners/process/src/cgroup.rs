@@ -1,9 +1,17 @@
 //! The job's cgroup(s): cgroup v2 where the host has a writable cgroup2 hierarchy with
 //! the `memory` and `pids` controllers, else the v1 `memory` and `pids` hierarchies
-//! (hybrid hosts), else none.
+//! (hybrid hosts) and the v1 `freezer` where it is mounted, else none.
 //!
 //! Detection only reads `/proc/self/mountinfo` and checks write access, so `plan` can
 //! call it and name the cgroups before anything exists.
+//!
+//! A job's cgroup is a subtree, not one directory: a step (as root) may make child
+//! cgroups under its own and move into them. Everything here that looks for
+//! processes or removes directories walks the whole subtree ([`Cgroup::subtree`]),
+//! children before parents. Stopping a subtree: v2 `cgroup.kill` (Linux 5.14) kills
+//! it at once; otherwise the cgroup is frozen where it can be (v2 `cgroup.freeze`,
+//! the v1 freezer, which freezes its descendants too) so that nothing forks while
+//! its processes are killed, and the runner repeats kill passes until none is left.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -19,6 +27,9 @@ pub enum Kind {
     V1Memory,
     /// A directory of the v1 `pids` hierarchy.
     V1Pids,
+    /// A directory of the v1 `freezer` hierarchy (no limits; it stops the job's
+    /// processes from forking while they are killed).
+    V1Freezer,
 }
 
 /// One cgroup directory of a job.
@@ -134,6 +145,16 @@ pub fn detect(parent: &str, name: &str) -> Detected {
             None => missing.push(controller),
         }
     }
+    // Optional: without it, cleanup kills in repeated passes without freezing.
+    if let Some(m) = mounts.iter().find(|m| {
+        m.fstype == "cgroup" && m.options.iter().any(|o| o == "freezer") && writable(&m.point)
+    }) {
+        detected.cgroups.push(Cgroup {
+            kind: Kind::V1Freezer,
+            root: m.point.clone(),
+            path: m.point.join(&relative),
+        });
+    }
     if !missing.is_empty() {
         detected.note = Some(format!(
             "no writable cgroup2 hierarchy with the memory and pids controllers, and no \
@@ -161,6 +182,7 @@ impl Cgroup {
             Kind::V2 => &[("memory.max", memory_bytes), ("pids.max", pids_max)],
             Kind::V1Memory => &[("memory.limit_in_bytes", memory_bytes)],
             Kind::V1Pids => &[("pids.max", pids_max)],
+            Kind::V1Freezer => &[],
         };
         files.iter().copied().filter(|&(_, v)| v != 0).collect()
     }
@@ -171,6 +193,7 @@ impl Cgroup {
             Kind::V2 => "cgroup-v2",
             Kind::V1Memory => "cgroup-v1-memory",
             Kind::V1Pids => "cgroup-v1-pids",
+            Kind::V1Freezer => "cgroup-v1-freezer",
         };
         let limits: Vec<String> = self
             .limits(memory_bytes, pids_max)
@@ -223,13 +246,74 @@ impl Cgroup {
         write(&self.path.join("cgroup.procs"), &pid.to_string())
     }
 
-    /// The processes in the cgroup (empty if it does not exist).
+    /// Every directory of the cgroup's subtree, each after all of its descendants
+    /// (the order to remove them in); empty if the cgroup does not exist. Walked
+    /// without recursion: a step decides how deep its child cgroups nest.
+    pub fn subtree(&self) -> Vec<PathBuf> {
+        let mut parents_first = Vec::new();
+        let mut stack = vec![self.path.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            stack.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+            parents_first.push(dir);
+        }
+        // Each directory was listed before anything below it.
+        parents_first.reverse();
+        parents_first
+    }
+
+    /// The processes in the cgroup and every cgroup below it (empty if it does not
+    /// exist).
     pub fn procs(&self) -> Vec<i32> {
-        std::fs::read_to_string(self.path.join("cgroup.procs"))
-            .unwrap_or_default()
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
+        self.subtree()
+            .iter()
+            .flat_map(|dir| {
+                std::fs::read_to_string(dir.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect::<Vec<i32>>()
+            })
             .collect()
+    }
+
+    /// Kills every process of the subtree at once where the kernel can (v2
+    /// `cgroup.kill`, Linux 5.14 and later); false where it cannot.
+    pub fn kill_subtree(&self) -> bool {
+        let file = self.path.join("cgroup.kill");
+        self.kind == Kind::V2 && file.exists() && write(&file, "1").is_ok()
+    }
+
+    /// Freezes (or thaws) the subtree where this cgroup can: v1 freezer
+    /// `freezer.state`, v2 `cgroup.freeze` (Linux 5.2). False where it cannot.
+    pub fn set_frozen(&self, frozen: bool) -> bool {
+        let (file, value) = match (self.kind, frozen) {
+            (Kind::V1Freezer, true) => ("freezer.state", "FROZEN"),
+            (Kind::V1Freezer, false) => ("freezer.state", "THAWED"),
+            (Kind::V2, true) => ("cgroup.freeze", "1"),
+            (Kind::V2, false) => ("cgroup.freeze", "0"),
+            _ => return false,
+        };
+        let file = self.path.join(file);
+        file.exists() && write(&file, value).is_ok()
+    }
+
+    /// Whether the subtree is frozen (every process of it stopped).
+    pub fn is_frozen(&self) -> bool {
+        match self.kind {
+            Kind::V1Freezer => std::fs::read_to_string(self.path.join("freezer.state"))
+                .is_ok_and(|s| s.trim() == "FROZEN"),
+            Kind::V2 => std::fs::read_to_string(self.path.join("cgroup.events"))
+                .is_ok_and(|s| s.lines().any(|l| l == "frozen 1")),
+            Kind::V1Memory | Kind::V1Pids => false,
+        }
     }
 
     /// How many processes of this cgroup the kernel's OOM killer has ended so far:
@@ -240,20 +324,26 @@ impl Cgroup {
         let file = match self.kind {
             Kind::V2 => "memory.events",
             Kind::V1Memory => "memory.oom_control",
-            Kind::V1Pids => return None,
+            Kind::V1Pids | Kind::V1Freezer => return None,
         };
         parse_oom_kills(&std::fs::read_to_string(self.path.join(file)).ok()?)
     }
 
-    /// Removes the directory; a missing one is fine.
+    /// Removes the directory and every cgroup below it, children first; a missing
+    /// one is fine. Fails while a process is left in any of them.
     pub fn remove(&self) -> io::Result<()> {
-        match std::fs::remove_dir(&self.path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io::Error::new(
-                e.kind(),
-                format!("cannot remove cgroup {}: {e}", self.path.display()),
-            )),
-            _ => Ok(()),
+        for dir in self.subtree() {
+            match std::fs::remove_dir(&dir) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("cannot remove cgroup {}: {e}", dir.display()),
+                    ));
+                }
+                _ => {}
+            }
         }
+        Ok(())
     }
 }
 
@@ -284,6 +374,40 @@ mod tests {
     fn unescapes_mountinfo() {
         assert_eq!(unescape(r"/a\040b"), "/a b");
         assert_eq!(unescape(r"/plain"), "/plain");
+    }
+
+    /// Children come before their parents, at every depth, and nothing but
+    /// directories is listed.
+    #[test]
+    fn a_subtree_lists_children_before_parents() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("sbx-1");
+        for d in ["a/b/c", "a/d", "e"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        std::fs::write(root.join("a/cgroup.procs"), "").unwrap();
+        let cg = Cgroup {
+            kind: Kind::V1Memory,
+            root: dir.path().to_owned(),
+            path: root.clone(),
+        };
+        let order = cg.subtree();
+        let at = |d: &str| {
+            order
+                .iter()
+                .position(|p| *p == root.join(d))
+                .unwrap_or_else(|| panic!("{d} missing from {order:?}"))
+        };
+        assert_eq!(order.len(), 6, "{order:?}");
+        assert!(at("a/b/c") < at("a/b") && at("a/b") < at("a"));
+        assert!(at("a/d") < at("a") && at("a") < at(""));
+        assert!(at("e") < at(""));
+        assert_eq!(order.last(), Some(&root));
+        let gone = Cgroup {
+            path: dir.path().join("missing"),
+            ..cg
+        };
+        assert!(gone.subtree().is_empty());
     }
 
     #[test]

@@ -7,9 +7,21 @@
 //!
 //! a cgroup (v2 `<mount>/<cgroup_parent>/sbx-<root tag>-<sandbox_id>` where the host has a writable
 //! cgroup2 hierarchy with `memory` and `pids`, else the v1 `memory` and `pids`
-//! hierarchies, else none, with a notice), and one `reel-agent` process in its own
-//! session, moved into the cgroup(s) as soon as it runs. Steps run through the agent as
-//! `sh -c <command>` in `work/`.
+//! hierarchies and the v1 `freezer` where it is mounted, else none, with a notice),
+//! and one `reel-agent` process in its own session, moved into the cgroup(s) as soon
+//! as it runs. Steps run through the agent as `sh -c <command>` in `work/`.
+//!
+//! # Stopping a job
+//!
+//! `poweroff` and `cleanup` kill every process of the job: everything in its
+//! cgroups **and the cgroups a step made below them** (a step may move into a child
+//! cgroup of its own), everything in the agent's session, and the agent. Each pass
+//! kills a v2 subtree at once with `cgroup.kill` where the kernel has it, else
+//! freezes what it can (v2 `cgroup.freeze`, the v1 freezer) so nothing forks
+//! meanwhile; passes repeat until nothing is left, then `cleanup` removes the
+//! cgroups children first. A pid found by a scan is pinned (pidfd) and the job's
+//! processes found again before it is signalled, so a signal never reaches a
+//! process that took the pid of one that exited in between.
 //!
 //! # Environment
 //!
@@ -62,7 +74,7 @@
 //!   pid count).
 
 mod cgroup;
-pub mod procfs;
+pub use reel_agent::procfs;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read as _;
@@ -74,13 +86,14 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
+use reel_agent::procfs::{Pinned, Process};
 use reel_agent::proto::{ErrorCode, Message};
 use reel_agent::{AgentClient, CancelHandle, ClientError, ExecRequest};
 use reel_plugin_sdk::{
     Description, ExecResult, Handle, JobRequest, OutputSink, Probe, Runner, RunnerConfig,
     RunnerError, StepRequest, Stream,
 };
-use rustix::process::{Pid, Signal};
+use rustix::process::Signal;
 use serde::{Deserialize, Serialize};
 
 pub use cgroup::{Cgroup, Kind as CgroupKind};
@@ -111,6 +124,9 @@ const COALESCE_WAIT: Duration = Duration::from_micros(300);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `cleanup` keeps killing before it gives up on a busy cgroup.
 const CLEANUP_PATIENCE: Duration = Duration::from_secs(5);
+/// How long a kill pass waits for the job's cgroups to freeze (a process in an
+/// uninterruptible sleep delays it) before it kills them unfrozen.
+const FREEZE_PATIENCE: Duration = Duration::from_millis(200);
 
 /// The agent process: pid and start time (clock ticks after boot), which together
 /// name one process even after the pid is reused.
@@ -250,12 +266,6 @@ fn client_error(what: &str, e: ClientError) -> RunnerError {
     }
 }
 
-fn kill(pid: i32, signal: Signal) {
-    if let Some(pid) = Pid::from_raw(pid) {
-        let _ = rustix::process::kill_process(pid, signal);
-    }
-}
-
 fn random_token() -> Result<String, RunnerError> {
     let mut bytes = [0u8; 16];
     std::fs::File::open("/dev/urandom")
@@ -328,9 +338,10 @@ impl ProcessRunner {
         found
     }
 
-    /// Every process of the job still alive: in its cgroup(s), in an agent's session,
-    /// or an agent (also a half-started one, found by its socket argument).
-    fn job_processes(state: &JobState) -> Vec<i32> {
+    /// Every process of the job still alive: in its cgroup(s) or any cgroup below
+    /// them, in an agent's session, or an agent (also a half-started one, found by
+    /// its socket argument). Sorted.
+    fn job_processes(state: &JobState) -> Vec<Process> {
         let me = std::process::id() as i32;
         let mut pids: Vec<i32> = state.cgroups.iter().flat_map(Cgroup::procs).collect();
         let agents = Self::agents(state);
@@ -362,24 +373,64 @@ impl ProcessRunner {
         }
         pids.sort_unstable();
         pids.dedup();
-        pids.retain(|&p| p != me && procfs::start_time(p).is_some());
-        pids
+        pids.into_iter()
+            .filter(|&p| p != me)
+            .filter_map(Process::of)
+            .collect()
     }
 
-    /// SIGKILLs every process of the job until none is left or `deadline` passes.
-    /// Signals every process at least once, even with `deadline` already past.
+    /// SIGKILLs every process of the job until none is left or `deadline` passes,
+    /// and returns the pids still left. Signals every process at least once, even
+    /// with `deadline` already past.
+    ///
+    /// A pass that finds processes first stops the job's cgroups where the kernel
+    /// can: v2 `cgroup.kill` kills a subtree at once; otherwise a freezable cgroup
+    /// is frozen (for up to [`FREEZE_PATIENCE`]) so that nothing forks meanwhile,
+    /// and thawed after the pass, when the killed processes die. Then every process
+    /// found is pinned and the job's processes are found again: a pinned process
+    /// found again is the job's (its pid cannot have been reused while it is
+    /// pinned), and only those are signalled — never a process that took the pid of
+    /// one that exited since the first look.
     fn kill_all(state: &JobState, deadline: Instant) -> Vec<i32> {
         let mut round = 0;
         loop {
-            let left = Self::job_processes(state);
-            if left.is_empty() {
-                return left;
+            // Most often the agent took its steps down and nothing is left.
+            if Self::job_processes(state).is_empty() {
+                return Vec::new();
             }
-            for &pid in &left {
-                kill(pid, Signal::KILL);
+            let killed_at_once = state.cgroups.iter().any(Cgroup::kill_subtree);
+            let frozen: Vec<&Cgroup> = if killed_at_once {
+                Vec::new()
+            } else {
+                state
+                    .cgroups
+                    .iter()
+                    .filter(|c| c.set_frozen(true))
+                    .collect()
+            };
+            let freeze_deadline = Instant::now() + FREEZE_PATIENCE;
+            let mut wait = 0;
+            while !frozen.iter().all(|c| c.is_frozen()) && Instant::now() < freeze_deadline {
+                std::thread::sleep(backoff(&mut wait));
+            }
+            let found = Self::job_processes(state);
+            let pinned: Vec<(Process, Pinned)> = found
+                .iter()
+                .filter_map(|&p| Some((p, Pinned::new(p.pid)?)))
+                .collect();
+            if !pinned.is_empty() {
+                let again = Self::job_processes(state);
+                for (p, pin) in &pinned {
+                    if again.binary_search(p).is_ok() {
+                        pin.signal(Signal::KILL);
+                    }
+                }
+            }
+            for cg in &frozen {
+                cg.set_frozen(false);
             }
             if Instant::now() >= deadline {
-                return Self::job_processes(state);
+                return Self::job_processes(state).iter().map(|p| p.pid).collect();
             }
             std::thread::sleep(backoff(&mut round));
         }
@@ -767,7 +818,7 @@ impl Runner for ProcessRunner {
         // which only a connected host sends).
         for cg in &state.cgroups {
             if let Err(e) = cg.add(pid) {
-                kill(pid, Signal::KILL);
+                Process { pid, start_time }.signal(Signal::KILL);
                 return Err(RunnerError::failed(format!(
                     "cannot move the agent (pid {pid}) into its cgroup: {e}"
                 )));
@@ -937,9 +988,9 @@ impl Runner for ProcessRunner {
                         return Err(RunnerError::failed(e.to_string()));
                     }
                     Err(_) => {
-                        for pid in cg.procs() {
-                            kill(pid, Signal::KILL);
-                        }
+                        // One more pass over the whole job: a process may have
+                        // been moved into any of its cgroups since.
+                        Self::kill_all(&state, Instant::now());
                         std::thread::sleep(backoff(&mut round));
                     }
                 }
@@ -961,7 +1012,7 @@ impl Runner for ProcessRunner {
         let state = Self::state(handle)?;
         let agents = Self::agents(&state);
         let Some(agent) = agents.first() else {
-            let leftovers = Self::job_processes(&state);
+            let leftovers: Vec<i32> = Self::job_processes(&state).iter().map(|p| p.pid).collect();
             let detail = match (state.agent, leftovers.is_empty()) {
                 (_, false) => format!(
                     "the agent is gone but processes {leftovers:?} of the job remain (cleanup kills them)"

@@ -392,6 +392,61 @@ fn cleanup_from_plan_handle_kills_a_booted_agent() {
     common::remove_cgroup_parent(110);
 }
 
+/// A step that moves itself two levels down into child cgroups of the job's in
+/// every hierarchy, and there starts, in a session of its own, a loop that forks
+/// as fast as it can: cleanup from the plan handle alone (as recovery does) kills
+/// all of it and removes the cgroups, children first.
+#[test]
+fn cleanup_kills_what_escaped_into_child_cgroups_and_removes_them() {
+    if !common::v1_available() {
+        eprintln!("skipped: this host has no cgroup v1 memory+pids hierarchies");
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let runner = ProcessRunner::new(&common::config(root.path(), 119)).unwrap();
+    let plan = runner.plan(&job(119)).unwrap();
+    let prepared = runner.prepare(&plan).unwrap();
+    let booted = runner.boot(&prepared).unwrap();
+    let handle = runner.connect(&booted).unwrap();
+    let agent = std::fs::read_to_string(root.path().join("119/agent.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let escape = r#"
+        grep sbx-119 /proc/self/cgroup | while IFS=: read -r id controllers path; do
+          dir=/sys/fs/cgroup/${controllers#name=}$path/escape/deeper
+          mkdir -p "$dir" && echo $$ > "$dir/cgroup.procs" && echo "moved into $dir"
+        done
+        setsid sh -c 'i=0; while [ $i -lt 2000 ]; do sleep 300 & i=$((i+1)); done; wait' \
+          >/dev/null 2>&1 &
+        sleep 0.2
+    "#;
+    let mut out = Output::default();
+    let result = runner.exec(&handle, &step(1, escape), &mut out).unwrap();
+    assert!(result.success(), "{result:?} {out:?}");
+    let moved = String::from_utf8_lossy(&out.stdout)
+        .matches("moved into ")
+        .count();
+    assert!(
+        moved >= 2,
+        "the step did not leave the job's cgroups: {out:?}"
+    );
+    let escaped = common::job_processes(119, None).len();
+    assert!(escaped > 10, "the loop did not fork: {escaped} processes");
+    let cleaned = runner.cleanup(&plan);
+    let left = common::job_processes(119, Some(agent));
+    for (pid, _) in &left {
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_raw(*pid).unwrap(),
+            rustix::process::Signal::KILL,
+        );
+    }
+    cleaned.unwrap();
+    common::assert_nothing_left(root.path(), 119, Some(agent));
+    common::remove_cgroup_parent(119);
+}
+
 /// Collects the expected output of the counting step.
 fn counting(n: u32) -> Vec<u8> {
     (1..=n)

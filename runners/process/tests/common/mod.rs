@@ -173,7 +173,7 @@ pub fn assert_nothing_left(root: &Path, sandbox_id: u32, agent_sid: Option<i32>)
         !root.join(sandbox_id.to_string()).exists(),
         "the sandbox dir remains"
     );
-    for controller in ["memory", "pids"] {
+    for controller in ["memory", "pids", "freezer"] {
         let cg = v1_cgroup(controller, sandbox_id);
         assert!(!cg.exists(), "{} remains", cg.display());
     }
@@ -181,7 +181,7 @@ pub fn assert_nothing_left(root: &Path, sandbox_id: u32, agent_sid: Option<i32>)
 
 /// Removes the test's cgroup parents (the runner leaves the shared parent alone).
 pub fn remove_cgroup_parent(sandbox_id: u32) {
-    for controller in ["memory", "pids"] {
+    for controller in ["memory", "pids", "freezer"] {
         let _ = std::fs::remove_dir(format!(
             "/sys/fs/cgroup/{controller}/{}",
             cgroup_parent(sandbox_id)
