@@ -79,6 +79,7 @@ pub fn reel_cgroups() -> Vec<PathBuf> {
     for parent in [
         "/sys/fs/cgroup/memory/reel",
         "/sys/fs/cgroup/pids/reel",
+        "/sys/fs/cgroup/freezer/reel",
         "/sys/fs/cgroup/reel",
     ] {
         if let Ok(entries) = std::fs::read_dir(parent) {
@@ -135,6 +136,7 @@ pub fn assert_nothing_left(state: &Path, context: &str) {
     for parent in [
         "/sys/fs/cgroup/memory/reel",
         "/sys/fs/cgroup/pids/reel",
+        "/sys/fs/cgroup/freezer/reel",
         "/sys/fs/cgroup/reel",
     ] {
         if let Ok(entries) = std::fs::read_dir(parent) {
