@@ -398,3 +398,91 @@ fn a_flipped_byte_in_an_output_file_is_reported_and_the_chunks_before_it_kept() 
         "{err}"
     );
 }
+
+/// Two live jobs; returns the state dir.
+fn two_live_jobs() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open(dir.path(), LogOptions::default()).unwrap();
+    smol::block_on(async {
+        run_job(&log, spec("one", 3), 1, Ending::StopAfter(1))
+            .await
+            .unwrap();
+        run_job(&log, spec("two", 3), 2, Ending::StopAfter(1))
+            .await
+            .unwrap();
+    });
+    log.close();
+    dir
+}
+
+/// Writes `value` under job `job`'s event `seq` straight into the sled store,
+/// as damage that sled's own checksums do not see (or an event an older build
+/// wrote over today's decode limit).
+fn put_raw_event(dir: &std::path::Path, job: u64, seq: u32, value: &[u8]) {
+    let db = sled::open(dir.join("log")).unwrap();
+    let events = db.open_tree("events").unwrap();
+    events
+        .insert(reel_engine::store::event_key(job, seq), value)
+        .unwrap();
+    db.flush().unwrap();
+}
+
+/// A corrupt stored event in a live job does not keep the store from opening:
+/// the journal's intact copy replaces it, and the job goes on.
+#[test]
+fn a_corrupt_event_of_a_live_job_is_replaced_by_the_journals_copy() {
+    let dir = two_live_jobs();
+    put_raw_event(dir.path(), 1, 3, b"not an envelope");
+    let log = EventLog::open(dir.path(), LogOptions::default()).unwrap();
+    assert!(
+        log.repairs()
+            .iter()
+            .any(|r| r.job == Some(1) && r.message.contains("replaced by the journal's intact")),
+        "{:?}",
+        log.repairs()
+    );
+    assert!(log.live_state(1).is_some() && log.live_state(2).is_some());
+    assert!(log.set_aside().is_empty());
+    log.close();
+}
+
+/// A live job whose history cannot be read at all (no intact copy anywhere) is
+/// set aside: the store opens, every other job can be appended to, nothing is
+/// appended to it, and its sandbox id stays known.
+#[test]
+fn an_unreadable_live_job_is_set_aside_and_every_other_job_goes_on() {
+    let dir = two_live_jobs();
+    // An event past the job's last one that the journal never had.
+    let last = {
+        let log = EventLog::open(dir.path(), LogOptions::default()).unwrap();
+        let seq = log.live_state(1).unwrap().seq;
+        log.close();
+        seq
+    };
+    put_raw_event(dir.path(), 1, last + 1, b"not an envelope");
+    let log = EventLog::open(dir.path(), LogOptions::default()).unwrap();
+    assert!(log.live_state(1).is_none());
+    assert_eq!(log.set_aside().get(&1).and_then(|s| s.cid), Some(1));
+    assert!(
+        log.repairs()
+            .iter()
+            .any(|r| r.job == Some(1) && r.message.contains("set aside")),
+        "{:?}",
+        log.repairs()
+    );
+    let refused = log.append_blocking(
+        1,
+        Event::RunnerNotice {
+            message: "x".into(),
+        },
+    );
+    assert!(matches!(refused, Err(LogError::SetAside(1))), "{refused:?}");
+    log.append_blocking(
+        2,
+        Event::RunnerNotice {
+            message: "still going".into(),
+        },
+    )
+    .unwrap();
+    log.close();
+}

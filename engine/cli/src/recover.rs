@@ -148,12 +148,18 @@ fn dry_run(state_dir: &Path, plugins: plugin::PluginSet, args: &RecoverArgs) -> 
         .with_context(|| format!("cannot read the log in {}", state_dir.display()))?;
     let runners = runners(state_dir, plugins);
     let mut found: Vec<Assessment> = Vec::new();
+    let (states, unreadable) = log.live_states()?;
+    for (job, e) in &unreadable {
+        eprintln!(
+            "reel: job {job} is set aside: its history cannot be read ({}); recovery leaves it",
+            reel_engine::store::error_line(e)
+        );
+    }
     smol::block_on(async {
-        for state in log.live_states()? {
-            found.push(assess(&runners, &log, &state).await);
+        for state in &states {
+            found.push(assess(&runners, &log, state).await);
         }
-        anyhow::Ok(())
-    })?;
+    });
     if args.json {
         println!("{}", serde_json::to_string_pretty(&found)?);
     } else if found.is_empty() {

@@ -180,6 +180,8 @@ impl Executor {
                 leases.insert(cid);
             }
         }
+        // A job set aside (its history unreadable) may still hold a sandbox.
+        leases.extend(log.set_aside().values().filter_map(|s| s.cid));
         Ok(Executor {
             log,
             runners,

@@ -95,6 +95,10 @@ pub enum LogError {
     /// The job does not exist.
     #[error("no job {0} in the log")]
     UnknownJob(JobId),
+    /// The job was set aside when the log was opened: its history cannot be
+    /// read, so nothing more is appended to it.
+    #[error("job {0} is set aside: its stored history cannot be read")]
+    SetAside(JobId),
     /// Output would leave a gap in a step's stream.
     #[error("job {job} step {}: output at offset {offset} leaves a gap after {end}", step + 1)]
     OutputGap {

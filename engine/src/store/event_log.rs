@@ -8,7 +8,8 @@ use std::thread::JoinHandle;
 
 use super::output::Stream;
 use super::reader::{LogReader, open_reconciled};
-use super::trees::{PID_FILE, fold_from, live_ids};
+use super::salvage::{LiveJobs, fold_live};
+use super::trees::PID_FILE;
 use super::writer::{CHANNEL_DEPTH, Request, Writer};
 use super::{LogOptions, lock};
 use crate::model::event::{Event, JobId, Seq};
@@ -23,6 +24,9 @@ struct Shared {
     writer: Mutex<Option<JoinHandle<()>>>,
     /// In-memory state of every live job, shared with the writer for reads.
     live: Arc<Mutex<HashMap<JobId, JobState>>>,
+    /// Live jobs whose history cannot be read: the state their readable part
+    /// folds to (never appended to; see `salvage.rs`).
+    set_aside: HashMap<JobId, JobState>,
 }
 
 /// The event log of a running engine. Cheap to clone; the writer stops when
@@ -59,14 +63,11 @@ impl EventLog {
             path: state_dir.to_path_buf(),
             source,
         })?;
-        let (trees, journal, journal_end, repairs) = open_reconciled(state_dir)?;
+        let (trees, journal, journal_end, mut repairs) = open_reconciled(state_dir)?;
         let _ = std::fs::write(state_dir.join(PID_FILE), std::process::id().to_string());
+        let LiveJobs { live, set_aside } = fold_live(&trees, &journal, &mut repairs)?;
         for r in &repairs {
             tracing::warn!(log = %state_dir.display(), "{r}");
-        }
-        let mut live = HashMap::new();
-        for id in live_ids(&trees.live)? {
-            live.insert(id, fold_from(&trees.events, id)?);
         }
         let live = Arc::new(Mutex::new(live));
         let reader = LogReader::over(trees.clone(), state_dir, journal.clone(), repairs);
@@ -94,6 +95,7 @@ impl EventLog {
                 tx,
                 writer: Mutex::new(Some(handle)),
                 live,
+                set_aside,
             }),
         })
     }
@@ -180,6 +182,12 @@ impl EventLog {
     /// The folded state of a live job, from memory (a copy).
     pub fn live_state(&self, job: JobId) -> Option<JobState> {
         self.live_with(job, JobState::clone)
+    }
+
+    /// Live jobs set aside on open because their history cannot be read, with
+    /// the state their readable part folds to (for the sandbox id they hold).
+    pub fn set_aside(&self) -> &HashMap<JobId, JobState> {
+        &self.shared.set_aside
     }
 
     /// Reads a live job's folded state in place, without copying it (the

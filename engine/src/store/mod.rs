@@ -31,6 +31,7 @@
 //! | `summary.rs` | [`JobSummary`], the per-job listing record |
 //! | `journal.rs` | the journal file format |
 //! | `output.rs` | step output files |
+//! | `salvage.rs` | live jobs that do not fold: repaired from the journal or set aside |
 //! | `snapshot.rs` | temporary copies for offline readers; the lock probe |
 //! | `error.rs` | [`LogError`] |
 //!
@@ -64,6 +65,7 @@ pub mod journal;
 pub mod output;
 mod reader;
 mod reconcile;
+mod salvage;
 mod snapshot;
 mod summary;
 mod trees;

@@ -145,12 +145,20 @@ impl LogReader {
         fold_from(&self.trees.events, job)
     }
 
-    /// The folded state of every live job, ascending by id.
-    pub fn live_states(&self) -> Result<Vec<JobState>, LogError> {
-        self.live_jobs()?
-            .into_iter()
-            .map(|j| self.fold(j))
-            .collect()
+    /// The folded state of every live job, ascending by id, and apart from them
+    /// each live job whose history cannot be read or folded, with why.
+    pub fn live_states(&self) -> Result<(Vec<JobState>, Vec<(JobId, LogError)>), LogError> {
+        let (mut states, mut unreadable) = (Vec::new(), Vec::new());
+        for job in self.live_jobs()? {
+            match self.fold(job) {
+                Ok(s) => states.push(s),
+                Err(e @ (LogError::Corrupt { .. } | LogError::Illegal(_))) => {
+                    unreadable.push((job, e));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((states, unreadable))
     }
 
     /// A step's stored output from `from` on, in offset order. Damage in the

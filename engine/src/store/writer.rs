@@ -322,6 +322,15 @@ impl Writer {
     }
 
     fn not_live(&self, job: JobId, event: &Event) -> LogError {
+        if self
+            .trees
+            .live
+            .contains_key(job.to_be_bytes())
+            .unwrap_or(false)
+        {
+            // Live on disk but not in memory: set aside on open (unreadable).
+            return LogError::SetAside(job);
+        }
         match self.trees.jobs.get(job.to_be_bytes()) {
             Ok(Some(v)) => match JobSummary::decode(&v) {
                 Ok(s) => LogError::Illegal(IllegalTransition {
