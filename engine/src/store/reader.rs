@@ -25,6 +25,9 @@ use crate::model::event::{JobId, Record};
 use crate::model::state::JobState;
 use crate::store::LogError;
 
+/// Live jobs whose history cannot be read or folded, each with why.
+pub type Unreadable = Vec<(JobId, LogError)>;
+
 /// Read access to a log: listings, histories, folds, step output.
 pub struct LogReader {
     pub(super) trees: Trees,
@@ -147,7 +150,7 @@ impl LogReader {
 
     /// The folded state of every live job, ascending by id, and apart from them
     /// each live job whose history cannot be read or folded, with why.
-    pub fn live_states(&self) -> Result<(Vec<JobState>, Vec<(JobId, LogError)>), LogError> {
+    pub fn live_states(&self) -> Result<(Vec<JobState>, Unreadable), LogError> {
         let (mut states, mut unreadable) = (Vec::new(), Vec::new());
         for job in self.live_jobs()? {
             match self.fold(job) {
