@@ -26,7 +26,7 @@ impl Snapshot {
         if !super::exists(state_dir) {
             return Err(LogError::Missing(state_dir.to_path_buf()));
         }
-        check_unlocked(state_dir)?;
+        patient(|| check_unlocked(state_dir))?;
         let dir = std::env::temp_dir().join(format!(
             "reel-snapshot-{}-{}",
             std::process::id(),
@@ -57,6 +57,26 @@ impl Snapshot {
 impl Drop for Snapshot {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs `open` again while it fails because this very process holds the log's
+/// lock: a log this process closed a moment ago stays locked until sled's
+/// threads finish their last flush. Waits at most 3 s; any other result,
+/// including a lock another process holds, is returned at once.
+pub(super) fn patient<T>(mut open: impl FnMut() -> Result<T, LogError>) -> Result<T, LogError> {
+    let poll = std::time::Duration::from_millis(20);
+    let mut waited = std::time::Duration::ZERO;
+    loop {
+        match open() {
+            Err(LogError::Locked {
+                holder: Some(pid), ..
+            }) if pid == std::process::id() && waited < std::time::Duration::from_secs(3) => {
+                std::thread::sleep(poll);
+                waited += poll;
+            }
+            other => return other,
+        }
     }
 }
 

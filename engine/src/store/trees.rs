@@ -50,13 +50,9 @@ pub(super) fn read_holder(state_dir: &Path) -> Option<u32> {
         .ok()
 }
 
-/// The sled trees of the log, in the order `open_trees` opens them.
-pub const TREES: [&str; 4] = ["meta", "events", "jobs", "live"];
-
-pub(super) fn open_trees(state_dir: &Path) -> Result<Trees, LogError> {
-    let path = state_dir.join(DB_DIR);
-    let db = sled::Config::new()
-        .path(&path)
+fn open_db(state_dir: &Path) -> Result<sled::Db, LogError> {
+    sled::Config::new()
+        .path(state_dir.join(DB_DIR))
         .cache_capacity(super::CACHE_BYTES)
         .flush_every_ms(None)
         .open()
@@ -67,7 +63,14 @@ pub(super) fn open_trees(state_dir: &Path) -> Result<Trees, LogError> {
                 (sled::Error::Io(_), Err(locked @ LogError::Locked { .. })) => locked,
                 _ => LogError::Storage(e),
             }
-        })?;
+        })
+}
+
+/// The sled trees of the log, in the order `open_trees` opens them.
+pub const TREES: [&str; 4] = ["meta", "events", "jobs", "live"];
+
+pub(super) fn open_trees(state_dir: &Path) -> Result<Trees, LogError> {
+    let db = super::snapshot::patient(|| open_db(state_dir))?;
     let meta = db.open_tree("meta")?;
     match meta.get("format")? {
         Some(v) => {
