@@ -110,11 +110,7 @@ pub enum SpecError {
         size: usize,
     },
     /// A step's command and environment would be over [`MAX_STEP_BYTES`].
-    #[error(
-        "{}: the command and environment (the job's and the step's own) take {size} bytes, over the {} limit on one step: a runner's agent receives a step in one message of at most 1 MiB",
-        step_label(*.step, .name),
-        size_text(MAX_STEP_BYTES)
-    )]
+    #[error("{}", step_too_large(*.step, .name, *.size))]
     StepTooLarge {
         /// The step's index in the spec (from 0; messages number steps from 1);
         /// `None` for the job's own environment, which every step carries.
@@ -125,11 +121,7 @@ pub enum SpecError {
         size: usize,
     },
     /// A command or one environment variable would be over [`MAX_EXEC_STRING`].
-    #[error(
-        "{}: {what} takes {size} bytes, over the {} limit on one command or variable: Linux cannot start a process with a longer argument or environment string",
-        step_label(*.step, .name),
-        size_text(MAX_EXEC_STRING)
-    )]
+    #[error("{}: {}", step_label(*.step, .name), exec_string_problem(.what, *.size))]
     ExecStringTooLong {
         /// The step's index, or `None` for the job's environment.
         step: Option<usize>,
@@ -142,11 +134,34 @@ pub enum SpecError {
     },
 }
 
+fn step_too_large(step: Option<usize>, name: &str, size: usize) -> String {
+    let limit = size_text(MAX_STEP_BYTES);
+    let what = match step {
+        Some(_) => format!(
+            "{}: its command and environment (the job's under its own) take",
+            step_label(step, name)
+        ),
+        None => "the job's environment, which every step carries, takes".to_string(),
+    };
+    format!(
+        "{what} {size} bytes, over the {limit} limit on one step: a runner's agent receives a step in one message of at most 1 MiB"
+    )
+}
+
 fn step_label(step: Option<usize>, name: &str) -> String {
     match step {
         Some(i) => format!("step {} \"{}\"", i + 1, name.escape_default()),
         None => "the job's environment".to_string(),
     }
+}
+
+/// What is wrong with a command or variable over [`MAX_EXEC_STRING`]: `what` is
+/// `the command` or `environment variable NAME`, `size` its exec size.
+pub fn exec_string_problem(what: &str, size: usize) -> String {
+    format!(
+        "{what} takes {size} bytes, over the {} limit on one command or variable: Linux cannot start a process with a longer argument or environment string",
+        size_text(MAX_EXEC_STRING)
+    )
 }
 
 /// `8 MiB (8388608 bytes)`: a limit in the unit it is documented in, and exactly.
