@@ -5,9 +5,11 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use reel_engine::model::codec::MAX_ENVELOPE;
 use reel_engine::model::event::{Event, Outcome};
+use reel_engine::model::spec::{SpecError, StepSpec};
 use reel_engine::model::state::Phase;
-use reel_engine::store::{EventLog, LogError, LogOptions, Stream};
+use reel_engine::store::{EventLog, LogError, LogOptions, LogReader, Stream};
 use reel_engine::testkit::simulate::{Ending, run_job, spec};
 
 fn open(dir: &std::path::Path) -> EventLog {
@@ -49,6 +51,47 @@ fn an_illegal_event_is_refused_and_not_written() {
     );
     assert_eq!(log.events(job).count(), 1);
     assert_eq!(log.append_blocking(job, Event::Queued {}).unwrap(), 2);
+}
+
+/// A job whose `Submitted` event would not fit the envelope's decode limit used to
+/// be written anyway and read back as corrupt for ever. Now it is refused before
+/// the writer sees it: no event, no journal frame, no job id used up.
+#[test]
+fn a_job_over_the_size_limit_is_refused_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path());
+    let mut big = spec("big", 1);
+    // 140 steps of 120 KiB each: every step is within its own limits, the whole
+    // spec (16.8 MB) is over the 8 MiB a stored spec may take.
+    big.steps = (0..140)
+        .map(|i| StepSpec {
+            name: format!("s{i}"),
+            command: "x".repeat(120 * 1024),
+            ..StepSpec::default()
+        })
+        .collect();
+    let size = big.stored_size();
+    assert!(size > MAX_ENVELOPE, "{size}");
+    let err = log.submit_blocking(big).unwrap_err();
+    let LogError::Spec(SpecError::TooLarge { size: said }) = err else {
+        panic!("{err}");
+    };
+    assert_eq!(said, size);
+    assert!(
+        err.to_string().contains(&format!("takes {size} bytes")),
+        "{err}"
+    );
+    assert!(err.to_string().contains("8 MiB"), "{err}");
+    assert_eq!(log.jobs().count(), 0);
+    // The next job gets the first id, and the journal holds only its event.
+    assert_eq!(log.submit_blocking(spec("small", 1)).unwrap(), 1);
+    log.close();
+    drop(log);
+    let journal = std::fs::metadata(dir.path().join("journal")).unwrap().len();
+    assert!(journal < 4096, "journal is {journal} bytes");
+    let reader = LogReader::open_copy(dir.path()).unwrap();
+    assert_eq!(reader.jobs().count(), 1);
+    assert!(reader.events(1).all(|r| r.is_ok()));
 }
 
 #[test]

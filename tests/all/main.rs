@@ -1,5 +1,6 @@
 //! Workspace integration tests, one module per area.
 mod crash;
 mod isolation;
+mod limits;
 mod plugins;
 mod run;

@@ -590,3 +590,52 @@ fn a_full_disk_stops_the_engine_plainly_and_recover_finishes_with_every_byte() {
     assert!(stored == expected, "{} bytes stored", stored.len());
     assert_nothing_left(&state, "full disk");
 }
+
+/// A step exactly at the engine's size limit (768 KiB of command and
+/// environment) reaches the real agent in one message and runs; the same job
+/// one byte larger is refused before anything starts.
+#[test]
+fn a_step_at_the_size_limit_runs_and_one_byte_more_is_refused() {
+    use reel_engine::model::spec::{MAX_STEP_BYTES, command_exec_size, variable_exec_size};
+    let state = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let value = "v".repeat(120 * 1024);
+    let command = "test ${#V0} -eq 122880 && test ${#S} -gt 0 && echo at the limit";
+    let used = 6 * variable_exec_size("V0", &value) + command_exec_size(command);
+    let filler = "s".repeat(MAX_STEP_BYTES - used - variable_exec_size("S", ""));
+    let job = |filler: &str| {
+        let vars: String = (0..6).map(|i| format!("  V{i}: {value}\n")).collect();
+        format!(
+            "environment:\n{vars}steps:\n  - name: wide\n    command: '{command}'\n    environment:\n      S: {filler}\n"
+        )
+    };
+    let at_limit = write(files.path(), "limit.yml", &job(&filler));
+    let out = reel(state.path(), &["run", &at_limit], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("at the limit"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let over = write(files.path(), "over.yml", &job(&format!("{filler}s")));
+    let out = reel(state.path(), &["run", &over], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains(&format!(
+            "take {} bytes, over the 768 KiB (786432 bytes) limit on one step",
+            MAX_STEP_BYTES + 1
+        )),
+        "{}",
+        text(&out.stderr)
+    );
+    // Only the first job is in the log.
+    assert_eq!(
+        json(&reel(state.path(), &["jobs", "--json"], &[]))
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_nothing_left(state.path(), "run");
+}

@@ -1,5 +1,7 @@
 //! The replay tool, run as the real `reel` binary against logs written by the
-//! scripted driver: JSON shapes, `--at`, corruption on disk, a held log.
+//! scripted driver: JSON shapes, `--at`, corruption on disk, a held log. And
+//! `reel run` refusing hostile job files, which it does before loading any
+//! plugin or opening the log.
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -288,4 +290,184 @@ fn steps_are_numbered_from_one_in_replay_inspect_and_json() {
     assert_eq!(steps, [1, 2, 3]);
     let v = json(&reel(dir.path(), &["replay", "1", "--json"]));
     assert_eq!(v["state"]["steps"][0]["step"], 1);
+}
+
+// ---------------------------------------------------------------------------------
+// `reel run` and hostile job files: each is refused with exit status 2 and one
+// clear line, quickly, and nothing is written to the state directory.
+
+/// Runs `reel` and kills it if it takes longer than `limit` (the bugs below
+/// took from 20 s to minutes, or memory until killed).
+fn reel_within(dir: &Path, args: &[&str], limit: std::time::Duration) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_reel"))
+        .arg("--state-dir")
+        .arg(dir)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let began = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if began.elapsed() > limit {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "reel {args:?} still running after {limit:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+const LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Asserts `reel run` refused its input: exit 2, the expected line, no log.
+fn assert_refused(state: &Path, out: &Output, expected: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(expected), "{stderr}");
+    assert!(stderr.contains("nothing was started"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        !state.join("log").exists() && !state.join("journal").exists(),
+        "something was written to {}",
+        state.display()
+    );
+}
+
+fn write_job(dir: &Path, name: &str, body: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, body).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+#[test]
+fn run_reads_an_endless_file_only_up_to_the_size_limit() {
+    let state = tempfile::tempdir().unwrap();
+    let out = reel_within(state.path(), &["run", "/dev/zero"], LIMIT);
+    assert_refused(
+        state.path(),
+        &out,
+        "reel: /dev/zero: the job file goes on past the 4 MiB (4194304 bytes) limit on job files",
+    );
+}
+
+/// The bug as found: a 17 MB environment value was accepted, then its events
+/// were over the 16 MiB decode limit and read back as corrupt for ever.
+#[test]
+fn run_refuses_a_17_mb_environment_value_before_anything_is_written() {
+    let state = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let body = format!(
+        "name: big\nenvironment:\n  BIG: {}\nsteps:\n  - command: echo hi\n",
+        "x".repeat(17_000_000)
+    );
+    let big = write_job(files.path(), "big.yml", &body);
+    let out = reel_within(state.path(), &["run", &big], LIMIT);
+    assert_refused(
+        state.path(),
+        &out,
+        &format!(
+            "big.yml: the job file is {} bytes, over the 4 MiB (4194304 bytes) limit",
+            body.len()
+        ),
+    );
+}
+
+/// A small file whose job is over the 8 MiB a stored job may take (aliases
+/// repeat one 100 KiB command): refused with its size, and the good job in the
+/// same batch does not start either.
+#[test]
+fn a_batch_with_one_job_too_large_to_store_starts_nothing() {
+    let state = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let good = write_job(files.path(), "good.yml", "steps:\n  - command: echo hi\n");
+    let mut body = format!("steps:\n  - command: &c {}\n", "c".repeat(100 * 1024));
+    for _ in 0..89 {
+        body.push_str("  - command: *c\n");
+    }
+    let large = write_job(files.path(), "large.yml", &body);
+    let out = reel_within(state.path(), &["run", &good, &large], LIMIT);
+    assert_refused(state.path(), &out, "large.yml: the job takes ");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("bytes when stored, over the 8 MiB (8388608 bytes) limit on a job"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn run_refuses_deep_nesting_and_alias_bombs_quickly() {
+    let state = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let deep = write_job(files.path(), "deep.yml", &"{a: ".repeat(100_000));
+    let out = reel_within(state.path(), &["run", &deep], LIMIT);
+    assert_refused(
+        state.path(),
+        &out,
+        "deep.yml:1:129: collections nest more than 32 levels deep here",
+    );
+    let bomb = write_job(
+        files.path(),
+        "bomb.yml",
+        &format!(
+            "a: &a [{}]\nb: [{}]\nsteps:\n  - command: echo\n",
+            ["xxxxxxxx"; 20_000].join(","),
+            ["*a"; 1000].join(",")
+        ),
+    );
+    let out = reel_within(state.path(), &["run", &bomb], LIMIT);
+    assert_refused(state.path(), &out, "holds more than 100000 values here");
+}
+
+/// These used to pass validation and fail only when the step started: a NUL
+/// (exit 1, "nul byte found"), a value over 128 KiB ("Argument list too long"),
+/// a step over the agent's 1 MiB message ("Cannot encode message").
+#[test]
+fn run_refuses_what_no_step_could_be_started_with() {
+    let state = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let nul = write_job(
+        files.path(),
+        "nul.yml",
+        "steps:\n  - command: \"echo a\\0b\"\n",
+    );
+    let out = reel_within(state.path(), &["run", &nul], LIMIT);
+    assert_refused(
+        state.path(),
+        &out,
+        "nul.yml:2:14: steps[0].command: a command cannot contain NUL",
+    );
+    let long = write_job(
+        files.path(),
+        "long.yml",
+        &format!(
+            "environment:\n  BIG: {}\nsteps:\n  - command: echo\n",
+            "x".repeat(2 << 20)
+        ),
+    );
+    let out = reel_within(state.path(), &["run", &long], LIMIT);
+    assert_refused(
+        state.path(),
+        &out,
+        "long.yml:2:8: environment.BIG: the variable (NAME=value) takes 2097157 bytes, over the 128 KiB (131072 bytes) limit",
+    );
+    let value = "v".repeat(120 * 1024);
+    let vars: String = (0..7).map(|i| format!("      V{i}: {value}\n")).collect();
+    let wide = write_job(
+        files.path(),
+        "wide.yml",
+        &format!("steps:\n  - name: build\n    command: echo\n    environment:\n{vars}"),
+    );
+    let out = reel_within(state.path(), &["run", &wide], LIMIT);
+    assert_refused(
+        state.path(),
+        &out,
+        "wide.yml: step 1 \"build\": its command and environment (the job's under its own) take 860193 bytes, over the 768 KiB (786432 bytes) limit on one step",
+    );
 }

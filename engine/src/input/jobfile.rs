@@ -43,6 +43,28 @@
 //! any unknown key (top level or in a step). reel also accepts `timeout` at the top
 //! level and in steps of a spindle file (spindle itself has no timeout field).
 //!
+//! # Limits
+//!
+//! A job file is refused, with a one-line error, before anything of it is run
+//! or written, when it is
+//!
+//! * larger than [`MAX_JOB_FILE_BYTES`] (4 MiB; the file is never read past
+//!   that, so `/dev/zero` or an endless FIFO is refused at once);
+//! * nested deeper than [`MAX_NESTING`] (32 levels of collections, where a job
+//!   needs five), found by a linear scan before the YAML parser runs: the
+//!   parser's cost grows with the depth of flow collections, and 100,000 `{a: `
+//!   used to take minutes;
+//! * more than [`MAX_VALUES`] values (100,000), counted by the same scan and
+//!   again, with each alias (`*name`) as the values it repeats, as the parser
+//!   expands them; or more than [`MAX_EXPANDED_TEXT`] (16 MiB) of text so
+//!   expanded: a few lines of nested aliases can otherwise repeat a value into
+//!   gigabytes;
+//! * holding a NUL (written `"\0"`) in a command or an environment value, which
+//!   no process can be given;
+//! * a job over the limits of [`JobSpec::check_size`]: a command or a
+//!   `NAME=value` over 128 KiB, a step's command and environment over 768 KiB, a
+//!   job over 8 MiB as stored. Errors about one command or value point at it.
+//!
 //! # Errors and warnings
 //!
 //! Errors are one line, `ORIGIN:LINE:COLUMN: PATH: message`, e.g.
@@ -50,15 +72,18 @@
 //! shape (`ORIGIN:LINE:COLUMN: key: message`, or `ORIGIN: key: message` where no
 //! position is known).
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::io::Read;
 use std::path::Path;
 
 use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_yaml::Value;
 
-use crate::model::spec::{JobSpec, Resources, StepSpec};
+use crate::input::prescan::{self, Refusal};
+use crate::model::spec::{self, JobSpec, MAX_SPEC_BYTES, Resources, StepSpec, size_text};
 
 /// The runner a job uses when its file names none (and the only one spindle
 /// workflows can map to).
@@ -66,6 +91,26 @@ pub const DEFAULT_RUNNER: &str = "process";
 
 /// The spindle engines reel knows by name (others are reported as unknown).
 pub const SPINDLE_ENGINES: &[&str] = &["nixery", "microvm"];
+
+/// The largest job file reel reads: 4 MiB. A file is read up to one byte past it
+/// and no further, so a device or a pipe that never ends costs 4 MiB of memory.
+pub const MAX_JOB_FILE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// How deep collections may nest in a job file: a reel job needs five levels
+/// (`steps`, a step, its `environment`), a spindle workflow about as many.
+pub const MAX_NESTING: usize = 32;
+
+/// The most values (scalars and collections) a job file may hold, counting each
+/// alias as the values it repeats. A real job file holds a few hundred; a 4 MiB
+/// file could write two million, which the YAML parser would hold as events
+/// (over 250 MB) before refusing anything.
+pub const MAX_VALUES: usize = 100_000;
+
+/// The most scalar text a job file may hold, counting each alias as the text it
+/// repeats: twice the limit on a job ([`MAX_SPEC_BYTES`]), so that a job a little
+/// over that limit is still built and refused with its size, while a few lines
+/// of nested aliases stop at 16 MiB instead of growing into gigabytes.
+pub const MAX_EXPANDED_TEXT: usize = 2 * MAX_SPEC_BYTES;
 
 /// Which format a job file was written in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,6 +153,15 @@ pub enum JobFileError {
         #[source]
         source: std::io::Error,
     },
+    /// The file is larger than [`MAX_JOB_FILE_BYTES`]; it was not read past it.
+    #[error("{origin}: {}", too_large(*.size))]
+    TooLarge {
+        /// The path as given.
+        origin: String,
+        /// Its size, when it is a regular file; `None` for a device or a pipe,
+        /// which is only known to go on past the limit.
+        size: Option<u64>,
+    },
     /// The file is not a valid job file.
     #[error("{origin}{}: {message}", location_suffix(.location))]
     Invalid {
@@ -125,9 +179,19 @@ impl JobFileError {
     /// Where in the file the error is, when known.
     pub fn location(&self) -> Option<Location> {
         match self {
-            JobFileError::Read { .. } => None,
+            JobFileError::Read { .. } | JobFileError::TooLarge { .. } => None,
             JobFileError::Invalid { location, .. } => *location,
         }
+    }
+}
+
+fn too_large(size: Option<u64>) -> String {
+    let limit = size_text(MAX_JOB_FILE_BYTES as usize);
+    match size {
+        Some(size) => format!("the job file is {size} bytes, over the {limit} limit on job files"),
+        None => format!(
+            "the job file goes on past the {limit} limit on job files (it is not a regular file; reading stopped there)"
+        ),
     }
 }
 
@@ -139,11 +203,40 @@ fn location_suffix(location: &Option<Location>) -> String {
 }
 
 /// Reads and parses a job file; errors and warnings name it as `path` was given.
+///
+/// Reads at most [`MAX_JOB_FILE_BYTES`] and one byte more: a larger regular file
+/// is refused by its size before it is read, anything else (a device, a pipe)
+/// once it has gone past the limit.
 pub fn parse_job_file(path: &Path) -> Result<ParsedJob, JobFileError> {
     let origin = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| JobFileError::Read {
+    let read_error = |source| JobFileError::Read {
         origin: origin.clone(),
         source,
+    };
+    let too_large = |size| JobFileError::TooLarge {
+        origin: origin.clone(),
+        size,
+    };
+    let file = std::fs::File::open(path).map_err(read_error)?;
+    let meta = file.metadata().map_err(read_error)?;
+    if meta.is_file() && meta.len() > MAX_JOB_FILE_BYTES {
+        return Err(too_large(Some(meta.len())));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_JOB_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    if bytes.len() as u64 > MAX_JOB_FILE_BYTES {
+        return Err(too_large(None));
+    }
+    let text = String::from_utf8(bytes).map_err(|e| {
+        read_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "not UTF-8 text (invalid bytes at offset {})",
+                e.utf8_error().valid_up_to()
+            ),
+        ))
     })?;
     parse_job_str(&text, &origin)
 }
@@ -151,10 +244,46 @@ pub fn parse_job_file(path: &Path) -> Result<ParsedJob, JobFileError> {
 /// Parses the text of a job file. `origin` names it in errors and warnings, and its
 /// file stem is the job's name when the file gives none.
 pub fn parse_job_str(text: &str, origin: &str) -> Result<ParsedJob, JobFileError> {
-    // A first pass into a `Value` reports syntax errors and duplicate keys (with
-    // their positions) and tells the two formats apart; the second pass
-    // deserializes into typed structs so that every semantic error keeps its
-    // position too.
+    if text.len() as u64 > MAX_JOB_FILE_BYTES {
+        return Err(JobFileError::TooLarge {
+            origin: origin.to_string(),
+            size: Some(text.len() as u64),
+        });
+    }
+    if let Err(refusal) = prescan::prescan(text, MAX_NESTING, MAX_VALUES) {
+        let (at, message) = match refusal {
+            Refusal::TooDeep(at) => (
+                at,
+                format!(
+                    "collections nest more than {MAX_NESTING} levels deep here, the limit for job files"
+                ),
+            ),
+            Refusal::TooMany(at) => (at, too_many_values()),
+        };
+        return Err(JobFileError::Invalid {
+            origin: origin.to_string(),
+            location: Some(Location {
+                line: at.line,
+                column: at.column,
+            }),
+            message,
+        });
+    }
+    // Each pass below expands aliases again; the first one counts what they
+    // expand to and stops at the limits, before anything is built.
+    let values = Cell::new(0);
+    let text_bytes = Cell::new(0);
+    de::DeserializeSeed::deserialize(
+        Expansion {
+            values: &values,
+            text: &text_bytes,
+        },
+        serde_yaml::Deserializer::from_str(text),
+    )
+    .map_err(|e| yaml_error(origin, text, e))?;
+    // A pass into a `Value` reports syntax errors and duplicate keys (with their
+    // positions) and tells the two formats apart; the next pass deserializes
+    // into typed structs so that every semantic error keeps its position too.
     let value: Value = serde_yaml::from_str(text).map_err(|e| yaml_error(origin, text, e))?;
     let format = match &value {
         Value::Null => {
@@ -179,17 +308,124 @@ pub fn parse_job_str(text: &str, origin: &str) -> Result<ParsedJob, JobFileError
         _ => Format::Reel,
     };
     let default_name = default_name(origin);
-    match format {
+    let parsed = match format {
         Format::Reel => {
             let file: ReelFile =
                 serde_yaml::from_str(text).map_err(|e| yaml_error(origin, text, e))?;
-            Ok(file.into_parsed(text, origin, default_name))
+            file.into_parsed(text, origin, default_name)
         }
         Format::Spindle => {
             let file: SpindleFile =
                 serde_yaml::from_str(text).map_err(|e| yaml_error(origin, text, e))?;
-            Ok(file.into_parsed(text, origin, default_name))
+            file.into_parsed(text, origin, default_name)
         }
+    };
+    // The same check `EventLog::submit` makes, here so that a batch with one job
+    // too large starts nothing.
+    parsed
+        .spec
+        .check_size()
+        .map_err(|e| JobFileError::Invalid {
+            origin: origin.to_string(),
+            location: None,
+            message: e.to_string(),
+        })?;
+    Ok(parsed)
+}
+
+fn too_many_values() -> String {
+    format!(
+        "the job file holds more than {MAX_VALUES} values here (an alias counts as the values it repeats), the limit for job files"
+    )
+}
+
+/// Counts the values of a YAML document as serde_yaml expands them (an alias is
+/// replayed wherever it is used) and stops at [`MAX_VALUES`] values or
+/// [`MAX_EXPANDED_TEXT`] of scalar text, without building anything.
+#[derive(Clone, Copy)]
+struct Expansion<'a> {
+    values: &'a Cell<usize>,
+    text: &'a Cell<usize>,
+}
+
+impl Expansion<'_> {
+    fn count<E: de::Error>(self, text: usize) -> Result<(), E> {
+        let values = self.values.get() + 1;
+        let text = self.text.get() + text;
+        if values > MAX_VALUES {
+            return Err(E::custom(too_many_values()));
+        }
+        if text > MAX_EXPANDED_TEXT {
+            return Err(E::custom(format!(
+                "the job file's values hold more than {} of text here (an alias counts as the text it repeats); a job takes at most {}",
+                size_text(MAX_EXPANDED_TEXT),
+                size_text(MAX_SPEC_BYTES)
+            )));
+        }
+        self.values.set(values);
+        self.text.set(text);
+        Ok(())
+    }
+}
+
+impl<'de> de::DeserializeSeed<'de> for Expansion<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Expansion<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any YAML value")
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        self.count(0)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        self.count(0)
+    }
+    fn visit_i128<E: de::Error>(self, _: i128) -> Result<(), E> {
+        self.count(0)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        self.count(0)
+    }
+    fn visit_u128<E: de::Error>(self, _: u128) -> Result<(), E> {
+        self.count(0)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        self.count(0)
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        self.count(v.len())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        self.count(0)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<(), E> {
+        self.count(0)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        self.count(0)?;
+        while seq.next_element_seed(self)?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        self.count(0)?;
+        while map.next_key_seed(self)?.is_some() {
+            map.next_value_seed(self)?;
+        }
+        Ok(())
+    }
+    fn visit_enum<A: de::EnumAccess<'de>>(self, data: A) -> Result<(), A::Error> {
+        // A tagged value (`!tag value`): the tag, then the value.
+        let ((), variant) = data.variant_seed(self)?;
+        de::VariantAccess::newtype_variant_seed(variant, self)
     }
 }
 
@@ -486,7 +722,11 @@ impl<'de> Deserialize<'de> for Command {
             if command.trim().is_empty() {
                 return Err("the command is empty".to_string());
             }
-            Ok(())
+            if command.contains('\0') {
+                return Err("a command cannot contain NUL".to_string());
+            }
+            spec::check_command(command)
+                .map_err(|size| spec::exec_string_problem("the command", size))
         })
         .map(Command)
     }
@@ -510,18 +750,21 @@ impl<'de> Deserialize<'de> for EnvName {
     }
 }
 
-/// An environment variable value: any scalar, as written.
-struct EnvValue(String);
+/// An environment variable's value: any scalar, as written; checked with its
+/// name, whose `NAME=value` must fit in one exec string.
+struct EnvValueSeed<'a>(&'a str);
 
-impl<'de> Deserialize<'de> for EnvValue {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+impl<'de> de::DeserializeSeed<'de> for EnvValueSeed<'_> {
+    type Value = String;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<String, D::Error> {
         checked_str(deserializer, "a string, number or boolean", |value| {
             if value.contains('\0') {
                 return Err("an environment variable value cannot contain NUL".to_string());
             }
-            Ok(())
+            // The path before the message names the variable.
+            spec::check_variable(self.0, value)
+                .map_err(|size| spec::exec_string_problem("the variable (NAME=value)", size))
         })
-        .map(EnvValue)
     }
 }
 
@@ -543,7 +786,7 @@ impl<'de> Deserialize<'de> for Env {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Env, A::Error> {
                 let mut env = BTreeMap::new();
                 while let Some(EnvName(name)) = map.next_key()? {
-                    let EnvValue(value) = map.next_value()?;
+                    let value = map.next_value_seed(EnvValueSeed(&name))?;
                     env.insert(name, value);
                 }
                 Ok(Env(env))

@@ -2,4 +2,5 @@
 //! ([`secrets`]: where values come from, and masking them in output).
 
 pub mod jobfile;
+mod prescan;
 pub mod secrets;

@@ -138,6 +138,15 @@ pub fn encode_payload<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
         .expect("reel's stored types always encode with bincode")
 }
 
+/// The length of a serde value's bincode payload, counted without building it.
+pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> usize {
+    let mut size = bincode::enc::write::SizeWriter::default();
+    // As in `encode_payload`: reel's stored types always encode.
+    bincode::serde::encode_into_writer(value, &mut size, bincode_config())
+        .expect("reel's stored types always encode with bincode");
+    size.bytes_written
+}
+
 /// Decodes a bincode payload, refusing trailing bytes.
 pub fn decode_payload<T: DeserializeOwned>(kind: u16, payload: &[u8]) -> Result<T, DecodeError> {
     let (value, used) =
@@ -192,6 +201,12 @@ mod tests {
         let crc = crc32c::crc32c(&v2[..body]).to_be_bytes();
         v2[body..].copy_from_slice(&crc);
         assert_eq!(unwrap(&v2).unwrap_err(), DecodeError::UnknownFormat(2));
+    }
+
+    #[test]
+    fn encoded_len_is_the_payload_length() {
+        let value = (7u64, "hello".to_string(), vec![1u32, 300, 70_000]);
+        assert_eq!(encoded_len(&value), encode_payload(&value).len());
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use crate::model::codec::DecodeError;
 use crate::model::event::{JobId, Seq};
+use crate::model::spec::SpecError;
 use crate::model::state::IllegalTransition;
 use crate::store::output;
 
@@ -92,6 +93,10 @@ pub enum LogError {
     /// The state machine refused the event; nothing was written.
     #[error(transparent)]
     Illegal(#[from] IllegalTransition),
+    /// The job is too large to store or to run ([`crate::model::spec`] has the
+    /// limits); nothing was written, and no job id was used up.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
     /// The job does not exist.
     #[error("no job {0} in the log")]
     UnknownJob(JobId),

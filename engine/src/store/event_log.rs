@@ -117,7 +117,12 @@ impl EventLog {
     }
 
     /// Submits a job: allocates its id and appends `Submitted`. Returns once durable.
+    ///
+    /// A job over the size limits ([`JobSpec::check_size`]) is refused with
+    /// [`LogError::Spec`] before it reaches the writer: nothing is written and no
+    /// id is used up, so the log never holds an event it could not read back.
     pub async fn submit(&self, spec: JobSpec) -> Result<JobId, LogError> {
+        spec.check_size()?;
         let probe = Event::Submitted {
             spec: JobSpec::default(),
         };
