@@ -921,3 +921,80 @@ fn a_template_job_is_taken_back_after_its_engine_is_killed() {
     holds_named(&then["state"]["held_resources"], "replay --at");
     reel_tests::assert_nothing_left(state.path(), "template recovered");
 }
+
+/// The manifest the guide gives for a runner in a repository of its own,
+/// written out from `plugins/README.md`, builds a copy of the template against
+/// copies of the SDK and the ABI outside any workspace (they inherit nothing
+/// from reel's), and the `.so` it makes passes the conformance kit, recovery
+/// included, through the engine's loader.
+#[test]
+fn a_copy_of_the_template_builds_outside_the_repository_from_the_guide() {
+    let root = workspace_root();
+    let guide = std::fs::read_to_string(root.join("plugins/README.md")).unwrap();
+    let section = guide
+        .split_once("### In your own repository")
+        .expect("the guide has its section")
+        .1;
+    let manifest = section
+        .split_once("```toml\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .expect("the section has a toml block")
+        .0;
+
+    let outside = tempfile::tempdir().unwrap();
+    let copy = |from: &str, to: &Path| {
+        let status = Command::new("cp")
+            .arg("-r")
+            .arg(root.join(from))
+            .arg(to)
+            .status()
+            .unwrap();
+        assert!(status.success(), "cp {from}");
+    };
+    let reel = outside.path().join("reel/plugins");
+    std::fs::create_dir_all(&reel).unwrap();
+    copy("plugins/abi", &reel.join("abi"));
+    copy("plugins/sdk", &reel.join("sdk"));
+    let mine = outside.path().join("my-runner");
+    std::fs::create_dir_all(&mine).unwrap();
+    copy("plugins/template/src", &mine.join("src"));
+    copy("plugins/template/tests", &mine.join("tests"));
+    let manifest = manifest.replace(
+        "/path/to/reel/plugins/sdk",
+        &reel.join("sdk").display().to_string(),
+    );
+    std::fs::write(mine.join("Cargo.toml"), manifest).unwrap();
+    // The workspace's lock pins the same versions (cargo drops what is unused),
+    // so the build needs nothing the registry cache lacks.
+    std::fs::copy(root.join("Cargo.lock"), mine.join("Cargo.lock")).unwrap();
+
+    // Shares the fixtures' target directory: the dependencies are built once.
+    let target = root.join("target/plugin-tests");
+    cargo_build(
+        &mine,
+        &target,
+        &[
+            "--offline",
+            "--manifest-path",
+            mine.join("Cargo.toml").to_str().unwrap(),
+        ],
+    );
+    let dir = plugin_dir(&[(
+        &target.join("debug/libmy_runner.so"),
+        "libmy_runner.so",
+        0o644,
+    )]);
+    let set = plugin::load_dir(dir.path());
+    assert_eq!(set.refusals(), &[]);
+    let sandbox = tempfile::tempdir().unwrap();
+    let config = config(sandbox.path(), dir.path());
+    let new = || -> Result<Arc<dyn reel_plugin_sdk::Runner>, plugin::RunnerError> {
+        set.instantiate("template", &config)
+            .map(|r| r as Arc<dyn reel_plugin_sdk::Runner>)
+            .map_err(|e| plugin::RunnerError::failed(e.to_string()))
+    };
+    let report = Suite::default()
+        .run_with(&new)
+        .unwrap_or_else(|v| panic!("the copy built outside: {v}"));
+    assert!(report.passed.contains(&"recovery"), "{report:?}");
+}
