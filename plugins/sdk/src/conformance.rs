@@ -17,14 +17,19 @@
 //!
 //! ```text
 //! let set = reel_engine::plugin::load_dir(dir);
-//! Suite::default().run_with(&|| Ok(set.instantiate("mine", &config)? as Arc<dyn Runner>))
+//! let new = || -> Result<Arc<dyn Runner>, RunnerError> {
+//!     set.instantiate("mine", &config)
+//!         .map(|r| r as Arc<dyn Runner>)
+//!         .map_err(|e| RunnerError::failed(e.to_string()))
+//! };
+//! Suite::default().run_with(&new)
 //! ```
 //!
-//! (the `?` needs the instantiate error turned into a [`RunnerError`]; see
-//! `tests/all/plugins.rs`). [`Suite::run_new`] and [`Suite::run_with`] run every
-//! check, including **recovery**, which needs a second instance: the suite drops
-//! the first one in the middle of a step, as an engine that dies does, and takes
-//! the step back with a new one. [`Suite::run`] checks one instance and skips it.
+//! (as `tests/all/plugins.rs` does for the template). [`Suite::run_new`] and
+//! [`Suite::run_with`] run every check, including **recovery**, which needs a
+//! second instance: the suite drops the first one in the middle of a step, as an
+//! engine that dies does, and takes the step back with a new one. [`Suite::run`]
+//! checks one instance and skips recovery.
 //!
 //! Checks that need a [`Capability`] the runner does not declare are skipped and
 //! listed in [`Report::skipped`].
