@@ -423,3 +423,31 @@ pub trait Runner: Send + Sync + 'static {
     /// Takes back a live job after an engine restart.
     fn reattach(&self, handle: &Handle) -> Result<Handle, RunnerError>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capabilities_are_their_names_on_the_wire_and_back() {
+        for c in Capability::ALL {
+            assert_eq!(Capability::from_name(c.name()), Some(c));
+            assert_eq!(c.to_string(), c.name());
+        }
+        assert_eq!(Capability::from_name("cgroup"), None);
+        let d = Description {
+            name: "x".into(),
+            version: "1".into(),
+            abi_major: 1,
+            abi_minor: 1,
+            capabilities: {
+                let mut c = Capability::names(&[Capability::Reattach]);
+                c.push("cgroup".into());
+                c
+            },
+        };
+        assert_eq!(d.capabilities, ["reattach", "cgroup"]);
+        assert!(d.has(Capability::Reattach));
+        assert!(!d.has(Capability::Resume));
+    }
+}
