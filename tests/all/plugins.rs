@@ -11,9 +11,17 @@ use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
+use std::time::Duration;
+
+use reel_engine::input::secrets::ResolvedSecrets;
+use reel_engine::lifecycle::executor::{Executor, Runners};
+use reel_engine::lifecycle::observer::Cancel;
+use reel_engine::model::event::{Event, JobId, Outcome};
+use reel_engine::model::spec::{JobSpec, StepSpec};
 use reel_engine::plugin::{self, ErrorKind, Handle, JobRequest, RunnerConfig, StepRequest};
+use reel_engine::store::{EventLog, LogOptions};
 use reel_plugin_sdk::conformance::Suite;
 use reel_plugin_sdk::{OutputSink, Stream};
 
@@ -119,15 +127,24 @@ fn template_passes_conformance_through_the_cdylib() {
         (info.abi_major, info.abi_minor),
         (1, plugin::abi::ABI_MINOR)
     );
-    assert!(info.capabilities.iter().any(|c| c == "cancel"), "{info:?}");
+    for c in plugin::Capability::ALL {
+        assert!(info.has(c), "{c}: {info:?}");
+    }
 
     let sandbox = tempfile::tempdir().unwrap();
-    let runner = set
-        .instantiate("template", &config(sandbox.path(), dir.path()))
-        .unwrap();
+    let config = config(sandbox.path(), dir.path());
+    // Each instance is a `LoadedRunner` of the loaded library: the recovery check
+    // drops the first one mid-step and takes the step back with a second.
+    let new = || -> Result<Arc<dyn reel_plugin_sdk::Runner>, plugin::RunnerError> {
+        set.instantiate("template", &config)
+            .map(|r| r as Arc<dyn reel_plugin_sdk::Runner>)
+            .map_err(|e| plugin::RunnerError::failed(e.to_string()))
+    };
     let report = Suite::default()
-        .run(&*runner)
+        .run_with(&new)
         .unwrap_or_else(|v| panic!("through the cdylib: {v}"));
+    assert!(report.passed.contains(&"recovery"), "{report:?}");
+    assert_eq!(report.skipped, [], "{report:?}");
     assert_eq!(
         report.passed.last(),
         Some(&"malformed handle"),
@@ -327,7 +344,7 @@ fn plugins_listing_reports_loaded_and_refused() {
                 "abi": format!("1.{}", plugin::abi::ABI_MINOR),
                 "abi_major": 1,
                 "abi_minor": plugin::abi::ABI_MINOR,
-                "capabilities": ["cancel", "timeout", "reattach"],
+                "capabilities": ["cancel", "timeout", "reattach", "resume"],
                 "path": path("libreel_runner_template.so"),
             }],
             "refused": [{
@@ -343,7 +360,7 @@ fn plugins_listing_reports_loaded_and_refused() {
         [
             format!("plugin directory: {}", dir.path().display()),
             format!(
-                "loaded   template {} (ABI 1.{}) [cancel, timeout, reattach] {}",
+                "loaded   template {} (ABI 1.{}) [cancel, timeout, reattach, resume] {}",
                 env!("CARGO_PKG_VERSION"),
                 plugin::abi::ABI_MINOR,
                 path("libreel_runner_template.so")
@@ -373,66 +390,259 @@ impl reel_engine::lifecycle::observer::Observer for Quiet {
     fn report(&self, _report: reel_engine::lifecycle::observer::Report<'_>) {}
 }
 
+/// A log in a fresh state directory and an executor over it whose only plugin is
+/// the firehose fixture, created with `options`.
+struct Firehose {
+    state: tempfile::TempDir,
+    _plugins: tempfile::TempDir,
+    log: EventLog,
+    ex: Executor,
+}
+
+impl Firehose {
+    fn new(options: &[(&str, &str)]) -> Firehose {
+        let b = built();
+        let plugins = plugin_dir(&[(&b.firehose, "libreel_fixture_firehose.so", 0o755)]);
+        let state = tempfile::tempdir().unwrap();
+        let log = EventLog::open(state.path(), LogOptions::default()).unwrap();
+        let runners = Runners::new(
+            plugin::load_dir(plugins.path()),
+            state.path().join("sandboxes"),
+            options
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        let ex = Executor::new(log.clone(), runners).unwrap();
+        Firehose {
+            state,
+            _plugins: plugins,
+            log,
+            ex,
+        }
+    }
+
+    fn spec(commands: &[&str]) -> JobSpec {
+        JobSpec {
+            name: "firehose".into(),
+            runner: "firehose".into(),
+            steps: commands
+                .iter()
+                .map(|c| StepSpec {
+                    name: c.to_string(),
+                    command: c.to_string(),
+                    ..StepSpec::default()
+                })
+                .collect(),
+            ..JobSpec::default()
+        }
+    }
+
+    /// Submits and runs a job of one step per command; `cancel` is cancelled
+    /// after `cancel_after` if given.
+    fn run(&self, commands: &[&str], cancel_after: Option<Duration>) -> (JobId, Outcome) {
+        let spec = Firehose::spec(commands);
+        let cancel = Cancel::default();
+        smol::block_on(async {
+            let id = self.log.submit(spec.clone()).await.unwrap();
+            self.log.append(id, Event::Queued {}).await.unwrap();
+            let _canceller = cancel_after.map(|after| {
+                let cancel = cancel.clone();
+                smol::spawn(async move {
+                    smol::Timer::after(after).await;
+                    cancel.cancel("cancelled by the test");
+                })
+            });
+            let outcome = self
+                .ex
+                .run(id, &spec, &ResolvedSecrets::default(), &cancel, &Quiet)
+                .await
+                .unwrap();
+            (id, outcome)
+        })
+    }
+
+    /// The job's events, notices as `notice <message>` and the rest by name.
+    fn timeline(&self, id: JobId) -> Vec<String> {
+        self.log
+            .events(id)
+            .map(|r| match r.unwrap().event {
+                Event::RunnerNotice { message } => format!("notice {message}"),
+                e => e.name().to_owned(),
+            })
+            .collect()
+    }
+}
+
 /// The executor passes the runner's own output offsets to the log, whose writer
 /// refuses a gap: a runner that skips bytes fails its step instead of having
 /// its output silently stored as if it were contiguous.
 #[test]
 fn a_runner_that_leaves_a_gap_in_its_output_fails_the_step() {
-    use reel_engine::input::secrets::ResolvedSecrets;
-    use reel_engine::lifecycle::executor::{Executor, Runners};
-    use reel_engine::lifecycle::observer::Cancel;
-    use reel_engine::model::event::{Event, Outcome};
-    use reel_engine::model::spec::{JobSpec, StepSpec};
-    use reel_engine::store::{EventLog, LogOptions};
-
-    let b = built();
-    let dir = plugin_dir(&[(&b.firehose, "libreel_fixture_firehose.so", 0o755)]);
-    let state = tempfile::tempdir().unwrap();
-    let log = EventLog::open(state.path(), LogOptions::default()).unwrap();
-    let runners = Runners::new(
-        plugin::load_dir(dir.path()),
-        state.path().join("sandboxes"),
-        Default::default(),
+    let f = Firehose::new(&[]);
+    let (id, outcome) = f.run(&["gap"], None);
+    assert_eq!(outcome, Outcome::Failed);
+    let end = f.log.fold(id).unwrap();
+    let reason = end.reason.unwrap_or_default();
+    assert!(
+        reason.contains("offset 100") && reason.contains("gap"),
+        "{reason}"
     );
-    let ex = Executor::new(log.clone(), runners).unwrap();
-    let spec = JobSpec {
-        name: "gap".into(),
-        runner: "firehose".into(),
-        steps: vec![StepSpec {
-            name: "gap".into(),
-            command: "gap".into(),
-            ..StepSpec::default()
-        }],
-        ..JobSpec::default()
+    let stored: Vec<u8> = f
+        .log
+        .output(id, 0, 0)
+        .flat_map(|c| c.unwrap().bytes)
+        .collect();
+    assert_eq!(stored, b"first ");
+    assert_eq!(end.steps[0].output_bytes, 6);
+    f.log.close();
+}
+
+/// A notice a runner raises while a step runs, or while the job is torn down,
+/// is on the job's record (what `reel export` prints), in the order it was
+/// raised: before the event that records the call's effect. Its plan named no
+/// resource, and the record says so without guessing a path.
+#[test]
+fn notices_raised_during_exec_and_teardown_are_on_the_job_record() {
+    let f = Firehose::new(&[]);
+    let (id, outcome) = f.run(&["notice"], None);
+    assert_eq!(outcome, Outcome::Succeeded);
+    let timeline = f.timeline(id);
+    let at = |name: &str| {
+        timeline
+            .iter()
+            .position(|e| e == name)
+            .unwrap_or_else(|| panic!("no {name:?} in {timeline:#?}"))
+    };
+    assert!(at("StepStarted") < at("notice exec-note: raised while the step ran"));
+    assert!(at("notice exec-note: raised while the step ran") < at("StepFinished"));
+    assert!(at("notice teardown-note: drain") < at("Drained"));
+    assert!(at("notice teardown-note: poweroff") < at("PoweredOff"));
+    assert!(at("CleanupStarted") < at("notice teardown-note: cleanup"));
+    assert!(at("notice teardown-note: cleanup") < at("Cleaned"));
+
+    let planned = f
+        .log
+        .events(id)
+        .find_map(|r| match r.unwrap().event {
+            Event::SandboxPlanned { resources, .. } => Some(resources),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(planned, ["sandbox (named in the runner's handle)"]);
+    let sandboxes = f.state.path().join("sandboxes").display().to_string();
+    assert!(!planned[0].contains(&sandboxes), "{planned:?}");
+    f.log.close();
+}
+
+/// The engine calls `cancel` only on a runner that declares it; for one that
+/// does not, the cancel is recorded, with a notice that the step is left to end
+/// by itself, and the job ends cancelled once it has.
+#[test]
+fn a_runner_without_the_cancel_capability_is_not_asked_to_cancel() {
+    let f = Firehose::new(&[]);
+    let (id, outcome) = f.run(&["wait 1500", "notice"], Some(Duration::from_millis(300)));
+    assert_eq!(outcome, Outcome::Cancelled);
+    let timeline = f.timeline(id);
+    let notice = timeline
+        .iter()
+        .position(|e| e.contains("does not declare `cancel`"))
+        .unwrap_or_else(|| panic!("no notice of the missing capability: {timeline:#?}"));
+    assert!(timeline.iter().position(|e| e == "CancelRequested") < Some(notice));
+    let end = f.log.fold(id).unwrap();
+    // The step ran to its own end (exit 0), and no later step started.
+    assert_eq!(end.steps.len(), 1, "{timeline:#?}");
+    assert_eq!(end.steps[0].exit_code, Some(0));
+    f.log.close();
+}
+
+/// Appends the events of a job the engine died running: its first step started.
+fn a_job_left_running(f: &Firehose) -> JobId {
+    let handle = reel_engine::model::event::Handle {
+        version: 1,
+        bytes: vec![],
     };
     smol::block_on(async {
-        let id = log.submit(spec.clone()).await.unwrap();
-        log.append(id, Event::Queued {}).await.unwrap();
-        let outcome = ex
-            .run(
-                id,
-                &spec,
-                &ResolvedSecrets::default(),
-                &Cancel::default(),
-                &Quiet,
-            )
-            .await
-            .unwrap();
-        assert_eq!(outcome, Outcome::Failed);
-        let end = log.fold(id).unwrap();
-        let reason = end.reason.unwrap_or_default();
-        assert!(
-            reason.contains("offset 100") && reason.contains("gap"),
-            "{reason}"
-        );
-        let stored: Vec<u8> = log
-            .output(id, 0, 0)
-            .flat_map(|c| c.unwrap().bytes)
-            .collect();
-        assert_eq!(stored, b"first ");
-        assert_eq!(end.steps[0].output_bytes, 6);
-    });
-    log.close();
+        let id = f.log.submit(Firehose::spec(&["1"])).await.unwrap();
+        for event in [
+            Event::Queued {},
+            Event::SlotGranted {},
+            Event::CidAllocated { cid: 1 },
+            Event::SandboxPlanned {
+                handle: handle.clone(),
+                resources: vec![],
+            },
+            Event::WorkDirCreated {
+                handle: handle.clone(),
+            },
+            Event::VolumesFormatted { volumes: vec![] },
+            Event::BootRequested {},
+            Event::VmBooted {
+                handle: handle.clone(),
+            },
+            Event::AgentConnected { handle },
+            Event::StepStarted {
+                index: 0,
+                exec_id: 1,
+            },
+        ] {
+            f.log.append(id, event).await.unwrap();
+        }
+        id
+    })
+}
+
+/// Recovery reattaches only with a runner that declares `reattach`, and takes a
+/// running step back only with one that also declares `resume`: the fixture's
+/// probe says every sandbox is alive and reattachable, and only what it declares
+/// decides.
+#[test]
+fn recovery_reattaches_only_what_the_runner_declares_it_can_take_back() {
+    use reel_engine::lifecycle::recover::{Action, assess};
+    for (capabilities, expect) in [
+        ("cancel", Some("does not declare `reattach`")),
+        (
+            "reattach",
+            Some("does not declare `resume`, so the running step 1"),
+        ),
+        ("reattach,resume", None),
+    ] {
+        let f = Firehose::new(&[("capabilities", capabilities)]);
+        let id = a_job_left_running(&f);
+        let state = f.log.live_state(id).unwrap();
+        let a = smol::block_on(assess(f.ex.runners(), &f.log, &state));
+        match (expect, &a.action) {
+            (None, Action::Reattach { resume_step, .. }) => assert_eq!(*resume_step, Some(0)),
+            (Some(why), Action::Reap { reason }) => {
+                assert!(reason.contains(why), "{capabilities}: {reason}");
+                assert_eq!(a.alive, Some(true));
+            }
+            (_, other) => panic!("{capabilities}: {other:?} ({})", a.why),
+        }
+        f.log.close();
+    }
+}
+
+/// A step timeout that the job's runner does not enforce is a warning when the
+/// job is validated, not a silent promise.
+#[test]
+fn a_step_timeout_a_runner_cannot_enforce_is_a_warning() {
+    let f = Firehose::new(&[]);
+    let mut spec = Firehose::spec(&["1"]);
+    spec.steps[0].timeout_ms = Some(60_000);
+    let warnings = smol::block_on(f.ex.validate(&spec)).unwrap();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("step 1") && w.contains("does not declare `timeout`")),
+        "{warnings:?}"
+    );
+    let f = Firehose::new(&[("capabilities", "timeout")]);
+    assert_eq!(
+        smol::block_on(f.ex.validate(&spec)).unwrap(),
+        Vec::<String>::new()
+    );
+    f.log.close();
 }
 
 /// `reel plugins --json --plugin-dir DIR`, run as the real binary with stderr piped.
@@ -572,4 +782,219 @@ fn log_lines_on_a_piped_stderr_have_no_colour_codes() {
     let stderr = reel_tests::text(&out.stderr);
     assert!(stderr.contains("runner plugin refused"), "{stderr:?}");
     assert!(!stderr.contains('\x1b'), "{stderr:?}");
+}
+
+/// A runner written from the guide, through the real engine: a template job
+/// whose engine is SIGKILLed while its first step runs is taken back by `reel
+/// recover` — the step is not run again (its two lines carry the same pid), its
+/// output is whole, the job goes on to its second step and succeeds. The plugin
+/// lives only in `--plugin-dir` (or `REEL_PLUGIN_DIR`), which `run`, `recover`
+/// and `recover --dry-run` honour; `inspect`, `replay` and the dry run show the
+/// resources the template's plan named, not a path the engine guessed.
+#[test]
+fn a_template_job_is_taken_back_after_its_engine_is_killed() {
+    use std::os::unix::process::ExitStatusExt as _;
+    use std::process::Stdio;
+    use std::time::Instant;
+
+    let b = built();
+    let plugins = plugin_dir(&[(&b.template, "libreel_runner_template.so", 0o644)]);
+    let pdir = plugins.path().to_str().unwrap();
+    let empty = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let job = state.path().join("resume.yml");
+    std::fs::write(
+        &job,
+        "name: resume\nrunner: template\nsteps:\n  - name: long\n    command: |\n      \
+         echo \"begin $$\"\n      sleep 2\n      echo \"end $$\"\n  - name: after\n    \
+         command: echo after\n",
+    )
+    .unwrap();
+    let mut child = Command::new(reel_tests::target_dir().join("reel"))
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["run", "-q", "--plugin-dir", pdir, job.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .env_remove("REEL_PLUGIN_DIR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out_file = state.path().join("output/1/0.out");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::metadata(&out_file).map_or(0, |m| m.len()) == 0 {
+        assert!(Instant::now() < deadline, "the step never printed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    assert_eq!(child.wait().unwrap().signal(), Some(9));
+
+    let job_dir = format!(
+        "job-dir {}",
+        state.path().join("sandboxes/template-1-1").display()
+    );
+    let guessed = state.path().join("sandboxes/1").display().to_string();
+    let holds_named = |holds: &serde_json::Value, what: &str| {
+        let holds: Vec<&str> = holds
+            .as_array()
+            .unwrap_or_else(|| panic!("{what}: no list in {holds}"))
+            .iter()
+            .map(|h| h.as_str().unwrap())
+            .collect();
+        assert!(holds.contains(&job_dir.as_str()), "{what}: {holds:?}");
+        assert!(
+            !holds.iter().any(|h| h.contains(&guessed)),
+            "{what}: {holds:?}"
+        );
+    };
+    let inspect = reel_tests::json(&reel_tests::reel(
+        state.path(),
+        &["inspect", "1", "--json"],
+        &[],
+    ));
+    holds_named(&inspect["held_resources"], "inspect");
+
+    let dry = |args: &[&str], env: &[(&str, &str)]| {
+        let mut all = vec!["recover", "--dry-run", "--json"];
+        all.extend_from_slice(args);
+        reel_tests::json(&reel_tests::reel(state.path(), &all, env))
+    };
+    let by_flag = dry(&["--plugin-dir", pdir], &[]);
+    assert_eq!(by_flag[0]["action"], "reattach", "{by_flag}");
+    assert_eq!(by_flag[0]["alive"], true, "{by_flag}");
+    holds_named(&by_flag[0]["holds"], "recover --dry-run");
+    let by_env = dry(&[], &[("REEL_PLUGIN_DIR", pdir)]);
+    assert_eq!(by_env[0]["action"], "reattach", "{by_env}");
+    let elsewhere = dry(&["--plugin-dir", empty.path().to_str().unwrap()], &[]);
+    assert_eq!(elsewhere[0]["action"], "skip", "{elsewhere}");
+
+    let recover = reel_tests::reel(state.path(), &["recover", "--plugin-dir", pdir], &[]);
+    assert_eq!(
+        recover.status.code(),
+        Some(0),
+        "{} / {}",
+        reel_tests::text(&recover.stdout),
+        reel_tests::text(&recover.stderr)
+    );
+    let names = reel_tests::events(state.path(), 1);
+    assert!(names.contains(&"Reattached".to_string()), "{names:?}");
+    assert_eq!(
+        names.last().map(String::as_str),
+        Some("Succeeded"),
+        "{names:?}"
+    );
+
+    let output = |step: &str| {
+        reel_tests::text(
+            &reel_tests::reel(state.path(), &["output", "1", "--step", step], &[]).stdout,
+        )
+    };
+    let first = output("1");
+    let lines: Vec<&str> = first.lines().collect();
+    assert_eq!(lines.len(), 2, "{first:?}");
+    let pid = lines[0].strip_prefix("begin ").expect("begin line");
+    assert_eq!(
+        lines[1],
+        format!("end {pid}"),
+        "the step ran again: {first:?}"
+    );
+    assert_eq!(output("2"), "after\n");
+
+    // The record of the intent, as replay shows it at SandboxPlanned.
+    let replay = reel_tests::json(&reel_tests::reel(
+        state.path(),
+        &["replay", "1", "--json"],
+        &[],
+    ));
+    let planned = replay["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event"] == "SandboxPlanned")
+        .unwrap();
+    let seq = planned["seq"].to_string();
+    let then = reel_tests::json(&reel_tests::reel(
+        state.path(),
+        &["replay", "1", "--json", "--at", &seq],
+        &[],
+    ));
+    holds_named(&then["state"]["held_resources"], "replay --at");
+    reel_tests::assert_nothing_left(state.path(), "template recovered");
+}
+
+/// The manifest the guide gives for a runner in a repository of its own,
+/// written out from `plugins/README.md`, builds a copy of the template against
+/// copies of the SDK and the ABI outside any workspace (they inherit nothing
+/// from reel's), and the `.so` it makes passes the conformance kit, recovery
+/// included, through the engine's loader.
+#[test]
+fn a_copy_of_the_template_builds_outside_the_repository_from_the_guide() {
+    let root = workspace_root();
+    let guide = std::fs::read_to_string(root.join("plugins/README.md")).unwrap();
+    let section = guide
+        .split_once("### In your own repository")
+        .expect("the guide has its section")
+        .1;
+    let manifest = section
+        .split_once("```toml\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .expect("the section has a toml block")
+        .0;
+
+    let outside = tempfile::tempdir().unwrap();
+    let copy = |from: &str, to: &Path| {
+        let status = Command::new("cp")
+            .arg("-r")
+            .arg(root.join(from))
+            .arg(to)
+            .status()
+            .unwrap();
+        assert!(status.success(), "cp {from}");
+    };
+    let reel = outside.path().join("reel/plugins");
+    std::fs::create_dir_all(&reel).unwrap();
+    copy("plugins/abi", &reel.join("abi"));
+    copy("plugins/sdk", &reel.join("sdk"));
+    let mine = outside.path().join("my-runner");
+    std::fs::create_dir_all(&mine).unwrap();
+    copy("plugins/template/src", &mine.join("src"));
+    copy("plugins/template/tests", &mine.join("tests"));
+    let manifest = manifest.replace(
+        "/path/to/reel/plugins/sdk",
+        &reel.join("sdk").display().to_string(),
+    );
+    std::fs::write(mine.join("Cargo.toml"), manifest).unwrap();
+    // The workspace's lock pins the same versions (cargo drops what is unused),
+    // so the build needs nothing the registry cache lacks.
+    std::fs::copy(root.join("Cargo.lock"), mine.join("Cargo.lock")).unwrap();
+
+    // Shares the fixtures' target directory: the dependencies are built once.
+    let target = root.join("target/plugin-tests");
+    cargo_build(
+        &mine,
+        &target,
+        &[
+            "--offline",
+            "--manifest-path",
+            mine.join("Cargo.toml").to_str().unwrap(),
+        ],
+    );
+    let dir = plugin_dir(&[(
+        &target.join("debug/libmy_runner.so"),
+        "libmy_runner.so",
+        0o644,
+    )]);
+    let set = plugin::load_dir(dir.path());
+    assert_eq!(set.refusals(), &[]);
+    let sandbox = tempfile::tempdir().unwrap();
+    let config = config(sandbox.path(), dir.path());
+    let new = || -> Result<Arc<dyn reel_plugin_sdk::Runner>, plugin::RunnerError> {
+        set.instantiate("template", &config)
+            .map(|r| r as Arc<dyn reel_plugin_sdk::Runner>)
+            .map_err(|e| plugin::RunnerError::failed(e.to_string()))
+    };
+    let report = Suite::default()
+        .run_with(&new)
+        .unwrap_or_else(|v| panic!("the copy built outside: {v}"));
+    assert!(report.passed.contains(&"recovery"), "{report:?}");
 }

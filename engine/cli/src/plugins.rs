@@ -21,10 +21,8 @@ pub struct PluginsArgs {
 /// Loads the plugin directory and prints the result. Refusals are reported, not
 /// errors: the command fails only if the directory cannot be determined.
 pub fn run(args: &PluginsArgs) -> anyhow::Result<()> {
-    let dir = match &args.plugin_dir {
-        Some(dir) => dir.clone(),
-        None => plugin::default_plugin_dir()?,
-    };
+    // The same directory `run` and `recover` would load (made absolute alike).
+    let dir = crate::run::plugin_dir(&args.plugin_dir)?;
     let set = plugin::load_dir(&dir);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&plugins_json(&set))?);

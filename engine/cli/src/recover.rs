@@ -29,7 +29,8 @@ For each unfinished job it finds, recovery decides:
   reattach  its sandbox is alive (pid and start time checked): reconnect, resume the
             running step's output where the log stopped, run the remaining steps;
   finish    teardown had been decided: finish it, end with the decided outcome;
-  reap      the sandbox is gone: remove what is left, end the job `lost`.
+  reap      the sandbox is gone (or its runner cannot take it back): remove what is
+            left, end the job `lost`.
 Every action is logged, so a crash during recovery is itself recovered.
 
 Exit status as for `reel run`; a lost job counts as failed.")]

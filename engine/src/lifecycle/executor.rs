@@ -231,13 +231,28 @@ impl Executor {
             .runner(&spec.runner)
             .map_err(|source| ExecError::Runner { job: 0, source })?;
         let req = Executor::job_request(0, 0, spec);
-        runner
+        let mut warnings = runner
             .unblock(move |r| r.validate(&req))
             .await
             .map_err(|source| ExecError::Refused {
                 runner: spec.runner.clone(),
                 source,
-            })
+            })?;
+        if !runner.has(plugin::Capability::Timeout) {
+            for (i, step) in spec.steps.iter().enumerate() {
+                if let Some(ms) = step.timeout_ms {
+                    warnings.push(format!(
+                        "step {} {:?} has a timeout of {}, but runner `{}` does not enforce step \
+                         timeouts (it does not declare `timeout`): the step may run past it",
+                        i + 1,
+                        step.name,
+                        fmt_ms(ms),
+                        spec.runner
+                    ));
+                }
+            }
+        }
+        Ok(warnings)
     }
 
     pub(crate) fn lease(&self) -> u32 {
@@ -394,6 +409,21 @@ impl JobRun<'_> {
         });
     }
 
+    /// Calls the runner on the blocking pool and puts every notice it raised
+    /// during the call on the job's record (after the call returns, before the
+    /// caller logs the call's effect).
+    pub(crate) async fn call_runner<T: Send + 'static>(
+        &mut self,
+        runner: &Arc<LoadedRunner>,
+        f: impl FnOnce(&LoadedRunner) -> T + Send + 'static,
+    ) -> Result<T, LogError> {
+        let (out, notices) = runner
+            .unblock(move |r| plugin::capture_notices(|| f(r)))
+            .await;
+        self.record_notices(notices).await?;
+        Ok(out)
+    }
+
     /// Puts runner notices on the job's record and tells the observer.
     pub(crate) async fn record_notices(
         &mut self,
@@ -434,8 +464,12 @@ impl JobRun<'_> {
 }
 
 /// The notice kind a runner's `plan` uses to name each resource it will create
-/// (the process runner's `RESOURCE_NOTICE`).
-pub const PLANNED_RESOURCE: &str = "planned-resource";
+/// (the SDK's `host::planned_resource` sends it).
+pub const PLANNED_RESOURCE: &str = reel_plugin_sdk::host::PLANNED_RESOURCE;
+
+/// What `SandboxPlanned` says the job holds when the runner's plan named nothing:
+/// the engine cannot read the handle, so it names no path of its own.
+pub const UNNAMED_SANDBOX: &str = "sandbox (named in the runner's handle)";
 
 /// `2s`, `1m30s`.
 pub(super) fn fmt_ms(ms: u64) -> String {

@@ -6,13 +6,16 @@
 //!
 //! - **requeue** — the job never had a sandbox (`Submitted`, `Queued`,
 //!   `SlotGranted`): it runs again from the queue, in its original order;
-//! - **reattach** — the sandbox is alive and the runner can reattach: the job
-//!   carries on; the step that was running resumes its output at the offset the
-//!   log holds (nothing lost, nothing duplicated), its exit status is collected,
-//!   the remaining steps run;
+//! - **reattach** — the probe says alive *and* reattachable, and the runner
+//!   declares `reattach` (and `resume`, if a step was running): the job carries
+//!   on; `reattach`, then `exec` of the running step with its `exec_id` and
+//!   `resume_from` = the bytes the log holds, which the runner takes back
+//!   (nothing lost, nothing duplicated, its exit status collected); the
+//!   remaining steps run;
 //! - **finish teardown** — teardown had been decided: it goes on from where the
 //!   log says it stopped and the job ends with the outcome already decided;
-//! - **reap** — the sandbox is gone (or never finished being set up): whatever
+//! - **reap** — the sandbox is gone (or never finished being set up, or is alive
+//!   but the runner cannot take it back): whatever
 //!   is left is powered off and cleaned up from the handle the log holds (the
 //!   runner's intent names every resource, so even one created just before the
 //!   crash is found), then `Reaped` and a terminal `Lost` with the reason.
@@ -29,6 +32,7 @@ use super::observer::{Cancel, Observer, Report};
 use crate::input::secrets::{ResolvedSecrets, SecretError};
 use crate::model::event::{Event, JobId, Outcome};
 use crate::model::state::{Held, JobState, Phase};
+use crate::plugin::Capability;
 use crate::store::{LogReader, error_line};
 use crate::time::now_ms;
 
@@ -266,6 +270,29 @@ pub async fn assess(runners: &Runners, log: &LogReader, state: &JobState) -> Ass
         a.action = Action::Reap { reason };
         return a;
     }
+    // Only what the runner declares is asked of it: a runner that cannot
+    // reattach, or cannot take a running step back, has its live sandbox removed.
+    let cannot = if !runner.has(Capability::Reattach) {
+        Some("it does not declare `reattach`, so the sandbox cannot be taken back".to_owned())
+    } else {
+        running
+            .filter(|_| !runner.has(Capability::Resume))
+            .map(|i| {
+                format!(
+                    "it does not declare `resume`, so the running step {} cannot be taken back",
+                    i + 1
+                )
+            })
+    };
+    if let (Some(cannot), true) = (&cannot, alive && reattachable && plan == Plan::ProbeAgent) {
+        let reason = format!(
+            "the sandbox is alive ({detail}), but runner `{}` {cannot}",
+            spec.runner
+        );
+        a.why = format!("{reason}; it is removed and the job ends lost");
+        a.action = Action::Reap { reason };
+        return a;
+    }
     if alive && reattachable && plan == Plan::ProbeAgent {
         let from = match running {
             Some(i) => log.output_end(state.id, i).unwrap_or(0),
@@ -291,7 +318,9 @@ pub async fn assess(runners: &Runners, log: &LogReader, state: &JobState) -> Ass
         };
         return a;
     }
-    let reason = if plan == Plan::ProbeAgent {
+    let reason = if plan == Plan::ProbeAgent && alive {
+        format!("the sandbox is alive but the runner cannot reattach it: {detail}")
+    } else if plan == Plan::ProbeAgent {
         format!("the sandbox is gone: {detail}")
     } else {
         format!(
@@ -416,7 +445,7 @@ async fn reattach_and_run(
 ) -> Result<(Outcome, String), Abort> {
     let runner = run.runner()?;
     let h = to_sdk(run.handle.as_ref().unwrap_or(&Default::default()));
-    let reattached = runner.unblock(move |r| r.reattach(&h)).await;
+    let reattached = run.call_runner(&runner, move |r| r.reattach(&h)).await?;
     let handle = match reattached {
         Ok(h) => from_sdk(h),
         Err(e) => {

@@ -3,7 +3,9 @@
 
 use std::time::Instant;
 
-use super::executor::{Abort, Executor, JobRun, PLANNED_RESOURCE, from_sdk, runner_reason, to_sdk};
+use super::executor::{
+    Abort, Executor, JobRun, PLANNED_RESOURCE, UNNAMED_SANDBOX, from_sdk, runner_reason, to_sdk,
+};
 use super::observer::Report;
 use crate::model::event::{Event, Outcome};
 use crate::model::state::Phase;
@@ -40,21 +42,16 @@ impl JobRun<'_> {
                 )));
             }
         };
-        // The runner names what it is about to create as notices of this kind;
-        // they are the human-readable half of the intent.
+        // The runner names what it is about to create as notices of this kind
+        // (`host::planned_resource`); they are the human-readable half of the
+        // intent. A runner that names nothing gets no guessed path: only the
+        // handle, which the engine cannot read, knows where its sandbox is.
         let (named, others): (Vec<_>, Vec<_>) = notices
             .into_iter()
             .partition(|(kind, _)| kind == PLANNED_RESOURCE);
         let mut resources: Vec<String> = named.into_iter().map(|(_, m)| m).collect();
         if resources.is_empty() {
-            resources.push(format!(
-                "sandbox {} (named in the runner's handle)",
-                self.ex
-                    .runners()
-                    .sandbox_root()
-                    .join(cid.to_string())
-                    .display()
-            ));
+            resources.push(UNNAMED_SANDBOX.to_owned());
         }
         self.append(Event::SandboxPlanned {
             handle: planned.clone(),
@@ -76,10 +73,7 @@ impl JobRun<'_> {
                 self.append(Event::BootRequested {}).await?;
             }
             let h = to_sdk(self.handle.as_ref().unwrap_or(&planned));
-            let (result, notices) = runner
-                .unblock(move |r| plugin::capture_notices(|| call(r, &h)))
-                .await;
-            self.record_notices(notices).await?;
+            let result = self.call_runner(&runner, move |r| call(r, &h)).await?;
             let h = match result {
                 Ok(h) => from_sdk(h),
                 Err(e) => return Ok(Some((Outcome::Failed, runner_reason(what, &e)))),

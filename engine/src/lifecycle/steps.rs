@@ -169,7 +169,9 @@ impl JobRun<'_> {
             Err(e) => return Err(e),
         };
         // Chunks go from the runner's thread to this task; the runner's sink
-        // waits for each chunk to be durable before it returns.
+        // waits for each chunk to be durable before it returns. Notices the
+        // runner raises on that thread while the step runs are collected there
+        // and put on the record once the exec returns, before `StepFinished`.
         let (chunk_tx, chunk_rx) = async_channel::bounded::<Chunk>(1);
         let exec = {
             let handle = handle.clone();
@@ -181,7 +183,7 @@ impl JobRun<'_> {
                             tx: chunk_tx,
                             stored: plugin::Stored::Upto(resume_from),
                         };
-                        r.exec(&handle, &req, &mut sink)
+                        plugin::capture_notices(|| r.exec(&handle, &req, &mut sink))
                     })
                     .await
             })
@@ -227,10 +229,29 @@ impl JobRun<'_> {
                 };
                 *lock(&stopped) = Some(reason);
                 if log.append(job, intent).await.is_ok() {
-                    let _ = runner.unblock(move |r| r.cancel(&handle, exec_id)).await;
+                    let notices = if runner.has(plugin::Capability::Cancel) {
+                        let (_, notices) = runner
+                            .unblock(move |r| {
+                                plugin::capture_notices(|| r.cancel(&handle, exec_id))
+                            })
+                            .await;
+                        notices
+                    } else {
+                        // Nothing can stop the step: say so, and wait for its end.
+                        vec![(
+                            "no-cancel".to_owned(),
+                            format!(
+                                "runner `{}` does not declare `cancel`: the running step is \
+                                 left to end by itself",
+                                runner.name()
+                            ),
+                        )]
+                    };
+                    for (kind, message) in notices {
+                        let message = format!("{kind}: {message}");
+                        let _ = log.append(job, Event::RunnerNotice { message }).await;
+                    }
                 }
-                // Stay alive (and cancelled) until the step ends and drops us.
-                std::future::pending::<()>().await;
             })
         };
 
@@ -264,8 +285,14 @@ impl JobRun<'_> {
             };
             let _ = done.send(stored).await;
         }
-        let mut result = exec.await;
-        drop(watcher);
+        let (mut result, notices) = exec.await;
+        if lock(&stopped).is_some() {
+            // It fired: let it finish recording (its cancel returns promptly).
+            watcher.await;
+        } else {
+            drop(watcher);
+        }
+        self.record_notices(notices).await?;
         match failure {
             // A runner that skips output breaks its contract: the step fails,
             // the job is torn down; what it stored is what the log holds.

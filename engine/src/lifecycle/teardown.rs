@@ -56,7 +56,7 @@ impl JobRun<'_> {
             return Ok(());
         };
         let h = to_sdk(handle);
-        match runner.unblock(move |r| r.drain(&h)).await {
+        match self.call_runner(&runner, move |r| r.drain(&h)).await? {
             Ok(()) => self.append(Event::Drained {}).await,
             Err(e) => {
                 let m = format!("drain failed: {e}");
@@ -118,9 +118,9 @@ impl JobRun<'_> {
         h: &plugin::Handle,
     ) -> Result<(), LogError> {
         let hh = h.clone();
-        match runner
-            .unblock(move |r| r.poweroff(&hh, true, POWEROFF_DEADLINE_MS))
-            .await
+        match self
+            .call_runner(runner, move |r| r.poweroff(&hh, true, POWEROFF_DEADLINE_MS))
+            .await?
         {
             Ok(()) => self.append(Event::PoweredOff {}).await,
             Err(e) => {
@@ -143,7 +143,7 @@ impl JobRun<'_> {
         let mut last = None;
         for attempt in 0..CLEANUP_ATTEMPTS {
             let hh = h.clone();
-            match runner.unblock(move |r| r.cleanup(&hh)).await {
+            match self.call_runner(runner, move |r| r.cleanup(&hh)).await? {
                 Ok(()) => {
                     last = None;
                     break;

@@ -21,12 +21,25 @@ std::thread_local! {
 
 /// Runs `f` (a runner call) and returns, with its result, every notice the
 /// plugin raised on this thread during the call as `(kind, message)`. A plugin
-/// raises notices synchronously from inside the call, so this attributes them to
-/// the job the call was about even when many jobs run at once.
+/// raises notices synchronously from inside the call (the SDK's `host::notice`
+/// says to), so this attributes them to the job the call was about even when many
+/// jobs run at once. The engine puts them on that job's record once the call
+/// returns. A notice raised on another thread is logged, never captured.
 pub fn capture_notices<T>(f: impl FnOnce() -> T) -> (T, Vec<(String, String)>) {
+    /// Stops capturing when the call ends, also by unwinding (a panicking
+    /// output sink resumes its panic after the exec), so a later call on this
+    /// pooled thread never collects into a stale list.
+    struct Capturing;
+    impl Drop for Capturing {
+        fn drop(&mut self) {
+            CAPTURED.with(|c| c.borrow_mut().take());
+        }
+    }
     CAPTURED.with(|c| *c.borrow_mut() = Some(Vec::new()));
+    let guard = Capturing;
     let out = f();
     let notices = CAPTURED.with(|c| c.borrow_mut().take()).unwrap_or_default();
+    drop(guard);
     (out, notices)
 }
 

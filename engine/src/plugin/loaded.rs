@@ -3,12 +3,12 @@
 use std::any::Any;
 use std::ffi::c_void;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use reel_plugin_abi as abi;
 use reel_plugin_sdk::{
-    Description, ExecResult, Handle, JobRequest, OutputSink, Probe, Runner, RunnerConfig,
-    RunnerError, StepRequest, Stream,
+    Capability, Description, ExecResult, Handle, JobRequest, OutputSink, Probe, Runner,
+    RunnerConfig, RunnerError, StepRequest, Stream,
 };
 
 use super::library::{Library, slice};
@@ -27,6 +27,8 @@ pub struct LoadedRunner {
     name: String,
     library: &'static Library,
     instance: *const abi::Instance,
+    /// This instance's description, asked once (`describe` is constant).
+    description: OnceLock<Description>,
 }
 
 // SAFETY: the instance is a `Box<R>` in the plugin where `R: Runner`, which is
@@ -112,7 +114,16 @@ impl LoadedRunner {
             name,
             library,
             instance,
+            description: OnceLock::new(),
         }
+    }
+
+    /// Whether this instance declares `capability` (its description is asked
+    /// once). The engine acts only on declared capabilities: see [`Capability`].
+    pub fn has(&self, capability: Capability) -> bool {
+        self.description
+            .get_or_init(|| LoadedRunner::describe(self))
+            .has(capability)
     }
 
     /// The plugin's name.

@@ -38,8 +38,8 @@ use std::sync::Arc;
 pub use loaded::LoadedRunner;
 pub use reel_plugin_abi as abi;
 pub use reel_plugin_sdk::{
-    Description, ErrorKind, ExecResult, Handle, JobRequest, OutputSink, Probe, Resources, Runner,
-    RunnerConfig, RunnerError, StepRequest, Stored, Stream,
+    Capability, Description, ErrorKind, ExecResult, Handle, JobRequest, OutputSink, Probe,
+    Resources, Runner, RunnerConfig, RunnerError, StepRequest, Stored, Stream,
 };
 
 pub use host::{capture_notices, set_notice_hook};
@@ -60,6 +60,15 @@ pub struct PluginInfo {
     pub capabilities: Vec<String>,
     /// The file it was loaded from.
     pub path: PathBuf,
+}
+
+impl PluginInfo {
+    /// Whether the plugin declares `capability` (as described by the throwaway
+    /// instance the loader made; an engine's own instance may say more, see
+    /// [`LoadedRunner::has`]).
+    pub fn has(&self, capability: Capability) -> bool {
+        Capability::declared(&self.capabilities, capability)
+    }
 }
 
 /// A file in the plugin directory that was not loaded, and why.

@@ -12,21 +12,45 @@
 //! }
 //! ```
 //!
-//! The engine's tests run the same suite against the loaded cdylib (anything that
-//! implements [`Runner`], including the engine's `LoadedRunner`, can be checked).
+//! and against the built `.so`, through the engine's loader (the engine's
+//! `LoadedRunner` implements [`Runner`]; `reel_engine::plugin` loads it):
+//!
+//! ```text
+//! let set = reel_engine::plugin::load_dir(dir);
+//! let new = || -> Result<Arc<dyn Runner>, RunnerError> {
+//!     set.instantiate("mine", &config)
+//!         .map(|r| r as Arc<dyn Runner>)
+//!         .map_err(|e| RunnerError::failed(e.to_string()))
+//! };
+//! Suite::default().run_with(&new)
+//! ```
+//!
+//! (as `tests/all/plugins.rs` does for the template). [`Suite::run_new`] and
+//! [`Suite::run_with`] run every check, including **recovery**, which needs a
+//! second instance: the suite drops the first one in the middle of a step, as an
+//! engine that dies does, and takes the step back with a new one. [`Suite::run`]
+//! checks one instance and skips recovery.
+//!
+//! Checks that need a [`Capability`] the runner does not declare are skipped and
+//! listed in [`Report::skipped`].
 //!
 //! The default steps are `sh` command lines; a runner that does not run `sh` sets its
 //! own in [`Suite`].
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::glue::panic_message;
 use crate::types::{
-    ErrorKind, Handle, JobRequest, OutputSink, Resources, Runner, RunnerConfig, RunnerError,
-    StepRequest, Stream,
+    Capability, Description, ErrorKind, Handle, JobRequest, OutputSink, Resources, Runner,
+    RunnerConfig, RunnerError, StepRequest, Stored, Stream,
 };
+
+/// Makes a new runner instance, as an engine does when it starts.
+pub type NewRunner<'a> = &'a dyn Fn() -> Result<Arc<dyn Runner>, RunnerError>;
 
 /// The job and steps the suite runs, and how long it waits for the runner.
 #[derive(Clone, Debug)]
@@ -43,6 +67,15 @@ pub struct Suite {
     pub failing_command: String,
     /// A step that runs far longer than `deadline`, to cancel and to time out.
     pub long_command: String,
+    /// The step the recovery check takes back with a new instance. It must print
+    /// `begin <token>` on stdout at once, then, about two seconds later, `middle
+    /// <token>` on stderr and `end <token>` on stdout, and exit with
+    /// `resumable_exit_code`; `<token>` must differ from one run of the command to
+    /// the next (the default prints the shell's pid), so that a runner which runs
+    /// it again instead of taking it back is caught.
+    pub resumable_command: String,
+    /// The exit code of `resumable_command`.
+    pub resumable_exit_code: i32,
     /// How long cancel, timeout and poweroff may take to return.
     pub deadline: Duration,
 }
@@ -70,16 +103,23 @@ impl Default for Suite {
             expected_stderr: "err line".to_owned(),
             failing_command: "exit 3".to_owned(),
             long_command: "sleep 20".to_owned(),
+            resumable_command:
+                "echo \"begin $$\"; sleep 2; echo \"middle $$\" >&2; echo \"end $$\"; exit 5"
+                    .to_owned(),
+            resumable_exit_code: 5,
             deadline: Duration::from_secs(5),
         }
     }
 }
 
-/// The checks that passed, in order.
+/// The checks that passed, in order, and those skipped.
 #[derive(Clone, Debug, Default)]
 pub struct Report {
     /// One entry per passed check.
     pub passed: Vec<&'static str>,
+    /// Checks not run, each with why (a capability the runner does not declare,
+    /// or no way to make a second instance).
+    pub skipped: Vec<(&'static str, String)>,
 }
 
 /// The first broken promise.
@@ -115,28 +155,89 @@ fn must<T>(
     guard(f).map_err(|e| violation(check, format!("{what} returned an error: {e}")))
 }
 
-/// Collects output and checks that offsets are contiguous.
+/// Collects output and checks that offsets are contiguous, as the engine's log
+/// does: chunks follow each other without gap or overlap; a resumed exec (one
+/// that starts at `start` > 0) may re-send bytes below `start`, which are dropped.
+/// It stores every chunk before `chunk` returns, until it is set to refuse.
 #[derive(Default)]
 struct Collector {
     stdout: Vec<u8>,
     stderr: Vec<u8>,
+    /// The `resume_from` of the exec.
+    start: u64,
     next_offset: u64,
     gap: Option<String>,
+    /// Refuse (answer [`Stored::Refused`]) once this many bytes are stored.
+    refuse_after: Option<u64>,
+    /// When `stored` first answered `Refused` (a `Cell`: `stored` takes `&self`).
+    refused_at: Cell<Option<Instant>>,
+    /// Chunks passed after a `Refused` answer.
+    after_refusal: usize,
+}
+
+impl Collector {
+    fn resuming(start: u64) -> Collector {
+        Collector {
+            start,
+            next_offset: start,
+            ..Collector::default()
+        }
+    }
+
+    fn refusing_after(bytes: u64) -> Collector {
+        Collector {
+            refuse_after: Some(bytes),
+            ..Collector::default()
+        }
+    }
+
+    fn refusing(&self) -> bool {
+        self.refuse_after
+            .is_some_and(|n| self.next_offset - self.start >= n)
+    }
 }
 
 impl OutputSink for Collector {
     fn chunk(&mut self, stream: Stream, offset: u64, bytes: &[u8]) {
-        if offset != self.next_offset && self.gap.is_none() {
-            self.gap = Some(format!(
-                "chunk at offset {offset}, expected {} (offsets count bytes of both streams)",
-                self.next_offset
-            ));
+        if self.refused_at.get().is_some() {
+            self.after_refusal += 1;
+            return;
         }
-        self.next_offset = offset + bytes.len() as u64;
+        let end = offset + bytes.len() as u64;
+        let resent_below_start = offset < self.next_offset && self.next_offset == self.start;
+        if self.gap.is_none() && offset != self.next_offset && !resent_below_start {
+            self.gap = Some(if offset > self.next_offset {
+                format!(
+                    "chunk at offset {offset}, expected {}: a gap (offsets count bytes of \
+                     both streams)",
+                    self.next_offset
+                )
+            } else {
+                format!(
+                    "chunk at offset {offset} repeats bytes up to {} that were already passed",
+                    self.next_offset
+                )
+            });
+        }
+        if end <= self.next_offset {
+            return;
+        }
+        let new = &bytes[(self.next_offset.saturating_sub(offset)) as usize..];
+        self.next_offset = end;
         match stream {
-            Stream::Stdout => self.stdout.extend_from_slice(bytes),
-            Stream::Stderr => self.stderr.extend_from_slice(bytes),
+            Stream::Stdout => self.stdout.extend_from_slice(new),
+            Stream::Stderr => self.stderr.extend_from_slice(new),
         }
+    }
+
+    fn stored(&self) -> Stored {
+        if self.refused_at.get().is_none() && self.refusing() {
+            self.refused_at.set(Some(Instant::now()));
+        }
+        if self.refused_at.get().is_some() {
+            return Stored::Refused;
+        }
+        Stored::All
     }
 }
 
@@ -153,17 +254,83 @@ impl Suite {
         }
     }
 
-    /// Creates a runner of type `R` from `config` and runs the suite on it.
+    /// Creates runners of type `R` from `config` and runs the whole suite on them
+    /// (see [`Suite::run_with`]).
     pub fn run_new<R: Runner>(&self, config: &RunnerConfig) -> Result<Report, Violation> {
-        let runner = must("new", "new", || R::new(config))?;
-        self.run(&runner)
+        self.run_with(&|| R::new(config).map(|r| Arc::new(r) as Arc<dyn Runner>))
     }
 
-    /// Runs the suite on `runner`.
+    /// Runs the whole suite on instances made by `new`: one for the checks up to
+    /// recovery, which drops it in the middle of a step and makes a second one to
+    /// take the step back, and that second one for the rest.
+    pub fn run_with(&self, new: NewRunner<'_>) -> Result<Report, Violation> {
+        let mut report = Report::default();
+        let mut current = Some(must("new", "creating an instance", new)?);
+        let mut latest = None;
+        let result = self.run_checks(&mut current, Some(new), &mut latest, &mut report);
+        if result.is_err()
+            && let (Some(runner), Some(handle)) = (&current, &latest)
+        {
+            // Leave nothing running behind a failed suite (best effort).
+            let _ = guard(|| runner.cleanup(handle));
+        }
+        result.map(|()| report)
+    }
+
+    /// Runs the suite on one instance, `runner`; the recovery check, which needs a
+    /// second instance, is skipped (use [`Suite::run_new`] or [`Suite::run_with`]).
     pub fn run(&self, runner: &dyn Runner) -> Result<Report, Violation> {
         let mut report = Report::default();
-        let job = &self.job;
+        let mut latest = None;
+        let result = self
+            .check_setup(runner, &mut latest, &mut report)
+            .and_then(|plan| {
+                report.skipped.push((
+                    "recovery",
+                    "it needs a second instance: use Suite::run_new or Suite::run_with".to_owned(),
+                ));
+                self.check_teardown(runner, &plan, &mut latest, &mut report)
+            });
+        if result.is_err()
+            && let Some(handle) = &latest
+        {
+            let _ = guard(|| runner.cleanup(handle));
+        }
+        result.map(|()| report)
+    }
 
+    /// Every check in order on `current` (which recovery replaces), keeping the
+    /// latest handle in `latest`.
+    fn run_checks(
+        &self,
+        current: &mut Option<Arc<dyn Runner>>,
+        new: Option<NewRunner<'_>>,
+        latest: &mut Option<Handle>,
+        report: &mut Report,
+    ) -> Result<(), Violation> {
+        let Some(runner) = current.clone() else {
+            return Ok(());
+        };
+        let plan = self.check_setup(&*runner, latest, report)?;
+        drop(runner);
+        if let Some(new) = new {
+            self.check_recovery(current, new, latest, report)?;
+        }
+        let Some(runner) = current.clone() else {
+            return Ok(());
+        };
+        self.check_teardown(&*runner, &plan, latest, report)
+    }
+
+    /// describe … timeout: returns the plan handle, and keeps the connected one in
+    /// `latest`.
+    fn check_setup(
+        &self,
+        runner: &dyn Runner,
+        latest: &mut Option<Handle>,
+        report: &mut Report,
+    ) -> Result<Handle, Violation> {
+        let job = &self.job;
         let d = must("describe", "describe", || Ok(runner.describe()))?;
         if d.name.is_empty() {
             return Err(violation("describe", "the description has an empty name"));
@@ -176,6 +343,13 @@ impl Suite {
                     d.abi_major,
                     reel_plugin_abi::ABI_MAJOR
                 ),
+            ));
+        }
+        if d.has(Capability::Resume) && !d.has(Capability::Reattach) {
+            return Err(violation(
+                "describe",
+                "the runner declares `resume` but not `reattach`: a step can only be taken \
+                 back in a sandbox that was reattached",
             ));
         }
         report.passed.push("describe");
@@ -206,9 +380,13 @@ impl Suite {
         })?;
         report.passed.push("plan");
 
+        *latest = Some(plan.clone());
         let handle = must("lifecycle", "prepare", || runner.prepare(&plan))?;
+        *latest = Some(handle.clone());
         let handle = must("lifecycle", "boot", || runner.boot(&handle))?;
+        *latest = Some(handle.clone());
         let handle = must("lifecycle", "connect", || runner.connect(&handle))?;
+        *latest = Some(handle.clone());
         let probe = must("lifecycle", "probe of a connected job", || {
             runner.probe(&handle)
         })?;
@@ -220,7 +398,7 @@ impl Suite {
         }
         report.passed.push("lifecycle");
 
-        self.check_output(runner, &handle)?;
+        self.check_output(runner, &handle, 1)?;
         report.passed.push("exec output");
 
         let step = self.step(2, &self.failing_command, None);
@@ -235,17 +413,237 @@ impl Suite {
         }
         report.passed.push("exec exit code");
 
-        self.check_cancel(runner, &handle)?;
-        report.passed.push("cancel");
+        if d.has(Capability::Cancel) {
+            self.check_cancel(runner, &handle)?;
+            report.passed.push("cancel");
+        } else {
+            report
+                .skipped
+                .push(("cancel", undeclared(Capability::Cancel)));
+        }
 
-        self.check_timeout(runner, &handle)?;
-        report.passed.push("timeout");
+        if d.has(Capability::Timeout) {
+            self.check_timeout(runner, &handle)?;
+            report.passed.push("timeout");
+        } else {
+            report
+                .skipped
+                .push(("timeout", undeclared(Capability::Timeout)));
+        }
+        Ok(plan)
+    }
 
-        must("shutdown", "drain", || runner.drain(&handle))?;
+    /// What an engine restart asks of a runner (see `plugins/README.md`,
+    /// "Recovery"): the step's output is refused mid-step (as when the engine's
+    /// storage fails: exec must return an error and leave the step running), the
+    /// instance is dropped (as when the engine dies), and a new instance must
+    /// probe the sandbox alive and reattachable, reattach, and — given the same
+    /// `exec_id` and `resume_from` = the bytes stored — take the running step
+    /// back: no second run of the command, no gap or duplicate in its output, and
+    /// its own exit status. Leaves the new instance in `current` and its handle in
+    /// `latest`.
+    fn check_recovery(
+        &self,
+        current: &mut Option<Arc<dyn Runner>>,
+        new: NewRunner<'_>,
+        latest: &mut Option<Handle>,
+        report: &mut Report,
+    ) -> Result<(), Violation> {
+        const CHECK: &str = "recovery";
+        let (Some(first), Some(handle)) = (current.as_deref(), latest.clone()) else {
+            return Ok(());
+        };
+        let d: Description = first.describe();
+        if !d.has(Capability::Reattach) {
+            report
+                .skipped
+                .push((CHECK, undeclared(Capability::Reattach)));
+            return Ok(());
+        }
+        let resume = d.has(Capability::Resume);
+        let step = self.step(6, &self.resumable_command, None);
+        let mut before = Collector::refusing_after(1);
+        if resume {
+            let result = guard(|| first.exec(&handle, &step, &mut before));
+            let returned_at = Instant::now();
+            match result {
+                Ok(r) if before.refused_at.get().is_none() => {
+                    return Err(violation(
+                        CHECK,
+                        format!(
+                            "exec never asked the sink what it stored and returned {r:?}: after \
+                             each chunk it must ask `stored()`, and on Stored::Refused stop"
+                        ),
+                    ));
+                }
+                Ok(r) => {
+                    return Err(violation(
+                        CHECK,
+                        format!(
+                            "exec went on after the host refused its output and returned {r:?}: \
+                             on Stored::Refused it must stop following, acknowledge nothing \
+                             more and return an error, leaving the step running"
+                        ),
+                    ));
+                }
+                Err(e) if e.kind == ErrorKind::Panicked => {
+                    return Err(violation(CHECK, format!("exec panicked: {}", e.message)));
+                }
+                Err(e) if before.refused_at.get().is_none() => {
+                    return Err(violation(
+                        CHECK,
+                        format!(
+                            "exec of `{}` returned an error before the host refused anything \
+                             (it must pass output and ask `stored()` after each chunk): {e}",
+                            step.command
+                        ),
+                    ));
+                }
+                Err(_) => {}
+            }
+            if before.after_refusal > 0 {
+                return Err(violation(
+                    CHECK,
+                    format!(
+                        "exec passed {} more chunk(s) after the host answered Stored::Refused",
+                        before.after_refusal
+                    ),
+                ));
+            }
+            if let Some(at) = before.refused_at.get()
+                && returned_at - at > self.deadline
+            {
+                return Err(violation(
+                    CHECK,
+                    format!(
+                        "exec took {:?} to return after the host refused its output",
+                        returned_at - at
+                    ),
+                ));
+            }
+        }
+        // The engine dies: its runner instance goes with it.
+        *current = None;
+        let runner = must(CHECK, "creating a second instance", new)?;
+        *current = Some(runner.clone());
+        let probe = must(CHECK, "probe from a new instance", || runner.probe(&handle))?;
+        if !probe.alive || !probe.reattachable {
+            return Err(violation(
+                CHECK,
+                format!(
+                    "a new instance's probe of a live sandbox{} says alive: {}, reattachable: \
+                     {} ({}); recovery would remove the sandbox and end the job lost",
+                    if resume { " with a step running" } else { "" },
+                    probe.alive,
+                    probe.reattachable,
+                    probe.detail
+                ),
+            ));
+        }
+        let handle = must(CHECK, "reattach from a new instance", || {
+            runner.reattach(&handle)
+        })?;
+        *latest = Some(handle.clone());
+        if !resume {
+            report.skipped.push((
+                "recovery: resume",
+                format!(
+                    "{}; only a reattach between steps was checked",
+                    undeclared(Capability::Resume)
+                ),
+            ));
+            self.check_output(&*runner, &handle, 6)?;
+            report.passed.push(CHECK);
+            return Ok(());
+        }
+
+        let resumed = StepRequest {
+            resume_from: before.next_offset,
+            ..step
+        };
+        let mut after = Collector::resuming(resumed.resume_from);
+        let result = must(CHECK, "exec resuming the running step", || {
+            runner.exec(&handle, &resumed, &mut after)
+        })?;
+        if let Some(gap) = after.gap {
+            return Err(violation(
+                CHECK,
+                format!("resuming from byte {}: {gap}", resumed.resume_from),
+            ));
+        }
+        if result.output_bytes != after.next_offset {
+            return Err(violation(
+                CHECK,
+                format!(
+                    "the resumed exec says output_bytes {} but its output ends at offset {}",
+                    result.output_bytes, after.next_offset
+                ),
+            ));
+        }
+        let stdout = String::from_utf8_lossy(&[before.stdout, after.stdout].concat()).into_owned();
+        let stderr = String::from_utf8_lossy(&[before.stderr, after.stderr].concat()).into_owned();
+        let tokens = |text: &str, word: &str| -> Vec<String> {
+            text.lines()
+                .filter_map(|l| l.strip_prefix(word))
+                .map(|t| t.trim().to_owned())
+                .collect()
+        };
+        let (begins, middles, ends) = (
+            tokens(&stdout, "begin "),
+            tokens(&stderr, "middle "),
+            tokens(&stdout, "end "),
+        );
+        if begins.len() != 1 || middles.len() != 1 || ends.len() != 1 {
+            return Err(violation(
+                CHECK,
+                format!(
+                    "the step's output, before and after it was taken back, is stdout {stdout:?} \
+                     and stderr {stderr:?}: expected one `begin`, one `middle` and one `end` \
+                     line (a duplicate or a lost line)"
+                ),
+            ));
+        }
+        if begins[0] != middles[0] || begins[0] != ends[0] {
+            return Err(violation(
+                CHECK,
+                format!(
+                    "the step ran again instead of being taken back: it began as {:?} and \
+                     went on as {:?}/{:?} (stdout {stdout:?}, stderr {stderr:?}); exec with an \
+                     exec_id the sandbox already runs must follow that run from resume_from",
+                    begins[0], middles[0], ends[0]
+                ),
+            ));
+        }
+        if result.exit_code != Some(self.resumable_exit_code) || result.signal.is_some() {
+            return Err(violation(
+                CHECK,
+                format!(
+                    "the step that was taken back gave {result:?}, expected its own exit code {}",
+                    self.resumable_exit_code
+                ),
+            ));
+        }
+        report.passed.push(CHECK);
+        Ok(())
+    }
+
+    /// drain, poweroff, cleanup, probe after cleanup, malformed handles.
+    fn check_teardown(
+        &self,
+        runner: &dyn Runner,
+        plan: &Handle,
+        latest: &mut Option<Handle>,
+        report: &mut Report,
+    ) -> Result<(), Violation> {
+        let Some(handle) = latest.clone() else {
+            return Ok(());
+        };
+        let handle = &handle;
+        must("shutdown", "drain", || runner.drain(handle))?;
         let deadline_ms = self.deadline.as_millis() as u64;
         let start = Instant::now();
         must("shutdown", "poweroff", || {
-            runner.poweroff(&handle, true, deadline_ms)
+            runner.poweroff(handle, true, deadline_ms)
         })?;
         if start.elapsed() > self.deadline + Duration::from_secs(1) {
             return Err(violation(
@@ -258,16 +656,16 @@ impl Suite {
         }
         report.passed.push("shutdown");
 
-        must("cleanup", "cleanup", || runner.cleanup(&handle))?;
+        must("cleanup", "cleanup", || runner.cleanup(handle))?;
         must(
             "cleanup",
             "a second cleanup (cleanup must be idempotent)",
-            || runner.cleanup(&handle),
+            || runner.cleanup(handle),
         )?;
         must("cleanup", "cleanup from the plan handle", || {
-            runner.cleanup(&plan)
+            runner.cleanup(plan)
         })?;
-        let probe = must("cleanup", "probe after cleanup", || runner.probe(&handle))?;
+        let probe = must("cleanup", "probe after cleanup", || runner.probe(handle))?;
         if probe.alive {
             return Err(violation(
                 "cleanup",
@@ -281,12 +679,17 @@ impl Suite {
 
         self.check_malformed(runner)?;
         report.passed.push("malformed handle");
-        Ok(report)
+        Ok(())
     }
 
-    fn check_output(&self, runner: &dyn Runner, handle: &Handle) -> Result<(), Violation> {
+    fn check_output(
+        &self,
+        runner: &dyn Runner,
+        handle: &Handle,
+        exec_id: u64,
+    ) -> Result<(), Violation> {
         const CHECK: &str = "exec output";
-        let step = self.step(1, &self.output_command, None);
+        let step = self.step(exec_id, &self.output_command, None);
         let mut out = Collector::default();
         let result = must(CHECK, "exec of the output step", || {
             runner.exec(handle, &step, &mut out)
@@ -436,6 +839,11 @@ impl Suite {
         }
         Ok(())
     }
+}
+
+/// Why a check that needs `capability` was skipped.
+fn undeclared(capability: Capability) -> String {
+    format!("the runner does not declare the `{capability}` capability")
 }
 
 /// Runs the default suite on `runner` and panics with the violation, for tests.

@@ -102,8 +102,33 @@ pub(crate) unsafe fn install(host: *const abi::HostCallbacks) {
     }
 }
 
-/// Sends a runner notice (an event the engine records against the job, such as
-/// `"vm-exited"`) to the host. Without a host it is logged instead.
+/// The notice kind [`planned_resource`] sends: the engine takes the notices of
+/// this kind raised during `plan` as the list of resources the plan names.
+pub const PLANNED_RESOURCE: &str = "planned-resource";
+
+/// Names, from inside [`Runner::plan`](crate::Runner::plan), one resource the job
+/// will have once it is set up: `kind` says what it is (`workdir`, `cgroup`,
+/// `agent-socket`, `tap-device`), `name` which one (a path, a device name, or how
+/// to find it: `(pid in /x/agent.pid)`). The engine logs the list with the plan
+/// handle (`SandboxPlanned`), before anything exists, and `reel replay`,
+/// `inspect` and `recover --dry-run` show it as what the job holds. A plan that
+/// names nothing is shown as "sandbox (named in the runner's handle)".
+///
+/// Sent as a notice of kind [`PLANNED_RESOURCE`] with the message `"<kind>
+/// <name>"`; called outside `plan`, it is recorded as an ordinary notice.
+pub fn planned_resource(kind: &str, name: &str) {
+    notice(PLANNED_RESOURCE, &format!("{kind} {name}"));
+}
+
+/// Sends a runner notice (a note the engine records on the job's record as a
+/// `RunnerNotice` event, such as `"cgroup-skipped"` or `"out-of-memory"`) to the
+/// host. Without a host it is logged instead.
+///
+/// Call it on the thread of the runner call it is about (the thread `exec`,
+/// `plan`, `cleanup`... was called on): the engine attributes a notice to the job
+/// whose call raised it on that thread, and records it once the call returns. A
+/// notice raised on another thread of the plugin, or during `validate`, `probe`
+/// or `describe` (which change no job's record), reaches the engine's log only.
 pub fn notice(kind: &str, message: &str) {
     match host() {
         // SAFETY: the callbacks are valid for the life of the process (see `install`),

@@ -57,8 +57,85 @@ pub struct Description {
     pub abi_major: u32,
     /// The ABI minor the runner was built against.
     pub abi_minor: u32,
-    /// Free-form feature names (e.g. `"cancel"`, `"reattach"`).
+    /// What the runner can do, by name: the [`Capability`] names the engine acts
+    /// on (build them with [`Capability::names`]), and any other strings, which
+    /// `reel plugins` shows and the engine ignores.
     pub capabilities: Vec<String>,
+}
+
+impl Description {
+    /// Whether the description declares `capability`.
+    pub fn has(&self, capability: Capability) -> bool {
+        Capability::declared(&self.capabilities, capability)
+    }
+}
+
+/// A capability the engine acts on. On the wire (in [`Description::capabilities`])
+/// each is its [`name`](Capability::name); a runner that lacks one is still run,
+/// and the engine does without it as each variant says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Capability {
+    /// `"cancel"`: [`Runner::cancel`] makes a running `exec` return promptly with a
+    /// non-success result. Without it the engine still records a cancel or a
+    /// passed job deadline (`CancelRequested` / `DeadlinePassed`), but never calls
+    /// `cancel`: it records a notice and waits for the step to end by itself.
+    Cancel,
+    /// `"timeout"`: `exec` enforces [`StepRequest::timeout_ms`] itself and reports
+    /// `timed_out`. Without it the engine warns, when a job is validated, about
+    /// every step that sets a timeout (nobody will enforce it).
+    Timeout,
+    /// `"reattach"`: after an engine restart, [`Runner::probe`] can report a live
+    /// sandbox as `reattachable` and [`Runner::reattach`] takes it back. Without it
+    /// recovery never calls `reattach`: a live sandbox is powered off and cleaned
+    /// up, and its job ends lost.
+    Reattach,
+    /// `"resume"`: after `reattach`, `exec` with the running step's `exec_id` and
+    /// `resume_from` > 0 takes that step back (it never runs it again), streams its
+    /// output from `resume_from` on and returns its exit status, even when it ended
+    /// while no engine ran. Without it, recovery reattaches only a sandbox with no
+    /// step running; one with a running step is reaped and its job ends lost.
+    Resume,
+}
+
+impl Capability {
+    /// Every capability the engine acts on.
+    pub const ALL: [Capability; 4] = [
+        Capability::Cancel,
+        Capability::Timeout,
+        Capability::Reattach,
+        Capability::Resume,
+    ];
+
+    /// The capability's name in [`Description::capabilities`].
+    pub const fn name(self) -> &'static str {
+        match self {
+            Capability::Cancel => "cancel",
+            Capability::Timeout => "timeout",
+            Capability::Reattach => "reattach",
+            Capability::Resume => "resume",
+        }
+    }
+
+    /// The capability named `name`, if the engine knows it.
+    pub fn from_name(name: &str) -> Option<Capability> {
+        Capability::ALL.into_iter().find(|c| c.name() == name)
+    }
+
+    /// The names of `capabilities`, for [`Description::capabilities`].
+    pub fn names(capabilities: &[Capability]) -> Vec<String> {
+        capabilities.iter().map(|c| c.name().to_owned()).collect()
+    }
+
+    /// Whether `names` (a description's capability strings) declares `capability`.
+    pub fn declared(names: &[String], capability: Capability) -> bool {
+        names.iter().any(|n| n == capability.name())
+    }
+}
+
+impl fmt::Display for Capability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// Configuration given once, when the engine creates a runner instance.
@@ -345,4 +422,32 @@ pub trait Runner: Send + Sync + 'static {
     fn probe(&self, handle: &Handle) -> Result<Probe, RunnerError>;
     /// Takes back a live job after an engine restart.
     fn reattach(&self, handle: &Handle) -> Result<Handle, RunnerError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capabilities_are_their_names_on_the_wire_and_back() {
+        for c in Capability::ALL {
+            assert_eq!(Capability::from_name(c.name()), Some(c));
+            assert_eq!(c.to_string(), c.name());
+        }
+        assert_eq!(Capability::from_name("cgroup"), None);
+        let d = Description {
+            name: "x".into(),
+            version: "1".into(),
+            abi_major: 1,
+            abi_minor: 1,
+            capabilities: {
+                let mut c = Capability::names(&[Capability::Reattach]);
+                c.push("cgroup".into());
+                c
+            },
+        };
+        assert_eq!(d.capabilities, ["reattach", "cgroup"]);
+        assert!(d.has(Capability::Reattach));
+        assert!(!d.has(Capability::Resume));
+    }
 }

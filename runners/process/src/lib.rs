@@ -58,9 +58,10 @@
 //!
 //! # The resource list
 //!
-//! The engine cannot decode the handle. `plan` emits one runner notice of kind
-//! [`RESOURCE_NOTICE`] per resource it names (message: `<kind> <path> [(details)]`),
-//! and [`plan_resources`] gives the same list from a handle to Rust callers.
+//! The engine cannot decode the handle. `plan` names each resource with the SDK's
+//! `host::planned_resource` (a notice of kind [`RESOURCE_NOTICE`], message `<kind>
+//! <path> [(details)]`), which the engine logs with the plan as what the job
+//! holds, and [`plan_resources`] gives the same list from a handle to Rust callers.
 //!
 //! # Options (`RunnerConfig.options`)
 //!
@@ -90,8 +91,8 @@ use reel_agent::procfs::{Pinned, Process};
 use reel_agent::proto::{ErrorCode, Message};
 use reel_agent::{AgentClient, CancelHandle, ClientError, ExecRequest};
 use reel_plugin_sdk::{
-    Description, ExecResult, Handle, JobRequest, OutputSink, Probe, Runner, RunnerConfig,
-    RunnerError, StepRequest, Stream,
+    Capability, Description, ExecResult, Handle, JobRequest, OutputSink, Probe, Runner,
+    RunnerConfig, RunnerError, StepRequest, Stream,
 };
 use rustix::process::Signal;
 use serde::{Deserialize, Serialize};
@@ -102,8 +103,8 @@ reel_plugin_sdk::export_runner!(ProcessRunner);
 
 /// The format version of the handle bytes.
 pub const HANDLE_VERSION: u32 = 1;
-/// The notice kind `plan` uses for each resource it names.
-pub const RESOURCE_NOTICE: &str = "planned-resource";
+/// The notice kind `plan` uses for each resource it names (the SDK's).
+pub const RESOURCE_NOTICE: &str = reel_plugin_sdk::host::PLANNED_RESOURCE;
 /// The notice kind `exec` raises when a step failed for lack of memory.
 pub const OOM_NOTICE: &str = "out-of-memory";
 /// The longest unix socket path (`sun_path` is 108 bytes including the NUL).
@@ -594,10 +595,10 @@ fn follow(
 /// A step that failed while the kernel's OOM killer ended processes of the job's
 /// memory cgroup (its count rose from `before`) fails with that cause: the exit
 /// code 137 or signal 9 it leaves behind says nothing of memory. `ExecResult` has
-/// no field for a cause, and a notice raised during `exec` is only logged by the
-/// engine, so the cause travels as the step's error, which the engine records as
-/// the job's reason (the exit status is kept in the message); a notice of kind
-/// [`OOM_NOTICE`] says it too. A step that succeeded although one of its
+/// no field for a cause, so the cause travels as the step's error, which the
+/// engine records as the job's reason (the exit status is kept in the message); a
+/// notice of kind [`OOM_NOTICE`], raised on the exec's thread, puts it on the
+/// job's record too. A step that succeeded although one of its
 /// processes was killed is left as it is.
 fn with_oom_cause(
     state: &JobState,
@@ -700,13 +701,17 @@ impl Runner for ProcessRunner {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             abi_major: reel_plugin_sdk::abi::ABI_MAJOR,
             abi_minor: reel_plugin_sdk::abi::ABI_MINOR,
-            capabilities: vec![
-                "cancel".to_owned(),
-                "timeout".to_owned(),
-                "reattach".to_owned(),
-                "resume".to_owned(),
-                "cgroup".to_owned(),
-            ],
+            capabilities: {
+                let mut c = Capability::names(&[
+                    Capability::Cancel,
+                    Capability::Timeout,
+                    Capability::Reattach,
+                    Capability::Resume,
+                ]);
+                // Informational (`reel plugins` shows it; the engine does not act on it).
+                c.push("cgroup".to_owned());
+                c
+            },
         }
     }
 
@@ -732,7 +737,8 @@ impl Runner for ProcessRunner {
     fn plan(&self, job: &JobRequest) -> Result<Handle, RunnerError> {
         let state = self.plan_state(job)?;
         for line in state.resources() {
-            reel_plugin_sdk::host::notice(RESOURCE_NOTICE, &line);
+            let (kind, name) = line.split_once(' ').unwrap_or((&line, ""));
+            reel_plugin_sdk::host::planned_resource(kind, name);
         }
         state.encode()
     }

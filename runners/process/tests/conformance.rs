@@ -15,6 +15,9 @@ fn conforms() {
         .run_new::<ProcessRunner>(&config)
         .unwrap_or_else(|v| panic!("{v}"));
     assert!(report.passed.contains(&"malformed handle"), "{report:?}");
+    // Through a second instance: the step refused mid-way is taken back.
+    assert!(report.passed.contains(&"recovery"), "{report:?}");
+    assert_eq!(report.skipped, [], "{report:?}");
     common::assert_nothing_left(root.path(), sandbox_id, None);
     common::remove_cgroup_parent(sandbox_id);
 }
