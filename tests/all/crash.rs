@@ -830,3 +830,38 @@ fn crash_matrix_a_job_with_a_secret_printing_past_the_hold_back() {
         output,
     });
 }
+
+/// Found by the chaos test: an engine that dies while reaping a job that only
+/// held a lease (after its `TeardownStarted`, before `Cleaned`) leaves a
+/// teardown with no sandbox named; the next recovery finishes that teardown
+/// instead of trying to decide it again.
+#[test]
+fn a_recovery_killed_mid_reap_of_a_lease_only_job_is_finished_by_the_next() {
+    let state = tempfile::tempdir().unwrap();
+    let job = state.path().join("job.yml");
+    std::fs::write(&job, JOB).unwrap();
+    let run = reel(
+        state.path(),
+        &["run", job.to_str().unwrap()],
+        &[("REEL_TEST_CRASH_AT", "CidAllocated:after")],
+    );
+    assert_eq!(run.status.signal(), Some(9));
+    let first = reel(
+        state.path(),
+        &["recover"],
+        &[("REEL_TEST_CRASH_AT", "TeardownStarted:after")],
+    );
+    assert_eq!(first.status.signal(), Some(9), "{}", text(&first.stdout));
+    let second = reel(state.path(), &["recover"], &[]);
+    assert_eq!(
+        second.status.code(),
+        Some(1),
+        "{} / {}",
+        text(&second.stdout),
+        text(&second.stderr)
+    );
+    let names = events(state.path(), 1);
+    assert_eq!(names.last().map(String::as_str), Some("Lost"), "{names:?}");
+    assert_eq!(names.iter().filter(|n| *n == "TeardownStarted").count(), 1);
+    assert_nothing_left(state.path(), "mid-reap");
+}

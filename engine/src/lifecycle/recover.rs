@@ -234,6 +234,16 @@ pub async fn assess(runners: &Runners, log: &LogReader, state: &JobState) -> Ass
         }
     };
     let Some(handle) = state.handle.clone() else {
+        if let Plan::FinishTeardown { outcome } = plan {
+            // Teardown was decided before any sandbox was named (only a lease
+            // at most): it is finished, with nothing to probe.
+            a.action = Action::FinishTeardown { outcome };
+            a.why = format!(
+                "teardown was decided ({}) before the engine died, with no sandbox named; it is finished from where the log stopped",
+                outcome.as_str()
+            );
+            return a;
+        }
         a.action = Action::Reap {
             reason: "no sandbox handle was logged".into(),
         };
@@ -527,6 +537,11 @@ async fn finish_teardown(
 }
 
 async fn reap(run: &mut JobRun<'_>, state: &JobState, reason: &str) -> Result<(), ExecError> {
+    if state.phase.tearing_down() {
+        // A teardown already decided is finished, never decided twice.
+        let outcome = state.outcome.unwrap_or(Outcome::Lost);
+        return run.teardown(outcome, reason).await;
+    }
     if state.phase == Phase::Reaped {
         run.append(Event::Lost {
             reason: reason.to_string(),
