@@ -6,8 +6,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use super::durable;
 use super::output::Stream;
 use super::reader::{LogReader, open_reconciled};
+use super::rebuild::Opening;
 use super::trees::{PID_FILE, fold_from, live_ids};
 use super::writer::{CHANNEL_DEPTH, Request, Writer};
 use super::{LogOptions, lock};
@@ -54,21 +56,29 @@ impl EventLog {
     /// Folds every live job into memory so appends can be checked; the cost is
     /// proportional to the live jobs' histories, not to the whole log.
     pub fn open(state_dir: &Path, options: LogOptions) -> Result<EventLog, LogError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| LogError::Io {
+        durable::create_dir_all(state_dir, true).map_err(|source| LogError::Io {
             what: "cannot create the state directory",
             path: state_dir.to_path_buf(),
             source,
         })?;
-        let (trees, journal, journal_end, repairs) = open_reconciled(state_dir)?;
+        let opened = open_reconciled(state_dir, Opening::Engine, |trees| {
+            let mut live = HashMap::new();
+            for id in live_ids(&trees.live)? {
+                live.insert(id, fold_from(&trees.events, id)?);
+            }
+            Ok(live)
+        })?;
+        let (trees, journal, journal_end, repairs) = (
+            opened.trees,
+            opened.journal,
+            opened.journal_end,
+            opened.repairs,
+        );
         let _ = std::fs::write(state_dir.join(PID_FILE), std::process::id().to_string());
         for r in &repairs {
             tracing::warn!(log = %state_dir.display(), "{r}");
         }
-        let mut live = HashMap::new();
-        for id in live_ids(&trees.live)? {
-            live.insert(id, fold_from(&trees.events, id)?);
-        }
-        let live = Arc::new(Mutex::new(live));
+        let live = Arc::new(Mutex::new(opened.loaded));
         let reader = LogReader::over(trees.clone(), state_dir, journal.clone(), repairs);
         let (tx, rx) = async_channel::bounded(CHANNEL_DEPTH);
         let writer = Writer::new(
