@@ -33,7 +33,8 @@ use crate::input::secrets::{ResolvedSecrets, SecretError};
 use crate::model::event::{Event, JobId, Outcome};
 use crate::model::state::{Held, JobState, Phase};
 use crate::plugin::Capability;
-use crate::store::{LogReader, error_line};
+use crate::store::output::FrameError;
+use crate::store::{LogError, LogReader, error_line};
 use crate::time::now_ms;
 
 /// What recovery will do with one job.
@@ -268,7 +269,20 @@ pub async fn assess(runners: &Runners, log: &LogReader, state: &JobState) -> Ass
         return a;
     }
     let running = state.running_step().map(|s| s.index);
-    let damaged = running.and_then(|i| log.output_end(state.id, i).err().map(|e| (i, e)));
+    // Any damaged frame of the running step's output (a torn tail excepted:
+    // it was never acknowledged, and is cut), read in bounded memory.
+    let damaged = running.and_then(|i| {
+        log.output(state.id, i, 0)
+            .find_map(|c| match c {
+                Err(LogError::CorruptOutput {
+                    source: FrameError::Torn { .. },
+                    ..
+                })
+                | Ok(_) => None,
+                Err(e) => Some(e),
+            })
+            .map(|e| (i, e))
+    });
     if let (Some((i, e)), true) = (&damaged, alive && reattachable && plan == Plan::ProbeAgent) {
         // Output the agent was told to drop is gone: resuming would leave a gap.
         let reason = format!(

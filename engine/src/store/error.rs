@@ -30,6 +30,22 @@ pub enum LogError {
     /// sled failed.
     #[error("the log's storage failed")]
     Storage(#[from] sled::Error),
+    /// sled found the store corrupt and the journal holds nothing to rebuild
+    /// it from.
+    #[error(
+        "the sled store in {} is damaged ({reason}) and the journal {} is empty or missing: \
+         there is nothing to rebuild it from",
+        path.display(),
+        journal.display()
+    )]
+    Unrebuildable {
+        /// The sled directory.
+        path: PathBuf,
+        /// What sled said.
+        reason: String,
+        /// The journal's path.
+        journal: PathBuf,
+    },
     /// A filesystem operation around the log failed.
     #[error("{what} {}", path.display())]
     Io {

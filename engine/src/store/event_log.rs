@@ -6,10 +6,12 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use super::durable;
 use super::output::Stream;
 use super::reader::{LogReader, open_reconciled};
+use super::rebuild::Opening;
 use super::salvage::{LiveJobs, fold_live};
-use super::trees::PID_FILE;
+use super::trees::{PID_FILE, fold_from, live_ids};
 use super::writer::{CHANNEL_DEPTH, Request, Writer};
 use super::{LogOptions, lock};
 use crate::model::event::{Event, JobId, Seq};
@@ -58,14 +60,33 @@ impl EventLog {
     /// Folds every live job into memory so appends can be checked; the cost is
     /// proportional to the live jobs' histories, not to the whole log.
     pub fn open(state_dir: &Path, options: LogOptions) -> Result<EventLog, LogError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| LogError::Io {
+        durable::create_dir_all(state_dir, true).map_err(|source| LogError::Io {
             what: "cannot create the state directory",
             path: state_dir.to_path_buf(),
             source,
         })?;
-        let (trees, journal, journal_end, mut repairs) = open_reconciled(state_dir)?;
+        // Reading every live job's history surfaces sled corruption (which
+        // makes the store be rebuilt from the journal); a job whose events do
+        // not decode or fold is salvaged below, not a reason to rebuild.
+        let opened = open_reconciled(state_dir, Opening::Engine, |trees| {
+            let ids = live_ids(&trees.live)?;
+            for &id in &ids {
+                match fold_from(&trees.events, id) {
+                    Ok(_) | Err(LogError::Corrupt { .. } | LogError::Illegal(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(ids)
+        })?;
+        let live_ids = opened.loaded;
+        let (trees, journal, journal_end, mut repairs) = (
+            opened.trees,
+            opened.journal,
+            opened.journal_end,
+            opened.repairs,
+        );
         let _ = std::fs::write(state_dir.join(PID_FILE), std::process::id().to_string());
-        let LiveJobs { live, set_aside } = fold_live(&trees, &journal, &mut repairs)?;
+        let LiveJobs { live, set_aside } = fold_live(&trees, &journal, &live_ids, &mut repairs)?;
         for r in &repairs {
             tracing::warn!(log = %state_dir.display(), "{r}");
         }

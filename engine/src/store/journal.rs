@@ -22,11 +22,12 @@
 //! A frame that fails its CRC is skipped by scanning forward for the next magic
 //! whose frame checks out, so one bad frame never hides the frames after it.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::durable;
 use crate::model::codec::MAX_ENVELOPE;
 use crate::model::event::{JobId, Seq};
 
@@ -143,24 +144,39 @@ pub fn parse(bytes: &[u8], base: u64) -> Vec<Item> {
 pub struct Journal {
     file: File,
     path: PathBuf,
+    /// This open created the file: there was no journal before.
+    created: bool,
 }
 
 impl Journal {
-    /// Opens (creating) the journal in `state_dir`.
-    pub fn open(state_dir: &Path) -> std::io::Result<Journal> {
+    /// Opens (creating) the journal in `state_dir`. With `sync`, a journal
+    /// this creates has the state directory synced, so its name is durable
+    /// before any event in it is acknowledged.
+    pub fn open(state_dir: &Path, sync: bool) -> std::io::Result<Journal> {
         let path = state_dir.join(FILE_NAME);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?;
-        Ok(Journal { file, path })
+        let (file, created) = durable::open_or_create(&path, sync)?;
+        Ok(Journal {
+            file,
+            path,
+            created,
+        })
     }
 
-    /// The file's path.
+    /// Names the file by `path` in messages (an offline reader's copy is
+    /// named after the original it was copied from).
+    pub fn shown_as(mut self, path: PathBuf) -> Journal {
+        self.path = path;
+        self
+    }
+
+    /// The file's path, as messages name it.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether opening created the file (there was no journal before).
+    pub fn created(&self) -> bool {
+        self.created
     }
 
     /// The file's current length.

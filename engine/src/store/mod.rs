@@ -59,11 +59,13 @@
 //! stay readable.
 
 mod audit;
+mod durable;
 mod error;
 mod event_log;
 pub mod journal;
 pub mod output;
 mod reader;
+mod rebuild;
 mod reconcile;
 mod salvage;
 mod snapshot;
@@ -77,7 +79,7 @@ pub use audit::{
 pub use error::LogError;
 pub use event_log::EventLog;
 pub use output::{OutputChunk, Stream};
-pub use reader::LogReader;
+pub use reader::{LogReader, OutputChunks};
 pub use reconcile::Repair;
 pub use summary::{JobSummary, KIND_SUMMARY};
 pub use trees::{TREES, event_key, exists};

@@ -15,12 +15,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::durable;
 use super::journal::Journal;
 use super::output::{self, OutputChunk, Stream};
+use super::rebuild::{Opening, clear_unfinished_snapshots, is_corrupt, rebuild};
 use super::reconcile::{Repair, reconcile};
 use super::snapshot::Snapshot;
 use super::summary::JobSummary;
-use super::trees::{Trees, be_u64, events_of, fold_from, live_ids, open_trees};
+use super::trees::{Trees, be_u64, events_of, fold_from, live_ids, open_trees, until_failed};
 use crate::model::event::{JobId, Record};
 use crate::model::state::JobState;
 use crate::store::LogError;
@@ -57,13 +59,19 @@ impl LogReader {
     /// (with [`LogError::Missing`]) a state directory without a log.
     pub fn open_copy(state_dir: &Path) -> Result<LogReader, LogError> {
         let copy = Snapshot::take(state_dir)?;
-        let (trees, journal, _, repairs) = open_reconciled(copy.dir())?;
+        let opened = open_reconciled(
+            copy.dir(),
+            Opening::Copy {
+                original: state_dir,
+            },
+            read_everything,
+        )?;
         Ok(LogReader {
-            trees,
+            trees: opened.trees,
             dir: state_dir.to_path_buf(),
-            journal,
+            journal: opened.journal,
             output_dir: state_dir.join(output::DIR_NAME),
-            repairs,
+            repairs: opened.repairs,
             _copy: Some(copy),
         })
     }
@@ -109,7 +117,7 @@ impl LogReader {
     /// Every job's summary, ascending by id. A corrupt summary is an `Err` item;
     /// the iteration goes on past it.
     pub fn jobs(&self) -> impl Iterator<Item = Result<JobSummary, LogError>> + '_ {
-        self.trees.jobs.iter().map(|item| {
+        until_failed(self.trees.jobs.iter()).map(|item| {
             let (k, v) = item?;
             let id = be_u64(&k).ok_or(LogError::BadKey {
                 tree: "jobs",
@@ -164,58 +172,39 @@ impl LogReader {
         Ok((states, unreadable))
     }
 
-    /// A step's stored output from `from` on, in offset order. Damage in the
-    /// step's file is an `Err` item after the chunks before it.
-    pub fn output(
-        &self,
-        job: JobId,
-        step: u32,
-        from: u64,
-    ) -> impl Iterator<Item = Result<OutputChunk, LogError>> + '_ {
-        let items: Vec<Result<OutputChunk, LogError>> =
-            match output::read(&self.output_dir, job, step) {
-                Err(source) => vec![Err(LogError::Io {
-                    what: "cannot read the output file",
-                    path: output::path(&self.output_dir, job, step),
-                    source,
-                })],
-                Ok(buf) => {
-                    let (frames, _, stopped) = output::parse(&buf);
-                    let mut items: Vec<_> = frames
-                        .into_iter()
-                        .filter(|(offset, _, bytes)| offset + bytes.len() as u64 > from)
-                        .map(|(offset, stream, bytes)| {
-                            Ok(OutputChunk {
-                                offset,
-                                stream: Stream::from_byte(stream),
-                                bytes,
-                            })
-                        })
-                        .collect();
-                    if let Some(source) = stopped {
-                        items.push(Err(LogError::CorruptOutput { job, step, source }));
-                    }
-                    items
-                }
-            };
-        items.into_iter()
+    /// A step's stored output from `from` on, in offset order, read from its
+    /// file one frame at a time (memory stays one frame, whatever the output's
+    /// size). Damage in the step's file is an `Err` item after the chunks
+    /// before it, and ends the iteration.
+    pub fn output(&self, job: JobId, step: u32, from: u64) -> OutputChunks {
+        OutputChunks {
+            job,
+            step,
+            from,
+            dir: self.output_dir.clone(),
+            frames: None,
+            done: false,
+        }
     }
 
-    /// Where a step's stored output ends (the next offset to write).
+    /// Where a step's stored output ends (the next offset to write), found
+    /// from the file's tail ([`output::find_end`]). A torn last frame was never
+    /// acknowledged and does not count; a damaged tail is an error.
     pub fn output_end(&self, job: JobId, step: u32) -> Result<u64, LogError> {
-        let mut end = 0;
-        for chunk in self.output(job, step, 0) {
-            match chunk {
-                Ok(c) => end = c.offset + c.bytes.len() as u64,
-                // A torn tail was never acknowledged; the writer cuts it.
-                Err(LogError::CorruptOutput {
-                    source: output::FrameError::Torn { .. },
-                    ..
-                }) => break,
-                Err(e) => return Err(e),
-            }
+        let io = |source| LogError::Io {
+            what: "cannot read the output file",
+            path: output::path(&self.output_dir, job, step),
+            source,
+        };
+        let Some(file) = output::open(&self.output_dir, job, step).map_err(io)? else {
+            return Ok(0);
+        };
+        let tail = output::find_end(&file).map_err(io)?;
+        match tail.stopped {
+            // A torn tail was never acknowledged; the writer cuts it.
+            None | Some(output::FrameError::Torn { .. }) => Ok(tail.end),
+            Some(source) => Err(LogError::CorruptOutput { job, step, source }),
         }
-        Ok(end)
     }
 
     /// Bytes the log occupies on disk.
@@ -224,19 +213,153 @@ impl LogReader {
     }
 }
 
-/// Opens the sled trees and the journal in `dir` and reconciles them (events
-/// sled lost restored, an interrupted round completed, a torn journal tail cut).
-/// Returns the trees, the journal, where the journal's next frame goes, and
-/// what was repaired.
-pub(super) fn open_reconciled(
+/// A step's stored output, read from its file frame by frame: see
+/// [`LogReader::output`].
+#[derive(Debug)]
+pub struct OutputChunks {
+    job: JobId,
+    step: u32,
+    from: u64,
+    dir: PathBuf,
+    /// The open file, once the first chunk is asked for.
+    frames: Option<output::FrameReader>,
+    done: bool,
+}
+
+impl Iterator for OutputChunks {
+    type Item = Result<OutputChunk, LogError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let (job, step) = (self.job, self.step);
+        let io = |dir: &Path, source| LogError::Io {
+            what: "cannot read the output file",
+            path: output::path(dir, job, step),
+            source,
+        };
+        if self.frames.is_none() {
+            let opened = output::open(&self.dir, job, step)
+                .and_then(|f| f.map(output::FrameReader::new).transpose());
+            match opened {
+                Ok(Some(r)) => self.frames = Some(r),
+                Ok(None) => {
+                    self.done = true;
+                    return None;
+                }
+                Err(source) => {
+                    self.done = true;
+                    return Some(Err(io(&self.dir, source)));
+                }
+            }
+        }
+        let frames = self.frames.as_mut()?;
+        let item = match frames.next_from(self.from)? {
+            Ok((offset, stream, bytes)) => Ok(OutputChunk {
+                offset,
+                stream: Stream::from_byte(stream),
+                bytes,
+            }),
+            Err(output::ReadError::Frame(source)) => {
+                Err(LogError::CorruptOutput { job, step, source })
+            }
+            Err(output::ReadError::Io(source)) => Err(io(&self.dir, source)),
+        };
+        self.done = item.is_err();
+        Some(item)
+    }
+}
+
+/// A log opened and reconciled: what [`open_reconciled`] returns.
+pub(super) struct Opened<T> {
+    pub trees: Trees,
+    pub journal: Arc<Journal>,
+    /// Where the journal's next frame goes.
+    pub journal_end: u64,
+    /// What was found damaged and repaired.
+    pub repairs: Vec<Repair>,
+    /// What the caller's `load` read from the trees.
+    pub loaded: T,
+}
+
+/// Opens the sled trees and the journal in `dir`, reconciles them (events
+/// sled lost restored, an interrupted round completed, a torn journal tail
+/// cut) and runs `load` over the trees (an engine folds its live jobs; an
+/// offline reader reads every record of its copy).
+///
+/// sled's unfinished snapshot files are cleared first. If sled reports its
+/// store corrupt at any point of this — refusing to open it, or failing a
+/// read while reconciling or loading — the store is rebuilt from the journal
+/// (`rebuild`) and reconciled and loaded again; any other failure (a held
+/// lock, a full disk) is returned as it is.
+pub(super) fn open_reconciled<T>(
     dir: &Path,
-) -> Result<(Trees, Arc<Journal>, u64, Vec<Repair>), LogError> {
-    let trees = open_trees(dir)?;
-    let journal = Arc::new(Journal::open(dir).map_err(|source| LogError::Io {
+    how: Opening<'_>,
+    load: impl Fn(&Trees) -> Result<T, LogError>,
+) -> Result<Opened<T>, LogError> {
+    clear_unfinished_snapshots(dir, how)?;
+    let fresh = !super::exists(dir);
+    let first = match open_trees(dir) {
+        Ok(t) => Ok(t),
+        Err(e) if is_corrupt(&e) => Err(e),
+        Err(e) => return Err(e),
+    };
+    let journal = Journal::open(dir, how.durable()).map_err(|source| LogError::Io {
         what: "cannot open the journal in",
         path: dir.to_path_buf(),
         source,
-    })?);
-    let (journal_end, repairs) = reconcile(&trees, &journal)?;
-    Ok((trees, journal, journal_end, repairs))
+    })?;
+    let journal = Arc::new(match how {
+        Opening::Engine => journal,
+        Opening::Copy { original } => journal.shown_as(original.join(super::journal::FILE_NAME)),
+    });
+    if fresh && how.durable() {
+        // sled created `log/` and its files: make their names durable too.
+        let log = dir.join(super::trees::DB_DIR);
+        for d in [log.as_path(), dir] {
+            durable::sync_dir(d).map_err(|source| LogError::Io {
+                what: "cannot sync",
+                path: d.to_path_buf(),
+                source,
+            })?;
+        }
+    }
+    let why = match first.and_then(|trees| settle(trees, &journal, &load)) {
+        Ok(opened) => return Ok(opened),
+        Err(e) if is_corrupt(&e) => e,
+        Err(e) => return Err(e),
+    };
+    // The failed attempt's trees are dropped by now, so sled has closed them.
+    let (trees, repair) = rebuild(dir, &journal, &why, how)?;
+    let mut opened = settle(trees, &journal, &load)?;
+    opened.repairs.insert(0, repair);
+    Ok(opened)
+}
+
+fn settle<T>(
+    trees: Trees,
+    journal: &Arc<Journal>,
+    load: impl Fn(&Trees) -> Result<T, LogError>,
+) -> Result<Opened<T>, LogError> {
+    let (journal_end, repairs) = reconcile(&trees, journal)?;
+    let loaded = load(&trees)?;
+    Ok(Opened {
+        trees,
+        journal: journal.clone(),
+        journal_end,
+        repairs,
+        loaded,
+    })
+}
+
+/// Reads every record of every tree, so that a page sled cannot read is found
+/// now, while the copy can still be rebuilt, rather than by a later listing.
+fn read_everything(t: &Trees) -> Result<(), LogError> {
+    for tree in [&t.meta, &t.events, &t.jobs, &t.live] {
+        for item in tree.iter() {
+            item?;
+        }
+    }
+    Ok(())
 }

@@ -12,8 +12,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::journal::{self, Journal};
 use super::summary::JobSummary;
-use super::trees::{Trees, be_u64, event_key, fold_from};
+use super::trees::{Trees, be_u64, event_key, events_of, fold_from};
 use crate::model::event::{JobId, Seq};
+use crate::model::state::JobState;
 use crate::store::LogError;
 
 /// Compares the journal's tail (from sled's checkpoint on) with sled, restores
@@ -32,10 +33,22 @@ pub(super) fn reconcile(t: &Trees, journal: &Journal) -> Result<(u64, Vec<Repair
     let len = journal.len().map_err(io)?;
     let mut repairs = Vec::new();
     if len < checkpoint {
-        repairs.push(Repair::general(format!(
-            "the journal ends at byte {len} but the log recorded {checkpoint}: its last round was lost; \
-             later events are journaled from here on"
-        )));
+        let path = journal.path().display();
+        repairs.push(Repair::general(if journal.created() {
+            format!(
+                "the journal {path} is missing (the log had recorded {checkpoint} bytes of it): the \
+                 events written so far have no second copy; a new journal holds the events from here on"
+            )
+        } else {
+            format!(
+                "the journal {path} ends at byte {len} but the log recorded {checkpoint}: its last \
+                 round was lost; later events are journaled from here on"
+            )
+        }));
+        // The checkpoint follows the journal that is there now, so the loss
+        // is reported once, not on every open until the next round.
+        t.meta.insert("journal_end", &len.to_be_bytes())?;
+        t.db.flush()?;
         return Ok((len, repairs));
     }
     let tail = journal.read_from(checkpoint).map_err(io)?;
@@ -144,10 +157,31 @@ pub(super) fn reconcile(t: &Trees, journal: &Journal) -> Result<(u64, Vec<Repair
         let state = match fold_from(&t.events, *job) {
             Ok(s) => s,
             Err(e) => {
+                // Without a summary the job would vanish from listings: keep
+                // one of the events that fold. It stays out of the live set,
+                // which an engine folds whole on open.
+                let listed = t.jobs.get(job.to_be_bytes())?.is_some();
+                let partial = (!listed).then(|| fold_prefix(&t.events, *job)).flatten();
+                if let Some(state) = &partial {
+                    t.jobs
+                        .insert(job.to_be_bytes(), JobSummary::of(state).encode())?;
+                }
                 repairs.push(Repair {
                     job: Some(*job),
-                    message: format!("job {job}: cannot rebuild its summary: {e}"),
+                    message: format!(
+                        "job {job}: cannot rebuild its summary: {}{}",
+                        super::audit::error_line(&e),
+                        if partial.is_some() {
+                            format!(
+                                "; it is listed as of seq {}, the last event that folds",
+                                partial.as_ref().map_or(0, |s| s.seq)
+                            )
+                        } else {
+                            String::new()
+                        }
+                    ),
                 });
+                next_job = next_job.max(job + 1);
                 continue;
             }
         };
@@ -171,6 +205,19 @@ pub(super) fn reconcile(t: &Trees, journal: &Journal) -> Result<(u64, Vec<Repair
     t.meta.insert("journal_end", &end.to_be_bytes())?;
     t.db.flush()?;
     Ok((end, repairs))
+}
+
+/// A job's state folded up to the first event that does not decode or fold;
+/// `None` if not even its first event does.
+fn fold_prefix(events: &sled::Tree, job: JobId) -> Option<JobState> {
+    let mut state = JobState::new(job);
+    for r in events_of(events, job) {
+        let Ok(r) = r else { break };
+        if state.apply_mut(r.at_ms, &r.event).is_err() {
+            break;
+        }
+    }
+    (state.seq > 0).then_some(state)
 }
 
 /// Something opening the log found damaged and repaired.

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use super::audit::error_line;
 use super::journal::{self, Journal};
 use super::reconcile::Repair;
-use super::trees::{Trees, event_key, events_of, fold_from, live_ids};
+use super::trees::{Trees, event_key, events_of, fold_from};
 use crate::model::event::{Event, JobId, Seq};
 use crate::model::state::JobState;
 use crate::store::LogError;
@@ -29,6 +29,7 @@ pub(super) struct LiveJobs {
 pub(super) fn fold_live(
     trees: &Trees,
     journal: &Journal,
+    live_ids: &[JobId],
     repairs: &mut Vec<Repair>,
 ) -> Result<LiveJobs, LogError> {
     let mut jobs = LiveJobs {
@@ -36,7 +37,7 @@ pub(super) fn fold_live(
         set_aside: HashMap::new(),
     };
     let mut damaged = Vec::new();
-    for id in live_ids(&trees.live)? {
+    for &id in live_ids {
         match fold_from(&trees.events, id) {
             Ok(state) => {
                 jobs.live.insert(id, state);

@@ -4,6 +4,8 @@
 
 use std::path::Path;
 
+use sled::IVec;
+
 use crate::model::codec;
 use crate::model::event::{Event, JobId, Record, Seq};
 use crate::model::state::JobState;
@@ -112,27 +114,43 @@ pub(super) fn live_ids(live: &sled::Tree) -> Result<Vec<JobId>, LogError> {
         .collect()
 }
 
+/// A sled iterator that ends after its first error. sled's own iterators
+/// return the same error for ever once a read fails (they do not move past a
+/// page they cannot read), so a caller that reports an error and goes on
+/// would never finish.
+pub(super) fn until_failed<I>(iter: I) -> impl Iterator<Item = sled::Result<(IVec, IVec)>>
+where
+    I: Iterator<Item = sled::Result<(IVec, IVec)>>,
+{
+    let mut failed = false;
+    iter.map_while(move |item| {
+        if failed {
+            return None;
+        }
+        failed = item.is_err();
+        Some(item)
+    })
+}
+
 pub(super) fn events_of(
     events: &sled::Tree,
     job: JobId,
 ) -> impl Iterator<Item = Result<Record, LogError>> + '_ {
-    events
-        .range(event_key(job, 0)..=event_key(job, Seq::MAX))
-        .map(move |item| {
-            let (k, v) = item?;
-            let seq = be_u32(&k[8..]).ok_or(LogError::BadKey {
-                tree: "events",
-                len: k.len(),
-            })?;
-            let (at_ms, event) =
-                Event::decode(&v).map_err(|source| LogError::Corrupt { job, seq, source })?;
-            Ok(Record {
-                job,
-                seq,
-                at_ms,
-                event,
-            })
+    until_failed(events.range(event_key(job, 0)..=event_key(job, Seq::MAX))).map(move |item| {
+        let (k, v) = item?;
+        let seq = be_u32(&k[8..]).ok_or(LogError::BadKey {
+            tree: "events",
+            len: k.len(),
+        })?;
+        let (at_ms, event) =
+            Event::decode(&v).map_err(|source| LogError::Corrupt { job, seq, source })?;
+        Ok(Record {
+            job,
+            seq,
+            at_ms,
+            event,
         })
+    })
 }
 
 pub(super) fn fold_from(events: &sled::Tree, job: JobId) -> Result<JobState, LogError> {

@@ -87,15 +87,35 @@ impl Writer {
             })?,
             None => 1,
         };
+        let sync_files = durability == Durability::Fsync;
+        let mut appenders = output::Appenders::new(output_dir.to_path_buf(), sync_files);
+        // The output file of a live job's step may end in a torn frame (a
+        // write cut short by a crash or a full disk, never acknowledged).
+        // Opening it for appending cuts that tail now, whether or not the step
+        // is resumed: a reaped step gets no more output, and would keep it.
+        let started: Vec<(JobId, u32)> = lock(&live)
+            .values()
+            .flat_map(|s| s.steps.iter().map(|step| (s.id, step.index)))
+            .collect();
+        for (job, step) in started {
+            let p = output::path(output_dir, job, step);
+            if p.exists() {
+                appenders.get(job, step).map_err(|source| LogError::Io {
+                    what: "cannot open the output file",
+                    path: p,
+                    source,
+                })?;
+            }
+        }
         Ok(Writer {
             trees,
             rx,
             live,
             next_job,
-            appenders: output::Appenders::new(output_dir.to_path_buf()),
+            appenders,
             journal,
             journal_end,
-            sync_files: durability == Durability::Fsync,
+            sync_files,
             marker_due: false,
         })
     }
@@ -280,7 +300,7 @@ impl Writer {
                     Err(source) => {
                         let _ = reply.try_send(Err(LogError::Io {
                             what: "cannot open the output file",
-                            path: output::path(Path::new(""), job, step),
+                            path: output::path(self.appenders.dir(), job, step),
                             source,
                         }));
                         return;
