@@ -26,6 +26,8 @@
 //! | `writer.rs` | the one writer thread: rounds, group commit, output staging |
 //! | `reader.rs` | [`LogReader`]: every read; `open_copy` for offline tools |
 //! | `reconcile.rs` | completing or restoring sled from the journal on open |
+//! | `rebuild.rs` | a store sled finds corrupt rebuilt from the journal; sled's unfinished snapshots cleared |
+//! | `durable.rs` | creating files and directories with their parent directory synced |
 //! | `audit.rs` | journal vs sled, histories with intact copies, `verify` |
 //! | `trees.rs` | the sled trees, their keys, the reads shared by writer and readers |
 //! | `summary.rs` | [`JobSummary`], the per-job listing record |
@@ -56,7 +58,17 @@
 //! construction. An [`EventLog`] dereferences to the `LogReader` over its own
 //! trees. A value that fails its checksum or does not decode is reported as
 //! [`LogError::Corrupt`] naming the job and seq (or output offset); other jobs
-//! stay readable.
+//! stay readable. Step output is read one frame at a time, so a reader's
+//! memory does not grow with a step's output.
+//!
+//! # Damage sled cannot get past
+//!
+//! When sled finds its own store corrupt while a log is opened (it refuses to
+//! open it, or a read fails while reconciling or loading), the store is
+//! rebuilt from the journal and the damaged directory kept aside
+//! (`rebuild.rs`); an offline reader rebuilds only its copy. sled's unfinished
+//! snapshot files, which a full disk leaves and which sled would read as its
+//! newest snapshot, are removed before sled opens.
 
 mod audit;
 mod durable;

@@ -25,8 +25,12 @@
 //! guarantees: the writer syncs them before it acknowledges, and every frame
 //! carries its CRC.
 //!
-//! A torn last frame (a crash in the middle of a write that was never
-//! acknowledged) is cut when the writer next opens the file.
+//! A torn last frame (a crash or a full disk in the middle of a write that
+//! was never acknowledged) is cut when the writer next opens the file: when a
+//! resumed step stores more output, or when an engine opens the log and the
+//! step's job is still live. The file's end is found from its tail
+//! ([`find_end`]), and readers go through it frame by frame ([`FrameReader`]):
+//! neither holds more than one frame, whatever the file's size.
 
 use std::collections::HashMap;
 use std::fs::File;

@@ -55,6 +55,9 @@ impl LogReader {
     /// changing a byte of it: the sled directory and the journal are copied to a
     /// temporary directory (removed when the reader drops) and the copy is
     /// opened and reconciled with its journal; step output is read in place.
+    /// Every record of the copy is read once, so that a store sled finds
+    /// corrupt is found now and the copy rebuilt from the journal (said in
+    /// [`LogReader::repairs`]), rather than failing a later read.
     /// Refuses (with [`LogError::Locked`]) a log another process holds, and
     /// (with [`LogError::Missing`]) a state directory without a log.
     pub fn open_copy(state_dir: &Path) -> Result<LogReader, LogError> {
@@ -115,7 +118,7 @@ impl LogReader {
     }
 
     /// Every job's summary, ascending by id. A corrupt summary is an `Err` item;
-    /// the iteration goes on past it.
+    /// the iteration goes on past it. A storage failure is the last item.
     pub fn jobs(&self) -> impl Iterator<Item = Result<JobSummary, LogError>> + '_ {
         until_failed(self.trees.jobs.iter()).map(|item| {
             let (k, v) = item?;
@@ -146,7 +149,7 @@ impl LogReader {
     }
 
     /// A job's events in seq order. A corrupt event is an `Err` item naming its
-    /// seq; the iteration goes on past it.
+    /// seq; the iteration goes on past it. A storage failure is the last item.
     pub fn events(&self, job: JobId) -> impl Iterator<Item = Result<Record, LogError>> + '_ {
         events_of(&self.trees.events, job)
     }

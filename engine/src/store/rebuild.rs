@@ -15,9 +15,11 @@
 //! holding the log's lock, so an engine opening the same directory at the same
 //! moment never loses the file it is writing.
 //!
-//! **Rebuilding.** When sled refuses to open a store as corrupt (a damaged
-//! byte in `log/db` that its snapshot points into, a truncated file), the
-//! journal still holds every event in the order it was written. The damaged
+//! **Rebuilding.** When sled finds its store corrupt while the log is opened
+//! — it refuses to open it (a damaged byte in `log/db` that its snapshot
+//! points into, a truncated file), or a read of a damaged page fails while
+//! reconciling or loading — the journal still holds every event in the order
+//! it was written. The damaged
 //! directory is renamed aside (`log.damaged-<unix ms>`, never deleted), a new
 //! store is created, and every event of the journal is written into it;
 //! `reconcile` then rebuilds every job's summary and the live set from the
