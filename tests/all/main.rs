@@ -4,3 +4,4 @@ mod isolation;
 mod limits;
 mod plugins;
 mod run;
+mod store;
