@@ -510,3 +510,47 @@ fn a_damaged_page_found_by_a_read_after_open_is_rebuilt_too() {
         "no flipped byte was found by a read after open: the test proves nothing"
     );
 }
+
+#[test]
+fn a_rebuilt_live_job_whose_journal_copy_is_damaged_too_is_listed_and_set_aside() {
+    use reel_engine::store::journal;
+    let dir = tempfile::tempdir().unwrap();
+    let (done, live) = two_runs(dir.path());
+    let path = dir.path().join("journal");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = journal::parse(&bytes, 0)
+        .into_iter()
+        .find_map(|item| match item {
+            journal::Item::Frame {
+                offset,
+                job,
+                seq: 5,
+                ..
+            } if job == live => Some(offset as usize),
+            _ => None,
+        })
+        .unwrap();
+    bytes[at + 20] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("log/db"))
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+
+    let log = open(dir.path());
+    let repairs = messages(&log);
+    assert!(
+        repairs.iter().any(
+            |r| r.contains(&format!("job {live}: cannot rebuild its summary"))
+                && r.contains("listed as of seq 4")
+        ),
+        "{repairs:?}"
+    );
+    assert_eq!(log.summary(live).unwrap().last_seq, 4);
+    assert!(log.set_aside().contains_key(&live), "{repairs:?}");
+    assert!(log.live_state(live).is_none());
+    assert_eq!(log.summary(done).unwrap().outcome, Some(Outcome::Succeeded));
+    assert_eq!(log.submit_blocking(spec("after", 1)).unwrap(), live + 1);
+}

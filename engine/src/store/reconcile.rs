@@ -157,14 +157,19 @@ pub(super) fn reconcile(t: &Trees, journal: &Journal) -> Result<(u64, Vec<Repair
         let state = match fold_from(&t.events, *job) {
             Ok(s) => s,
             Err(e) => {
-                // Without a summary the job would vanish from listings: keep
-                // one of the events that fold. It stays out of the live set,
-                // which an engine folds whole on open.
+                // Without a summary the job would vanish from listings (a
+                // rebuilt store has none): keep one of the events that fold.
+                // A job that had not ended is live, so the engine's open
+                // salvages it (`salvage.rs`: set aside, its sandbox id still
+                // reserved) and recovery sees it.
                 let listed = t.jobs.get(job.to_be_bytes())?.is_some();
                 let partial = (!listed).then(|| fold_prefix(&t.events, *job)).flatten();
                 if let Some(state) = &partial {
                     t.jobs
                         .insert(job.to_be_bytes(), JobSummary::of(state).encode())?;
+                    if !state.is_terminal() {
+                        t.live.insert(job.to_be_bytes(), &[])?;
+                    }
                 }
                 repairs.push(Repair {
                     job: Some(*job),
