@@ -138,9 +138,10 @@ fn run(args: Args) -> Result<(), String> {
     // The agent leads a session of its own, which only its steps' processes share:
     // that is how it tells a finished step's process group from a later one with the
     // same id. Started without `--daemonize` by a shell that made it a process group
-    // leader it cannot start one, and stays in the session it was given.
-    let me = rustix::process::getpid();
-    if rustix::process::getsid(None).ok() != Some(me) {
+    // leader it cannot start one, and stays in the session it was given. (A session
+    // whose leader is outside the agent's pid namespace has id 0.)
+    let me = rustix::process::getpid().as_raw_pid();
+    if reel_agent::procfs::own_session() != Some(me) {
         match rustix::process::setsid() {
             Ok(_) => {}
             Err(e) if args.daemon_child => return Err(format!("setsid failed: {e}.")),

@@ -53,6 +53,17 @@ fn parse_stat(text: &str) -> Option<Stat> {
     })
 }
 
+/// The session id of the calling process, as `/proc` names it.
+///
+/// Not `getsid(0)` through rustix: where the session's leader lies outside the
+/// caller's pid namespace (a container started from a host session) the kernel
+/// answers 0, which rustix's `Pid` cannot hold and panics on. `/proc` reports the
+/// same 0, and it is the view the agent compares its steps' groups against.
+pub fn own_session() -> Option<i32> {
+    let text = std::fs::read_to_string("/proc/self/stat").ok()?;
+    parse_stat(&text).map(|s| s.session)
+}
+
 /// The start time of a live (not zombie) process.
 pub fn start_time(pid: i32) -> Option<u64> {
     stat(pid).filter(Stat::live).map(|s| s.start_time)

@@ -180,7 +180,7 @@ impl Agent {
 
 /// Serves `listener` forever (until `Poweroff`, which exits the process).
 pub fn serve(listener: UnixListener, opts: Options) -> io::Result<()> {
-    let session = rustix::process::getsid(None).map_or(0, Pid::as_raw_pid);
+    let session = crate::procfs::own_session().unwrap_or(0);
     let agent = Arc::new(Agent {
         st: Mutex::new(State::default()),
         cv: Condvar::new(),

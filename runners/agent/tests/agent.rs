@@ -25,9 +25,22 @@ struct Agent {
 
 impl Agent {
     fn start(extra: &[&str]) -> Agent {
+        Agent::start_under(&[], extra)
+    }
+
+    /// Starts the agent as the last argument of `wrapper` (empty: directly).
+    fn start_under(wrapper: &[&str], extra: &[&str]) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("agent.sock");
-        let child = Command::new(BIN)
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = cmd
             .arg("--socket")
             .arg(&socket)
             .arg("--workdir")
@@ -188,6 +201,38 @@ fn handshake_and_ping() {
     let mut c = agent.client();
     assert_eq!(c.version(), MAX_VERSION);
     c.ping(T).unwrap();
+}
+
+/// CI runs in a container whose processes belong to a session led from outside their
+/// pid namespace: `getsid` answers 0 there. The agent once panicked on that (rustix's
+/// `Pid` cannot be 0) before it listened; it must start, run a step and power off.
+#[test]
+fn agent_starts_in_a_session_led_from_outside_its_pid_namespace() {
+    let wrapper: &[&str] = if rustix::process::geteuid().is_root() {
+        &["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
+    } else {
+        &[
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "--kill-child",
+        ]
+    };
+    let mut agent = Agent::start_under(wrapper, &[]);
+    let mut c = agent.client();
+    let (_, chunks, exit) = run_low(&mut c, &sh(1, "ps -o sid= -p $$ 2>/dev/null; echo ran"));
+    assert_eq!(exit.code, Some(0));
+    let out: Vec<u8> = chunks.into_iter().flat_map(|(_, _, b)| b).collect();
+    assert!(out.ends_with(b"ran\n"), "{}", String::from_utf8_lossy(&out));
+    c.poweroff(T).unwrap();
+    let status = agent
+        .wait_exit(Duration::from_secs(10))
+        .expect("agent did not exit");
+    assert!(status.success(), "{status:?}");
+    assert!(!agent.socket.exists());
 }
 
 #[test]
