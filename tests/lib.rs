@@ -72,6 +72,26 @@ pub fn processes_under(root: &Path) -> Vec<u32> {
     found
 }
 
+/// SIGKILLs every process of this state directory's sandboxes (an agent and its
+/// steps, as an OOM killer might), until none is left or 5 s have passed.
+pub fn kill_sandboxes(state: &Path) {
+    let root = state.join("sandboxes");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let procs = processes_under(&root);
+        for pid in &procs {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(*pid as i32).unwrap(),
+                rustix::process::Signal::KILL,
+            );
+        }
+        if procs.is_empty() || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Directories the process runner's cgroups could leave behind for sandbox ids
 /// under the `reel` cgroup parent (v1 memory/pids, or v2).
 pub fn reel_cgroups() -> Vec<PathBuf> {

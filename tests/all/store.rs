@@ -4,9 +4,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use reel_tests::{json, processes_under, reel, target_dir, text};
+use reel_tests::{json, kill_sandboxes, reel, target_dir, text};
 
 fn ok(out: &Output, what: &str) {
     assert!(
@@ -196,24 +196,6 @@ impl Tmpfs {
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(self.dir.path()).status();
-    }
-}
-
-fn kill_sandboxes(state: &Path) {
-    let root = state.join("sandboxes");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let procs = processes_under(&root);
-        for pid in &procs {
-            let _ = rustix::process::kill_process(
-                rustix::process::Pid::from_raw(*pid as i32).unwrap(),
-                rustix::process::Signal::KILL,
-            );
-        }
-        if procs.is_empty() || Instant::now() > deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
