@@ -74,30 +74,30 @@
 //! - `pids_max`: the `pids.max` of each job (default 0: no limit; `Resources` has no
 //!   pid count).
 
-mod cgroup;
 pub use reel_agent::procfs;
 
-use std::collections::{BTreeMap, HashMap};
-use std::io::Read as _;
-use std::ops::ControlFlow;
+use std::collections::BTreeMap;
 use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use reel_agent::procfs::{Pinned, Process};
-use reel_agent::proto::{ErrorCode, Message};
-use reel_agent::{AgentClient, CancelHandle, ClientError, ExecRequest};
+use reel_agent::{AgentClient, ExecRequest};
 use reel_plugin_sdk::{
     Capability, Description, ExecResult, Handle, JobRequest, OutputSink, Probe, Runner,
-    RunnerConfig, RunnerError, StepRequest, Stream,
+    RunnerConfig, RunnerError, StepRequest,
 };
+use reel_runner_kit::oom::with_oom_cause;
+use reel_runner_kit::session::Key;
+use reel_runner_kit::{Session, Sessions, backoff, cgroup, client_error, random_token, root_tag};
 use rustix::process::Signal;
 use serde::{Deserialize, Serialize};
 
-pub use cgroup::{Cgroup, Kind as CgroupKind};
+pub use reel_runner_kit::oom::OOM_NOTICE;
+pub use reel_runner_kit::{Cgroup, CgroupKind};
 
 reel_plugin_sdk::export_runner!(ProcessRunner);
 
@@ -105,22 +105,11 @@ reel_plugin_sdk::export_runner!(ProcessRunner);
 pub const HANDLE_VERSION: u32 = 1;
 /// The notice kind `plan` uses for each resource it names (the SDK's).
 pub const RESOURCE_NOTICE: &str = reel_plugin_sdk::host::PLANNED_RESOURCE;
-/// The notice kind `exec` raises when a step failed for lack of memory.
-pub const OOM_NOTICE: &str = "out-of-memory";
 /// The longest unix socket path (`sun_path` is 108 bytes including the NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
 
 /// The `PATH` of the agent, and of a step whose job sets none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-/// Grace between the signals of the agent's INT → TERM → KILL ladder on cancel.
-const CANCEL_GRACE: Duration = Duration::from_millis(1000);
-/// Acknowledge delivered output to the agent after this many bytes.
-const ACK_EVERY: u64 = 256 * 1024;
-/// The most output merged into one sink call: the engine makes every sink call
-/// durable before it returns, so fewer, larger calls store faster.
-const COALESCE_BYTES: usize = 1024 * 1024;
-/// How long `follow` waits for more output before handing what it has to the sink.
-const COALESCE_WAIT: Duration = Duration::from_micros(300);
 /// How long `connect` waits for the agent's socket and handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `cleanup` keeps killing before it gives up on a busy cgroup.
@@ -184,7 +173,7 @@ impl JobState {
         Handle::encode(HANDLE_VERSION, self)
     }
 
-    fn key(&self) -> (u64, u32) {
+    fn key(&self) -> Key {
         (self.job_id, self.sandbox_id)
     }
 
@@ -224,19 +213,6 @@ pub fn plan_resources(handle: &Handle) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// A connection to one job's agent.
-struct Session {
-    token: String,
-    /// Held by `exec` for the whole step.
-    client: Mutex<AgentClient>,
-    /// Sends `Cancel` on the same connection without the `client` lock.
-    canceller: CancelHandle,
-    /// Execs of this session: exec id → cancelled. `exec` registers and sends
-    /// `ExecStart` under this lock, and `cancel` marks and sends `Cancel` under it, so
-    /// a cancel is never lost between the two.
-    execs: Mutex<HashMap<u64, bool>>,
-}
-
 struct Settings {
     sandbox_root: PathBuf,
     plugin_dir: PathBuf,
@@ -252,27 +228,7 @@ struct Settings {
 /// The process runner.
 pub struct ProcessRunner {
     settings: Settings,
-    sessions: Mutex<HashMap<(u64, u32), Arc<Session>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn client_error(what: &str, e: ClientError) -> RunnerError {
-    match e {
-        ClientError::Timeout(_) => RunnerError::timeout(format!("{what}: {e}")),
-        ClientError::Connect { .. } => RunnerError::not_found(format!("{what}: {e}")),
-        _ => RunnerError::failed(format!("{what}: {e}")),
-    }
-}
-
-fn random_token() -> Result<String, RunnerError> {
-    let mut bytes = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(|e| RunnerError::failed(format!("cannot read /dev/urandom: {e}")))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    sessions: Sessions,
 }
 
 impl ProcessRunner {
@@ -437,69 +393,32 @@ impl ProcessRunner {
         }
     }
 
-    fn session(&self, state: &JobState) -> Option<Arc<Session>> {
-        lock(&self.sessions).get(&state.key()).cloned()
+    fn token(state: &JobState) -> Result<&str, RunnerError> {
+        state.session_token.as_deref().ok_or_else(|| {
+            RunnerError::invalid_input("the handle has no session token: prepare did not run")
+        })
+    }
+
+    fn connect_agent(state: &JobState, timeout: Duration) -> Result<AgentClient, RunnerError> {
+        AgentClient::connect(&state.socket, timeout)
+            .map_err(|e| client_error("connecting to the agent", e))
     }
 
     /// Connects to the agent and binds the connection to the job.
-    fn open_session(
-        &self,
-        state: &JobState,
-        timeout: Duration,
-    ) -> Result<Arc<Session>, RunnerError> {
-        let token = state.session_token.clone().ok_or_else(|| {
-            RunnerError::invalid_input("the handle has no session token: prepare did not run")
-        })?;
-        let mut client = AgentClient::connect(&state.socket, timeout)
-            .map_err(|e| client_error("connecting to the agent", e))?;
-        client.set_ack_every(ACK_EVERY);
-        client.set_merge(COALESCE_BYTES, COALESCE_WAIT);
-        client
-            .init(&state.job_id.to_string(), &token)
-            .map_err(|e| client_error("initializing the agent session", e))?;
-        let session = Arc::new(Session {
-            token,
-            canceller: client.cancel_handle(),
-            client: Mutex::new(client),
-            execs: Mutex::new(HashMap::new()),
-        });
-        lock(&self.sessions).insert(state.key(), Arc::clone(&session));
-        Ok(session)
-    }
-
-    fn session_or_connect(&self, state: &JobState) -> Result<Arc<Session>, RunnerError> {
-        match self.session(state) {
-            Some(s) if Some(&s.token) == state.session_token.as_ref() => Ok(s),
-            _ => self.open_session(state, CONNECT_TIMEOUT),
-        }
+    fn open_session(&self, state: &JobState) -> Result<Arc<Session>, RunnerError> {
+        let token = Self::token(state)?;
+        let client = Self::connect_agent(state, CONNECT_TIMEOUT)?;
+        self.sessions.open(state.key(), client, token)
     }
 
     /// Asks the agent to power off within `budget`; true once it acknowledged.
     fn agent_poweroff(&self, state: &JobState, budget: Duration) -> bool {
-        let start = Instant::now();
-        if let Some(session) = lock(&self.sessions).remove(&state.key())
-            && let Ok(mut client) = session.client.try_lock()
-        {
-            return client.poweroff(budget).is_ok();
-        }
-        // No idle connection of ours (another engine's, or an exec holds it): open a
-        // new one, which replaces the old one at the agent.
-        let Some(token) = &state.session_token else {
-            return false;
-        };
-        // The handshake may take up to a second past the connect timeout.
-        if budget < Duration::from_millis(1500) {
-            return false;
-        }
-        let Ok(mut client) = AgentClient::connect(&state.socket, budget) else {
-            return false;
-        };
-        let left = budget.saturating_sub(start.elapsed());
-        let init = Message::Init {
-            job_id: state.job_id.to_string(),
-            session_token: token.clone(),
-        };
-        client.send(&init).is_ok() && client.poweroff(left).is_ok()
+        self.sessions.poweroff(
+            state.key(),
+            state.session_token.as_deref(),
+            budget,
+            |budget| AgentClient::connect(&state.socket, budget).ok(),
+        )
     }
 }
 
@@ -542,124 +461,6 @@ fn started_before_file(start: u64, file: &Path) -> bool {
     boot + start / procfs::CLOCK_TICKS <= mtime.as_secs() + 1
 }
 
-fn to_stream(s: reel_agent::Stream) -> Stream {
-    match s {
-        reel_agent::Stream::Stdout => Stream::Stdout,
-        reel_agent::Stream::Stderr => Stream::Stderr,
-    }
-}
-
-/// Follows one exec on `client` from `from` with the agent client's follow loop,
-/// passing its output to `sink`. When a step sent as new (`started_fresh`) is one the
-/// agent already has ([`ErrorCode::ExecExists`]: a restarted engine re-sent it), it is
-/// resumed from the start instead.
-fn follow(
-    client: &mut AgentClient,
-    exec_id: u64,
-    from: u64,
-    started_fresh: bool,
-    sink: &mut dyn OutputSink,
-) -> Result<ExecResult, RunnerError> {
-    // The agent may drop only what the host holds durably; a host that stops
-    // taking output ends the follow, and the step's output stays in the agent.
-    let mut on_output = |stream, offset, bytes: &[u8]| {
-        sink.chunk(to_stream(stream), offset, bytes);
-        match sink.stored().end(offset + bytes.len() as u64) {
-            Some(end) => ControlFlow::Continue(end),
-            None => ControlFlow::Break(()),
-        }
-    };
-    let outcome = match client.follow_stored(exec_id, from, &mut on_output) {
-        Err(ClientError::Agent {
-            exec_id: Some(id),
-            code: ErrorCode::ExecExists,
-            ..
-        }) if started_fresh && id == exec_id => {
-            tracing::info!(exec_id, "exec already running; resuming from 0");
-            client
-                .resume(exec_id, 0)
-                .map_err(|e| client_error("resuming exec", e))?;
-            client.follow_stored(exec_id, from, &mut on_output)
-        }
-        outcome => outcome,
-    };
-    let outcome = outcome.map_err(|e| follow_error(exec_id, e))?;
-    Ok(ExecResult {
-        exit_code: outcome.code,
-        signal: outcome.signal,
-        timed_out: outcome.timed_out,
-        output_bytes: outcome.total_bytes,
-    })
-}
-
-/// A step that failed while the kernel's OOM killer ended processes of the job's
-/// memory cgroup (its count rose from `before`) fails with that cause: the exit
-/// code 137 or signal 9 it leaves behind says nothing of memory. `ExecResult` has
-/// no field for a cause, so the cause travels as the step's error, which the
-/// engine records as the job's reason (the exit status is kept in the message); a
-/// notice of kind [`OOM_NOTICE`], raised on the exec's thread, puts it on the
-/// job's record too. A step that succeeded although one of its
-/// processes was killed is left as it is.
-fn with_oom_cause(
-    state: &JobState,
-    before: Option<u64>,
-    result: Result<ExecResult, RunnerError>,
-) -> Result<ExecResult, RunnerError> {
-    let ended = match &result {
-        Ok(r) if r.success() || r.timed_out => return result,
-        Ok(r) => match (r.exit_code, r.signal) {
-            (_, Some(signal)) => format!("the step was killed by signal {signal}"),
-            (Some(code), None) => format!("the step exited with code {code}"),
-            (None, None) => "the step ended without an exit status".to_owned(),
-        },
-        Err(e) => format!("then {e}"),
-    };
-    let (Some(before), Some(after)) = (before, state.oom_kills()) else {
-        return result;
-    };
-    if after <= before {
-        return result;
-    }
-    let killed = after - before;
-    let message = format!(
-        "out of memory ({}): the kernel's OOM killer ended {killed} process{} of the job; {ended}",
-        memory_limit(state.memory_bytes),
-        if killed == 1 { "" } else { "es" },
-    );
-    reel_plugin_sdk::host::notice(OOM_NOTICE, &message);
-    Err(RunnerError::failed(message))
-}
-
-/// `limit 64 MiB`, `limit 2 GiB`, or that there was none (the host ran out).
-fn memory_limit(bytes: u64) -> String {
-    const MIB: u64 = 1 << 20;
-    const GIB: u64 = 1 << 30;
-    match bytes {
-        0 => "no limit set: the host ran out".to_owned(),
-        b if b % GIB == 0 => format!("limit {} GiB", b / GIB),
-        b if b % MIB == 0 => format!("limit {} MiB", b / MIB),
-        b => format!("limit {b} bytes"),
-    }
-}
-
-/// The runner's error for a follow that failed.
-fn follow_error(exec_id: u64, e: ClientError) -> RunnerError {
-    match e {
-        ClientError::Agent {
-            exec_id: Some(id),
-            message,
-            ..
-        } => RunnerError::failed(format!("the agent reported for exec {id}: {message}")),
-        ClientError::Agent {
-            exec_id: None,
-            message,
-            ..
-        } => RunnerError::failed(format!("the agent reported: {message}")),
-        ClientError::Protocol(message) => RunnerError::failed(message),
-        e => client_error(&format!("following exec {exec_id}"), e),
-    }
-}
-
 impl Runner for ProcessRunner {
     fn new(config: &RunnerConfig) -> Result<Self, RunnerError> {
         let pids_max = match config.options.get("pids_max") {
@@ -691,7 +492,7 @@ impl Runner for ProcessRunner {
                 cgroup_parent,
                 pids_max,
             },
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Sessions::default(),
         })
     }
 
@@ -840,8 +641,8 @@ impl Runner for ProcessRunner {
         if state.agent.is_none() {
             state.agent = Self::agents(&state).first().copied();
         }
-        lock(&self.sessions).remove(&state.key());
-        self.open_session(&state, CONNECT_TIMEOUT)?;
+        self.sessions.remove(state.key());
+        self.open_session(&state)?;
         state.encode()
     }
 
@@ -852,91 +653,42 @@ impl Runner for ProcessRunner {
         sink: &mut dyn OutputSink,
     ) -> Result<ExecResult, RunnerError> {
         let state = Self::state(handle)?;
-        let session = self.session_or_connect(&state)?;
-        let mut client = lock(&session.client);
-
-        if step.resume_from > 0 {
-            {
-                let mut execs = lock(&session.execs);
-                let cancelled = *execs.entry(step.exec_id).or_insert(false);
-                client
-                    .resume(step.exec_id, step.resume_from)
-                    .map_err(|e| client_error("resuming the exec", e))?;
-                if cancelled {
-                    // A cancel arrived before the resume: pass it on now.
-                    session
-                        .canceller
-                        .cancel(step.exec_id, CANCEL_GRACE)
-                        .map_err(|e| client_error("sending Cancel", e))?;
-                }
-            }
-            let result = follow(&mut client, step.exec_id, step.resume_from, false, sink);
-            lock(&session.execs).remove(&step.exec_id);
-            // The count when the step started is not known to this engine: any OOM
-            // kill in the job's cgroup so far is taken as the step's (a step that
-            // ran before it and lost a process to the OOM killer yet succeeded is
-            // the rare case this gets wrong).
-            let before = state.oom_kills().map(|_| 0);
-            return with_oom_cause(&state, before, result);
-        }
-
-        let env = step_environment(&state, step);
-        let request = ExecRequest {
-            exec_id: step.exec_id,
-            argv: vec!["sh".to_owned(), "-c".to_owned(), step.command.clone()],
-            env: env.into_iter().collect(),
-            cwd: None,
-            timeout_ms: step.timeout_ms.unwrap_or(0),
+        let session = self
+            .sessions
+            .get_or_open(state.key(), Self::token(&state)?, || {
+                Self::connect_agent(&state, CONNECT_TIMEOUT)
+            })?;
+        // A resumed step's count when it started is not known to this engine: any
+        // OOM kill in the job's cgroup so far is taken as the step's (a step that ran
+        // before it and lost a process to the OOM killer yet succeeded is the rare
+        // case this gets wrong).
+        let before = match step.resume_from {
+            0 => state.oom_kills(),
+            _ => state.oom_kills().map(|_| 0),
         };
-        let before = state.oom_kills();
-        {
-            let mut execs = lock(&session.execs);
-            if execs.remove(&step.exec_id) == Some(true) {
-                // Cancelled before it started: never run it.
-                return Ok(ExecResult::default());
-            }
-            execs.insert(step.exec_id, false);
-            client
-                .exec_start(&request)
-                .map_err(|e| client_error("starting the exec", e))?;
-        }
-        let result = follow(&mut client, step.exec_id, 0, true, sink);
-        lock(&session.execs).remove(&step.exec_id);
-        with_oom_cause(&state, before, result)
+        let result = self.sessions.exec(
+            &session,
+            step,
+            || ExecRequest {
+                exec_id: step.exec_id,
+                argv: vec!["sh".to_owned(), "-c".to_owned(), step.command.clone()],
+                env: step_environment(&state, step).into_iter().collect(),
+                cwd: None,
+                timeout_ms: step.timeout_ms.unwrap_or(0),
+            },
+            sink,
+        );
+        with_oom_cause(state.memory_bytes, before, state.oom_kills(), result)
     }
 
     fn cancel(&self, handle: &Handle, exec_id: u64) -> Result<(), RunnerError> {
         let state = Self::state(handle)?;
-        let Some(session) = self.session(&state) else {
-            return Ok(());
-        };
-        let mut execs = lock(&session.execs);
-        match execs.get_mut(&exec_id) {
-            Some(cancelled) => {
-                *cancelled = true;
-                session
-                    .canceller
-                    .cancel(exec_id, CANCEL_GRACE)
-                    .map_err(|e| client_error("sending Cancel", e))?;
-            }
-            // Not registered yet (its exec or resume is on its way): remember
-            // the cancel, so the exec is never started or is stopped on resume.
-            None => {
-                execs.insert(exec_id, true);
-            }
-        }
-        Ok(())
+        self.sessions.cancel(state.key(), exec_id)
     }
 
     fn drain(&self, handle: &Handle) -> Result<(), RunnerError> {
         let state = Self::state(handle)?;
-        let Some(session) = self.session(&state) else {
-            return Ok(());
-        };
-        let mut client = lock(&session.client);
-        client
-            .drain(Duration::from_secs(30))
-            .map_err(|e| client_error("draining the agent", e))
+        self.sessions.drain(state.key(), Duration::from_secs(30))
     }
 
     fn poweroff(
@@ -961,7 +713,7 @@ impl Runner for ProcessRunner {
                 }
             }
         }
-        lock(&self.sessions).remove(&state.key());
+        self.sessions.remove(state.key());
         let left = Self::kill_all(&state, deadline);
         if !left.is_empty() {
             // SIGKILL is sent; they are on their way out, and cleanup waits for them.
@@ -976,7 +728,7 @@ impl Runner for ProcessRunner {
 
     fn cleanup(&self, handle: &Handle) -> Result<(), RunnerError> {
         let state = Self::state(handle)?;
-        lock(&self.sessions).remove(&state.key());
+        self.sessions.remove(state.key());
         let deadline = Instant::now() + CLEANUP_PATIENCE;
         let left = Self::kill_all(&state, deadline);
         if !left.is_empty() {
@@ -1066,8 +818,8 @@ impl Runner for ProcessRunner {
             ));
         }
         state.agent = Some(agent);
-        lock(&self.sessions).remove(&state.key());
-        self.open_session(&state, CONNECT_TIMEOUT)?;
+        self.sessions.remove(state.key());
+        self.open_session(&state)?;
         state.encode()
     }
 }
@@ -1115,37 +867,5 @@ impl ProcessRunner {
             session_token: None,
             agent: None,
         })
-    }
-}
-
-/// A short, stable tag of a sandbox root (FNV-1a of its path, 8 hex digits).
-fn root_tag(root: &Path) -> String {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in root.as_os_str().as_bytes() {
-        h ^= u32::from(*b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    format!("{h:08x}")
-}
-
-/// Polling interval for waits on process exit: 1 ms, doubling to 16 ms, so a
-/// quick exit is noticed quickly and a slow one costs few `/proc` scans.
-fn backoff(round: &mut u32) -> Duration {
-    let d = Duration::from_millis(1 << (*round).min(4));
-    *round += 1;
-    d
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_memory_limit_is_said_in_the_largest_whole_unit() {
-        assert_eq!(memory_limit(64 << 20), "limit 64 MiB");
-        assert_eq!(memory_limit(2 << 30), "limit 2 GiB");
-        assert_eq!(memory_limit(1536 << 20), "limit 1536 MiB");
-        assert_eq!(memory_limit(1000), "limit 1000 bytes");
-        assert_eq!(memory_limit(0), "no limit set: the host ran out");
     }
 }
