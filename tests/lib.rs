@@ -152,7 +152,13 @@ pub fn assert_nothing_left(state: &Path, context: &str) {
         dirs.is_empty(),
         "{context}: sandbox directories remain: {dirs:?}"
     );
-    let tag = format!("sbx-{}-", root_tag(&std::path::absolute(&root).unwrap()));
+    // The process runner's cgroups are `sbx-<tag>-<id>`, the QEMU runner's `vm-<tag>-<id>`.
+    let tag = root_tag(&std::path::absolute(&root).unwrap());
+    let ours = |name: &str| {
+        name.strip_prefix("sbx-")
+            .or_else(|| name.strip_prefix("vm-"))
+            .is_some_and(|rest| rest.starts_with(&format!("{tag}-")))
+    };
     for parent in [
         "/sys/fs/cgroup/memory/reel",
         "/sys/fs/cgroup/pids/reel",
@@ -162,7 +168,7 @@ pub fn assert_nothing_left(state: &Path, context: &str) {
         if let Ok(entries) = std::fs::read_dir(parent) {
             let left: Vec<_> = entries
                 .flatten()
-                .filter(|e| e.file_name().to_string_lossy().starts_with(&tag))
+                .filter(|e| ours(&e.file_name().to_string_lossy()))
                 .map(|e| e.path())
                 .collect();
             assert!(left.is_empty(), "{context}: cgroups remain: {left:?}");
@@ -193,4 +199,42 @@ pub fn events(state: &Path, job: u64) -> Vec<String> {
         .iter()
         .map(|e| e["event"].as_str().unwrap().to_string())
         .collect()
+}
+
+/// The guest image directory of the QEMU runner, built by
+/// `scripts/build-guest-image` (cached by its inputs, so cheap after the first
+/// time) once per test process. Needs QEMU and the image's packages: on a new
+/// machine run `scripts/install-vm-deps` first (the README's set-up does).
+pub fn guest_image() -> PathBuf {
+    static IMAGE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let script = workspace_root().join("scripts/build-guest-image");
+            let out = std::process::Command::new(&script)
+                .current_dir(workspace_root())
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+            assert!(
+                out.status.success(),
+                "{} failed ({}): run scripts/install-vm-deps first",
+                script.display(),
+                out.status
+            );
+            let stdout = text(&out.stdout);
+            let dir = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
+            assert!(
+                dir.join("spec.json").is_file(),
+                "{} printed no image directory: {stdout}",
+                script.display()
+            );
+            dir
+        })
+        .clone()
+}
+
+/// The guest image's `spec.json`, parsed.
+pub fn guest_spec() -> Value {
+    let text = std::fs::read_to_string(guest_image().join("spec.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
 }

@@ -12,7 +12,7 @@ use reel_tests::{
 };
 
 /// Two steps printing numbered lines slowly, so crashes land mid-step.
-const JOB: &str = "\
+pub(crate) const JOB: &str = "\
 name: lines
 steps:
   - name: one
@@ -21,7 +21,7 @@ steps:
     command: for i in 1 2 3; do echo \"two $i\"; sleep 0.1; done
 ";
 
-fn expected_output() -> String {
+pub(crate) fn expected_output() -> String {
     let mut s = String::new();
     for i in 1..=5 {
         s.push_str(&format!("one {i}\n"));
@@ -35,7 +35,7 @@ fn expected_output() -> String {
 const TERMINALS: [&str; 5] = ["Succeeded", "Failed", "Cancelled", "TimedOut", "Lost"];
 
 /// The lifecycle events of a successful run, in order.
-const POINTS: [&str; 18] = [
+pub(crate) const POINTS: [&str; 18] = [
     "Submitted",
     "Queued",
     "SlotGranted",
@@ -97,6 +97,32 @@ impl Lcg {
 
 #[test]
 fn chaos_fifty_jobs_ten_sigkills_every_job_ends_once_and_nothing_leaks() {
+    chaos(&Chaos {
+        jobs: 50,
+        kills: 10,
+        header: String::new(),
+        parallel: 4,
+        first_wait_ms: 1500,
+        wait_ms: 200,
+        jitter_ms: 900,
+    });
+}
+
+/// A chaos run: `jobs` random jobs (with `header` on top of each file), `reel run
+/// -j parallel`, then `reel recover -j parallel`, SIGKILLed `kills` times after
+/// random waits (the first run gets `first_wait_ms` to submit every job), then a
+/// final recover.
+pub(crate) struct Chaos {
+    pub jobs: u64,
+    pub kills: u32,
+    pub header: String,
+    pub parallel: u32,
+    pub first_wait_ms: u64,
+    pub wait_ms: u64,
+    pub jitter_ms: u64,
+}
+
+pub(crate) fn chaos(c: &Chaos) {
     let seed = std::env::var("REEL_CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -105,9 +131,9 @@ fn chaos_fifty_jobs_ten_sigkills_every_job_ends_once_and_nothing_leaks() {
     let state = tempfile::tempdir().unwrap();
     let mut files = Vec::new();
     let mut expected = Vec::new();
-    for j in 0..50 {
+    for j in 0..c.jobs {
         let steps = 1 + rng.next(3);
-        let mut yaml = format!("name: chaos{j}\nsteps:\n");
+        let mut yaml = format!("name: chaos{j}\n{}steps:\n", c.header);
         let mut out = String::new();
         for s in 0..steps {
             let lines = 1 + rng.next(4);
@@ -133,19 +159,24 @@ fn chaos_fifty_jobs_ten_sigkills_every_job_ends_once_and_nothing_leaks() {
             .spawn()
             .unwrap()
     };
-    let mut first: Vec<String> = vec!["run".into(), "-j".into(), "4".into()];
+    let parallel = c.parallel.to_string();
+    let mut first: Vec<String> = vec!["run".into(), "-j".into(), parallel.clone()];
     first.extend(files.iter().cloned());
-    let recover: Vec<String> = vec!["recover".into(), "-j".into(), "4".into()];
-    for kill in 0..10 {
+    let recover: Vec<String> = vec!["recover".into(), "-j".into(), parallel.clone()];
+    for kill in 0..c.kills {
         let mut child = spawn(if kill == 0 { &first } else { &recover });
-        // The first run submits all 50 jobs before running any; let it.
-        let base = if kill == 0 { 1500 } else { 200 };
-        let wait = Duration::from_millis(base + rng.next(900));
+        // The first run submits every job before running any; let it.
+        let base = if kill == 0 {
+            c.first_wait_ms
+        } else {
+            c.wait_ms
+        };
+        let wait = Duration::from_millis(base + rng.next(c.jitter_ms));
         std::thread::sleep(wait);
         let _ = child.kill();
         let _ = child.wait();
     }
-    let last = reel(state.path(), &["recover", "-j", "4"], &[]);
+    let last = reel(state.path(), &["recover", "-j", &parallel], &[]);
     assert!(
         matches!(last.status.code(), Some(0 | 1)),
         "final recover: {} / {}",
@@ -154,7 +185,11 @@ fn chaos_fifty_jobs_ten_sigkills_every_job_ends_once_and_nothing_leaks() {
     );
     let jobs = json(&reel(state.path(), &["jobs", "--json"], &[]));
     let jobs = jobs.as_array().unwrap();
-    assert_eq!(jobs.len(), 50, "every job was submitted by the first run");
+    assert_eq!(
+        jobs.len() as u64,
+        c.jobs,
+        "every job was submitted by the first run"
+    );
     let (mut reattached, mut lost, mut recovered) = (0, 0, 0);
     for j in jobs {
         let id = j["id"].as_u64().unwrap();
@@ -182,8 +217,9 @@ fn chaos_fifty_jobs_ten_sigkills_every_job_ends_once_and_nothing_leaks() {
         }
     }
     eprintln!(
-        "chaos (seed {seed}): 50 jobs, {recovered} taken over by a recovering engine, \
-         {reattached} reattached to a live sandbox, {lost} lost"
+        "chaos (seed {seed}): {} jobs, {recovered} taken over by a recovering engine, \
+         {reattached} reattached to a live sandbox, {lost} lost",
+        c.jobs
     );
     assert_nothing_left(state.path(), "chaos");
 }
@@ -506,21 +542,21 @@ fn damaged_output_of_a_running_step_is_reaped_once_not_resumed_for_ever() {
 /// One path of the extended crash matrix: a job, how it is driven, the
 /// lifecycle events it passes (each `(event, n)`: the n-th of that kind), and
 /// how it must end.
-struct Path {
-    name: &'static str,
-    job: String,
-    env: Vec<(&'static str, &'static str)>,
+pub(crate) struct Path {
+    pub name: &'static str,
+    pub job: String,
+    pub env: Vec<(&'static str, &'static str)>,
     /// SIGTERM once the first step printed (a cancel mid-step).
-    cancel: bool,
-    points: Vec<(&'static str, u32)>,
+    pub cancel: bool,
+    pub points: Vec<(&'static str, u32)>,
     /// The terminal event when the sandbox survives the crash.
-    outcome: &'static str,
+    pub outcome: &'static str,
     /// What the steps print, as stored (secrets masked).
-    output: String,
+    pub output: String,
 }
 
 /// The setup events every path passes before its first step.
-const SETUP: [&str; 10] = [
+pub(crate) const SETUP: [&str; 10] = [
     "Submitted",
     "Queued",
     "SlotGranted",
@@ -533,7 +569,7 @@ const SETUP: [&str; 10] = [
     "AgentConnected",
 ];
 
-fn teardown_points(terminal: &'static str) -> Vec<(&'static str, u32)> {
+pub(crate) fn teardown_points(terminal: &'static str) -> Vec<(&'static str, u32)> {
     [
         "TeardownStarted",
         "Drained",
@@ -622,7 +658,7 @@ fn path_case(path: &Path, point: &str, n: u32, when: &str) {
 }
 
 /// Every case of `path`, a few at a time, failures collected.
-fn run_path(path: &Path) {
+pub(crate) fn run_path(path: &Path) {
     let mut cases: Vec<(&str, u32, &str)> = Vec::new();
     for (p, n) in &path.points {
         cases.push((p, *n, "before"));

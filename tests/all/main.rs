@@ -5,3 +5,4 @@ mod limits;
 mod plugins;
 mod run;
 mod store;
+mod vm;

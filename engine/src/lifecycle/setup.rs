@@ -53,6 +53,12 @@ impl JobRun<'_> {
         if resources.is_empty() {
             resources.push(UNNAMED_SANDBOX.to_owned());
         }
+        // `VolumesFormatted` names the volumes the plan named (resources of kind
+        // `volume`): a runner without volumes formats none.
+        let volumes: Vec<String> = resources
+            .iter()
+            .filter_map(|r| r.strip_prefix("volume ").map(str::to_owned))
+            .collect();
         self.append(Event::SandboxPlanned {
             handle: planned.clone(),
             resources,
@@ -82,8 +88,8 @@ impl JobRun<'_> {
             match i {
                 0 => {
                     self.append(Event::WorkDirCreated { handle: h }).await?;
-                    self.append(Event::VolumesFormatted { volumes: vec![] })
-                        .await?;
+                    let volumes = volumes.clone();
+                    self.append(Event::VolumesFormatted { volumes }).await?;
                 }
                 1 => self.append(Event::VmBooted { handle: h }).await?,
                 _ => self.append(Event::AgentConnected { handle: h }).await?,

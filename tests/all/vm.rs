@@ -1,0 +1,237 @@
+//! The QEMU runner with real microVMs (TCG here: these machines have no usable
+//! KVM): the guest image built by `scripts/build-guest-image`, the real `reel`
+//! binary, real QEMU processes, real SIGKILLs of the engine and of QEMU.
+
+use std::os::unix::process::ExitStatusExt;
+
+use reel_tests::{
+    assert_nothing_left, events, guest_image, guest_spec, json, processes_under, reel, text,
+    workspace_root,
+};
+
+use crate::crash::{Chaos, JOB, POINTS, Path, chaos, expected_output, run_path};
+
+/// `runner: qemu` with the built image and small resources (TCG boots faster
+/// with less memory to set up).
+fn header(memory: &str) -> String {
+    format!(
+        "runner: qemu\nimage: {}\nresources: {{ memory: {memory}, disk: 64M }}\n",
+        guest_image().display()
+    )
+}
+
+/// `JOB` (two steps printing numbered lines slowly) in a VM.
+fn vm_job() -> String {
+    let (name, rest) = JOB.split_once('\n').unwrap();
+    format!("{name}\n{}{rest}", header("256M"))
+}
+
+fn write_job(dir: &std::path::Path, name: &str, yaml: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, yaml).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+/// The README's command: `examples/vm-hello.yml` prints the guest's kernel (the
+/// image's, not the host's), and nothing of the VM is left.
+#[test]
+fn vm_hello_prints_the_guest_kernel_and_leaves_nothing() {
+    let spec = guest_spec();
+    let state = tempfile::tempdir().unwrap();
+    let example = workspace_root().join("examples/vm-hello.yml");
+    // The example relies on the default image (`target/guest/current`).
+    let out = reel(state.path(), &["run", example.to_str().unwrap()], &[]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout} / {}", text(&out.stderr));
+    let guest = spec["kernel_version"].as_str().unwrap();
+    assert!(
+        stdout.contains(guest),
+        "not the guest's kernel {guest}: {stdout}"
+    );
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    if host.trim() != guest {
+        assert!(!stdout.contains(host.trim()), "the host's kernel: {stdout}");
+    }
+    assert!(stdout.contains("working in /work"), "{stdout}");
+    let names = events(state.path(), 1);
+    for e in [
+        "CidAllocated",
+        "VolumesFormatted",
+        "VmBooted",
+        "AgentConnected",
+        "PoweredOff",
+        "Cleaned",
+    ] {
+        assert!(names.iter().any(|n| n == e), "{e} missing: {names:?}");
+    }
+    let inspect = json(&reel(state.path(), &["replay", "1", "--json"], &[]));
+    let timeline = inspect.to_string();
+    assert!(
+        timeline.contains("work.img"),
+        "the volume is on the record: {timeline}"
+    );
+    assert_nothing_left(state.path(), "vm-hello");
+}
+
+/// Every lifecycle event of a VM job, SIGKILL before and after it: `reel recover`
+/// reattaches to the live VM (and resumes the running step with no gap and no
+/// duplicate) or reaps it, and nothing is left: no QEMU, cgroup or file.
+#[test]
+fn vm_crash_matrix_every_lifecycle_event_before_and_after_a_sigkill() {
+    run_path(&Path {
+        name: "vm success",
+        job: vm_job(),
+        env: vec![],
+        cancel: false,
+        points: POINTS.iter().map(|p| (*p, 1)).collect(),
+        outcome: "Succeeded",
+        output: expected_output(),
+    });
+}
+
+/// Eight VM jobs, two at a time, the engine SIGKILLed four times at random
+/// moments: every job ends exactly once, every succeeded job's output is
+/// complete, nothing leaks.
+#[test]
+fn vm_chaos_eight_jobs_four_sigkills() {
+    chaos(&Chaos {
+        jobs: 8,
+        kills: 4,
+        header: header("256M"),
+        parallel: 2,
+        first_wait_ms: 3000,
+        wait_ms: 1500,
+        jitter_ms: 3000,
+    });
+}
+
+/// A step that allocates past the guest's memory ends with the cause "out of
+/// memory", the guest's memory named, not a bare exit status.
+#[test]
+fn a_guest_that_runs_out_of_memory_says_so() {
+    let state = tempfile::tempdir().unwrap();
+    let job = write_job(
+        state.path(),
+        "hog.yml",
+        &format!(
+            "name: hog\n{}steps:\n  - name: hog\n    command: x=$(head -c 400000000 /dev/zero | tr '\\0' x); echo ${{#x}}\n",
+            header("128M")
+        ),
+    );
+    let out = reel(state.path(), &["run", &job], &[]);
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout} / {}",
+        text(&out.stderr)
+    );
+    let inspect = json(&reel(state.path(), &["inspect", "1", "--json"], &[]));
+    let reason = inspect["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("out of memory (the guest has 128 MiB)"),
+        "the cause is on the job's record: {inspect}"
+    );
+    assert_nothing_left(state.path(), "guest oom");
+}
+
+/// QEMU killed under a running step: the step fails with the cause, the
+/// console's last lines are on its stderr, and teardown leaves nothing.
+#[test]
+fn a_vm_killed_mid_step_fails_the_step_with_the_cause_and_the_console() {
+    let state = tempfile::tempdir().unwrap();
+    let job = write_job(
+        state.path(),
+        "slow.yml",
+        &format!(
+            "name: slow\n{}steps:\n  - name: wait\n    command: echo started; sleep 60\n",
+            header("256M")
+        ),
+    );
+    let child = std::process::Command::new(reel_tests::target_dir().join("reel"))
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["run", &job])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the step's first line to be stored, then kill QEMU.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let out = reel(state.path(), &["output", "1"], &[]);
+        if text(&out.stdout).contains("started") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the step never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let root = state.path().join("sandboxes");
+    let qemus: Vec<u32> = processes_under(&root)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.starts_with(b"qemu-system"))
+        })
+        .collect();
+    assert_eq!(qemus.len(), 1, "one QEMU runs the job: {qemus:?}");
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(qemus[0] as i32).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let inspect = json(&reel(state.path(), &["inspect", "1", "--json"], &[]));
+    let reason = inspect["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("QEMU exited unexpectedly"), "{inspect}");
+    let output = text(&reel(state.path(), &["output", "1"], &[]).stdout);
+    assert!(
+        output.contains("the guest console's last lines") && output.contains("reel-guest"),
+        "the console tail is in the step's output: {output}"
+    );
+    assert_nothing_left(state.path(), "killed vm");
+}
+
+/// A guest kernel panic ends the step with "the guest kernel panicked".
+#[test]
+fn a_guest_kernel_panic_is_named_as_the_cause() {
+    let state = tempfile::tempdir().unwrap();
+    let job = write_job(
+        state.path(),
+        "panic.yml",
+        &format!(
+            "name: panic\n{}steps:\n  - name: crash\n    command: echo c > /proc/sysrq-trigger; sleep 30\n",
+            header("256M")
+        ),
+    );
+    let out = reel(state.path(), &["run", &job], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let inspect = json(&reel(state.path(), &["inspect", "1", "--json"], &[]));
+    let reason = inspect["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("the guest kernel panicked"), "{inspect}");
+    assert_nothing_left(state.path(), "panic");
+}
+
+/// A job naming an image that does not exist is refused before anything is
+/// created, with the path and how to build an image.
+#[test]
+fn a_missing_image_is_refused_with_how_to_build_one() {
+    let state = tempfile::tempdir().unwrap();
+    let job = write_job(
+        state.path(),
+        "noimage.yml",
+        "name: noimage\nrunner: qemu\nimage: /nonexistent/image\nsteps:\n  - name: a\n    command: true\n",
+    );
+    let out = reel(state.path(), &["run", &job], &[]);
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(2), "{all}");
+    assert!(
+        all.contains("/nonexistent/image") && all.contains("scripts/build-guest-image"),
+        "{all}"
+    );
+    assert!(out.status.signal().is_none());
+}
