@@ -36,7 +36,7 @@
 //! [`resume_exec`]: AgentClient::resume_exec
 
 use std::collections::VecDeque;
-use std::io;
+use std::io::{self, Read};
 use std::ops::ControlFlow;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -44,7 +44,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::proto::{
-    self, ErrorCode, FrameReader, MAX_VERSION, MIN_VERSION, Message, ProtoError, Role, Stream,
+    self, ErrorCode, FrameReader, KIND_ERROR, KIND_FAILURE, KIND_HELLO, MAX_VERSION, MIN_VERSION,
+    Message, ProtoError, Resync, Role, Stream,
 };
 
 /// Errors from [`AgentClient`].
@@ -167,6 +168,28 @@ pub struct AgentClient {
     merge_wait: Duration,
 }
 
+/// The largest payload [`AgentClient::connect_serial`] takes for a candidate of the
+/// agent's answer to `Hello` (a `Hello`, or an error with a message for people).
+const MAX_HANDSHAKE_PAYLOAD: usize = 64 * 1024;
+
+/// Connects to the unix socket at `path`, retrying every 20 ms until `deadline`.
+fn connect_until(path: &Path, deadline: Instant) -> Result<UnixStream> {
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(s),
+            Err(_) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(source) => {
+                return Err(ClientError::Connect {
+                    path: path.display().to_string(),
+                    source,
+                });
+            }
+        }
+    }
+}
+
 /// The error an agent's `Error` or `Failure` message carries, if `msg` is one.
 fn agent_error(msg: &Message) -> Option<ClientError> {
     msg.as_error()
@@ -192,32 +215,7 @@ impl AgentClient {
     ) -> Result<Self> {
         let path = socket_path.as_ref();
         let deadline = Instant::now() + timeout;
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(source) => {
-                    return Err(ClientError::Connect {
-                        path: path.display().to_string(),
-                        source,
-                    });
-                }
-            }
-        };
-        let writer = stream.try_clone().map_err(ProtoError::Io)?;
-        let mut client = AgentClient {
-            reader: stream,
-            writer: Arc::new(Mutex::new(writer)),
-            frames: FrameReader::new(),
-            pending: VecDeque::new(),
-            version: 0,
-            ack_every: 256 * 1024,
-            merge_bytes: 0,
-            merge_wait: Duration::ZERO,
-        };
+        let mut client = Self::from_stream(connect_until(path, deadline)?)?;
         client.send(&Message::Hello {
             min_version,
             max_version,
@@ -243,6 +241,105 @@ impl AgentClient {
             })),
             None => Err(ClientError::Timeout("Hello")),
         }
+    }
+
+    /// Connects to an agent on a VM's virtio-serial port through QEMU's chardev
+    /// socket at `socket_path` (`-chardev socket,server=on`), retrying until
+    /// `timeout`, and performs `Hello`, skipping whatever came before the agent's
+    /// answer.
+    ///
+    /// The port is one byte stream for the VM's whole life, so the agent's answer may
+    /// be preceded by the rest of a frame its writer had begun for a host that is
+    /// gone: bytes are skipped until a valid agent `Hello` (or an `Error`/`Failure`
+    /// about no exec: the agent refused this `Hello`) is found by
+    /// [`proto::resync`]; valid frames of other kinds before it are stale too and
+    /// skipped. The chardev takes one client at a time: while an earlier client is
+    /// still connected, this one waits in the socket's backlog, its `Hello` unread,
+    /// until that client goes or `timeout` passes ([`ClientError::Timeout`]). Once
+    /// connected, the client is the same as [`Self::connect`]'s.
+    pub fn connect_serial(socket_path: impl AsRef<Path>, timeout: Duration) -> Result<Self> {
+        let path = socket_path.as_ref();
+        let deadline = Instant::now() + timeout;
+        let mut client = Self::from_stream(connect_until(path, deadline)?)?;
+        client.send(&Message::Hello {
+            min_version: MIN_VERSION,
+            max_version: MAX_VERSION,
+            role: Role::Host,
+        })?;
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            loop {
+                match proto::resync(
+                    &buf,
+                    &[KIND_HELLO, KIND_ERROR, KIND_FAILURE],
+                    MAX_HANDSHAKE_PAYLOAD,
+                ) {
+                    Resync::Frame { skip, len, msg } => {
+                        let rest = buf.split_off(skip + len);
+                        match msg {
+                            Message::Hello {
+                                min_version: v,
+                                max_version: v2,
+                                role: Role::Agent,
+                            } if v == v2 && (MIN_VERSION..=MAX_VERSION).contains(&v) => {
+                                client.version = v;
+                                client.frames = FrameReader::with_buffered(rest);
+                                return Ok(client);
+                            }
+                            m => {
+                                if let Some(e @ ClientError::Agent { exec_id: None, .. }) =
+                                    agent_error(&m)
+                                {
+                                    return Err(e);
+                                }
+                                buf = rest;
+                            }
+                        }
+                    }
+                    Resync::NeedMore { skip } => {
+                        buf.drain(..skip);
+                        break;
+                    }
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ClientError::Timeout("Hello"));
+            }
+            client
+                .reader
+                .set_read_timeout(Some(left))
+                .map_err(ProtoError::Io)?;
+            match client.reader.read(&mut chunk) {
+                Ok(0) => return Err(ProtoError::Closed.into()),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(ClientError::Timeout("Hello"));
+                }
+                Err(e) => return Err(ProtoError::Io(e).into()),
+            }
+        }
+    }
+
+    fn from_stream(stream: UnixStream) -> Result<Self> {
+        let writer = stream.try_clone().map_err(ProtoError::Io)?;
+        Ok(AgentClient {
+            reader: stream,
+            writer: Arc::new(Mutex::new(writer)),
+            frames: FrameReader::new(),
+            pending: VecDeque::new(),
+            version: 0,
+            ack_every: 256 * 1024,
+            merge_bytes: 0,
+            merge_wait: Duration::ZERO,
+        })
     }
 
     /// The negotiated protocol version.

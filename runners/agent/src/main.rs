@@ -3,7 +3,15 @@
 //! ```text
 //! reel-agent --socket PATH [--pidfile PATH] [--workdir DIR] [--max-buffer BYTES]
 //!            [--timeout-grace-ms MS] [--log PATH] [--daemonize]
+//! reel-agent --serial DEVICE [--workdir DIR] [--max-buffer BYTES] [--timeout-grace-ms MS]
 //! ```
+//!
+//! `--socket` listens on a unix socket (the process runner); `--serial` serves the same
+//! protocol on a virtio-serial port inside a VM (the guest image's init starts it on
+//! the port named `agent0`), one host session after the other: the host side of the
+//! port comes and goes with the engines, so end of file there ends a session, never
+//! the agent (see `reel_agent::serial`). The VM is the agent's lifetime, so
+//! `--serial` takes no `--pidfile` or `--daemonize`.
 //!
 //! With `--daemonize` the process re-executes itself (with the hidden `--daemon-child`
 //! flag) detached from its stdio; the child calls `setsid` to get its own session and
@@ -19,13 +27,23 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use reel_agent::serial::SerialPort;
 use reel_agent::server::{self, Options};
 
 const USAGE: &str = "usage: reel-agent --socket PATH [--pidfile PATH] [--workdir DIR] \
-[--max-buffer BYTES] [--timeout-grace-ms MS] [--log PATH] [--daemonize]";
+[--max-buffer BYTES] [--timeout-grace-ms MS] [--log PATH] [--daemonize]
+       reel-agent --serial DEVICE [--workdir DIR] [--max-buffer BYTES] [--timeout-grace-ms MS]";
+
+/// Where the host is.
+enum Endpoint {
+    /// A unix socket to listen on.
+    Socket(PathBuf),
+    /// A virtio-serial port's device.
+    Serial(PathBuf),
+}
 
 struct Args {
-    socket: PathBuf,
+    endpoint: Endpoint,
     pidfile: Option<PathBuf>,
     workdir: Option<PathBuf>,
     max_buffer: u64,
@@ -37,8 +55,9 @@ struct Args {
 
 fn parse() -> Result<Args, String> {
     let mut socket = None;
+    let mut serial = None;
     let mut args = Args {
-        socket: PathBuf::new(),
+        endpoint: Endpoint::Socket(PathBuf::new()),
         pidfile: None,
         workdir: None,
         max_buffer: 64 << 20,
@@ -56,6 +75,7 @@ fn parse() -> Result<Args, String> {
         };
         match a.as_str() {
             "--socket" => socket = Some(PathBuf::from(value("--socket")?)),
+            "--serial" => serial = Some(PathBuf::from(value("--serial")?)),
             "--pidfile" => args.pidfile = Some(PathBuf::from(value("--pidfile")?)),
             "--workdir" => args.workdir = Some(PathBuf::from(value("--workdir")?)),
             "--log" => args.log = Some(PathBuf::from(value("--log")?)),
@@ -79,11 +99,27 @@ fn parse() -> Result<Args, String> {
             other => return Err(format!("Unknown argument {other:?}.\n{USAGE}")),
         }
     }
-    args.socket = socket.ok_or_else(|| format!("--socket is required.\n{USAGE}"))?;
+    args.endpoint = match (socket, serial) {
+        (Some(p), None) => Endpoint::Socket(p),
+        (None, Some(p)) => {
+            if args.pidfile.is_some() || args.daemonize || args.daemon_child {
+                return Err(format!(
+                    "--serial takes no --pidfile or --daemonize.\n{USAGE}"
+                ));
+            }
+            Endpoint::Serial(p)
+        }
+        (Some(_), Some(_)) => {
+            return Err(format!(
+                "--socket and --serial exclude each other.\n{USAGE}"
+            ));
+        }
+        (None, None) => return Err(format!("--socket or --serial is required.\n{USAGE}")),
+    };
     Ok(args)
 }
 
-fn daemonize_parent(args: &Args) -> Result<(), String> {
+fn daemonize_parent(args: &Args, socket: &std::path::Path) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("Cannot find own executable: {e}."))?;
     let child_args: Vec<_> = std::env::args_os()
         .skip(1)
@@ -116,7 +152,7 @@ fn daemonize_parent(args: &Args) -> Result<(), String> {
         }
         let ready = match &args.pidfile {
             Some(p) => std::fs::read_to_string(p).is_ok_and(|s| s.trim() == pid.to_string()),
-            None => std::os::unix::net::UnixStream::connect(&args.socket).is_ok(),
+            None => std::os::unix::net::UnixStream::connect(socket).is_ok(),
         };
         if ready {
             println!("{pid}");
@@ -132,8 +168,10 @@ fn daemonize_parent(args: &Args) -> Result<(), String> {
 }
 
 fn run(args: Args) -> Result<(), String> {
-    if args.daemonize {
-        return daemonize_parent(&args);
+    if args.daemonize
+        && let Endpoint::Socket(socket) = &args.endpoint
+    {
+        return daemonize_parent(&args, socket);
     }
     // The agent leads a session of its own, which only its steps' processes share:
     // that is how it tells a finished step's process group from a later one with the
@@ -151,22 +189,33 @@ fn run(args: Args) -> Result<(), String> {
     let cwd =
         std::env::current_dir().map_err(|e| format!("Cannot read the current directory: {e}."))?;
     let workdir = cwd.join(args.workdir.clone().unwrap_or_default());
-    let socket = cwd.join(&args.socket);
-    let pidfile = args.pidfile.as_ref().map(|p| cwd.join(p));
-    let listener = server::bind(&socket)
-        .map_err(|e| format!("Cannot listen on {}: {e}.", socket.display()))?;
-    if let Some(p) = &pidfile {
-        server::write_pidfile(p, std::process::id())
-            .map_err(|e| format!("Cannot write pidfile {}: {e}.", p.display()))?;
-    }
-    let opts = Options {
-        socket,
-        pidfile,
+    let mut opts = Options {
+        socket: None,
+        pidfile: None,
         workdir,
         max_buffer: args.max_buffer,
         timeout_grace: Duration::from_millis(args.timeout_grace_ms),
     };
-    server::serve(listener, opts).map_err(|e| format!("The agent failed: {e}."))
+    match &args.endpoint {
+        Endpoint::Socket(socket) => {
+            let socket = cwd.join(socket);
+            let pidfile = args.pidfile.as_ref().map(|p| cwd.join(p));
+            let listener = server::bind(&socket)
+                .map_err(|e| format!("Cannot listen on {}: {e}.", socket.display()))?;
+            if let Some(p) = &pidfile {
+                server::write_pidfile(p, std::process::id())
+                    .map_err(|e| format!("Cannot write pidfile {}: {e}.", p.display()))?;
+            }
+            opts.socket = Some(socket);
+            opts.pidfile = pidfile;
+            server::serve(listener, opts).map_err(|e| format!("The agent failed: {e}."))
+        }
+        Endpoint::Serial(device) => {
+            let port = SerialPort::open(device)
+                .map_err(|e| format!("Cannot open {}: {e}.", device.display()))?;
+            server::serve_serial(port, opts).map_err(|e| format!("The agent failed: {e}."))
+        }
+    }
 }
 
 fn main() -> ExitCode {

@@ -450,6 +450,96 @@ pub fn write_message(w: &mut impl Write, msg: &Message) -> Result<(), ProtoError
     Ok(())
 }
 
+/// Kind number of [`Message::Hello`] (for [`resync`]'s filters).
+pub const KIND_HELLO: u16 = 1;
+/// Kind number of [`Message::Error`].
+pub const KIND_ERROR: u16 = 17;
+/// Kind number of [`Message::Failure`].
+pub const KIND_FAILURE: u16 = 18;
+/// The largest payload a `Hello` can have (two varint `u16`s and the role), with room
+/// to spare: what the agent allows a `Hello` candidate while it resynchronizes.
+pub const HELLO_MAX_PAYLOAD: usize = 16;
+
+/// What [`resync`] found in a buffer.
+#[derive(Debug, PartialEq)]
+pub enum Resync {
+    /// A valid frame `len` bytes long, after `skip` bytes that start none.
+    Frame {
+        /// Bytes before the frame.
+        skip: usize,
+        /// The frame's length.
+        len: usize,
+        /// Its message.
+        msg: Message,
+    },
+    /// No valid frame is complete yet. The first `skip` bytes cannot start one and
+    /// may be dropped; a frame may still start at `skip` once more bytes arrive.
+    NeedMore {
+        /// Bytes that may be dropped.
+        skip: usize,
+    },
+}
+
+/// Whether `prefix` (the first bytes of a would-be frame, possibly fewer than a
+/// header) could begin a frame of one of `kinds` with at most `max_payload` bytes.
+fn plausible_header(prefix: &[u8], kinds: &[u16], max_payload: usize) -> bool {
+    if prefix.len() >= 4 {
+        let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
+        if usize::try_from(len).map_or(true, |l| l > max_payload) {
+            return false;
+        }
+    }
+    if prefix.len() >= 6 && u16::from_be_bytes([prefix[4], prefix[5]]) != FORMAT_BINCODE {
+        return false;
+    }
+    prefix.len() < HEADER_LEN || kinds.contains(&u16::from_be_bytes([prefix[6], prefix[7]]))
+}
+
+/// Finds the first valid frame of one of `kinds`, with a payload of at most
+/// `max_payload` bytes, anywhere in `buf`: the way back into the conversation on a
+/// byte stream that may begin with garbage.
+///
+/// A virtio-serial port is one stream for a VM's whole life: a host that died
+/// mid-frame leaves the rest of that frame to whoever reads next, and a peer's
+/// writer may have sent part of a frame to a host that is gone. So a session's
+/// first frame is searched for byte by byte: a plausible header (a length within
+/// `max_payload`, the known format, a kind the reader waits for), then a CRC that
+/// checks and a payload that decodes. The bounds keep garbage from stalling the
+/// search: a candidate that claims more bytes than have arrived is passed over when
+/// a complete valid frame follows it (the peer sent its first frame and now waits
+/// for the answer, so nothing would ever complete the candidate), and only such a
+/// candidate, at most `max_payload` plus the frame overhead from the end, is kept.
+/// Never panics, whatever `buf` holds.
+pub fn resync(buf: &[u8], kinds: &[u16], max_payload: usize) -> Resync {
+    let mut incomplete = None;
+    for skip in 0..buf.len() {
+        let rest = &buf[skip..];
+        if !plausible_header(&rest[..rest.len().min(HEADER_LEN)], kinds, max_payload) {
+            continue;
+        }
+        if rest.len() < HEADER_LEN {
+            incomplete.get_or_insert(skip);
+            continue;
+        }
+        let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        let total = HEADER_LEN + len + TRAILER_LEN;
+        if rest.len() < total {
+            incomplete.get_or_insert(skip);
+            continue;
+        }
+        if let Ok(Some((msg, used))) = decode_frame(&rest[..total]) {
+            return Resync::Frame {
+                skip,
+                len: used,
+                msg,
+            };
+        }
+    }
+    Resync::NeedMore {
+        skip: incomplete.unwrap_or(buf.len()),
+    }
+}
+
 /// Incremental frame reader keeping partial frames across reads (and read timeouts).
 #[derive(Debug, Default)]
 pub struct FrameReader {
@@ -460,6 +550,12 @@ impl FrameReader {
     /// A reader with an empty buffer.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A reader that starts with `bytes` already read (what followed the frame
+    /// [`resync`] found).
+    pub fn with_buffered(bytes: Vec<u8>) -> Self {
+        Self { buf: bytes }
     }
 
     /// Decodes a frame already buffered, if there is a complete one.
@@ -712,6 +808,171 @@ mod tests {
             bytes: vec![0; MAX_PAYLOAD + 1],
         };
         assert!(matches!(encode_frame(&too_big), Err(ProtoError::Encode(_))));
+    }
+
+    fn host_hello() -> Message {
+        Message::Hello {
+            min_version: 1,
+            max_version: 2,
+            role: Role::Host,
+        }
+    }
+
+    /// Runs `resync` for a host's `Hello` as the agent does, feeding `bytes` in
+    /// pieces of `step`: the frame found and the bytes left after it.
+    fn agent_resync(bytes: &[u8], step: usize) -> Option<(Message, Vec<u8>)> {
+        let mut buf = Vec::new();
+        for piece in bytes.chunks(step.max(1)) {
+            buf.extend_from_slice(piece);
+            loop {
+                match resync(&buf, &[KIND_HELLO], HELLO_MAX_PAYLOAD) {
+                    Resync::Frame { skip, len, msg } => {
+                        if matches!(
+                            msg,
+                            Message::Hello {
+                                role: Role::Host,
+                                ..
+                            }
+                        ) {
+                            return Some((msg, buf[skip + len..].to_vec()));
+                        }
+                        buf.drain(..skip + len);
+                    }
+                    Resync::NeedMore { skip } => {
+                        buf.drain(..skip);
+                        break;
+                    }
+                }
+            }
+            assert!(buf.len() < HEADER_LEN + HELLO_MAX_PAYLOAD + TRAILER_LEN);
+        }
+        None
+    }
+
+    #[test]
+    fn kind_constants_match_the_messages() {
+        assert_eq!(host_hello().kind(), KIND_HELLO);
+        let e = Message::Error {
+            exec_id: None,
+            message: String::new(),
+        };
+        assert_eq!(e.kind(), KIND_ERROR);
+        let f = Message::failure(2, None, ErrorCode::BadFrame, "");
+        assert_eq!(f.kind(), KIND_FAILURE);
+        assert!(
+            encode_frame(&host_hello()).unwrap().len()
+                <= HEADER_LEN + HELLO_MAX_PAYLOAD + TRAILER_LEN
+        );
+        let widest = Message::Hello {
+            min_version: u16::MAX,
+            max_version: u16::MAX,
+            role: Role::Agent,
+        };
+        let len = encode_frame(&widest).unwrap().len() - HEADER_LEN - TRAILER_LEN;
+        assert!(len <= HELLO_MAX_PAYLOAD, "{len}");
+    }
+
+    /// What a host that died mid-frame, or a writer cut off, leaves before the next
+    /// host's `Hello`: the `Hello` is found behind each, fed whole or byte by byte,
+    /// and what follows it is kept.
+    #[test]
+    fn resync_finds_the_hello_behind_garbage_and_torn_frames() {
+        let hello = encode_frame(&host_hello()).unwrap();
+        let init = encode_frame(&Message::Init {
+            job_id: "j".into(),
+            session_token: "t".into(),
+        })
+        .unwrap();
+        let ack = encode_frame(&Message::Ack {
+            exec_id: 1,
+            offset: 9,
+        })
+        .unwrap();
+        let mut bad_crc = hello.clone();
+        let last = bad_crc.len() - 1;
+        bad_crc[last] ^= 0x55;
+        let prefixes: Vec<(&str, Vec<u8>)> = vec![
+            ("nothing", vec![]),
+            ("garbage", b"\x00\xff garbage \x02\x21\x4c\x18".to_vec()),
+            ("a torn Hello", hello[..hello.len() - 3].to_vec()),
+            ("a Hello header alone", hello[..HEADER_LEN].to_vec()),
+            ("a Hello with a bad CRC", bad_crc),
+            ("a whole Ack", ack.clone()),
+            ("a torn Ack", ack[..5].to_vec()),
+            ("zeros", vec![0; 100]),
+            (
+                "a header claiming the largest payload",
+                [&(MAX_PAYLOAD as u32).to_be_bytes()[..], &[0, 1, 0, 1]].concat(),
+            ),
+        ];
+        for (what, prefix) in prefixes {
+            let mut bytes = prefix.clone();
+            bytes.extend_from_slice(&hello);
+            bytes.extend_from_slice(&init);
+            for step in [1, 3, bytes.len()] {
+                let (msg, rest) = agent_resync(&bytes, step)
+                    .unwrap_or_else(|| panic!("no Hello after {what} (step {step})"));
+                assert_eq!(msg, host_hello(), "{what}");
+                // Fed whole, everything after the Hello is left for the session.
+                if step == bytes.len() {
+                    assert_eq!(rest, init, "{what}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn resync_reports_where_a_candidate_may_start() {
+        let hello = encode_frame(&host_hello()).unwrap();
+        assert_eq!(resync(&[], &[KIND_HELLO], 16), Resync::NeedMore { skip: 0 });
+        // Bytes that cannot begin a Hello header are dropped; a possible start kept.
+        let mut buf = vec![0xff; 10];
+        buf.extend_from_slice(&hello[..5]);
+        assert_eq!(
+            resync(&buf, &[KIND_HELLO], 16),
+            Resync::NeedMore { skip: 10 }
+        );
+        // A frame of a kind not waited for is skipped over like garbage.
+        let ping = encode_frame(&Message::Ping {}).unwrap();
+        assert_eq!(
+            resync(&ping, &[KIND_HELLO], 16),
+            Resync::NeedMore {
+                skip: ping.len() - 3
+            }
+        );
+    }
+
+    #[test]
+    fn resync_never_panics_on_crafted_bytes() {
+        let mut state: u64 = 0x1234_5678_9abc_def1;
+        let mut next = move || {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        };
+        let hello = encode_frame(&host_hello()).unwrap();
+        for i in 0..5_000 {
+            let len = (next() % 80) as usize;
+            let mut buf: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if i % 3 == 0 {
+                // Plausible headers with lengths near the bounds.
+                let n = [0u32, 1, 15, 16, 17, u32::MAX][(next() % 6) as usize];
+                buf.splice(0..0, [&n.to_be_bytes()[..], &[0, 1, 0, 1]].concat());
+            }
+            if i % 2 == 0 {
+                let at = (next() as usize) % (buf.len() + 1);
+                buf.splice(at..at, hello.iter().copied());
+            }
+            for kinds in [&[KIND_HELLO][..], &[KIND_HELLO, KIND_ERROR, KIND_FAILURE]] {
+                for max in [0, 16, MAX_PAYLOAD, usize::MAX] {
+                    match resync(&buf, kinds, max) {
+                        Resync::Frame { skip, len, .. } => assert!(skip + len <= buf.len()),
+                        Resync::NeedMore { skip } => assert!(skip <= buf.len()),
+                    }
+                }
+            }
+        }
     }
 
     #[test]

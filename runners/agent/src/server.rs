@@ -58,8 +58,9 @@ const WRITE_BATCH: usize = 1 << 20;
 /// Agent configuration.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Socket path (already bound by the caller; kept for cleanup at poweroff).
-    pub socket: PathBuf,
+    /// Socket path (already bound by the caller; kept for cleanup at poweroff);
+    /// `None` on a virtio-serial port, which is not the agent's to remove.
+    pub socket: Option<PathBuf>,
     /// Pidfile, removed at poweroff.
     pub pidfile: Option<PathBuf>,
     /// Base directory for steps' working directories.
@@ -144,7 +145,8 @@ struct Conn {
     generation: u64,
     /// The protocol version `Hello` agreed on; the agent sends only its kinds.
     version: u16,
-    stream: UnixStream,
+    /// Ends the session's link (shuts the socket down; ends the serial session).
+    end: Box<dyn Fn() + Send>,
     initialized: bool,
     closed: bool,
     /// Close once the queued replies are written.
@@ -176,17 +178,51 @@ impl Agent {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn new(opts: Options) -> Arc<Agent> {
+        Arc::new(Agent {
+            st: Mutex::new(State::default()),
+            cv: Condvar::new(),
+            opts,
+            session: crate::procfs::own_session().unwrap_or(0),
+        })
+    }
+}
+
+/// The byte stream of one host session: a unix connection, or one session on the
+/// virtio-serial port ([`crate::serial`]). The session code below is written once
+/// against it.
+pub(crate) trait Link: Read + Write + Send + Sized + 'static {
+    /// Another handle on the same session (for its writer thread and its closer).
+    fn clone_link(&self) -> io::Result<Self>;
+    /// Ends the session both ways: a blocked read returns end of file, and nothing
+    /// more is written on this session's behalf.
+    fn end(&self);
+}
+
+impl Link for UnixStream {
+    fn clone_link(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+
+    fn end(&self) {
+        let _ = self.shutdown(Shutdown::Both);
+    }
+}
+
+/// How a session ended.
+enum Ended {
+    /// The host went away, or the session was closed.
+    Closed,
+    /// (Serial only.) A host sent `Hello` for `min..=max` in the middle of the
+    /// session: a new host took the port over before the agent saw the old one leave;
+    /// `frames` holds what followed the `Hello`.
+    Hello(u16, u16, FrameReader),
 }
 
 /// Serves `listener` forever (until `Poweroff`, which exits the process).
 pub fn serve(listener: UnixListener, opts: Options) -> io::Result<()> {
-    let session = crate::procfs::own_session().unwrap_or(0);
-    let agent = Arc::new(Agent {
-        st: Mutex::new(State::default()),
-        cv: Condvar::new(),
-        opts,
-        session,
-    });
+    let agent = Agent::new(opts);
     for stream in listener.incoming() {
         match stream {
             Ok(stream) => {
@@ -203,7 +239,30 @@ pub fn serve(listener: UnixListener, opts: Options) -> io::Result<()> {
     Ok(())
 }
 
-fn send_direct(stream: &mut UnixStream, msg: &Message) {
+/// Serves host sessions on a virtio-serial port forever (until `Poweroff`, which
+/// exits the process), one after the other: each starts with the first valid `Hello`
+/// found in the stream ([`crate::serial::SerialPort::wait_for_hello`]) and ends when
+/// the host goes away (end of file: nobody is connected to the chardev), when a frame
+/// is bad, or when another `Hello` arrives. Never ends because of end of file: the
+/// port's host side comes and goes with the engines, and the steps keep running (and
+/// their output stays buffered for a `Resume`) in between.
+pub fn serve_serial(port: crate::serial::SerialPort, opts: Options) -> io::Result<()> {
+    let agent = Agent::new(opts);
+    let port = Arc::new(port);
+    let mut next = None;
+    loop {
+        let (min, max, frames) = match next.take() {
+            Some(hello) => hello,
+            None => port.wait_for_hello()?,
+        };
+        let link = crate::serial::SerialPort::begin(&port);
+        if let Ended::Hello(min, max, frames) = session(&agent, link, frames, min, max, true) {
+            next = Some((min, max, frames));
+        }
+    }
+}
+
+fn send_direct(stream: &mut impl Write, msg: &Message) {
     let _ = proto::write_message(stream, msg);
 }
 
@@ -251,26 +310,44 @@ fn handle_conn(agent: &Arc<Agent>, mut stream: UnixStream) {
             return;
         }
     };
+    let _ = stream.set_read_timeout(None);
+    session(agent, stream, frames, min, max, false);
+}
+
+/// Answers a host's `Hello` offering `min..=max` on `link`, makes the session the
+/// current connection (replacing the old one) and serves its messages until it ends.
+/// With `serial`, a `Hello` in the middle of the session ends it (see [`Ended`])
+/// rather than being refused.
+fn session<L: Link>(
+    agent: &Arc<Agent>,
+    mut link: L,
+    mut frames: FrameReader,
+    min: u16,
+    max: u16,
+    serial: bool,
+) -> Ended {
     let lo = min.max(MIN_VERSION);
     let hi = max.min(MAX_VERSION);
     if lo > hi {
         let msg = format!(
             "No common protocol version: the host offers {min}..={max}, the agent supports {MIN_VERSION}..={MAX_VERSION}."
         );
-        send_direct(&mut stream, &error(None, msg));
-        return;
+        send_direct(&mut link, &error(None, msg));
+        link.end();
+        return Ended::Closed;
     }
     let hello = Message::Hello {
         min_version: hi,
         max_version: hi,
         role: Role::Agent,
     };
-    if proto::write_message(&mut stream, &hello).is_err() {
-        return;
+    if proto::write_message(&mut link, &hello).is_err() {
+        link.end();
+        return Ended::Closed;
     }
-    let _ = stream.set_read_timeout(None);
-    let (Ok(writer_stream), Ok(shutdown_stream)) = (stream.try_clone(), stream.try_clone()) else {
-        return;
+    let (Ok(writer_link), Ok(closer)) = (link.clone_link(), link.clone_link()) else {
+        link.end();
+        return Ended::Closed;
     };
 
     // Activate: replace the current connection.
@@ -279,12 +356,12 @@ fn handle_conn(agent: &Arc<Agent>, mut stream: UnixStream) {
         st.generation += 1;
         let generation = st.generation;
         if let Some(old) = st.conn.take() {
-            let _ = old.stream.shutdown(Shutdown::Both);
+            (old.end)();
         }
         st.conn = Some(Conn {
             generation,
             version: hi,
-            stream: shutdown_stream,
+            end: Box::new(move || closer.end()),
             initialized: false,
             closed: false,
             close_after_replies: false,
@@ -298,16 +375,24 @@ fn handle_conn(agent: &Arc<Agent>, mut stream: UnixStream) {
     };
     {
         let agent = Arc::clone(agent);
-        thread::spawn(move || writer(&agent, generation, writer_stream));
+        thread::spawn(move || writer(&agent, generation, writer_link));
     }
 
     loop {
-        let msg = match frames.read_message(&mut stream) {
+        let msg = match frames.read_message(&mut link) {
+            Ok(Some(Message::Hello {
+                min_version,
+                max_version,
+                role: Role::Host,
+            })) if serial => {
+                close_conn(agent, generation, None);
+                return Ended::Hello(min_version, max_version, frames);
+            }
             Ok(Some(m)) => m,
             Ok(None) => continue,
             Err(ProtoError::Closed) | Err(ProtoError::Io(_)) => {
                 close_conn(agent, generation, None);
-                return;
+                return Ended::Closed;
             }
             Err(e) => {
                 let m = format!("Bad frame: {e}");
@@ -316,11 +401,11 @@ fn handle_conn(agent: &Arc<Agent>, mut stream: UnixStream) {
                     generation,
                     Some(Message::failure(hi, None, ErrorCode::BadFrame, m)),
                 );
-                return;
+                return Ended::Closed;
             }
         };
         if !handle_message(agent, generation, msg) {
-            return;
+            return Ended::Closed;
         }
     }
 }
@@ -336,7 +421,7 @@ fn close_conn(agent: &Agent, generation: u64, last: Option<Message>) {
             }
             None => {
                 c.closed = true;
-                let _ = c.stream.shutdown(Shutdown::Both);
+                (c.end)();
             }
         }
     }
@@ -895,7 +980,7 @@ fn collect(state: &mut State, generation: u64, max_buffer: u64) -> Option<(Vec<u
     Some((out, false, poweroff))
 }
 
-fn writer(agent: &Agent, generation: u64, mut stream: UnixStream) {
+fn writer(agent: &Agent, generation: u64, mut stream: impl Link) {
     loop {
         let (bytes, close, poweroff) = {
             let mut st = agent.lock();
@@ -925,7 +1010,7 @@ fn writer(agent: &Agent, generation: u64, mut stream: UnixStream) {
             if let Some(c) = st.conn.as_mut().filter(|c| c.generation == generation) {
                 c.closed = true;
             }
-            let _ = stream.shutdown(Shutdown::Both);
+            stream.end();
             agent.cv.notify_all();
             return;
         }
@@ -960,7 +1045,9 @@ fn poweroff(agent: &Agent, generation: u64) -> ! {
 }
 
 fn remove_files(opts: &Options) {
-    let _ = std::fs::remove_file(&opts.socket);
+    if let Some(p) = &opts.socket {
+        let _ = std::fs::remove_file(p);
+    }
     if let Some(p) = &opts.pidfile {
         let _ = std::fs::remove_file(p);
     }
