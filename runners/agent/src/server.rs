@@ -1,6 +1,6 @@
 //! The agent side: serves one host connection at a time and runs steps.
 //!
-//! A host connection is a *session* on a [`Link`]: a unix socket connection
+//! A host connection is a *session* on a `Link`: a unix socket connection
 //! ([`serve`], the process runner) or one session on a VM's virtio-serial port
 //! ([`serve_serial`], see [`crate::serial`]). The protocol is handled once, by
 //! `session` and the writer, for both; they differ only in how a session begins and
@@ -253,7 +253,7 @@ pub fn serve(listener: UnixListener, opts: Options) -> io::Result<()> {
 
 /// Serves host sessions on a virtio-serial port forever (until `Poweroff`, which
 /// exits the process), one after the other: each starts with the first valid `Hello`
-/// found in the stream ([`crate::serial::SerialPort::wait_for_hello`]) and ends when
+/// found in the stream (`SerialPort::wait_for_hello`) and ends when
 /// the host goes away (end of file: nobody is connected to the chardev), when a frame
 /// is bad, or when another `Hello` arrives. Never ends because of end of file: the
 /// port's host side comes and goes with the engines, and the steps keep running (and
