@@ -19,7 +19,7 @@
 //! that died mid-frame leaves the rest of that frame in the port, and the agent's
 //! writer may have written part of a frame to the host that left. So the first
 //! frame of a session is found by [`proto::resync`] (bytes before it are skipped),
-//! and each session's writes go through a [`SerialLink`] that writes only while its
+//! and each session's writes go through a `SerialLink` that writes only while its
 //! session is current: the check and the (non-blocking) `write` happen under one
 //! lock that ending a session takes too, so no byte of an old session's queue is ever
 //! written once a new session began. The host's side does the same resync on its

@@ -1,9 +1,21 @@
 //! The agent side: serves one host connection at a time and runs steps.
 //!
+//! A host connection is a *session* on a `Link`: a unix socket connection
+//! ([`serve`], the process runner) or one session on a VM's virtio-serial port
+//! ([`serve_serial`], see [`crate::serial`]). The protocol is handled once, by
+//! `session` and the writer, for both; they differ only in how a session begins and
+//! ends. A unix connection begins with its own `Hello` and ends when it closes. The
+//! serial port is one stream for the VM's life: a session begins with the first valid
+//! `Hello` found in it (garbage before it skipped), ends at end of file (the host
+//! went away), at a bad frame or at the next host's `Hello`, and the agent then waits
+//! for the next host instead of exiting. Either way the end of a session is the same:
+//! execs keep running and their unacknowledged output stays for a `Resume`.
+//!
 //! Threads (all plain std threads):
 //! - the accept loop; each accepted connection gets a thread that performs the `Hello`
 //!   handshake and only then *replaces* the current connection (so a stray or broken
-//!   connection never kicks out the real host), and then reads that connection's messages;
+//!   connection never kicks out the real host), and then reads that connection's messages
+//!   (on a serial port, one thread reads every session in turn);
 //! - one writer thread per active connection, which sends queued replies, live and
 //!   resumed `Output`, `ExecExit` and `Drained`, waiting on a condition variable;
 //! - per exec: a stdout reader, a stderr reader, a waiter (reaps the process, joins the
@@ -241,7 +253,7 @@ pub fn serve(listener: UnixListener, opts: Options) -> io::Result<()> {
 
 /// Serves host sessions on a virtio-serial port forever (until `Poweroff`, which
 /// exits the process), one after the other: each starts with the first valid `Hello`
-/// found in the stream ([`crate::serial::SerialPort::wait_for_hello`]) and ends when
+/// found in the stream (`SerialPort::wait_for_hello`) and ends when
 /// the host goes away (end of file: nobody is connected to the chardev), when a frame
 /// is bad, or when another `Hello` arrives. Never ends because of end of file: the
 /// port's host side comes and goes with the engines, and the steps keep running (and

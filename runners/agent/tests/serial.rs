@@ -5,13 +5,14 @@
 //! Needs QEMU 10 and the image build's tools: `scripts/install-vm-deps`. Without them
 //! the test fails saying so; it is never skipped.
 
-use std::io::Read;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use reel_agent::proto::Message;
+use reel_agent::proto::{self, Message, Role};
 use reel_agent::{AgentClient, ClientError, ExecRequest};
 
 const T: Duration = Duration::from_secs(60);
@@ -181,6 +182,18 @@ impl Vm {
     }
 }
 
+/// A plain connection to the chardev socket, once QEMU listens on it.
+fn connect_raw(socket: &Path) -> UnixStream {
+    let deadline = Instant::now() + T;
+    loop {
+        match UnixStream::connect(socket) {
+            Ok(s) => return s,
+            Err(e) => assert!(Instant::now() < deadline, "cannot connect: {e}"),
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn sh(exec_id: u64, script: &str) -> ExecRequest {
     ExecRequest {
         exec_id,
@@ -207,7 +220,21 @@ fn the_agent_serves_a_real_virtio_serial_port_across_hosts() {
     let spec: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(image.join("spec.json")).unwrap()).unwrap();
     let (vm, boot) = Vm::boot(&image, &spec);
+
+    // A host that dies mid-frame: garbage, then a torn Hello. The agent skips it
+    // and answers the next host's Hello.
     let connect = Instant::now();
+    {
+        let mut dead = connect_raw(&vm.socket());
+        let hello = proto::encode_frame(&Message::Hello {
+            min_version: 1,
+            max_version: 2,
+            role: Role::Host,
+        })
+        .unwrap();
+        dead.write_all(b"\x00\x00\x00\x03garbage\xff").unwrap();
+        dead.write_all(&hello[..hello.len() - 2]).unwrap();
+    }
     let mut c = vm.client(T).unwrap();
     eprintln!(
         "boot to marker {boot:?}; connect_serial + Init {:?}",
