@@ -186,7 +186,12 @@ impl ReleaseBins {
         let dir = reel_test_artefacts::build(
             &target,
             "release",
-            &["reel", "reel-agent", "libreel_runner_process.so"],
+            &[
+                "reel",
+                "reel-agent",
+                "libreel_runner_process.so",
+                "libreel_runner_qemu.so",
+            ],
         )?;
         eprintln!("build: {:.1} s", started.elapsed().as_secs_f64());
         Ok(ReleaseBins {

@@ -12,11 +12,16 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// A directory holding `reel`, `reel-agent` and `libreel_runner_process.so` side by
-/// side: `target/<profile>/` after `cargo build --workspace`, else links to what
+/// A directory holding `reel`, `reel-agent`, `libreel_runner_process.so` and
+/// `libreel_runner_qemu.so` side by side: `target/<profile>/` after `cargo build --workspace`, else links to what
 /// `cargo test` built, else a nested build (see `reel_test_artefacts::dir_with`).
 pub fn target_dir() -> PathBuf {
-    reel_test_artefacts::dir_with(&["reel", "reel-agent", "libreel_runner_process.so"])
+    reel_test_artefacts::dir_with(&[
+        "reel",
+        "reel-agent",
+        "libreel_runner_process.so",
+        "libreel_runner_qemu.so",
+    ])
 }
 
 /// The workspace root.

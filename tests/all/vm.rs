@@ -156,28 +156,28 @@ fn a_vm_killed_mid_step_fails_the_step_with_the_cause_and_the_console() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait for the step's first line to be stored, then kill QEMU.
+    // Wait for the step's first line to be stored (the running engine holds the
+    // log, so look at the output file itself), then kill QEMU.
+    let out_file = state.path().join("output/1/0.out");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        let out = reel(state.path(), &["output", "1"], &[]);
-        if text(&out.stdout).contains("started") {
-            break;
-        }
+    while std::fs::metadata(&out_file).map_or(0, |m| m.len()) == 0 {
         assert!(
             std::time::Instant::now() < deadline,
             "the step never started"
         );
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let root = state.path().join("sandboxes");
-    let qemus: Vec<u32> = processes_under(&root)
-        .into_iter()
+    let all = processes_under(&root);
+    let qemus: Vec<u32> = all
+        .iter()
+        .copied()
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline"))
                 .is_ok_and(|c| c.starts_with(b"qemu-system"))
         })
         .collect();
-    assert_eq!(qemus.len(), 1, "one QEMU runs the job: {qemus:?}");
+    assert_eq!(qemus.len(), 1, "one QEMU runs the job: {all:?} {qemus:?}");
     rustix::process::kill_process(
         rustix::process::Pid::from_raw(qemus[0] as i32).unwrap(),
         rustix::process::Signal::KILL,

@@ -41,9 +41,10 @@
 //! # Options (`RunnerConfig.options`)
 //!
 //! - `image`: the guest image directory (holding `spec.json`) when the job names
-//!   none; default `<plugin_dir>/../guest/current`, which `scripts/build-guest-image`
-//!   makes in a checkout (`target/guest/current` beside `target/debug`). A job's
-//!   `image:` is such a directory (or its `spec.json`).
+//!   none; default `guest/current` in the plugin directory's parent or the one
+//!   above, which `scripts/build-guest-image` makes in a checkout
+//!   (`target/guest/current` beside `target/debug`). A job's `image:` is such a
+//!   directory (or its `spec.json`).
 //! - `qemu`: the QEMU binary (default `qemu-system-x86_64` on `PATH`);
 //! - `bios`: the firmware for microvm (default `/usr/share/qemu/qboot.rom`);
 //! - `accel`: `tcg`, `kvm` or `auto` (default): `auto` uses KVM only where
@@ -107,6 +108,9 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(60);
 /// Reconnecting to an agent that already said `Hello` once.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a step whose agent connection broke waits for QEMU to exit, to tell a
+/// dead VM from a broken connection.
+const DYING_PATIENCE: Duration = Duration::from_secs(3);
 /// How long `cleanup` keeps killing before it gives up.
 const CLEANUP_PATIENCE: Duration = Duration::from_secs(5);
 /// The notice kind of a boot retried because the guest hung before its agent started.
@@ -282,7 +286,8 @@ impl QemuRunner {
     }
 
     /// The image a job boots: its own `image`, else the `image` option, else the
-    /// checkout's `target/guest/current`.
+    /// checkout's `target/guest/current`: `guest/current` in the plugin directory's
+    /// parent or one above (`target/debug/`, `target/<dir>/debug/`).
     fn image_path(&self, job: &JobRequest) -> PathBuf {
         if let Some(image) = &job.image {
             return PathBuf::from(image);
@@ -290,7 +295,20 @@ impl QemuRunner {
         if let Some(image) = &self.settings.image {
             return image.clone();
         }
-        self.settings.plugin_dir.join("../guest/current")
+        let candidates: Vec<PathBuf> = self
+            .settings
+            .plugin_dir
+            .ancestors()
+            .skip(1)
+            .take(2)
+            .map(|d| d.join("guest/current"))
+            .collect();
+        candidates
+            .iter()
+            .find(|c| c.join("spec.json").is_file())
+            .or(candidates.first())
+            .cloned()
+            .unwrap_or_else(|| PathBuf::from("guest/current"))
     }
 
     fn plan_state(&self, job: &JobRequest) -> Result<VmState, RunnerError> {
@@ -787,7 +805,7 @@ impl QemuRunner {
 /// Connects to the guest agent through QEMU's chardev socket of its virtio-serial
 /// port, skipping what an earlier host left unread before the agent's `Hello`.
 fn connect_guest(socket: &Path, timeout: Duration) -> Result<AgentClient, RunnerError> {
-    AgentClient::connect(socket, timeout)
+    AgentClient::connect_serial(socket, timeout)
         .map_err(|e| client_error("connecting to the guest agent", e))
 }
 
@@ -1153,6 +1171,15 @@ impl Runner for QemuRunner {
         );
         if result.as_ref().is_ok_and(ExecResult::success) {
             return result;
+        }
+        // A VM that is dying (a guest panic, QEMU killed) first drops the agent's
+        // connection; QEMU may take a moment to exit after that.
+        if result.is_err() {
+            let until = Instant::now() + DYING_PATIENCE;
+            let mut round = 0;
+            while Self::qemu_alive(&state).is_some() && Instant::now() < until {
+                std::thread::sleep(backoff(&mut round).max(Duration::from_millis(5)));
+            }
         }
         if Self::qemu_alive(&state).is_none() {
             // The VM died under the step: say why, with the console's last words.
