@@ -214,6 +214,19 @@ pub fn guest_image() -> PathBuf {
     static IMAGE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     IMAGE
         .get_or_init(|| {
+            let qemu10 = std::process::Command::new("qemu-system-x86_64")
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| text(&o.stdout).contains("version 10."));
+            if !qemu10 {
+                // A fresh machine: install what the image and the runner need
+                // (as root, from Debian's repositories).
+                let install = workspace_root().join("scripts/install-vm-deps");
+                let status = std::process::Command::new(&install)
+                    .status()
+                    .unwrap_or_else(|e| panic!("cannot run {}: {e}", install.display()));
+                assert!(status.success(), "{} failed ({status})", install.display());
+            }
             let script = workspace_root().join("scripts/build-guest-image");
             let out = std::process::Command::new(&script)
                 .current_dir(workspace_root())

@@ -65,7 +65,12 @@ fn main() -> anyhow::Result<()> {
         }
         jobs.push(took);
         spans.push(boot_span(&state)?);
-        bare.push(bare_boot(&spec, &image, &dir.join(&format!("bare-{i}")), &accel)?);
+        bare.push(bare_boot(
+            &spec,
+            &image,
+            &dir.join(&format!("bare-{i}")),
+            &accel,
+        )?);
     }
     let job_med = median_duration(&jobs);
     let bare_med = median_duration(&bare);
@@ -134,7 +139,9 @@ fn build_image() -> anyhow::Result<PathBuf> {
         .context("cannot run scripts/build-guest-image")?;
     ensure!(out.status.success(), "scripts/build-guest-image failed");
     let text = String::from_utf8_lossy(&out.stdout);
-    Ok(PathBuf::from(text.lines().last().unwrap_or_default().trim()))
+    Ok(PathBuf::from(
+        text.lines().last().unwrap_or_default().trim(),
+    ))
 }
 
 /// `BootRequested` → `AgentConnected` of job 1 in `state`.
@@ -178,7 +185,13 @@ fn bare_boot(
     let t = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-M", "microvm", "-bios", "/usr/share/qemu/qboot.rom"])
-        .args(["-nodefaults", "-no-user-config", "-no-reboot", "-display", "none"])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-no-reboot",
+            "-display",
+            "none",
+        ])
         .args(accel_args)
         .args(["-m", "256", "-smp", "1"])
         .arg("-kernel")
@@ -186,11 +199,17 @@ fn bare_boot(
         .arg("-initrd")
         .arg(image.join(spec["initrd"].as_str().unwrap_or("initrd.img")))
         .arg("-append")
-        .arg(format!("{}{khz}", spec["cmdline"].as_str().unwrap_or_default()))
+        .arg(format!(
+            "{}{khz}",
+            spec["cmdline"].as_str().unwrap_or_default()
+        ))
         .arg("-serial")
         .arg(format!("file:{}", dir.join("console.log").display()))
         .arg("-chardev")
-        .arg(format!("socket,id=agent,path={},server=on,wait=off", socket.display()))
+        .arg(format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            socket.display()
+        ))
         .args(["-device", "virtio-serial-device"])
         .args(["-device", "virtserialport,chardev=agent,name=agent0"])
         .stdin(Stdio::null())
