@@ -206,50 +206,7 @@ pub fn events(state: &Path, job: u64) -> Vec<String> {
         .collect()
 }
 
-/// The guest image directory of the QEMU runner, built by
-/// `scripts/build-guest-image` (cached by its inputs, so cheap after the first
-/// time) once per test process. Needs QEMU and the image's packages: on a new
-/// machine run `scripts/install-vm-deps` first (the README's set-up does).
-pub fn guest_image() -> PathBuf {
-    static IMAGE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    IMAGE
-        .get_or_init(|| {
-            let qemu10 = std::process::Command::new("qemu-system-x86_64")
-                .arg("--version")
-                .output()
-                .is_ok_and(|o| text(&o.stdout).contains("version 10."));
-            if !qemu10 {
-                // A fresh machine: install what the image and the runner need
-                // (as root, from Debian's repositories).
-                let install = workspace_root().join("scripts/install-vm-deps");
-                let status = std::process::Command::new(&install)
-                    .status()
-                    .unwrap_or_else(|e| panic!("cannot run {}: {e}", install.display()));
-                assert!(status.success(), "{} failed ({status})", install.display());
-            }
-            let script = workspace_root().join("scripts/build-guest-image");
-            let out = std::process::Command::new(&script)
-                .current_dir(workspace_root())
-                .stderr(std::process::Stdio::inherit())
-                .output()
-                .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-            assert!(
-                out.status.success(),
-                "{} failed ({}): run scripts/install-vm-deps first",
-                script.display(),
-                out.status
-            );
-            let stdout = text(&out.stdout);
-            let dir = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
-            assert!(
-                dir.join("spec.json").is_file(),
-                "{} printed no image directory: {stdout}",
-                script.display()
-            );
-            dir
-        })
-        .clone()
-}
+pub use reel_test_artefacts::guest_image;
 
 /// The guest image's `spec.json`, parsed.
 pub fn guest_spec() -> Value {

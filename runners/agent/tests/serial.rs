@@ -17,10 +17,6 @@ use reel_agent::{AgentClient, ClientError, ExecRequest};
 
 const T: Duration = Duration::from_secs(60);
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 fn run(cmd: &mut Command, what: &str) -> String {
     let out = cmd
         .stderr(Stdio::inherit())
@@ -30,26 +26,10 @@ fn run(cmd: &mut Command, what: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// The image's directory, built (or found cached) by the repository's script.
+/// The image's directory, built (or found cached) by the repository's script, with
+/// QEMU installed first where it is missing.
 fn image() -> PathBuf {
-    let version = Command::new("qemu-system-x86_64").arg("--version").output();
-    match version {
-        Ok(v) if v.status.success() => {}
-        _ => panic!(
-            "qemu-system-x86_64 is missing: run scripts/install-vm-deps (as root) to install \
-             QEMU 10 and the image build's tools"
-        ),
-    }
-    let script = repo().join("scripts/build-guest-image");
-    let out = run(
-        Command::new(&script).env_remove("CARGO_TARGET_DIR"),
-        "scripts/build-guest-image",
-    );
-    PathBuf::from(
-        out.lines()
-            .last()
-            .expect("the image script printed nothing"),
-    )
+    reel_test_artefacts::guest_image()
 }
 
 /// A booted guest; QEMU is killed when this is dropped, whatever the test did.

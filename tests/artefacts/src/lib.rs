@@ -343,6 +343,58 @@ impl Lock {
     }
 }
 
+/// The QEMU runner's guest image directory (holding `spec.json`), built by
+/// `scripts/build-guest-image` (cached by its inputs, so cheap after the first
+/// time) once per test process. On a machine without QEMU 10 it first runs
+/// `scripts/install-vm-deps` (as root, from Debian's repositories), so a plain
+/// `cargo test --workspace` on a fresh Debian 12 machine works. Panics with the
+/// reason if the image cannot be had.
+pub fn guest_image() -> PathBuf {
+    static IMAGE: Mutex<Option<PathBuf>> = Mutex::new(None);
+    let mut image = IMAGE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(dir) = image.as_ref() {
+        return dir.clone();
+    }
+    let root = workspace_root();
+    let qemu10 = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("version 10."));
+    if !qemu10 {
+        let install = root.join("scripts/install-vm-deps");
+        let status = Command::new(&install)
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", install.display()));
+        assert!(
+            status.success(),
+            "{} failed ({status}): QEMU 10 and the image's tools are needed (run it as root)",
+            install.display()
+        );
+    }
+    let script = root.join("scripts/build-guest-image");
+    let out = Command::new(&script)
+        .current_dir(&root)
+        .env_remove("CARGO_TARGET_DIR")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} failed ({}): run scripts/install-vm-deps first",
+        script.display(),
+        out.status
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let dir = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
+    assert!(
+        dir.join("spec.json").is_file(),
+        "{} printed no image directory: {stdout}",
+        script.display()
+    );
+    *image = Some(dir.clone());
+    dir
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
