@@ -5,8 +5,10 @@
 //! (i) One job with a single `true` step, `reel run` from process start to exit:
 //!     boot, agent `Hello`, the step, teardown, every event durable. Baseline in the
 //!     same run, interleaved: a bare `qemu-system-x86_64` with the same machine,
-//!     accelerator, memory, kernel and initramfs, from spawn to the same marker (the
-//!     guest agent's `Hello` over the virtio-serial chardev socket). Median of
+//!     accelerator, memory, kernel, initramfs and devices (one 64 MiB ext4 volume,
+//!     formatted before the clock starts, mounted at `/work` by the guest), from
+//!     spawn to the same marker (the guest agent's `Hello` over the virtio-serial
+//!     chardev socket). Median of
 //!     `RUNS` each. reel's overhead = (job − bare boot) / bare boot; goal < 10%. For
 //!     attribution, reel's own boot-to-Hello span (`BootRequested` →
 //!     `AgentConnected` in the log) is printed beside it.
@@ -60,7 +62,8 @@ fn main() -> anyhow::Result<()> {
         let took = t.elapsed();
         let stderr = String::from_utf8_lossy(&out.stderr);
         ensure!(out.status.success(), "reel run failed: {stderr}");
-        if let Some(a) = stderr.lines().find_map(|l| l.split(" boots with ").nth(1)) {
+        let printed = format!("{stderr}{}", String::from_utf8_lossy(&out.stdout));
+        if let Some(a) = printed.lines().find_map(|l| l.split(" boots with ").nth(1)) {
             accel = a.to_owned();
         }
         jobs.push(took);
@@ -171,6 +174,13 @@ fn bare_boot(
 ) -> anyhow::Result<Duration> {
     std::fs::create_dir_all(dir)?;
     let socket = dir.join("a.sock");
+    let volume = dir.join("work.img");
+    std::fs::File::create(&volume)?.set_len(64 << 20)?;
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-F", "-q", "-O", "^has_journal"])
+        .arg(&volume)
+        .status()?;
+    ensure!(mkfs.success(), "mkfs.ext4: {mkfs}");
     let khz = std::fs::read_to_string("/proc/cpuinfo")?
         .lines()
         .find(|l| l.starts_with("cpu MHz"))
@@ -212,6 +222,12 @@ fn bare_boot(
         ))
         .args(["-device", "virtio-serial-device"])
         .args(["-device", "virtserialport,chardev=agent,name=agent0"])
+        .arg("-drive")
+        .arg(format!(
+            "id=vol0,file={},format=raw,if=none,cache=unsafe,discard=unmap",
+            volume.display()
+        ))
+        .args(["-device", "virtio-blk-device,drive=vol0"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
