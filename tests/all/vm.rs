@@ -235,3 +235,71 @@ fn a_missing_image_is_refused_with_how_to_build_one() {
     );
     assert!(out.status.signal().is_none());
 }
+
+/// A VM step past its timeout is stopped by the guest agent (INT → TERM → KILL)
+/// and the job ends `TimedOut`; Ctrl-C of `reel run` cancels a running VM step
+/// and the job ends `Cancelled`. Either way the VM is torn down completely.
+#[test]
+fn a_vm_step_times_out_and_a_vm_job_is_cancelled_and_nothing_is_left() {
+    let state = tempfile::tempdir().unwrap();
+    let slow = write_job(
+        state.path(),
+        "timeout.yml",
+        &format!(
+            "name: timeout\n{}steps:\n  - name: wait\n    command: echo started; sleep 60\n    timeout: 2s\n",
+            header("256M")
+        ),
+    );
+    let out = reel(state.path(), &["run", &slow], &[]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stdout));
+    let names = events(state.path(), 1);
+    assert_eq!(
+        names.last().map(String::as_str),
+        Some("TimedOut"),
+        "{names:?}"
+    );
+    assert_nothing_left(state.path(), "vm timeout");
+
+    let state = tempfile::tempdir().unwrap();
+    let job = write_job(
+        state.path(),
+        "cancel.yml",
+        &format!(
+            "name: cancel\n{}steps:\n  - name: wait\n    command: echo started; sleep 60\n  - name: after\n    command: echo never\n",
+            header("256M")
+        ),
+    );
+    let child = std::process::Command::new(reel_tests::target_dir().join("reel"))
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["run", &job])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let out_file = state.path().join("output/1/0.out");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::fs::metadata(&out_file).map_or(0, |m| m.len()) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the step never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::Signal::INT,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stdout));
+    let names = events(state.path(), 1);
+    assert_eq!(
+        names.last().map(String::as_str),
+        Some("Cancelled"),
+        "{names:?}"
+    );
+    let output = text(&reel(state.path(), &["output", "1"], &[]).stdout);
+    assert!(!output.contains("never"), "{output}");
+    assert_nothing_left(state.path(), "vm cancel");
+}
