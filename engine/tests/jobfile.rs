@@ -250,7 +250,8 @@ fn every_example_parses() {
             .unwrap_or_else(|e| panic!("{} should parse: {e}", path.display()));
         let name = stem(&path);
         assert_eq!(parsed.spec.name, name, "{}", path.display());
-        assert_eq!(parsed.spec.runner, "process", "{}", path.display());
+        let runner = if name == "vm-hello" { "qemu" } else { "process" };
+        assert_eq!(parsed.spec.runner, runner, "{}", path.display());
         assert!(!parsed.spec.steps.is_empty(), "{}", path.display());
         let spec = &parsed.spec;
         match name.as_str() {
@@ -293,13 +294,20 @@ fn every_example_parses() {
                 assert_eq!(spec.secrets, ["REEL_DEMO_TOKEN"]);
                 assert!(spec.steps[0].command.contains("$REEL_DEMO_TOKEN"));
             }
+            "vm-hello" => {
+                assert!(parsed.warnings.is_empty(), "{:?}", parsed.warnings);
+                assert_eq!(spec.image, None, "the default image");
+                assert_eq!(spec.resources.memory_mib, 256);
+                assert_eq!(spec.resources.disk_mib, 256);
+                assert_eq!(spec.steps[0].command, "uname -a");
+            }
             other => panic!("unexpected example {other}: add it to this test"),
         }
         seen.insert(name);
     }
     assert_eq!(
         seen,
-        ["failing", "hello", "secret", "spindle", "timeout"]
+        ["failing", "hello", "secret", "spindle", "timeout", "vm-hello"]
             .map(String::from)
             .into()
     );
