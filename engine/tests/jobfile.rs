@@ -250,7 +250,11 @@ fn every_example_parses() {
             .unwrap_or_else(|e| panic!("{} should parse: {e}", path.display()));
         let name = stem(&path);
         assert_eq!(parsed.spec.name, name, "{}", path.display());
-        let runner = if name == "vm-hello" { "qemu" } else { "process" };
+        let runner = if name == "vm-hello" {
+            "qemu"
+        } else {
+            "process"
+        };
         assert_eq!(parsed.spec.runner, runner, "{}", path.display());
         assert!(!parsed.spec.steps.is_empty(), "{}", path.display());
         let spec = &parsed.spec;
@@ -307,9 +311,11 @@ fn every_example_parses() {
     }
     assert_eq!(
         seen,
-        ["failing", "hello", "secret", "spindle", "timeout", "vm-hello"]
-            .map(String::from)
-            .into()
+        [
+            "failing", "hello", "secret", "spindle", "timeout", "vm-hello"
+        ]
+        .map(String::from)
+        .into()
     );
 }
 

@@ -11,6 +11,14 @@ use reel_tests::{
 
 use crate::crash::{Chaos, JOB, POINTS, Path, chaos, expected_output, run_path};
 
+/// VM tests take turns: each boots up to three TCG guests at once (the crash
+/// matrix), and more on a 2-core machine would slow every other test down.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn turn() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// `runner: qemu` with the built image and small resources (TCG boots faster
 /// with less memory to set up).
 fn header(memory: &str) -> String {
@@ -36,6 +44,7 @@ fn write_job(dir: &std::path::Path, name: &str, yaml: &str) -> String {
 /// image's, not the host's), and nothing of the VM is left.
 #[test]
 fn vm_hello_prints_the_guest_kernel_and_leaves_nothing() {
+    let _turn = turn();
     let spec = guest_spec();
     let state = tempfile::tempdir().unwrap();
     let example = workspace_root().join("examples/vm-hello.yml");
@@ -78,6 +87,7 @@ fn vm_hello_prints_the_guest_kernel_and_leaves_nothing() {
 /// duplicate) or reaps it, and nothing is left: no QEMU, cgroup or file.
 #[test]
 fn vm_crash_matrix_every_lifecycle_event_before_and_after_a_sigkill() {
+    let _turn = turn();
     run_path(&Path {
         name: "vm success",
         job: vm_job(),
@@ -94,6 +104,7 @@ fn vm_crash_matrix_every_lifecycle_event_before_and_after_a_sigkill() {
 /// complete, nothing leaks.
 #[test]
 fn vm_chaos_eight_jobs_four_sigkills() {
+    let _turn = turn();
     chaos(&Chaos {
         jobs: 8,
         kills: 4,
@@ -109,6 +120,7 @@ fn vm_chaos_eight_jobs_four_sigkills() {
 /// memory", the guest's memory named, not a bare exit status.
 #[test]
 fn a_guest_that_runs_out_of_memory_says_so() {
+    let _turn = turn();
     let state = tempfile::tempdir().unwrap();
     let job = write_job(
         state.path(),
@@ -139,6 +151,7 @@ fn a_guest_that_runs_out_of_memory_says_so() {
 /// console's last lines are on its stderr, and teardown leaves nothing.
 #[test]
 fn a_vm_killed_mid_step_fails_the_step_with_the_cause_and_the_console() {
+    let _turn = turn();
     let state = tempfile::tempdir().unwrap();
     let job = write_job(
         state.path(),
@@ -199,6 +212,7 @@ fn a_vm_killed_mid_step_fails_the_step_with_the_cause_and_the_console() {
 /// A guest kernel panic ends the step with "the guest kernel panicked".
 #[test]
 fn a_guest_kernel_panic_is_named_as_the_cause() {
+    let _turn = turn();
     let state = tempfile::tempdir().unwrap();
     let job = write_job(
         state.path(),
@@ -220,6 +234,7 @@ fn a_guest_kernel_panic_is_named_as_the_cause() {
 /// created, with the path and how to build an image.
 #[test]
 fn a_missing_image_is_refused_with_how_to_build_one() {
+    let _turn = turn();
     let state = tempfile::tempdir().unwrap();
     let job = write_job(
         state.path(),
@@ -241,6 +256,7 @@ fn a_missing_image_is_refused_with_how_to_build_one() {
 /// and the job ends `Cancelled`. Either way the VM is torn down completely.
 #[test]
 fn a_vm_step_times_out_and_a_vm_job_is_cancelled_and_nothing_is_left() {
+    let _turn = turn();
     let state = tempfile::tempdir().unwrap();
     let slow = write_job(
         state.path(),
