@@ -6,7 +6,8 @@
 //! ```yaml
 //! name: hello                 # default: the file name without its extension
 //! runner: process             # default: process
-//! image: debian:bookworm      # optional; the process runner has none (warning)
+//! image: target/guest/current # optional: `runner: qemu` boots this guest image
+//!                             # directory; the process runner has none (warning)
 //! resources: { memory: 2G, vcpus: 2, disk_mib: 4096 }
 //! environment: { GREETING: hi, RETRIES: 3, VERBOSE: true }
 //! secrets: [API_TOKEN]        # names only; values are resolved at run time
