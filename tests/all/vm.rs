@@ -319,3 +319,39 @@ fn a_vm_step_times_out_and_a_vm_job_is_cancelled_and_nothing_is_left() {
     assert!(!output.contains("never"), "{output}");
     assert_nothing_left(state.path(), "vm cancel");
 }
+
+/// `machine: q35` in the image's spec boots the bzImage on a PC with PCI virtio
+/// devices instead of microvm; the same job runs.
+#[test]
+fn a_q35_spec_boots_a_pc_and_runs_the_job() {
+    let _turn = turn();
+    let image = guest_image();
+    let state = tempfile::tempdir().unwrap();
+    let mut spec = guest_spec();
+    spec["machine"] = "q35".into();
+    for key in ["kernel", "kernel_bzimage", "initrd"] {
+        let file = image.join(spec[key].as_str().unwrap());
+        spec[key] = file.to_string_lossy().into_owned().into();
+    }
+    let q35 = state.path().join("q35");
+    std::fs::create_dir(&q35).unwrap();
+    std::fs::write(q35.join("spec.json"), spec.to_string()).unwrap();
+    let job = write_job(
+        state.path(),
+        "q35.yml",
+        &format!(
+            "name: q35\nrunner: qemu\nimage: {}\nresources: {{ memory: 256M, disk: 64M }}\nsteps:\n  - name: pci\n    command: ls /sys/bus/pci/devices | wc -l; cat /proc/mounts | grep -c ' /work '\n",
+            q35.display()
+        ),
+    );
+    let out = reel(state.path(), &["run", &job], &[]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout} / {}", text(&out.stderr));
+    let output = text(&reel(state.path(), &["output", "1"], &[]).stdout);
+    let lines: Vec<&str> = output.lines().collect();
+    assert!(
+        lines.len() == 2 && lines[0].parse::<u32>().unwrap_or(0) > 0 && lines[1] == "1",
+        "PCI devices and the /work volume: {output}"
+    );
+    assert_nothing_left(state.path(), "q35");
+}
