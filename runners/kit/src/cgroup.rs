@@ -166,6 +166,79 @@ pub fn detect(parent: &str, name: &str) -> Detected {
     detected
 }
 
+/// Where a runner puts its jobs' cgroups: the `cgroup_parent` option (default
+/// `reel`), and whether leaf names carry a tag of the sandbox root. Sandbox ids are
+/// unique per engine state directory, not per host, so with the default, shared
+/// parent each leaf is `<prefix>-<root tag>-<sandbox_id>` and two engines (or two
+/// test runs) on one host never share a cgroup; an explicit parent is trusted to
+/// be this engine's own, and the leaf is `<prefix>-<sandbox_id>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    parent: String,
+    tagged: bool,
+}
+
+impl Placement {
+    /// From a runner's options; refuses a parent that is empty, absolute or
+    /// climbs with `..`.
+    pub fn from_options(
+        options: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Placement, reel_plugin_sdk::RunnerError> {
+        let parent = options
+            .get("cgroup_parent")
+            .cloned()
+            .unwrap_or_else(|| "reel".to_owned());
+        if parent.is_empty()
+            || Path::new(&parent)
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(reel_plugin_sdk::RunnerError::invalid_input(format!(
+                "option cgroup_parent {parent:?} must be a relative path without `..`"
+            )));
+        }
+        Ok(Placement {
+            tagged: !options.contains_key("cgroup_parent"),
+            parent,
+        })
+    }
+
+    /// The cgroup(s) of sandbox `sandbox_id` under sandbox root `root` (see
+    /// [`detect`]), leaves named `<prefix>-...`.
+    pub fn detect(&self, root: &Path, prefix: &str, sandbox_id: u32) -> Detected {
+        let leaf = if self.tagged {
+            format!("{prefix}-{}-{sandbox_id}", crate::root_tag(root))
+        } else {
+            format!("{prefix}-{sandbox_id}")
+        };
+        detect(&self.parent, &leaf)
+    }
+}
+
+/// Removes `cgroups` (each subtree, children first), retrying until `deadline`
+/// while an exiting process keeps one busy; `kill_again` runs between tries (a
+/// process may have been moved into any of the job's cgroups since).
+pub fn remove_all(
+    cgroups: &[Cgroup],
+    deadline: std::time::Instant,
+    mut kill_again: impl FnMut(),
+) -> io::Result<()> {
+    for cg in cgroups {
+        let mut round = 0;
+        loop {
+            match cg.remove() {
+                Ok(()) => break,
+                Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => {
+                    kill_again();
+                    std::thread::sleep(crate::backoff(&mut round));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn write(path: &Path, value: &str) -> io::Result<()> {
     std::fs::write(path, value).map_err(|e| {
         io::Error::new(
@@ -359,6 +432,26 @@ fn parse_oom_kills(text: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_parent_tags_leaves_and_a_bad_parent_is_refused() {
+        use std::collections::BTreeMap;
+        let tagged = Placement::from_options(&BTreeMap::new()).unwrap();
+        assert_eq!(tagged.parent, "reel");
+        assert!(tagged.tagged);
+        let own: BTreeMap<String, String> = [("cgroup_parent".into(), "ci/reel".into())].into();
+        let own = Placement::from_options(&own).unwrap();
+        assert_eq!((own.parent.as_str(), own.tagged), ("ci/reel", false));
+        for bad in ["", "/abs", "../up", "a/../b"] {
+            let opts: BTreeMap<String, String> = [("cgroup_parent".into(), bad.into())].into();
+            let err = Placement::from_options(&opts).unwrap_err();
+            assert!(
+                err.message.contains("relative path"),
+                "{bad:?}: {}",
+                err.message
+            );
+        }
+    }
 
     #[test]
     fn reads_the_oom_kill_count_of_either_hierarchy() {

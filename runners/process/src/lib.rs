@@ -92,7 +92,7 @@ use reel_plugin_sdk::{
 };
 use reel_runner_kit::oom::with_oom_cause;
 use reel_runner_kit::session::Key;
-use reel_runner_kit::{Session, Sessions, backoff, cgroup, client_error, random_token, root_tag};
+use reel_runner_kit::{Session, Sessions, backoff, cgroup, client_error, random_token};
 use rustix::process::Signal;
 use serde::{Deserialize, Serialize};
 
@@ -217,11 +217,8 @@ struct Settings {
     sandbox_root: PathBuf,
     plugin_dir: PathBuf,
     agent_path: Option<PathBuf>,
-    cgroup_parent: String,
-    /// Whether cgroup names carry a tag of the sandbox root (with the default,
-    /// shared parent); an explicit `cgroup_parent` is trusted to be this
-    /// engine's own.
-    tag_cgroups: bool,
+    /// Where the jobs' cgroups go (option `cgroup_parent`).
+    cgroups: cgroup::Placement,
     pids_max: u64,
 }
 
@@ -469,27 +466,13 @@ impl Runner for ProcessRunner {
             })?,
             None => 0,
         };
-        let cgroup_parent = config
-            .options
-            .get("cgroup_parent")
-            .cloned()
-            .unwrap_or_else(|| "reel".to_owned());
-        if cgroup_parent.is_empty()
-            || Path::new(&cgroup_parent)
-                .components()
-                .any(|c| !matches!(c, std::path::Component::Normal(_)))
-        {
-            return Err(RunnerError::invalid_input(format!(
-                "option cgroup_parent {cgroup_parent:?} must be a relative path without `..`"
-            )));
-        }
+        let cgroups = cgroup::Placement::from_options(&config.options)?;
         Ok(ProcessRunner {
             settings: Settings {
                 sandbox_root: config.sandbox_root.clone(),
                 plugin_dir: config.plugin_dir.clone(),
                 agent_path: config.options.get("agent_path").map(PathBuf::from),
-                tag_cgroups: !config.options.contains_key("cgroup_parent"),
-                cgroup_parent,
+                cgroups,
                 pids_max,
             },
             sessions: Sessions::default(),
@@ -736,24 +719,11 @@ impl Runner for ProcessRunner {
                 "processes {left:?} of the job survived SIGKILL for {CLEANUP_PATIENCE:?}"
             )));
         }
-        for cg in &state.cgroups {
-            // An exiting process may keep the cgroup busy for a moment.
-            let mut round = 0;
-            loop {
-                match cg.remove() {
-                    Ok(()) => break,
-                    Err(e) if Instant::now() >= deadline => {
-                        return Err(RunnerError::failed(e.to_string()));
-                    }
-                    Err(_) => {
-                        // One more pass over the whole job: a process may have
-                        // been moved into any of its cgroups since.
-                        Self::kill_all(&state, Instant::now());
-                        std::thread::sleep(backoff(&mut round));
-                    }
-                }
-            }
-        }
+        // An exiting process may keep a cgroup busy for a moment.
+        cgroup::remove_all(&state.cgroups, deadline, || {
+            Self::kill_all(&state, Instant::now());
+        })
+        .map_err(|e| RunnerError::failed(e.to_string()))?;
         match std::fs::remove_dir_all(&state.dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(RunnerError::failed(format!(
@@ -842,15 +812,7 @@ impl ProcessRunner {
                 socket.display()
             )));
         }
-        // Sandbox ids are unique per engine state directory, not per host: the
-        // cgroup name also carries a tag of the sandbox root, so two engines (or
-        // two test runs) on one host never share a cgroup.
-        let leaf = if self.settings.tag_cgroups {
-            format!("sbx-{}-{}", root_tag(&root), job.sandbox_id)
-        } else {
-            format!("sbx-{}", job.sandbox_id)
-        };
-        let detected = cgroup::detect(&self.settings.cgroup_parent, &leaf);
+        let detected = self.settings.cgroups.detect(&root, "sbx", job.sandbox_id);
         Ok(JobState {
             job_id: job.job_id,
             sandbox_id: job.sandbox_id,

@@ -77,7 +77,7 @@ use reel_plugin_sdk::{
 use reel_runner_kit::oom::{OOM_NOTICE, memory_limit, with_oom_cause};
 use reel_runner_kit::session::Key;
 use reel_runner_kit::{
-    Cgroup, Session, Sessions, backoff, cgroup, client_error, lock, random_token, root_tag,
+    Cgroup, Session, Sessions, backoff, cgroup, client_error, lock, random_token,
 };
 use rustix::process::Signal;
 use serde::{Deserialize, Serialize};
@@ -268,8 +268,8 @@ struct Settings {
     qemu: PathBuf,
     bios: PathBuf,
     accel: AccelChoice,
-    cgroup_parent: String,
-    tag_cgroups: bool,
+    /// Where the jobs' cgroups go (option `cgroup_parent`).
+    cgroups: cgroup::Placement,
 }
 
 /// The QEMU runner.
@@ -368,12 +368,7 @@ impl QemuRunner {
             }
             v => v,
         };
-        let leaf = if self.settings.tag_cgroups {
-            format!("vm-{}-{}", root_tag(&root), job.sandbox_id)
-        } else {
-            format!("vm-{}", job.sandbox_id)
-        };
-        let detected = cgroup::detect(&self.settings.cgroup_parent, &leaf);
+        let detected = self.settings.cgroups.detect(&root, "vm", job.sandbox_id);
         Ok(VmState {
             job_id: job.job_id,
             sandbox_id: job.sandbox_id,
@@ -975,20 +970,7 @@ impl Runner for QemuRunner {
                 )));
             }
         };
-        let cgroup_parent = config
-            .options
-            .get("cgroup_parent")
-            .cloned()
-            .unwrap_or_else(|| "reel".to_owned());
-        if cgroup_parent.is_empty()
-            || Path::new(&cgroup_parent)
-                .components()
-                .any(|c| !matches!(c, std::path::Component::Normal(_)))
-        {
-            return Err(RunnerError::invalid_input(format!(
-                "option cgroup_parent {cgroup_parent:?} must be a relative path without `..`"
-            )));
-        }
+        let cgroups = cgroup::Placement::from_options(&config.options)?;
         Ok(QemuRunner {
             settings: Settings {
                 sandbox_root: config.sandbox_root.clone(),
@@ -1003,8 +985,7 @@ impl Runner for QemuRunner {
                     .get("bios")
                     .map_or_else(|| PathBuf::from("/usr/share/qemu/qboot.rom"), PathBuf::from),
                 accel,
-                tag_cgroups: !config.options.contains_key("cgroup_parent"),
-                cgroup_parent,
+                cgroups,
             },
             sessions: Sessions::default(),
             accel: Mutex::new(None),
@@ -1291,21 +1272,10 @@ impl Runner for QemuRunner {
                 "QEMU processes {left:?} of the job survived SIGKILL for {CLEANUP_PATIENCE:?}"
             )));
         }
-        for cg in &state.cgroups {
-            let mut round = 0;
-            loop {
-                match cg.remove() {
-                    Ok(()) => break,
-                    Err(e) if Instant::now() >= deadline => {
-                        return Err(RunnerError::failed(e.to_string()));
-                    }
-                    Err(_) => {
-                        Self::kill_all(&state, Instant::now());
-                        std::thread::sleep(backoff(&mut round));
-                    }
-                }
-            }
-        }
+        cgroup::remove_all(&state.cgroups, deadline, || {
+            Self::kill_all(&state, Instant::now());
+        })
+        .map_err(|e| RunnerError::failed(e.to_string()))?;
         match std::fs::remove_dir_all(&state.dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(RunnerError::failed(
                 format!("cannot remove {}: {e}", state.dir.display()),
