@@ -355,3 +355,35 @@ fn a_q35_spec_boots_a_pc_and_runs_the_job() {
     );
     assert_nothing_left(state.path(), "q35");
 }
+
+/// `--runner-option KEY=VALUE` reaches the runners: a bad `accel` and a missing
+/// `image` are refused with the runner's reason, a malformed option by the
+/// command line, all before anything runs.
+#[test]
+fn runner_options_reach_the_runner_and_bad_ones_are_refused() {
+    let state = tempfile::tempdir().unwrap();
+    let job = write_job(
+        state.path(),
+        "t.yml",
+        "name: t\nrunner: qemu\nsteps:\n  - name: a\n    command: \"true\"\n",
+    );
+    for (option, says) in [
+        (
+            "accel=bogus",
+            "option accel \"bogus\" is not one of auto, tcg, kvm",
+        ),
+        ("image=/nonexistent/img", "/nonexistent/img"),
+        ("foo", "is not KEY=VALUE"),
+    ] {
+        let out = reel(state.path(), &["run", "--runner-option", option, &job], &[]);
+        let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        assert_eq!(out.status.code(), Some(2), "{option}: {all}");
+        assert!(all.contains(says), "{option}: {all}");
+    }
+    let jobs = json(&reel(state.path(), &["jobs", "--json"], &[]));
+    assert_eq!(
+        jobs.as_array().map_or(0, Vec::len),
+        0,
+        "nothing was submitted"
+    );
+}

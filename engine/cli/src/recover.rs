@@ -147,7 +147,7 @@ fn dry_run(state_dir: &Path, plugins: plugin::PluginSet, args: &RecoverArgs) -> 
     // Read-only by construction: a reader over a copy has no way to append.
     let log = LogReader::open_copy(state_dir)
         .with_context(|| format!("cannot read the log in {}", state_dir.display()))?;
-    let runners = runners(state_dir, plugins);
+    let runners = runners(state_dir, &args.engine, plugins);
     let mut found: Vec<Assessment> = Vec::new();
     let (states, unreadable) = log.live_states()?;
     for (job, e) in &unreadable {

@@ -73,6 +73,19 @@ pub struct EngineArgs {
     /// Print only step summaries and results, not step output.
     #[arg(short, long)]
     pub quiet: bool,
+    /// A runner option, KEY=VALUE (repeatable), given to every runner; each reads
+    /// the keys it documents (process: agent_path, cgroup_parent, pids_max; qemu:
+    /// image, qemu, bios, accel, cgroup_parent) and ignores the rest.
+    #[arg(long = "runner-option", value_name = "KEY=VALUE", value_parser = runner_option)]
+    pub runner_options: Vec<(String, String)>,
+}
+
+/// `KEY=VALUE`, with a non-empty key.
+fn runner_option(s: &str) -> std::result::Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not KEY=VALUE (for example accel=tcg)")),
+    }
 }
 
 /// `--durability`: the engine's [`Durability`], as the command line spells it.
@@ -233,13 +246,15 @@ pub fn open_engine(
     .map_err(|e| {
         anyhow::Error::new(e).context(format!("cannot open the log in {}", state_dir.display()))
     })?;
-    let executor = Executor::new(log.clone(), runners(state_dir, plugins))?;
+    let executor = Executor::new(log.clone(), runners(state_dir, engine, plugins))?;
     Ok((log, Arc::new(executor)))
 }
 
-/// The runners of `plugins`, with sandboxes under `<state>/sandboxes`.
-pub fn runners(state_dir: &Path, plugins: plugin::PluginSet) -> Runners {
-    Runners::new(plugins, state_dir.join("sandboxes"), Default::default())
+/// The runners of `plugins`, with sandboxes under `<state>/sandboxes` and the
+/// `--runner-option`s (a later one of a key wins).
+pub fn runners(state_dir: &Path, engine: &EngineArgs, plugins: plugin::PluginSet) -> Runners {
+    let options = engine.runner_options.iter().cloned().collect();
+    Runners::new(plugins, state_dir.join("sandboxes"), options)
 }
 
 /// Where secrets come from: the file if given, else the environment.

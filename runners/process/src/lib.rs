@@ -63,7 +63,7 @@
 //! <path> [(details)]`), which the engine logs with the plan as what the job
 //! holds, and [`plan_resources`] gives the same list from a handle to Rust callers.
 //!
-//! # Options (`RunnerConfig.options`)
+//! # Options (`RunnerConfig.options`; `reel run --runner-option KEY=VALUE`)
 //!
 //! - `agent_path`: the `reel-agent` binary (default: `<plugin_dir>/reel-agent`, else
 //!   beside the current executable);

@@ -38,7 +38,7 @@
 //! OOM killer ended processes (the console says `Out of memory: Killed process`)
 //! fails with "out of memory" and the guest's memory size.
 //!
-//! # Options (`RunnerConfig.options`)
+//! # Options (`RunnerConfig.options`; `reel run --runner-option KEY=VALUE`)
 //!
 //! - `image`: the guest image directory (holding `spec.json`) when the job names
 //!   none; default `guest/current` in the plugin directory's parent or the one
