@@ -343,3 +343,31 @@ fn lost_needs_recovery() {
         .unwrap_err();
     assert!(err.why.contains("recovery"), "{err}");
 }
+
+/// A volume the plan named and `VolumesFormatted` lists again is held once; one
+/// only `VolumesFormatted` names is held too.
+#[test]
+fn a_planned_volume_is_held_once() {
+    let mut state = JobState::new(1);
+    let events = [
+        Event::Submitted { spec: spec(1) },
+        Event::Queued {},
+        Event::SlotGranted {},
+        Event::CidAllocated { cid: 3 },
+        Event::SandboxPlanned {
+            handle: h(),
+            resources: vec!["workdir /x".into(), "volume /x/work.img (64 MiB)".into()],
+        },
+        Event::WorkDirCreated { handle: h() },
+        Event::VolumesFormatted {
+            volumes: vec!["/x/work.img (64 MiB)".into(), "/x/other.img".into()],
+        },
+    ];
+    for (i, e) in events.iter().enumerate() {
+        state.apply_mut(i as u64, e).unwrap();
+    }
+    let held = state.held_resources();
+    let work = held.iter().filter(|h| h.contains("/x/work.img")).count();
+    assert_eq!(work, 1, "{held:?}");
+    assert!(held.iter().any(|h| h.contains("/x/other.img")), "{held:?}");
+}

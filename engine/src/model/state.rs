@@ -315,8 +315,15 @@ impl JobState {
             for r in &self.planned_resources {
                 held.push(Held::Planned(r));
             }
+            // A volume the plan named already (`volume <v>`) is held once.
             for v in &self.volumes {
-                held.push(Held::Volume(v));
+                let planned = self
+                    .planned_resources
+                    .iter()
+                    .any(|r| r.strip_prefix("volume ") == Some(v.as_str()));
+                if !planned {
+                    held.push(Held::Volume(v));
+                }
             }
         }
         if let Some(cid) = self.cid {
