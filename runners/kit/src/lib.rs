@@ -10,10 +10,13 @@
 //!   `drain` and poweroff through it, with the bookkeeping that never loses a cancel;
 //! - [`cgroup`]: a job's cgroup(s) on v2, v1 or hybrid hosts;
 //! - [`oom`]: naming "out of memory" as the cause of a step's failure;
+//! - [`sandbox`]: naming a sandbox's resources, a step's environment, killing
+//!   what a scan found and removing a sandbox;
 //! - small helpers: [`random_token`], [`backoff`], [`root_tag`], [`lock`].
 
 pub mod cgroup;
 pub mod oom;
+pub mod sandbox;
 pub mod session;
 
 use std::io::Read as _;

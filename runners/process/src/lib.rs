@@ -77,14 +77,13 @@
 pub use reel_agent::procfs;
 
 use std::collections::BTreeMap;
-use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use reel_agent::procfs::{Pinned, Process};
+use reel_agent::procfs::Process;
 use reel_agent::{AgentClient, ExecRequest};
 use reel_plugin_sdk::{
     Capability, Description, ExecResult, Handle, JobRequest, OutputSink, Probe, Runner,
@@ -92,7 +91,7 @@ use reel_plugin_sdk::{
 };
 use reel_runner_kit::oom::with_oom_cause;
 use reel_runner_kit::session::Key;
-use reel_runner_kit::{Session, Sessions, backoff, cgroup, client_error, random_token};
+use reel_runner_kit::{Session, Sessions, backoff, cgroup, client_error, random_token, sandbox};
 use rustix::process::Signal;
 use serde::{Deserialize, Serialize};
 
@@ -105,8 +104,7 @@ reel_plugin_sdk::export_runner!(ProcessRunner);
 pub const HANDLE_VERSION: u32 = 1;
 /// The notice kind `plan` uses for each resource it names (the SDK's).
 pub const RESOURCE_NOTICE: &str = reel_plugin_sdk::host::PLANNED_RESOURCE;
-/// The longest unix socket path (`sun_path` is 108 bytes including the NUL).
-pub const MAX_SOCKET_PATH: usize = 107;
+pub use reel_runner_kit::sandbox::MAX_SOCKET_PATH;
 
 /// The `PATH` of the agent, and of a step whose job sets none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -114,9 +112,6 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `cleanup` keeps killing before it gives up on a busy cgroup.
 const CLEANUP_PATIENCE: Duration = Duration::from_secs(5);
-/// How long a kill pass waits for the job's cgroups to freeze (a process in an
-/// uninterruptible sleep delays it) before it kills them unfrozen.
-const FREEZE_PATIENCE: Duration = Duration::from_millis(200);
 
 /// The agent process: pid and start time (clock ticks after boot), which together
 /// name one process even after the pid is reused.
@@ -277,7 +272,7 @@ impl ProcessRunner {
         {
             found.push(a);
         }
-        if let Some(pid) = read_pidfile(&state.pidfile)
+        if let Some(pid) = sandbox::read_pidfile(&state.pidfile)
             && !found.iter().any(|a| a.pid == pid)
             && let Some(start) = procfs::start_time(pid)
             && state.agent.is_none_or(|a| a.pid != pid)
@@ -333,61 +328,10 @@ impl ProcessRunner {
             .collect()
     }
 
-    /// SIGKILLs every process of the job until none is left or `deadline` passes,
-    /// and returns the pids still left. Signals every process at least once, even
-    /// with `deadline` already past.
-    ///
-    /// A pass that finds processes first stops the job's cgroups where the kernel
-    /// can: v2 `cgroup.kill` kills a subtree at once; otherwise a freezable cgroup
-    /// is frozen (for up to [`FREEZE_PATIENCE`]) so that nothing forks meanwhile,
-    /// and thawed after the pass, when the killed processes die. Then every process
-    /// found is pinned and the job's processes are found again: a pinned process
-    /// found again is the job's (its pid cannot have been reused while it is
-    /// pinned), and only those are signalled — never a process that took the pid of
-    /// one that exited since the first look.
+    /// SIGKILLs every process of the job until none is left or `deadline` passes
+    /// ([`sandbox::kill_until_gone`]), and returns the pids still left.
     fn kill_all(state: &JobState, deadline: Instant) -> Vec<i32> {
-        let mut round = 0;
-        loop {
-            // Most often the agent took its steps down and nothing is left.
-            if Self::job_processes(state).is_empty() {
-                return Vec::new();
-            }
-            let killed_at_once = state.cgroups.iter().any(Cgroup::kill_subtree);
-            let frozen: Vec<&Cgroup> = if killed_at_once {
-                Vec::new()
-            } else {
-                state
-                    .cgroups
-                    .iter()
-                    .filter(|c| c.set_frozen(true))
-                    .collect()
-            };
-            let freeze_deadline = Instant::now() + FREEZE_PATIENCE;
-            let mut wait = 0;
-            while !frozen.iter().all(|c| c.is_frozen()) && Instant::now() < freeze_deadline {
-                std::thread::sleep(backoff(&mut wait));
-            }
-            let found = Self::job_processes(state);
-            let pinned: Vec<(Process, Pinned)> = found
-                .iter()
-                .filter_map(|&p| Some((p, Pinned::new(p.pid)?)))
-                .collect();
-            if !pinned.is_empty() {
-                let again = Self::job_processes(state);
-                for (p, pin) in &pinned {
-                    if again.binary_search(p).is_ok() {
-                        pin.signal(Signal::KILL);
-                    }
-                }
-            }
-            for cg in &frozen {
-                cg.set_frozen(false);
-            }
-            if Instant::now() >= deadline {
-                return Self::job_processes(state).iter().map(|p| p.pid).collect();
-            }
-            std::thread::sleep(backoff(&mut round));
-        }
+        sandbox::kill_until_gone(&state.cgroups, || Self::job_processes(state), deadline)
     }
 
     fn token(state: &JobState) -> Result<&str, RunnerError> {
@@ -419,27 +363,11 @@ impl ProcessRunner {
     }
 }
 
-/// A step's whole environment (the agent clears its own before it starts the
-/// step): the job's variables, then the step's as the engine gives them (the
-/// job's again, its declared secrets, the step's own), `HOME` (the work dir) and
-/// `PATH` ([`DEFAULT_PATH`]) unless the job sets them, and always `CI=true` and
-/// `REEL_JOB_ID`. Nothing of the engine's own environment: its `PATH` could name
-/// directories only the engine's user should run from, and its `REEL_SECRET_*`
-/// variables hold the secrets of every job.
+/// A step's whole environment ([`sandbox::step_environment`]): `HOME` is the
+/// work dir and `PATH` [`DEFAULT_PATH`] unless the job sets them.
 fn step_environment(state: &JobState, step: &StepRequest) -> BTreeMap<String, String> {
-    let mut env = state.environment.clone();
-    env.extend(step.environment.clone());
-    env.entry("HOME".to_owned())
-        .or_insert_with(|| state.workdir.display().to_string());
-    env.entry("PATH".to_owned())
-        .or_insert_with(|| DEFAULT_PATH.to_owned());
-    env.insert("CI".to_owned(), "true".to_owned());
-    env.insert("REEL_JOB_ID".to_owned(), state.job_id.to_string());
-    env
-}
-
-fn read_pidfile(path: &Path) -> Option<i32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    let home = state.workdir.display().to_string();
+    sandbox::step_environment(&state.environment, step, state.job_id, &home, DEFAULT_PATH)
 }
 
 /// Whether a process that started `start` ticks after boot started no later than
@@ -520,10 +448,7 @@ impl Runner for ProcessRunner {
 
     fn plan(&self, job: &JobRequest) -> Result<Handle, RunnerError> {
         let state = self.plan_state(job)?;
-        for line in state.resources() {
-            let (kind, name) = line.split_once(' ').unwrap_or((&line, ""));
-            reel_plugin_sdk::host::planned_resource(kind, name);
-        }
+        sandbox::announce(&state.resources());
         state.encode()
     }
 
@@ -698,42 +623,16 @@ impl Runner for ProcessRunner {
         }
         self.sessions.remove(state.key());
         let left = Self::kill_all(&state, deadline);
-        if !left.is_empty() {
-            // SIGKILL is sent; they are on their way out, and cleanup waits for them.
-            tracing::warn!(
-                ?left,
-                sandbox = state.sandbox_id,
-                "processes of the job were SIGKILLed but not yet gone at the poweroff deadline"
-            );
-        }
+        sandbox::warn_left_at_poweroff(&left, state.sandbox_id);
         Ok(())
     }
 
     fn cleanup(&self, handle: &Handle) -> Result<(), RunnerError> {
         let state = Self::state(handle)?;
         self.sessions.remove(state.key());
-        let deadline = Instant::now() + CLEANUP_PATIENCE;
-        let left = Self::kill_all(&state, deadline);
-        if !left.is_empty() {
-            return Err(RunnerError::timeout(format!(
-                "processes {left:?} of the job survived SIGKILL for {CLEANUP_PATIENCE:?}"
-            )));
-        }
-        // An exiting process may keep a cgroup busy for a moment.
-        cgroup::remove_all(&state.cgroups, deadline, || {
-            Self::kill_all(&state, Instant::now());
+        sandbox::remove(&state.cgroups, &state.dir, CLEANUP_PATIENCE, |deadline| {
+            Self::kill_all(&state, deadline)
         })
-        .map_err(|e| RunnerError::failed(e.to_string()))?;
-        match std::fs::remove_dir_all(&state.dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(RunnerError::failed(format!(
-                    "cannot remove {}: {e}",
-                    state.dir.display()
-                )));
-            }
-            _ => {}
-        }
-        Ok(())
     }
 
     fn probe(&self, handle: &Handle) -> Result<Probe, RunnerError> {
@@ -804,14 +703,7 @@ impl ProcessRunner {
         })?;
         let dir = root.join(job.sandbox_id.to_string());
         let socket = dir.join("agent.sock");
-        let len = socket.as_os_str().as_bytes().len();
-        if len > MAX_SOCKET_PATH {
-            return Err(RunnerError::invalid_input(format!(
-                "the agent socket path {} is {len} bytes, longer than the {MAX_SOCKET_PATH} \
-                 bytes a unix socket path may have: choose a shorter sandbox_root",
-                socket.display()
-            )));
-        }
+        sandbox::check_socket_path(&socket, "agent socket")?;
         let detected = self.settings.cgroups.detect(&root, "sbx", job.sandbox_id);
         Ok(JobState {
             job_id: job.job_id,

@@ -61,14 +61,13 @@ pub mod spec;
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd as _, OwnedFd};
-use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use reel_agent::procfs::{self, Pinned, Process};
+use reel_agent::procfs::{self, Process};
 use reel_agent::{AgentClient, ExecRequest};
 use reel_plugin_sdk::{
     Capability, Description, ExecResult, Handle, JobRequest, OutputSink, Probe, Runner,
@@ -77,9 +76,8 @@ use reel_plugin_sdk::{
 use reel_runner_kit::oom::{OOM_NOTICE, memory_limit, with_oom_cause};
 use reel_runner_kit::session::Key;
 use reel_runner_kit::{
-    Cgroup, Session, Sessions, backoff, cgroup, client_error, lock, random_token,
+    Cgroup, Session, Sessions, backoff, cgroup, client_error, lock, random_token, sandbox,
 };
-use rustix::process::Signal;
 use serde::{Deserialize, Serialize};
 
 use crate::spec::{Machine, Spec, VolumeSpec};
@@ -100,8 +98,6 @@ pub const QEMU_OVERHEAD_MIB: u64 = 320;
 pub const TB_SIZE_MIB: u64 = 128;
 /// How long a KVM probe boot may take before KVM is taken as unusable.
 pub const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(20);
-/// The longest unix socket path.
-const MAX_SOCKET_PATH: usize = 107;
 /// From starting QEMU to its QMP saying `running`.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 /// From `running` to the agent's `Hello` (a TCG boot takes 1-3 s; a loaded host more).
@@ -322,14 +318,8 @@ impl QemuRunner {
         })?;
         let dir = root.join(job.sandbox_id.to_string());
         let agent_socket = dir.join("a.sock");
-        let len = agent_socket.as_os_str().as_bytes().len();
-        if len > MAX_SOCKET_PATH {
-            return Err(RunnerError::invalid_input(format!(
-                "the agent socket path {} is {len} bytes, longer than the {MAX_SOCKET_PATH} \
-                 bytes a unix socket path may have: choose a shorter sandbox_root",
-                agent_socket.display()
-            )));
-        }
+        // QMP's `q.sock` beside it is as long.
+        sandbox::check_socket_path(&agent_socket, "agent socket")?;
         let mut volumes: Vec<Volume> = spec
             .volumes
             .iter()
@@ -408,7 +398,7 @@ impl QemuRunner {
             });
         }
         let names_us = |pid: i32| procfs::has_arg_pair(pid, "-pidfile", &state.pidfile);
-        if let Some(pid) = read_pidfile(&state.pidfile)
+        if let Some(pid) = sandbox::read_pidfile(&state.pidfile)
             && names_us(pid)
             && let Some(p) = Process::of(pid)
         {
@@ -441,37 +431,17 @@ impl QemuRunner {
         {
             return Some(q);
         }
-        let pid = read_pidfile(&state.pidfile)?;
+        let pid = sandbox::read_pidfile(&state.pidfile)?;
         if !procfs::has_arg_pair(pid, "-pidfile", &state.pidfile) {
             return None;
         }
         procfs::start_time(pid).map(|start_time| QemuId { pid, start_time })
     }
 
-    /// SIGKILLs every process of the job until none is left or `deadline` passes;
-    /// returns the pids left. Each is pinned and found again before it is signalled.
+    /// SIGKILLs every process of the job until none is left or `deadline` passes
+    /// ([`sandbox::kill_until_gone`]); returns the pids left.
     fn kill_all(state: &VmState, deadline: Instant) -> Vec<i32> {
-        let mut round = 0;
-        loop {
-            let found = Self::qemus(state);
-            if found.is_empty() {
-                return Vec::new();
-            }
-            let pinned: Vec<(Process, Pinned)> = found
-                .iter()
-                .filter_map(|&p| Some((p, Pinned::new(p.pid)?)))
-                .collect();
-            let again = Self::qemus(state);
-            for (p, pin) in &pinned {
-                if again.binary_search(p).is_ok() {
-                    pin.signal(Signal::KILL);
-                }
-            }
-            if Instant::now() >= deadline {
-                return Self::qemus(state).iter().map(|p| p.pid).collect();
-            }
-            std::thread::sleep(backoff(&mut round));
-        }
+        sandbox::kill_until_gone(&state.cgroups, || Self::qemus(state), deadline)
     }
 
     /// Waits until the job has no QEMU left, up to `until`; true if none is left.
@@ -728,7 +698,7 @@ impl QemuRunner {
                 String::from_utf8_lossy(&said).trim()
             )));
         }
-        let pid = read_pidfile(&state.pidfile).ok_or_else(|| {
+        let pid = sandbox::read_pidfile(&state.pidfile).ok_or_else(|| {
             RunnerError::failed(format!(
                 "QEMU started but wrote no pid to {}",
                 state.pidfile.display()
@@ -878,10 +848,6 @@ fn host_khz() -> Option<u64> {
     Some((mhz * 1000.0).round() as u64)
 }
 
-fn read_pidfile(path: &Path) -> Option<i32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
 fn tempdir_in(root: &Path, prefix: &str) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(root)?;
     let dir = root.join(format!("{prefix}-{}", std::process::id()));
@@ -925,20 +891,16 @@ fn format_volume(volume: &Volume) -> Result<(), RunnerError> {
     Ok(())
 }
 
-/// A step's whole environment in the guest: the job's variables, then the step's
-/// (as the engine gives them), `HOME` ([`GUEST_WORKDIR`]) and `PATH`
-/// ([`GUEST_PATH`]) unless the job sets them, and always `CI=true` and
-/// `REEL_JOB_ID`.
+/// A step's whole environment in the guest ([`sandbox::step_environment`]):
+/// `HOME` is [`GUEST_WORKDIR`] and `PATH` [`GUEST_PATH`] unless the job sets them.
 fn step_environment(state: &VmState, step: &StepRequest) -> BTreeMap<String, String> {
-    let mut env = state.environment.clone();
-    env.extend(step.environment.clone());
-    env.entry("HOME".to_owned())
-        .or_insert_with(|| GUEST_WORKDIR.to_owned());
-    env.entry("PATH".to_owned())
-        .or_insert_with(|| GUEST_PATH.to_owned());
-    env.insert("CI".to_owned(), "true".to_owned());
-    env.insert("REEL_JOB_ID".to_owned(), state.job_id.to_string());
-    env
+    sandbox::step_environment(
+        &state.environment,
+        step,
+        state.job_id,
+        GUEST_WORKDIR,
+        GUEST_PATH,
+    )
 }
 
 /// A sink that remembers where the output it passed on ends.
@@ -1029,10 +991,7 @@ impl Runner for QemuRunner {
 
     fn plan(&self, job: &JobRequest) -> Result<Handle, RunnerError> {
         let state = self.plan_state(job)?;
-        for line in state.resources() {
-            let (kind, name) = line.split_once(' ').unwrap_or((&line, ""));
-            reel_plugin_sdk::host::planned_resource(kind, name);
-        }
+        sandbox::announce(&state.resources());
         state.encode()
     }
 
@@ -1252,36 +1211,16 @@ impl Runner for QemuRunner {
         }
         self.sessions.remove(state.key());
         let left = Self::kill_all(&state, deadline);
-        if !left.is_empty() {
-            tracing::warn!(
-                ?left,
-                sandbox = state.sandbox_id,
-                "QEMU was SIGKILLed but not yet gone at the poweroff deadline"
-            );
-        }
+        sandbox::warn_left_at_poweroff(&left, state.sandbox_id);
         Ok(())
     }
 
     fn cleanup(&self, handle: &Handle) -> Result<(), RunnerError> {
         let state = Self::state(handle)?;
         self.sessions.remove(state.key());
-        let deadline = Instant::now() + CLEANUP_PATIENCE;
-        let left = Self::kill_all(&state, deadline);
-        if !left.is_empty() {
-            return Err(RunnerError::timeout(format!(
-                "QEMU processes {left:?} of the job survived SIGKILL for {CLEANUP_PATIENCE:?}"
-            )));
-        }
-        cgroup::remove_all(&state.cgroups, deadline, || {
-            Self::kill_all(&state, Instant::now());
+        sandbox::remove(&state.cgroups, &state.dir, CLEANUP_PATIENCE, |deadline| {
+            Self::kill_all(&state, deadline)
         })
-        .map_err(|e| RunnerError::failed(e.to_string()))?;
-        match std::fs::remove_dir_all(&state.dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(RunnerError::failed(
-                format!("cannot remove {}: {e}", state.dir.display()),
-            )),
-            _ => Ok(()),
-        }
     }
 
     fn probe(&self, handle: &Handle) -> Result<Probe, RunnerError> {
