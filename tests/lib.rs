@@ -44,6 +44,41 @@ pub fn reel(state: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     cmd.output().expect("cannot run reel")
 }
 
+/// Starts `reel run -q JOB` (with `env`, output discarded) and waits until the
+/// first step's stored output holds at least `stored` bytes (one at least): the
+/// running engine holds the log, so this watches the output file itself. Panics
+/// if that takes longer than `within`.
+pub fn start_run_until_output(
+    state: &Path,
+    job: &Path,
+    env: &[(&str, &str)],
+    stored: u64,
+    within: Duration,
+) -> std::process::Child {
+    let mut cmd = Command::new(target_dir().join("reel"));
+    cmd.arg("--state-dir")
+        .arg(state)
+        .args(["run", "-q"])
+        .arg(job)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("cannot run reel");
+    let out_file = state.join("output/1/0.out");
+    let deadline = Instant::now() + within;
+    while std::fs::metadata(&out_file).map_or(0, |m| m.len()) < stored.max(1) {
+        assert!(
+            Instant::now() < deadline,
+            "the step's output never reached the log"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
 /// Text of a byte buffer, for assertions.
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()

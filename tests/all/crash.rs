@@ -8,7 +8,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use reel_tests::{
-    assert_nothing_left, events, json, kill_sandboxes, processes_under, reel, target_dir, text,
+    assert_nothing_left, events, json, kill_sandboxes, processes_under, reel,
+    start_run_until_output, target_dir, text,
 };
 
 /// Two steps printing numbered lines slowly, so crashes land mid-step.
@@ -339,26 +340,7 @@ fn run_until_output(
     settle: Duration,
     signal: Option<rustix::process::Signal>,
 ) -> std::process::ExitStatus {
-    let mut cmd = Command::new(target_dir().join("reel"));
-    cmd.arg("--state-dir")
-        .arg(state)
-        .args(["run", "-q", job.to_str().unwrap()])
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let out_file = state.join("output/1/0.out");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::fs::metadata(&out_file).map_or(0, |m| m.len()) < stored.max(1) {
-        assert!(
-            Instant::now() < deadline,
-            "the step's output never reached the log"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut child = start_run_until_output(state, job, env, stored, Duration::from_secs(20));
     std::thread::sleep(settle);
     if let Some(sig) = signal {
         let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();

@@ -5,8 +5,8 @@
 use std::os::unix::process::ExitStatusExt;
 
 use reel_tests::{
-    assert_nothing_left, events, guest_image, guest_spec, json, processes_under, reel, text,
-    workspace_root,
+    assert_nothing_left, events, guest_image, guest_spec, json, processes_under, reel,
+    start_run_until_output, text, workspace_root,
 };
 
 use crate::crash::{Chaos, JOB, POINTS, Path, chaos, expected_output, run_path};
@@ -161,25 +161,14 @@ fn a_vm_killed_mid_step_fails_the_step_with_the_cause_and_the_console() {
             header("256M")
         ),
     );
-    let child = std::process::Command::new(reel_tests::target_dir().join("reel"))
-        .arg("--state-dir")
-        .arg(state.path())
-        .args(["run", &job])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Wait for the step's first line to be stored (the running engine holds the
-    // log, so look at the output file itself), then kill QEMU.
-    let out_file = state.path().join("output/1/0.out");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while std::fs::metadata(&out_file).map_or(0, |m| m.len()) == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the step never started"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    // Kill QEMU once the step's first line is stored.
+    let mut child = start_run_until_output(
+        state.path(),
+        std::path::Path::new(&job),
+        &[],
+        1,
+        std::time::Duration::from_secs(120),
+    );
     let root = state.path().join("sandboxes");
     let all = processes_under(&root);
     let qemus: Vec<u32> = all
@@ -196,9 +185,9 @@ fn a_vm_killed_mid_step_fails_the_step_with_the_cause_and_the_console() {
         rustix::process::Signal::KILL,
     )
     .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let status = child.wait().unwrap();
     let inspect = json(&reel(state.path(), &["inspect", "1", "--json"], &[]));
+    assert_eq!(status.code(), Some(1), "{inspect}");
     let reason = inspect["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("QEMU exited unexpectedly"), "{inspect}");
     let output = text(&reel(state.path(), &["output", "1"], &[]).stdout);
@@ -285,30 +274,20 @@ fn a_vm_step_times_out_and_a_vm_job_is_cancelled_and_nothing_is_left() {
             header("256M")
         ),
     );
-    let child = std::process::Command::new(reel_tests::target_dir().join("reel"))
-        .arg("--state-dir")
-        .arg(state.path())
-        .args(["run", &job])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let out_file = state.path().join("output/1/0.out");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while std::fs::metadata(&out_file).map_or(0, |m| m.len()) == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the step never started"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let mut child = start_run_until_output(
+        state.path(),
+        std::path::Path::new(&job),
+        &[],
+        1,
+        std::time::Duration::from_secs(120),
+    );
     rustix::process::kill_process(
         rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
         rustix::process::Signal::INT,
     )
     .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stdout));
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(4), "{status:?}");
     let names = events(state.path(), 1);
     assert_eq!(
         names.last().map(String::as_str),
