@@ -33,8 +33,6 @@ fn main() -> anyhow::Result<()> {
     let (runs, batch) = if quick() { (3, 4) } else { (10, 20) };
     let bins = ReleaseBins::build("vm-bench")?;
     let image = build_image()?;
-    let spec: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(image.join("spec.json"))?)?;
     let dir = BenchDir::new("vm")?;
 
     let job = dir.join("true.yml");
@@ -68,12 +66,7 @@ fn main() -> anyhow::Result<()> {
         }
         jobs.push(took);
         spans.push(boot_span(&state)?);
-        bare.push(bare_boot(
-            &spec,
-            &image,
-            &dir.join(&format!("bare-{i}")),
-            &accel,
-        )?);
+        bare.push(bare_boot(&image, &dir.join(&format!("bare-{i}")), &accel)?);
     }
     let job_med = median_duration(&jobs);
     let bare_med = median_duration(&bare);
@@ -166,68 +159,17 @@ fn boot_span(state: &Path) -> anyhow::Result<Duration> {
 }
 
 /// A bare QEMU of the image, from spawn to the guest agent's `Hello`.
-fn bare_boot(
-    spec: &serde_json::Value,
-    image: &Path,
-    dir: &Path,
-    accel: &str,
-) -> anyhow::Result<Duration> {
+fn bare_boot(image: &Path, dir: &Path, accel: &str) -> anyhow::Result<Duration> {
     std::fs::create_dir_all(dir)?;
     let socket = dir.join("a.sock");
-    let volume = dir.join("work.img");
-    std::fs::File::create(&volume)?.set_len(64 << 20)?;
-    let mkfs = Command::new("mkfs.ext4")
-        .args(["-F", "-q", "-O", "^has_journal"])
-        .arg(&volume)
-        .status()?;
-    ensure!(mkfs.success(), "mkfs.ext4: {mkfs}");
-    let khz = std::fs::read_to_string("/proc/cpuinfo")?
-        .lines()
-        .find(|l| l.starts_with("cpu MHz"))
-        .and_then(|l| l.split(':').nth(1)?.trim().parse::<f64>().ok())
-        .map(|mhz| format!(" tsc_early_khz={}", (mhz * 1000.0).round() as u64))
-        .unwrap_or_default();
     let accel_args: &[&str] = if accel.starts_with("kvm") {
         &["-accel", "kvm", "-cpu", "host"]
     } else {
         &["-accel", "tcg,tb-size=128", "-cpu", "max"]
     };
+    let mut qemu = reel_test_artefacts::bare_guest(image, dir, 256, 64, accel_args);
     let t = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(["-M", "microvm", "-bios", "/usr/share/qemu/qboot.rom"])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-no-reboot",
-            "-display",
-            "none",
-        ])
-        .args(accel_args)
-        .args(["-m", "256", "-smp", "1"])
-        .arg("-kernel")
-        .arg(image.join(spec["kernel"].as_str().unwrap_or("vmlinux")))
-        .arg("-initrd")
-        .arg(image.join(spec["initrd"].as_str().unwrap_or("initrd.img")))
-        .arg("-append")
-        .arg(format!(
-            "{}{khz}",
-            spec["cmdline"].as_str().unwrap_or_default()
-        ))
-        .arg("-serial")
-        .arg(format!("file:{}", dir.join("console.log").display()))
-        .arg("-chardev")
-        .arg(format!(
-            "socket,id=agent,path={},server=on,wait=off",
-            socket.display()
-        ))
-        .args(["-device", "virtio-serial-device"])
-        .args(["-device", "virtserialport,chardev=agent,name=agent0"])
-        .arg("-drive")
-        .arg(format!(
-            "id=vol0,file={},format=raw,if=none,cache=unsafe,discard=unmap",
-            volume.display()
-        ))
-        .args(["-device", "virtio-blk-device,drive=vol0"])
+    let mut child = qemu
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

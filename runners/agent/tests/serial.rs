@@ -48,76 +48,15 @@ impl Drop for Vm {
 impl Vm {
     fn boot(image: &Path, spec: &serde_json::Value) -> (Vm, Duration) {
         let dir = tempfile::tempdir().unwrap();
-        let disk = dir.path().join("work.img");
-        std::fs::File::create(&disk)
-            .unwrap()
-            .set_len(1 << 30)
-            .unwrap();
-        run(
-            Command::new("mkfs.ext4")
-                .args(["-q", "-F", "-O", "^has_journal"])
-                .arg(&disk),
-            "mkfs.ext4",
+        let mut qemu = reel_test_artefacts::bare_guest(
+            image,
+            dir.path(),
+            spec["memory_mib"].as_u64().unwrap_or(512),
+            1024,
+            &["-accel", "tcg"],
         );
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
-        let mhz: f64 = cpuinfo
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("cpu MHz")?
-                    .split(':')
-                    .nth(1)?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(2000.0);
-        let cmdline = format!(
-            "{} tsc_early_khz={} reel.volumes=vda:/work",
-            spec["cmdline"].as_str().unwrap(),
-            (mhz as u64) * 1000
-        );
-        let p = |name: &str| dir.path().join(name).display().to_string();
         let start = Instant::now();
-        let child = Command::new("qemu-system-x86_64")
-            .args([
-                "-M",
-                "microvm",
-                "-bios",
-                "/usr/share/qemu/qboot.rom",
-                "-accel",
-                "tcg",
-            ])
-            .args(["-m", &spec["memory_mib"].to_string(), "-smp", "1"])
-            .args([
-                "-nodefaults",
-                "-no-user-config",
-                "-no-reboot",
-                "-display",
-                "none",
-            ])
-            .arg("-kernel")
-            .arg(image.join(spec["kernel"].as_str().unwrap()))
-            .arg("-initrd")
-            .arg(image.join(spec["initrd"].as_str().unwrap()))
-            .args(["-append", &cmdline])
-            .args(["-serial", &format!("file:{}", p("console.log"))])
-            .args([
-                "-chardev",
-                &format!(
-                    "socket,id=agent,path={},server=on,wait=off",
-                    p("agent.sock")
-                ),
-            ])
-            .args(["-device", "virtio-serial-device"])
-            .args(["-device", "virtserialport,chardev=agent,name=agent0"])
-            .args([
-                "-drive",
-                &format!(
-                    "file={},if=none,id=work,format=raw,cache=unsafe",
-                    disk.display()
-                ),
-            ])
-            .args(["-device", "virtio-blk-device,drive=work"])
+        let child = qemu
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("qemu.log")).unwrap())
@@ -152,7 +91,7 @@ impl Vm {
     }
 
     fn socket(&self) -> PathBuf {
-        self.dir.path().join("agent.sock")
+        self.dir.path().join("a.sock")
     }
 
     fn client(&self, timeout: Duration) -> Result<AgentClient, ClientError> {

@@ -395,6 +395,81 @@ pub fn guest_image() -> PathBuf {
     dir
 }
 
+/// A bare QEMU of the guest image at `image`, without reel, for tests and the
+/// VM benchmark's baseline: `-M microvm` with qboot, `memory_mib` of RAM, one
+/// vCPU, `accel` (for example `["-accel", "tcg"]`), the spec's kernel, initramfs
+/// and command line (with `tsc_early_khz` of this host and `/work` on the first
+/// disk), in `dir`: a `volume_mib` ext4 volume `work.img` (formatted here, before
+/// the caller's clock starts), the agent's chardev socket `a.sock`, the console
+/// `console.log`. The caller spawns it (and kills it).
+pub fn bare_guest(
+    image: &Path,
+    dir: &Path,
+    memory_mib: u64,
+    volume_mib: u64,
+    accel: &[&str],
+) -> Command {
+    let text = std::fs::read_to_string(image.join("spec.json")).expect("the image has a spec");
+    let spec: serde_json::Value = serde_json::from_str(&text).expect("the spec is JSON");
+    let field = |key: &str| spec[key].as_str().unwrap_or_default().to_owned();
+    let volume = dir.join("work.img");
+    std::fs::File::create(&volume)
+        .and_then(|f| f.set_len(volume_mib << 20))
+        .expect("cannot create the volume");
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-O", "^has_journal"])
+        .arg(&volume)
+        .status()
+        .expect("cannot run mkfs.ext4");
+    assert!(mkfs.success(), "mkfs.ext4: {mkfs}");
+    let khz = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("cpu MHz")?
+                .split(':')
+                .nth(1)?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map(|mhz| format!(" tsc_early_khz={}", (mhz * 1000.0).round() as u64))
+        .unwrap_or_default();
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-M", "microvm", "-bios", "/usr/share/qemu/qboot.rom"])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-no-reboot",
+            "-display",
+            "none",
+        ])
+        .args(accel)
+        .args(["-m", &memory_mib.to_string(), "-smp", "1"])
+        .arg("-kernel")
+        .arg(image.join(field("kernel")))
+        .arg("-initrd")
+        .arg(image.join(field("initrd")))
+        .arg("-append")
+        .arg(format!("{}{khz} reel.volumes=vda:/work", field("cmdline")))
+        .arg("-serial")
+        .arg(format!("file:{}", dir.join("console.log").display()))
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            dir.join("a.sock").display()
+        ))
+        .args(["-device", "virtio-serial-device"])
+        .args(["-device", "virtserialport,chardev=agent,name=agent0"])
+        .arg("-drive")
+        .arg(format!(
+            "id=vol0,file={},format=raw,if=none,cache=unsafe,discard=unmap",
+            volume.display()
+        ))
+        .args(["-device", "virtio-blk-device,drive=vol0"]);
+    cmd
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
