@@ -36,7 +36,7 @@
 //! [`resume_exec`]: AgentClient::resume_exec
 
 use std::collections::VecDeque;
-use std::io::{self, Read};
+use std::io;
 use std::ops::ControlFlow;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -267,7 +267,6 @@ impl AgentClient {
             role: Role::Host,
         })?;
         let mut buf = Vec::new();
-        let mut chunk = vec![0u8; 64 * 1024];
         loop {
             loop {
                 match proto::resync(
@@ -311,19 +310,8 @@ impl AgentClient {
                 .reader
                 .set_read_timeout(Some(left))
                 .map_err(ProtoError::Io)?;
-            match client.reader.read(&mut chunk) {
-                Ok(0) => return Err(ProtoError::Closed.into()),
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Err(ClientError::Timeout("Hello"));
-                }
-                Err(e) => return Err(ProtoError::Io(e).into()),
+            if !proto::read_some(&mut client.reader, &mut buf)? {
+                return Err(ClientError::Timeout("Hello"));
             }
         }
     }

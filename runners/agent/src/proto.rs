@@ -575,25 +575,40 @@ impl FrameReader {
     /// partial frames are kept for the next call. End of stream is
     /// [`ProtoError::Closed`].
     pub fn read_message(&mut self, r: &mut impl Read) -> Result<Option<Message>, ProtoError> {
-        let mut chunk = [0u8; 64 * 1024];
         loop {
             if let Some(msg) = self.try_decode()? {
                 return Ok(Some(msg));
             }
-            match r.read(&mut chunk) {
-                Ok(0) => return Err(ProtoError::Closed),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Ok(None);
-                }
-                Err(e) => return Err(ProtoError::Io(e)),
+            if !read_some(r, &mut self.buf)? {
+                return Ok(None);
             }
+        }
+    }
+}
+
+/// One read from `r` appended to `buf` (retried when a signal interrupts it):
+/// true when bytes came, false when the read timed out (a socket's read timeout,
+/// or nothing to read on a non-blocking one). End of stream is
+/// [`ProtoError::Closed`].
+pub fn read_some(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<bool, ProtoError> {
+    let mut chunk = [0u8; 64 * 1024];
+    loop {
+        match r.read(&mut chunk) {
+            Ok(0) => return Err(ProtoError::Closed),
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                return Ok(true);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Ok(false);
+            }
+            Err(e) => return Err(ProtoError::Io(e)),
         }
     }
 }
