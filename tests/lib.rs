@@ -160,15 +160,8 @@ pub fn json(out: &Output) -> Value {
         .unwrap_or_else(|e| panic!("{e}: {} / {}", text(&out.stdout), text(&out.stderr)))
 }
 
-/// The tag the process runner puts in cgroup names for this sandbox root.
-pub fn root_tag(root: &Path) -> String {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in root.as_os_str().as_encoded_bytes() {
-        h ^= u32::from(*b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    format!("{h:08x}")
-}
+/// The tag the runners put in cgroup names for this sandbox root.
+pub use reel_runner_kit::root_tag;
 
 /// No process, workdir, cgroup or lease of this state directory remains.
 pub fn assert_nothing_left(state: &Path, context: &str) {

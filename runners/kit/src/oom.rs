@@ -20,14 +20,8 @@ pub fn with_oom_cause(
     after: Option<u64>,
     result: Result<ExecResult, RunnerError>,
 ) -> Result<ExecResult, RunnerError> {
-    let ended = match &result {
-        Ok(r) if r.success() || r.timed_out => return result,
-        Ok(r) => match (r.exit_code, r.signal) {
-            (_, Some(signal)) => format!("the step was killed by signal {signal}"),
-            (Some(code), None) => format!("the step exited with code {code}"),
-            (None, None) => "the step ended without an exit status".to_owned(),
-        },
-        Err(e) => format!("then {e}"),
+    let Some(ended) = how_it_ended(&result) else {
+        return result;
     };
     let (Some(before), Some(after)) = (before, after) else {
         return result;
@@ -35,14 +29,44 @@ pub fn with_oom_cause(
     if after <= before {
         return result;
     }
-    let killed = after - before;
+    Err(out_of_memory(
+        &memory_limit(memory_bytes),
+        "the kernel's",
+        after - before,
+        " of the job",
+        &ended,
+    ))
+}
+
+/// How a step that did not succeed ended, for a cause's message; `None` for a
+/// step that succeeded or timed out (a timeout is its own cause).
+pub fn how_it_ended(result: &Result<ExecResult, RunnerError>) -> Option<String> {
+    Some(match result {
+        Ok(r) if r.success() || r.timed_out => return None,
+        Ok(r) => match (r.exit_code, r.signal) {
+            (_, Some(signal)) => format!("the step was killed by signal {signal}"),
+            (Some(code), None) => format!("the step exited with code {code}"),
+            (None, None) => "the step ended without an exit status".to_owned(),
+        },
+        Err(e) => format!("then {e}"),
+    })
+}
+
+/// The step's error for an out-of-memory end, with its notice raised: `out of
+/// memory (<limit>): <killer> OOM killer ended <n> process(es)<whose>; <ended>`.
+pub fn out_of_memory(
+    limit: &str,
+    killer: &str,
+    killed: u64,
+    whose: &str,
+    ended: &str,
+) -> RunnerError {
     let message = format!(
-        "out of memory ({}): the kernel's OOM killer ended {killed} process{} of the job; {ended}",
-        memory_limit(memory_bytes),
+        "out of memory ({limit}): {killer} OOM killer ended {killed} process{}{whose}; {ended}",
         if killed == 1 { "" } else { "es" },
     );
     reel_plugin_sdk::host::notice(OOM_NOTICE, &message);
-    Err(RunnerError::failed(message))
+    RunnerError::failed(message)
 }
 
 /// `limit 64 MiB`, `limit 2 GiB`, or that there was none (the host ran out).

@@ -73,7 +73,7 @@ use reel_plugin_sdk::{
     Capability, Description, ExecResult, Handle, JobRequest, OutputSink, Probe, Runner,
     RunnerConfig, RunnerError, StepRequest, Stored, Stream,
 };
-use reel_runner_kit::oom::{OOM_NOTICE, memory_limit, with_oom_cause};
+use reel_runner_kit::oom::{OOM_NOTICE, how_it_ended, memory_limit, out_of_memory, with_oom_cause};
 use reel_runner_kit::session::Key;
 use reel_runner_kit::{
     Cgroup, Session, Sessions, backoff, cgroup, client_error, lock, random_token, sandbox,
@@ -750,8 +750,8 @@ impl QemuRunner {
     }
 
     /// Why a VM that should be running is not, in one sentence.
-    fn why_dead(state: &VmState, oom_before: Option<u64>, console_from: u64) -> String {
-        let said = console::said(&console::read_from(&state.console, console_from, 1 << 20));
+    /// `said`: what the console said meanwhile.
+    fn why_dead(state: &VmState, oom_before: Option<u64>, said: Option<console::Said>) -> String {
         if let (Some(before), Some(after)) = (oom_before, state.oom_kills())
             && after > before
         {
@@ -1039,15 +1039,14 @@ impl Runner for QemuRunner {
             state.qemu = Self::qemu_alive(&state);
         }
         self.sessions.remove(state.key());
-        let console_from = 0;
-        let oom_before = state.oom_kills().map(|_| 0);
         match self.open_session(&state, HELLO_TIMEOUT) {
             Ok(_) => state.encode(),
             Err(e) => {
                 let alive = Self::qemu_alive(&state).is_some();
                 let said = console::said(&console::read_from(&state.console, 0, 1 << 20));
-                if !alive || said.is_some() {
-                    let why = Self::why_dead(&state, oom_before, console_from);
+                if !alive || matches!(said, Some(console::Said::Panic(_))) {
+                    let oom_before = state.oom_kills().map(|_| 0);
+                    let why = Self::why_dead(&state, oom_before, said);
                     return Err(RunnerError::failed(format!(
                         "the guest agent never said Hello: {why}; the console ended with: {}",
                         String::from_utf8_lossy(&console::tail(&state.console, 1024)).trim()
@@ -1121,10 +1120,11 @@ impl Runner for QemuRunner {
                 std::thread::sleep(backoff(&mut round).max(Duration::from_millis(5)));
             }
         }
+        let said = console::said(&console::read_from(&state.console, console_from, 1 << 20));
         if Self::qemu_alive(&state).is_none() {
             // The VM died under the step: say why, with the console's last words.
             self.sessions.remove(state.key());
-            let why = Self::why_dead(&state, oom_before, console_from);
+            let why = Self::why_dead(&state, oom_before, said);
             let mut tail =
                 format!("\n[reel: {why}; the guest console's last lines:]\n").into_bytes();
             tail.extend(console::tail(&state.console, console::TAIL_BYTES));
@@ -1136,25 +1136,16 @@ impl Runner for QemuRunner {
             return Err(RunnerError::failed(why));
         }
         // The guest's own OOM killer: the console says so.
-        if let Some(console::Said::OutOfMemory(n, first)) =
-            console::said(&console::read_from(&state.console, console_from, 1 << 20))
+        if let Some(console::Said::OutOfMemory(n, first)) = said
+            && let Some(ended) = how_it_ended(&result)
         {
-            let ended = match &result {
-                Ok(r) => match (r.exit_code, r.signal) {
-                    (_, Some(s)) => format!("the step was killed by signal {s}"),
-                    (Some(c), None) => format!("the step exited with code {c}"),
-                    (None, None) => "the step ended without an exit status".to_owned(),
-                },
-                Err(e) => format!("then {e}"),
-            };
-            let message = format!(
-                "out of memory (the guest has {} MiB): the guest kernel's OOM killer ended {n} \
-                 process{} ({first}); {ended}",
-                state.memory_mib,
-                if n == 1 { "" } else { "es" }
-            );
-            reel_plugin_sdk::host::notice(OOM_NOTICE, &message);
-            return Err(RunnerError::failed(message));
+            return Err(out_of_memory(
+                &format!("the guest has {} MiB", state.memory_mib),
+                "the guest kernel's",
+                n as u64,
+                &format!(" ({first})"),
+                &ended,
+            ));
         }
         with_oom_cause(
             state.cgroup_memory_bytes(),
