@@ -44,7 +44,13 @@ async fn job(log: &EventLog, n: u64, live: bool) -> anyhow::Result<JobId> {
     let cid = u32::try_from(n % 60_000).unwrap_or(0) + 3;
     let id = log.submit(simulate::spec(&format!("job-{n}"), 2)).await?;
     log.append(id, Event::Queued {}).await?;
-    log.append(id, Event::SlotGranted {}).await?;
+    log.append(
+        id,
+        Event::SlotGranted {
+            charged: Default::default(),
+        },
+    )
+    .await?;
     log.append(id, Event::CidAllocated { cid }).await?;
     log.append(
         id,

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use reel_engine::model::codec::DecodeError;
-use reel_engine::model::event::{Event, Handle, Outcome};
-use reel_engine::model::spec::{JobSpec, Resources, StepSpec};
+use reel_engine::model::event::{Event, Handle, Outcome, RETIRED_KINDS};
+use reel_engine::model::spec::{JobSpec, Origin, Resources, Retry, StepSpec};
 
 const AT_MS: u64 = 1_795_790_825_123;
 
@@ -21,7 +21,8 @@ fn handle() -> Handle {
     }
 }
 
-fn spec() -> JobSpec {
+/// The spec as format 1 held it (kind 1): the fields after `owner` empty.
+fn spec_v1() -> JobSpec {
     JobSpec {
         name: "golden".into(),
         runner: "process".into(),
@@ -41,15 +42,28 @@ fn spec() -> JobSpec {
         }],
         timeout_ms: Some(3_600_000),
         owner: "alice".into(),
+        ..JobSpec::default()
+    }
+}
+
+fn spec() -> JobSpec {
+    JobSpec {
+        artifacts: vec!["dist/*.tar.gz".into(), "report.xml".into()],
+        retry: Retry { lost: 2 },
+        cancel_grace_ms: Some(10_000),
+        origin: Origin {
+            idempotency_key: Some("build-1234".into()),
+            retry_of: Some(41),
+            retries: 1,
+        },
+        ..spec_v1()
     }
 }
 
 /// One sample of every kind, in kind order.
 fn samples() -> Vec<Event> {
     vec![
-        Event::Submitted { spec: spec() },
         Event::Queued {},
-        Event::SlotGranted {},
         Event::CidAllocated { cid: 7 },
         Event::SandboxPlanned {
             handle: handle(),
@@ -108,7 +122,47 @@ fn samples() -> Vec<Event> {
         Event::DeadlinePassed {
             reason: "the job ran past its timeout of 1h".into(),
         },
+        Event::Submitted { spec: spec() },
+        Event::SlotGranted {
+            charged: Resources {
+                memory_mib: 512,
+                vcpus: 1,
+                disk_mib: 1024,
+            },
+        },
     ]
+}
+
+/// Retired kinds, their fixtures (written when they were current) and what
+/// they read as now.
+fn retired() -> Vec<(&'static str, Event)> {
+    vec![
+        ("001-Submitted.bin", Event::Submitted { spec: spec_v1() }),
+        (
+            "003-SlotGranted.bin",
+            Event::SlotGranted {
+                charged: Resources::default(),
+            },
+        ),
+    ]
+}
+
+#[test]
+fn retired_kinds_read_as_their_upcast() {
+    let listed: Vec<u16> = RETIRED_KINDS.iter().map(|k| k.0).collect();
+    assert_eq!(listed, vec![1, 3]);
+    for (file, upcast) in retired() {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(file);
+        let golden = std::fs::read(&path).unwrap();
+        assert_eq!(Event::decode(&golden).unwrap(), (AT_MS, upcast), "{file}");
+        for i in 0..golden.len() {
+            let mut b = golden.clone();
+            b[i] ^= 0x5a;
+            assert!(Event::decode(&b).is_err(), "{file}: flip at {i} decoded");
+        }
+    }
 }
 
 fn fixture(e: &Event) -> PathBuf {

@@ -42,7 +42,14 @@ fn an_illegal_event_is_refused_and_not_written() {
     let dir = tempfile::tempdir().unwrap();
     let log = open(dir.path());
     let job = log.submit_blocking(spec("a", 1)).unwrap();
-    let err = log.append_blocking(job, Event::SlotGranted {}).unwrap_err();
+    let err = log
+        .append_blocking(
+            job,
+            Event::SlotGranted {
+                charged: Default::default(),
+            },
+        )
+        .unwrap_err();
     assert!(matches!(err, LogError::Illegal(_)), "{err}");
     assert!(
         err.to_string()
@@ -227,7 +234,12 @@ fn child_appender() {
                         let job = log.submit(spec(&format!("t{t}-{i}"), 50)).await.unwrap();
                         println!("ack {job} 1");
                         let mut seq = 1;
-                        for e in [Event::Queued {}, Event::SlotGranted {}] {
+                        for e in [
+                            Event::Queued {},
+                            Event::SlotGranted {
+                                charged: Default::default(),
+                            },
+                        ] {
                             seq = log.append(job, e).await.unwrap();
                             println!("ack {job} {seq}");
                         }

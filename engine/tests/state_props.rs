@@ -45,7 +45,9 @@ enum Plot {
 fn path(steps: usize, plot: &Plot) -> Vec<Event> {
     let setup = vec![
         Event::Queued {},
-        Event::SlotGranted {},
+        Event::SlotGranted {
+            charged: Default::default(),
+        },
         Event::CidAllocated { cid: 3 },
         Event::SandboxPlanned {
             handle: h(),
@@ -218,7 +220,9 @@ fn any_event() -> impl Strategy<Value = Event> {
     prop_oneof![
         (0usize..4).prop_map(|n| Event::Submitted { spec: spec(n) }),
         Just(Event::Queued {}),
-        Just(Event::SlotGranted {}),
+        Just(Event::SlotGranted {
+            charged: Default::default(),
+        }),
         (0u32..3).prop_map(|cid| Event::CidAllocated { cid }),
         Just(Event::SandboxPlanned {
             handle: h(),
@@ -352,7 +356,9 @@ fn a_planned_volume_is_held_once() {
     let events = [
         Event::Submitted { spec: spec(1) },
         Event::Queued {},
-        Event::SlotGranted {},
+        Event::SlotGranted {
+            charged: Default::default(),
+        },
         Event::CidAllocated { cid: 3 },
         Event::SandboxPlanned {
             handle: h(),

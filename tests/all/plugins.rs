@@ -566,7 +566,9 @@ fn a_job_left_running(f: &Firehose) -> JobId {
         let id = f.log.submit(Firehose::spec(&["1"])).await.unwrap();
         for event in [
             Event::Queued {},
-            Event::SlotGranted {},
+            Event::SlotGranted {
+                charged: Default::default(),
+            },
             Event::CidAllocated { cid: 1 },
             Event::SandboxPlanned {
                 handle: handle.clone(),

@@ -11,8 +11,12 @@
 //! resources: { memory: 2G, vcpus: 2, disk_mib: 4096 }
 //! environment: { GREETING: hi, RETRIES: 3, VERBOSE: true }
 //! secrets: [API_TOKEN]        # names only; values are resolved at run time
-//! timeout: 1h30m              # whole-job timeout
+//! timeout: 1h30m              # whole-job timeout (queue wait does not count)
 //! owner: ci
+//! artifacts: [dist/*.tar.gz, report.xml]  # copied out when the steps are done
+//! retry: { lost: 2 }          # run again (up to twice) if the job ends `lost`
+//! cancel_grace: 10s           # a cancelled step gets 10s after SIGINT, then
+//!                             # 10s after SIGTERM, before SIGKILL
 //! steps:
 //!   - name: greet
 //!     command: echo "$GREETING"
@@ -84,7 +88,9 @@ use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_yaml::Value;
 
 use crate::input::prescan::{self, Refusal};
-use crate::model::spec::{self, JobSpec, MAX_SPEC_BYTES, Resources, StepSpec, size_text};
+use crate::model::spec::{
+    self, JobSpec, MAX_SPEC_BYTES, Origin, Resources, Retry, StepSpec, size_text,
+};
 
 /// The runner a job uses when its file names none (and the only one spindle
 /// workflows can map to).
@@ -870,7 +876,23 @@ struct ReelFile {
     timeout: Option<Millis>,
     #[serde(default)]
     owner: Option<String>,
+    #[serde(default)]
+    artifacts: Vec<String>,
+    #[serde(default)]
+    retry: Option<ReelRetry>,
+    #[serde(default)]
+    cancel_grace: Option<Millis>,
     steps: ReelSteps,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping of retries, e.g. { lost: 2 }"
+)]
+struct ReelRetry {
+    #[serde(default)]
+    lost: u32,
 }
 
 #[derive(Deserialize)]
@@ -988,6 +1010,12 @@ impl ReelFile {
                 steps,
                 timeout_ms: self.timeout.map(|t| t.0),
                 owner: self.owner.unwrap_or_default(),
+                artifacts: self.artifacts,
+                retry: Retry {
+                    lost: self.retry.map_or(0, |r| r.lost),
+                },
+                cancel_grace_ms: self.cancel_grace.map(|t| t.0),
+                origin: Origin::default(),
             },
             warnings,
             format: Format::Reel,
@@ -1297,6 +1325,7 @@ impl SpindleFile {
                 steps,
                 timeout_ms: self.timeout.map(|t| t.0),
                 owner: String::new(),
+                ..JobSpec::default()
             },
             warnings,
             format: Format::Spindle,

@@ -20,7 +20,10 @@ impl JobRun<'_> {
     ) -> Result<Option<(Outcome, String)>, Abort> {
         let runner = self.runner()?;
         if self.phase == Phase::Queued {
-            self.append(Event::SlotGranted {}).await?;
+            // A batch grants a job what it asked for; the daemon's scheduler
+            // appends its own grant (with the defaults it charged) first.
+            let charged = self.spec.resources;
+            self.append(Event::SlotGranted { charged }).await?;
         }
         if let Some(stop) = self.stop_reason(deadline) {
             return Ok(Some(stop));

@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::model::codec::{self, DecodeError};
-use crate::model::spec::JobSpec;
+use crate::model::spec::{JobSpec, JobSpecV1, Resources};
 
 /// A job's identifier: the log's own counter, so ids sort by submission order.
 pub type JobId = u64;
@@ -106,7 +106,7 @@ macro_rules! events {
                             Ok((at_ms, Event::$name { $($field),* }))
                         }
                     )*
-                    other => Err(DecodeError::UnknownKind(other)),
+                    other => decode_retired(other, payload),
                 }
             }
         }
@@ -114,12 +114,8 @@ macro_rules! events {
 }
 
 events! {
-    /// A job entered the system; its full specification (secret names only).
-    1 => Submitted { spec: JobSpec }
     /// The job waits for resources.
     2 => Queued {}
-    /// The scheduler granted the job its resources.
-    3 => SlotGranted {}
     /// A sandbox id (the CID of a VM) is leased to the job until `Cleaned`.
     4 => CidAllocated { cid: u32 }
     /// Intent: the runner's plan names every resource it is about to create
@@ -173,6 +169,41 @@ events! {
     /// Intent: the job ran past its deadline; the engine is about to stop its
     /// running step, and the job ends `TimedOut` (recovery honours it).
     28 => DeadlinePassed { reason: String }
+    /// A job entered the system; its full specification (secret names only).
+    /// (Format 2 of the spec: kind 1 held format 1, read as this.)
+    29 => Submitted { spec: JobSpec }
+    /// The scheduler granted the job its resources: what it charged against
+    /// the budget (the request with the runner defaults filled in), which a
+    /// restarted scheduler counts again for a job still holding its sandbox.
+    /// (Kind 3 had no fields; it reads as this with nothing charged.)
+    30 => SlotGranted { charged: Resources }
+}
+
+/// Kinds no longer written, with what they read as. A kind number is never
+/// reused, so old logs keep reading.
+pub const RETIRED_KINDS: &[(u16, &str)] = &[
+    (1, "Submitted (spec format 1)"),
+    (3, "SlotGranted (no fields)"),
+];
+
+/// Decodes a retired kind as the current event it became (its upcast).
+fn decode_retired(kind: u16, payload: &[u8]) -> Result<(u64, Event), DecodeError> {
+    match kind {
+        1 => {
+            let (at_ms, (spec,)): (u64, (JobSpecV1,)) = codec::decode_payload(kind, payload)?;
+            Ok((at_ms, Event::Submitted { spec: spec.into() }))
+        }
+        3 => {
+            let (at_ms, ()): (u64, ()) = codec::decode_payload(kind, payload)?;
+            Ok((
+                at_ms,
+                Event::SlotGranted {
+                    charged: Resources::default(),
+                },
+            ))
+        }
+        other => Err(DecodeError::UnknownKind(other)),
+    }
 }
 
 impl Event {
@@ -236,11 +267,15 @@ mod tests {
 
     #[test]
     fn kinds_are_unique_and_dense() {
-        let mut kinds: Vec<u16> = Event::KINDS.iter().map(|k| k.0).collect();
+        let mut kinds: Vec<u16> = Event::KINDS
+            .iter()
+            .chain(RETIRED_KINDS)
+            .map(|k| k.0)
+            .collect();
         kinds.sort_unstable();
         kinds.dedup();
-        assert_eq!(kinds.len(), Event::KINDS.len());
-        assert_eq!(kinds, (1..=Event::KINDS.len() as u16).collect::<Vec<_>>());
+        assert_eq!(kinds.len(), Event::KINDS.len() + RETIRED_KINDS.len());
+        assert_eq!(kinds, (1..=kinds.len() as u16).collect::<Vec<_>>());
     }
 
     #[test]

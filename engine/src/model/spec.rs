@@ -51,7 +51,7 @@ pub const MAX_STEP_BYTES: usize = 768 * 1024;
 pub const MAX_EXEC_STRING: usize = 128 * 1024;
 
 /// The resources a job asks for, the unit the scheduler budgets in.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Resources {
     /// Memory limit in MiB (0: runner default).
     pub memory_mib: u64,
@@ -95,6 +95,74 @@ pub struct JobSpec {
     pub timeout_ms: Option<u64>,
     /// Who submitted the job (fair-share key).
     pub owner: String,
+    /// Paths (globs relative to the work directory) copied out of the sandbox
+    /// when its steps are done, before it is powered off.
+    pub artifacts: Vec<String>,
+    /// When the engine runs the job again by itself.
+    pub retry: Retry,
+    /// How long a cancelled step gets after each of SIGINT and SIGTERM before
+    /// the next signal (`None`: the runner's default).
+    pub cancel_grace_ms: Option<u64>,
+    /// Where the job came from: its idempotency key and, for a retry, the
+    /// attempt it repeats.
+    pub origin: Origin,
+}
+
+/// When a job is run again without being asked (`retry:` in a job file).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retry {
+    /// How many more attempts a job that ends `Lost` (its engine died and its
+    /// sandbox could not be taken back) gets. A failed step is never retried.
+    pub lost: u32,
+}
+
+/// Where a job came from.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    /// The submitter's idempotency key: a second submission with the same key
+    /// names this job instead of making another.
+    pub idempotency_key: Option<String>,
+    /// The job this one is a new attempt of (a retry after `Lost`).
+    pub retry_of: Option<u64>,
+    /// Earlier attempts of this job: 0 for a first submission, 1 for its
+    /// first retry, and so on.
+    pub retries: u32,
+}
+
+/// A job's specification as stored by kind 1 (`Submitted`, format 1), before
+/// artifacts, retries, cancel grace and origin existed. Read only, upcast to
+/// [`JobSpec`] with those empty.
+#[derive(Clone, Debug, Deserialize)]
+pub(crate) struct JobSpecV1 {
+    name: String,
+    runner: String,
+    image: Option<String>,
+    resources: Resources,
+    environment: BTreeMap<String, String>,
+    secrets: Vec<String>,
+    steps: Vec<StepSpec>,
+    timeout_ms: Option<u64>,
+    owner: String,
+}
+
+impl From<JobSpecV1> for JobSpec {
+    fn from(v: JobSpecV1) -> JobSpec {
+        JobSpec {
+            name: v.name,
+            runner: v.runner,
+            image: v.image,
+            resources: v.resources,
+            environment: v.environment,
+            secrets: v.secrets,
+            steps: v.steps,
+            timeout_ms: v.timeout_ms,
+            owner: v.owner,
+            artifacts: Vec::new(),
+            retry: Retry::default(),
+            cancel_grace_ms: None,
+            origin: Origin::default(),
+        }
+    }
 }
 
 /// Why a job is too large to be accepted. Nothing of it was written.

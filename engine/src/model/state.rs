@@ -26,7 +26,7 @@
 use serde::Serialize;
 
 use crate::model::event::{Event, Handle, JobId, Outcome, Record, Seq};
-use crate::model::spec::JobSpec;
+use crate::model::spec::{JobSpec, Resources};
 
 /// Where a job is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -206,6 +206,12 @@ pub struct JobState {
     pub reattached: bool,
     /// Runner notices, in order.
     pub notices: Vec<String>,
+    /// When it was queued, Unix ms (the scheduler's order and aging).
+    pub queued_ms: Option<u64>,
+    /// When the scheduler granted its slot, Unix ms.
+    pub granted_ms: Option<u64>,
+    /// What its slot charged against the budget (`SlotGranted`).
+    pub charged: Option<Resources>,
 }
 
 /// An event the state machine refuses in the job's current state.
@@ -247,6 +253,9 @@ impl JobState {
             recovered_by: None,
             reattached: false,
             notices: Vec::new(),
+            queued_ms: None,
+            granted_ms: None,
+            charged: None,
         }
     }
 
@@ -405,7 +414,7 @@ impl JobState {
             Event::Submitted { .. } => need(phase == P::New, "a job is submitted once"),
             _ if phase == P::New => Err(illegal(self, event, "the job was never submitted")),
             Event::Queued {} => need(phase == P::Submitted, "only a submitted job is queued"),
-            Event::SlotGranted {} => {
+            Event::SlotGranted { .. } => {
                 need(phase == P::Queued, "only a queued job is granted a slot")
             }
             Event::CidAllocated { .. } => need(
@@ -566,8 +575,15 @@ impl JobState {
                 self.submitted_ms = Some(at_ms);
                 self.phase = Phase::Submitted;
             }
-            Event::Queued {} => self.phase = Phase::Queued,
-            Event::SlotGranted {} => self.phase = Phase::SlotGranted,
+            Event::Queued {} => {
+                self.queued_ms = Some(at_ms);
+                self.phase = Phase::Queued;
+            }
+            Event::SlotGranted { charged } => {
+                self.charged = Some(*charged);
+                self.granted_ms = Some(at_ms);
+                self.phase = Phase::SlotGranted;
+            }
             Event::CidAllocated { cid } => {
                 self.cid = Some(*cid);
                 self.phase = Phase::CidAllocated;

@@ -52,7 +52,13 @@ pub async fn run_job(
         bytes: format!("{workdir}|{stage}").into_bytes(),
     };
     log.append(job, Event::Queued {}).await?;
-    log.append(job, Event::SlotGranted {}).await?;
+    log.append(
+        job,
+        Event::SlotGranted {
+            charged: Default::default(),
+        },
+    )
+    .await?;
     log.append(job, Event::CidAllocated { cid }).await?;
     log.append(
         job,
