@@ -51,7 +51,7 @@ pub const MAX_STEP_BYTES: usize = 768 * 1024;
 pub const MAX_EXEC_STRING: usize = 128 * 1024;
 
 /// The resources a job asks for, the unit the scheduler budgets in.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Resources {
     /// Memory limit in MiB (0: runner default).
     pub memory_mib: u64,
