@@ -1,12 +1,15 @@
 //! Driving jobs through their lifecycle: the [`executor`] (setup, steps,
-//! teardown), [`recover`] (taking over a dead engine's jobs), and [`batch`]
-//! (running many jobs N at a time, cancel before start, collecting outcomes).
+//! teardown), [`recover`] (taking over a dead engine's jobs), [`batch`]
+//! (running many jobs N at a time, cancel before start, collecting outcomes),
+//! and [`sched`] (the daemon's fair resource scheduler: which waiting job starts
+//! next, out of a memory/vCPU/disk budget; pure).
 //! Front ends watch through the [`observer`] interface.
 
 pub mod batch;
 pub mod executor;
 pub mod observer;
 pub mod recover;
+pub mod sched;
 mod setup;
 mod steps;
 mod teardown;
