@@ -19,6 +19,7 @@ pub mod input;
 pub mod lifecycle;
 pub mod model;
 pub mod plugin;
+pub mod service;
 pub mod store;
 pub mod testkit;
 pub mod time;

@@ -566,7 +566,8 @@ const DURATION_HELP: &str =
     "expected whole seconds or a duration like \"30s\", \"5m\" or \"1h30m\"";
 
 /// Parses `"30s"`, `"5m"`, `"1h30m"`, `"500ms"`, `"2d"`, `"90"` (seconds) to ms.
-fn parse_duration(text: &str) -> Result<u64, String> {
+/// (Also the syntax of `reel serve`'s durations.)
+pub fn parse_duration(text: &str) -> Result<u64, String> {
     let bad = || format!("invalid duration \"{text}\": {DURATION_HELP}");
     let trimmed = text.trim();
     if trimmed.is_empty() {
@@ -648,7 +649,8 @@ struct Mib(u64);
 
 const SIZE_HELP: &str = "expected MiB or a size like \"512M\" or \"2G\"";
 
-fn parse_size(text: &str) -> Result<u64, String> {
+/// Parses `"512M"`, `"2G"`, `"512"` (MiB) to MiB (also `reel serve`'s sizes).
+pub fn parse_size(text: &str) -> Result<u64, String> {
     let bad = || format!("invalid size \"{text}\": {SIZE_HELP}");
     let trimmed = text.trim();
     let digits = trimmed.bytes().take_while(u8::is_ascii_digit).count();

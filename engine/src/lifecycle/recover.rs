@@ -367,6 +367,34 @@ fn deadline(state: &JobState) -> Option<Instant> {
 
 /// Carries out an assessment. Returns the job's outcome once its terminal event
 /// is durable (or `None` for a skipped job).
+/// Takes back a job a dead engine left before it had a sandbox (the
+/// `Requeue` action): logs `RecoveryStarted`, queues it if it never was, and
+/// ends it `Cancelled` if a cancel had been asked for. `Some(outcome)` when it
+/// ended; `None` when it waits for its slot again (phase `Queued`) or already
+/// holds one (phase `SlotGranted`: the caller runs it without a new grant).
+pub async fn take_back_unstarted(
+    ex: &Executor,
+    state: &JobState,
+) -> Result<Option<Outcome>, LogError> {
+    let (log, job) = (ex.log(), state.id);
+    log.append(
+        job,
+        Event::RecoveryStarted {
+            engine_pid: std::process::id(),
+        },
+    )
+    .await?;
+    if state.phase == Phase::Submitted {
+        log.append(job, Event::Queued {}).await?;
+    }
+    if let Some(reason) = &state.cancel_requested {
+        // Cancelled while it waited: it does not run again.
+        ex.end_unstarted(job, Outcome::Cancelled, reason).await?;
+        return Ok(Some(Outcome::Cancelled));
+    }
+    Ok(None)
+}
+
 pub async fn recover(
     ex: &Executor,
     assessment: &Assessment,
@@ -384,21 +412,9 @@ pub async fn recover(
         return Ok(None);
     }
     let started = Instant::now();
-    log.append(
-        job,
-        Event::RecoveryStarted {
-            engine_pid: std::process::id(),
-        },
-    )
-    .await?;
     if assessment.action == Action::Requeue {
-        if state.phase == Phase::Submitted {
-            log.append(job, Event::Queued {}).await?;
-        }
-        if let Some(reason) = &state.cancel_requested {
-            // Cancelled while it waited: it does not run again.
-            ex.end_unstarted(job, Outcome::Cancelled, reason).await?;
-            return Ok(Some(Outcome::Cancelled));
+        if let Some(outcome) = take_back_unstarted(ex, &state).await? {
+            return Ok(Some(outcome));
         }
         return match secrets {
             Ok(s) => ex.run(job, &spec, s, cancel, observer).await.map(Some),
@@ -409,6 +425,13 @@ pub async fn recover(
             }
         };
     }
+    log.append(
+        job,
+        Event::RecoveryStarted {
+            engine_pid: std::process::id(),
+        },
+    )
+    .await?;
     let mut run = JobRun {
         ex,
         job,
@@ -456,7 +479,8 @@ pub async fn recover(
 }
 
 /// Why a job whose secrets the recovering engine cannot resolve ends failed.
-fn secrets_reason(e: &SecretError) -> String {
+/// Why a job whose secrets cannot be resolved fails, as the log records it.
+pub fn secrets_reason(e: &SecretError) -> String {
     format!("the recovering engine cannot resolve the job's secrets: {e}")
 }
 

@@ -33,7 +33,7 @@ pub struct Handle {
 }
 
 /// How a job ended (or is decided to end, once teardown starts).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// Every step exited 0.

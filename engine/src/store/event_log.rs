@@ -11,6 +11,7 @@ use super::output::Stream;
 use super::reader::{LogReader, open_reconciled};
 use super::rebuild::Opening;
 use super::salvage::{LiveJobs, fold_live};
+use super::stats::LogStats;
 use super::trees::{PID_FILE, fold_from, live_ids};
 use super::writer::{CHANNEL_DEPTH, Request, Writer};
 use super::{LogOptions, lock};
@@ -29,6 +30,7 @@ struct Shared {
     /// Live jobs whose history cannot be read: the state their readable part
     /// folds to (never appended to; see `salvage.rs`).
     set_aside: HashMap<JobId, JobState>,
+    stats: Arc<LogStats>,
 }
 
 /// The event log of a running engine. Cheap to clone; the writer stops when
@@ -93,6 +95,7 @@ impl EventLog {
         let live = Arc::new(Mutex::new(live));
         let reader = LogReader::over(trees.clone(), state_dir, journal.clone(), repairs);
         let (tx, rx) = async_channel::bounded(CHANNEL_DEPTH);
+        let stats = Arc::new(LogStats::default());
         let writer = Writer::new(
             trees,
             rx,
@@ -101,7 +104,8 @@ impl EventLog {
             journal,
             journal_end,
             options.durability,
-        )?;
+        )?
+        .with_stats(stats.clone());
         let handle = std::thread::Builder::new()
             .name("reel-log-writer".into())
             .spawn(move || smol::block_on(writer.run()))
@@ -117,6 +121,7 @@ impl EventLog {
                 writer: Mutex::new(Some(handle)),
                 live,
                 set_aside,
+                stats,
             }),
         })
     }
@@ -163,9 +168,11 @@ impl EventLog {
     pub async fn append(&self, job: JobId, event: Event) -> Result<Seq, LogError> {
         crashpoint::check(&event, crashpoint::When::Before);
         let armed = crashpoint::armed().then(|| event.clone());
+        let asked = std::time::Instant::now();
         let seq = self
             .request(|reply| Request::Append { job, event, reply })
             .await?;
+        self.shared.stats.appended(asked.elapsed());
         if let Some(event) = armed {
             crashpoint::check(&event, crashpoint::When::After);
         }
@@ -203,6 +210,11 @@ impl EventLog {
     /// Blocking form of [`EventLog::submit`].
     pub fn submit_blocking(&self, spec: JobSpec) -> Result<JobId, LogError> {
         smol::block_on(self.submit(spec))
+    }
+
+    /// The log's own measurements (append latency, group-commit rounds).
+    pub fn stats(&self) -> &LogStats {
+        &self.shared.stats
     }
 
     /// The folded state of a live job, from memory (a copy).

@@ -81,6 +81,7 @@ mod rebuild;
 mod reconcile;
 mod salvage;
 mod snapshot;
+pub mod stats;
 mod summary;
 mod trees;
 mod writer;

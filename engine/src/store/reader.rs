@@ -22,8 +22,10 @@ use super::rebuild::{Opening, clear_unfinished_snapshots, is_corrupt, rebuild};
 use super::reconcile::{Repair, reconcile};
 use super::snapshot::Snapshot;
 use super::summary::JobSummary;
-use super::trees::{Trees, be_u64, events_of, fold_from, live_ids, open_trees, until_failed};
-use crate::model::event::{JobId, Record};
+use super::trees::{
+    Trees, be_u64, events_of, fold_from, live_ids, open_trees, raw_events_of, until_failed,
+};
+use crate::model::event::{JobId, Record, Seq};
 use crate::model::state::JobState;
 use crate::store::LogError;
 
@@ -134,6 +136,30 @@ impl LogReader {
         })
     }
 
+    /// Job summaries newest first, starting below `before` (every job when
+    /// `None`): the daemon's paged listing. Errors as for [`LogReader::jobs`].
+    pub fn jobs_before(
+        &self,
+        before: Option<JobId>,
+    ) -> impl Iterator<Item = Result<JobSummary, LogError>> + '_ {
+        let range = match before {
+            Some(b) => self.trees.jobs.range(..b.to_be_bytes()),
+            None => self.trees.jobs.range::<[u8; 8], _>(..),
+        };
+        until_failed(range.rev()).map(|item| {
+            let (k, v) = item?;
+            let id = be_u64(&k).ok_or(LogError::BadKey {
+                tree: "jobs",
+                len: k.len(),
+            })?;
+            JobSummary::decode(&v).map_err(|source| LogError::CorruptRecord {
+                job: id,
+                what: "job summary",
+                source,
+            })
+        })
+    }
+
     /// A job's summary.
     pub fn summary(&self, job: JobId) -> Result<JobSummary, LogError> {
         let v = self
@@ -152,6 +178,15 @@ impl LogReader {
     /// seq; the iteration goes on past it. A storage failure is the last item.
     pub fn events(&self, job: JobId) -> impl Iterator<Item = Result<Record, LogError>> + '_ {
         events_of(&self.trees.events, job)
+    }
+
+    /// A job's events as stored (their envelopes, undecoded), in seq order:
+    /// what the daemon hands a remote replay tool, which decodes them itself.
+    pub fn raw_events(
+        &self,
+        job: JobId,
+    ) -> impl Iterator<Item = Result<(Seq, Vec<u8>), LogError>> + '_ {
+        raw_events_of(&self.trees.events, job).map(|r| r.map(|(s, v)| (s, v.to_vec())))
     }
 
     /// Folds a job's whole history.

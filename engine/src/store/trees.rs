@@ -132,16 +132,27 @@ where
     })
 }
 
-pub(super) fn events_of(
+/// A job's stored envelopes in seq order, undecoded.
+pub(super) fn raw_events_of(
     events: &sled::Tree,
     job: JobId,
-) -> impl Iterator<Item = Result<Record, LogError>> + '_ {
+) -> impl Iterator<Item = Result<(Seq, sled::IVec), LogError>> + '_ {
     until_failed(events.range(event_key(job, 0)..=event_key(job, Seq::MAX))).map(move |item| {
         let (k, v) = item?;
         let seq = be_u32(&k[8..]).ok_or(LogError::BadKey {
             tree: "events",
             len: k.len(),
         })?;
+        Ok((seq, v))
+    })
+}
+
+pub(super) fn events_of(
+    events: &sled::Tree,
+    job: JobId,
+) -> impl Iterator<Item = Result<Record, LogError>> + '_ {
+    raw_events_of(events, job).map(move |item| {
+        let (seq, v) = item?;
         let (at_ms, event) =
             Event::decode(&v).map_err(|source| LogError::Corrupt { job, seq, source })?;
         Ok(Record {

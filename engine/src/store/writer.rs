@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use super::journal::{self, Journal};
 use super::output::{self, Stream};
+use super::stats::LogStats;
 use super::summary::JobSummary;
 use super::trees::{Trees, be_u64, event_key};
 use super::{Durability, lock};
@@ -66,6 +67,7 @@ pub(super) struct Writer {
     sync_files: bool,
     /// The last round was acknowledged and its commit marker is not written yet.
     marker_due: bool,
+    stats: Arc<LogStats>,
 }
 
 impl Writer {
@@ -117,6 +119,7 @@ impl Writer {
             journal_end,
             sync_files,
             marker_due: false,
+            stats: Arc::default(),
         })
     }
 }
@@ -174,6 +177,12 @@ impl Reply {
 }
 
 impl Writer {
+    /// Counts into `stats` (the log's, which readers see).
+    pub(super) fn with_stats(mut self, stats: Arc<LogStats>) -> Writer {
+        self.stats = stats;
+        self
+    }
+
     pub(super) async fn run(mut self) {
         while let Ok(first) = self.rx.recv().await {
             let mut round = Round::default();
@@ -188,6 +197,7 @@ impl Writer {
                 continue;
             }
             let replies = std::mem::take(&mut round.replies);
+            self.stats.round(replies.len());
             if let Err(e) = self.commit(round).await {
                 tracing::error!(error = %super::error_line(&e), "log commit failed; the writer stops");
                 let why = Arc::new(e);
@@ -277,6 +287,9 @@ impl Writer {
                 if state.phase == Phase::Terminal {
                     // Its final summary is written now: the job leaves memory.
                     round.ended.insert(job, JobSummary::of(state).encode());
+                    if let Some(o) = state.outcome {
+                        self.stats.ended(o);
+                    }
                     round.live_remove.push(job);
                     live.remove(&job);
                     self.appenders.close_job(job);
