@@ -18,7 +18,8 @@ use crate::{plugins, recover, remote, replay, run};
     about = "reel: a durable job engine for CI. Every lifecycle transition of every job is an \
              event in a crash-safe log; `run` runs jobs, `recover` finishes what a dead engine \
              left, `submit`, `status`, `cancel`, `logs` and `artifacts` ask the daemon \
-             (`reel serve`), the other commands read the log offline.",
+             (`reel serve`), the other commands read the log offline (or ask the daemon when \
+             it holds the log).",
     long_about = None,
     propagate_version = true
 )]
@@ -122,12 +123,12 @@ pub fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Run(a) => run::run(&dir, a),
         Command::Recover(a) => recover::run(&dir, a),
-        Command::Jobs(a) => replay::jobs(&dir, a),
-        Command::Replay(a) => replay::replay(&dir, a),
-        Command::Inspect(a) => replay::inspect(&dir, a),
-        Command::Export(a) => replay::export(&dir, a),
+        Command::Jobs(a) => replay::jobs(&dir, a, &cli.daemon),
+        Command::Replay(a) => replay::replay(&dir, a, &cli.daemon),
+        Command::Inspect(a) => replay::inspect(&dir, a, &cli.daemon),
+        Command::Export(a) => replay::export(&dir, a, &cli.daemon),
         Command::Verify(a) => replay::verify(&dir, a),
-        Command::Output(a) => replay::output(&dir, a),
+        Command::Output(a) => replay::output(&dir, a, &cli.daemon),
         Command::Plugins(a) => plugins::run(a).map(|()| ExitCode::SUCCESS),
         Command::Submit(a) => remote::submit(&dir, &cli.daemon, a),
         Command::Status(a) => remote::status(&dir, &cli.daemon, a),

@@ -22,6 +22,9 @@ pub const DEFAULT_URL: &str = "http://127.0.0.1:7117";
 /// The largest JSON answer read (a job carries its spec: up to 8 MiB stored).
 const MAX_JSON_BYTES: u64 = 64 << 20;
 
+/// The largest whole (non-streamed) binary answer read: a job's raw events.
+pub const MAX_BINARY_BYTES: u64 = 1 << 30;
+
 /// How the client finds the daemon: global flags of every command.
 #[derive(Args, Debug, Clone, Default)]
 pub struct DaemonArgs {
@@ -231,6 +234,8 @@ pub struct Answer {
     pub status: u16,
     /// `X-Reel-Offset`, when the daemon sent it.
     pub offset: Option<u64>,
+    /// `Content-Type`, when the daemon sent it.
+    pub content_type: Option<String>,
     url: String,
     body: ureq::Body,
 }
@@ -355,6 +360,11 @@ impl Client {
         Client::new(&server_url(state, args), Token::find(state, args)?)
     }
 
+    /// The daemon's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
     /// `GET path?query`; a non-2xx answer is an error.
     pub fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Answer, ApiError> {
         let mut req = self.agent.get(format!("{}{path}", self.url));
@@ -425,9 +435,11 @@ impl Client {
                 .map(|v| v.trim().to_owned())
         };
         let offset = header("x-reel-offset").and_then(|v| v.parse().ok());
+        let content_type = header("content-type");
         let answer = Answer {
             status,
             offset,
+            content_type,
             url: self.url.clone(),
             body: resp.into_body(),
         };

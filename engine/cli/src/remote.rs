@@ -1,5 +1,7 @@
 //! The commands that ask a running daemon (`reel serve`) over its HTTP API
-//! (docs/api.md): `submit`, `status`, `cancel`, `logs`, `artifacts`.
+//! (docs/api.md): `submit`, `status`, `cancel`, `logs`, `artifacts`; and the
+//! daemon's side of the offline read commands (`jobs`, `replay`, `inspect`,
+//! `export`, `output`) for when the daemon holds the log.
 //!
 //! Exit status: as `reel run` for what ends a job (`submit --wait`, `logs
 //! -f`: 0 succeeded, 1 failed or lost, 3 timed out, 4 cancelled, the most
@@ -15,13 +17,15 @@ use clap::Args;
 use serde_json::{Value, json};
 
 use reel_engine::input::jobfile::{JobFileError, MAX_JOB_FILE_BYTES};
-use reel_engine::model::event::{JobId, Outcome};
+use reel_engine::model::event::{Event, JobId, Outcome, Record};
+use reel_engine::store::{History, LogError};
 use reel_engine::time::{format_duration_ms, format_ms};
 
 use crate::client::{
-    ApiError, Client, DaemonArgs, Reconnect, encode_segment, parse_duration, read_error,
+    ApiError, Client, DaemonArgs, MAX_BINARY_BYTES, Reconnect, encode_segment, parse_duration,
+    read_error,
 };
-use crate::replay::StreamArg;
+use crate::replay::{OutputArgs, StreamArg};
 use crate::run::{EXIT_ERROR, EXIT_FAILED, default_owner, outcome_code, severest};
 
 /// How long a command that follows a job goes on through a daemon that is
@@ -856,6 +860,40 @@ pub fn logs(state_dir: &Path, daemon: &DaemonArgs, args: &LogsArgs) -> Result<Ex
     Ok(ExitCode::from(if args.follow { job_code(&job) } else { 0 }))
 }
 
+/// `reel output` answered by the daemon: the same bytes, from
+/// `GET /v1/jobs/{id}/logs` (--offset and --stream as query parameters).
+pub fn output(client: &Client, args: &OutputArgs) -> Result<ExitCode> {
+    if args.json {
+        bail!(
+            "`reel output --json` shows the log's stored chunks, which only the log has; \
+             the daemon serves the bytes (drop --json for the same output)"
+        );
+    }
+    let job = get_job(client, args.job)?;
+    let total = step_count(&job);
+    let wanted: Vec<u32> = match args.step {
+        Some(0) => bail!("steps are numbered from 1"),
+        Some(n) if n > total => bail!("job {} has {total} steps; there is no step {n}", args.job),
+        Some(n) => vec![n],
+        None => (1..=total).filter(|n| step_started(&job, *n)).collect(),
+    };
+    let mut reconnect = Reconnect::new(Duration::ZERO);
+    reconnect.answered();
+    let mut out = std::io::stdout().lock();
+    for n in wanted {
+        let read = StepRead {
+            job: args.job,
+            step: n,
+            offset: args.offset,
+            stream: args.stream,
+            follow: false,
+        };
+        copy_step(client, &read, &mut out, &mut reconnect)?;
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
 // ---------------------------------------------------------------------------------
 // artifacts
 
@@ -1026,9 +1064,159 @@ fn download(
     }
 }
 
+// ---------------------------------------------------------------------------------
+// The daemon's side of `jobs`, `replay`, `inspect`, `export`
+
+/// Every job the daemon lists (all pages, newest first as it sends them),
+/// as the rows `reel jobs` prints: oldest first, as the log lists them.
+pub fn job_rows(client: &Client) -> Result<Vec<Value>> {
+    let mut rows = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut query = vec![("limit", "1000".to_owned())];
+        if let Some(c) = &cursor {
+            query.push(("cursor", c.clone()));
+        }
+        let page = client.get_json("/v1/jobs", &query)?;
+        if let Some(jobs) = page.get("jobs").and_then(Value::as_array) {
+            rows.extend(jobs.iter().map(job_row));
+        }
+        cursor = match page.get("next_cursor") {
+            Some(Value::String(c)) if !c.is_empty() => Some(c.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        };
+        if cursor.is_none() {
+            break;
+        }
+    }
+    rows.sort_by_key(|r| r["id"].as_u64().unwrap_or(0));
+    rows.dedup_by_key(|r| r["id"].as_u64());
+    Ok(rows)
+}
+
+/// A daemon's `JOB` as a row of `reel jobs`: the keys the offline listing
+/// gives (but `events`, which the API does not say).
+pub fn job_row(job: &Value) -> Value {
+    let submitted = num(job, "submitted_ms");
+    let finished = num(job, "finished_ms");
+    json!({
+        "id": num(job, "id"),
+        "name": job.get("name"),
+        "runner": job.get("runner"),
+        "owner": job.get("owner"),
+        "state": job.get("phase").or_else(|| job.get("state")),
+        "outcome": job.get("outcome"),
+        "submitted": submitted.map(format_ms),
+        "finished": finished.map(format_ms),
+        "duration_ms": finished.zip(submitted).map(|(f, s)| f.saturating_sub(s)),
+        "steps": match job.get("steps") {
+            Some(Value::Array(a)) => json!(a.len()),
+            Some(v) => v.clone(),
+            None => Value::Null,
+        },
+    })
+}
+
+/// A job's history from the daemon: `GET /v1/jobs/{id}/events?format=raw`,
+/// each event as stored, decoded here as the log's reader decodes it.
+pub fn history(client: &Client, job: JobId, dir: &Path) -> Result<History> {
+    let answer = client
+        .get(
+            &format!("/v1/jobs/{job}/events"),
+            &[("format", "raw".to_owned())],
+        )
+        .map_err(|e| match e {
+            ApiError::Status { status: 404, .. } => {
+                anyhow::anyhow!("no job {job} in the log at {}", dir.display())
+            }
+            e => e.into(),
+        })?;
+    if let Some(ct) = &answer.content_type
+        && !ct.starts_with("application/octet-stream")
+    {
+        bail!(
+            "the daemon at {} answered the raw events of job {job} with {ct}, not \
+             application/octet-stream frames",
+            client.url()
+        );
+    }
+    let bytes = answer.bytes(MAX_BINARY_BYTES)?;
+    decode_frames(job, &bytes).map_err(|e| anyhow::anyhow!("the daemon's events of job {job}: {e}"))
+}
+
+/// Frames `[u32 BE seq][u32 BE len][len bytes: the stored event envelope]`,
+/// repeated; an envelope that does not decode is a corrupt event, reported as
+/// the log reports one. A frame cut short is an error.
+pub fn decode_frames(job: JobId, mut bytes: &[u8]) -> Result<History, String> {
+    let mut records = Vec::new();
+    let mut errors = Vec::new();
+    while !bytes.is_empty() {
+        if bytes.len() < 8 {
+            return Err(format!(
+                "the stream ends inside a frame header ({} bytes left)",
+                bytes.len()
+            ));
+        }
+        let seq = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        let len = u32::from_be_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize;
+        let rest = &bytes[8..];
+        if rest.len() < len {
+            return Err(format!(
+                "seq {seq}'s frame says {len} bytes, {} are left",
+                rest.len()
+            ));
+        }
+        match Event::decode(&rest[..len]) {
+            Ok((at_ms, event)) => records.push(Record {
+                job,
+                seq,
+                at_ms,
+                event,
+            }),
+            Err(source) => errors.push(LogError::Corrupt { job, seq, source }),
+        }
+        bytes = &rest[len..];
+    }
+    Ok(History::from_records(records, errors))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn frame(seq: u32, envelope: &[u8]) -> Vec<u8> {
+        let mut f = seq.to_be_bytes().to_vec();
+        f.extend((envelope.len() as u32).to_be_bytes());
+        f.extend(envelope);
+        f
+    }
+
+    #[test]
+    fn raw_frames_decode_into_records_and_corrupt_events() {
+        let mut bytes = frame(1, &Event::Queued {}.encode(10));
+        let mut bad = Event::Failed { reason: "x".into() }.encode(20);
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        bytes.extend(frame(2, &bad));
+        bytes.extend(frame(3, &Event::Succeeded {}.encode(30)));
+        let h = decode_frames(7, &bytes).unwrap();
+        assert_eq!(h.records.len(), 2);
+        assert_eq!(h.records[0].seq, 1);
+        assert_eq!(h.records[0].at_ms, 10);
+        assert_eq!(h.records[1].event, Event::Succeeded {});
+        assert_eq!(h.first_corrupt_seq(), Some(2));
+        assert!(h.damaged());
+
+        let cut = &bytes[..bytes.len() - 1];
+        assert!(decode_frames(7, cut).unwrap_err().contains("seq 3"));
+        assert!(
+            decode_frames(7, &bytes[..3])
+                .unwrap_err()
+                .contains("header")
+        );
+        assert!(decode_frames(7, b"").unwrap().records.is_empty());
+    }
 
     #[test]
     fn artifact_names_stay_inside_the_directory() {
@@ -1105,6 +1293,16 @@ mod tests {
         let mut cancelled = j;
         cancelled["outcome"] = json!("cancelled");
         assert_eq!(job_code(&cancelled), crate::run::EXIT_CANCELLED);
+    }
+
+    #[test]
+    fn a_daemon_job_becomes_a_jobs_row() {
+        let row = job_row(&job());
+        assert_eq!(row["id"], 12);
+        assert_eq!(row["state"], "terminal");
+        assert_eq!(row["duration_ms"], 2_200);
+        assert_eq!(row["steps"], 2);
+        assert!(row["submitted"].as_str().unwrap().ends_with('Z'));
     }
 
     #[test]
