@@ -5,17 +5,21 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::{plugins, recover, replay, run};
+use crate::client::DaemonArgs;
+use crate::{plugins, recover, remote, replay, run};
 
 /// reel: a durable job engine for CI. Every lifecycle transition of every job is
-/// an event in a crash-safe log; the tools below read that log offline.
+/// an event in a crash-safe log; the tools below read that log offline, or ask
+/// the daemon that runs jobs.
 #[derive(Parser, Debug)]
 #[command(
     name = "reel",
     version,
     about = "reel: a durable job engine for CI. Every lifecycle transition of every job is an \
              event in a crash-safe log; `run` runs jobs, `recover` finishes what a dead engine \
-             left, the other commands read the log offline.",
+             left, `submit`, `status`, `cancel`, `logs` and `artifacts` ask the daemon \
+             (`reel serve`), the other commands read the log offline (or ask the daemon when \
+             it holds the log).",
     long_about = None,
     propagate_version = true
 )]
@@ -29,6 +33,9 @@ pub struct Cli {
     /// debug, trace); RUST_LOG overrides it.
     #[arg(long, global = true, default_value = "warn", value_name = "LEVEL")]
     pub log_level: String,
+
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
 
     #[command(subcommand)]
     pub command: Command,
@@ -59,6 +66,20 @@ pub enum Command {
     /// List runner plugins: what loaded (name, version, ABI, capabilities,
     /// path) and what was refused and why.
     Plugins(plugins::PluginsArgs),
+    /// Send job files to the daemon (`reel serve`), which queues and runs them;
+    /// with --wait, wait for them to end.
+    Submit(remote::SubmitArgs),
+    /// Ask the daemon about one job: state, outcome, owner, runner, times,
+    /// attempts, and its steps.
+    Status(remote::StatusArgs),
+    /// Ask the daemon to cancel a job.
+    Cancel(remote::CancelArgs),
+    /// Print a job's step output from the daemon; -f follows a running job
+    /// (through daemon restarts) until it ends.
+    Logs(remote::LogsArgs),
+    /// List a job's artifacts, or download them (-o DIR), checked against
+    /// their size and CRC-32C.
+    Artifacts(remote::ArtifactsArgs),
 }
 
 /// The state directory: the flag, else $REEL_STATE_DIR, else the XDG state dir.
@@ -102,13 +123,18 @@ pub fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Run(a) => run::run(&dir, a),
         Command::Recover(a) => recover::run(&dir, a),
-        Command::Jobs(a) => replay::jobs(&dir, a),
-        Command::Replay(a) => replay::replay(&dir, a),
-        Command::Inspect(a) => replay::inspect(&dir, a),
-        Command::Export(a) => replay::export(&dir, a),
+        Command::Jobs(a) => replay::jobs(&dir, a, &cli.daemon),
+        Command::Replay(a) => replay::replay(&dir, a, &cli.daemon),
+        Command::Inspect(a) => replay::inspect(&dir, a, &cli.daemon),
+        Command::Export(a) => replay::export(&dir, a, &cli.daemon),
         Command::Verify(a) => replay::verify(&dir, a),
-        Command::Output(a) => replay::output(&dir, a),
+        Command::Output(a) => replay::output(&dir, a, &cli.daemon),
         Command::Plugins(a) => plugins::run(a).map(|()| ExitCode::SUCCESS),
+        Command::Submit(a) => remote::submit(&dir, &cli.daemon, a),
+        Command::Status(a) => remote::status(&dir, &cli.daemon, a),
+        Command::Cancel(a) => remote::cancel(&dir, &cli.daemon, a),
+        Command::Logs(a) => remote::logs(&dir, &cli.daemon, a),
+        Command::Artifacts(a) => remote::artifacts(&dir, &cli.daemon, a),
     };
     match result {
         Ok(code) => code,

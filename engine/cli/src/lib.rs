@@ -6,9 +6,11 @@
 //! A library (beside the `reel` binary) so that tests can check the views.
 
 mod app;
+mod client;
 mod plugins;
 mod print;
 mod recover;
+mod remote;
 mod replay;
 mod run;
 pub mod views;

@@ -1,8 +1,13 @@
-//! The offline replay tool: `jobs`, `replay`, `inspect`, `export`, `verify`.
+//! The offline replay tool: `jobs`, `replay`, `inspect`, `export`, `verify`,
+//! `output`.
 //!
 //! Each command reads a *copy* of the log through a [`LogReader`] (which has no
 //! way to append), so the log of a dead engine is never changed by looking at
-//! it, and a log that a running engine holds is refused with a plain sentence.
+//! it, and a log that a running engine holds is refused with a plain sentence
+//! — unless the holder is a daemon that `<state>/serve/endpoint.json` names
+//! and that answers: then `jobs`, `replay`, `inspect`, `export` and `output`
+//! ask it (`remote.rs`), and print what it says with the same code as here
+//! (one renderer per command, fed by the log or by the daemon).
 //!
 //! Exit status: 0 when everything read was sound, 1 when some stored record is
 //! corrupt (everything else is still shown), 2 when the command could not run.
@@ -22,6 +27,8 @@ use reel_engine::model::state::{JobState, StepState};
 use reel_engine::store::{Audit, History, LogError, LogReader, Stream, corrupt_seq, error_line};
 use reel_engine::time::{format_duration_ms, format_ms};
 
+use crate::client::{ApiError, Client, DaemonArgs, live_endpoint};
+use crate::remote;
 use crate::views::{chunk_json, state_json};
 
 #[derive(Args, Debug)]
@@ -155,6 +162,49 @@ fn open(dir: &Path) -> Result<Opened> {
     Ok(Opened { log, audit })
 }
 
+/// Where a read command gets its answer: a copy of the log, or the daemon
+/// that holds it.
+enum Source {
+    Log(Opened),
+    Daemon(Client),
+}
+
+/// The log's copy; or, when the log is held and `<state>/serve/endpoint.json`
+/// names a live daemon that answers, that daemon (said on stderr). When no
+/// daemon answers, the refusal of a held log stands.
+fn open_or_ask(dir: &Path, daemon: &DaemonArgs) -> Result<Source> {
+    let held = match open(dir) {
+        Ok(o) => return Ok(Source::Log(o)),
+        Err(e) => e,
+    };
+    if !matches!(
+        held.downcast_ref::<LogError>(),
+        Some(LogError::Locked { .. })
+    ) {
+        return Err(held);
+    }
+    let Some(endpoint) = live_endpoint(dir) else {
+        return Err(held);
+    };
+    let client = Client::discover(
+        dir,
+        &DaemonArgs {
+            server: Some(endpoint.url.clone()),
+            token_file: daemon.token_file.clone(),
+        },
+    )?;
+    // Any answer (even a 503 while it drains) is a daemon; silence is none.
+    if let Err(ApiError::Refused { .. } | ApiError::Broken { .. }) = client.get("/healthz", &[]) {
+        return Err(held);
+    }
+    eprintln!(
+        "reel: the log is held by the daemon (pid {}); asking it at {}",
+        endpoint.pid,
+        client.url()
+    );
+    Ok(Source::Daemon(client))
+}
+
 fn code(corrupt: bool) -> ExitCode {
     if corrupt {
         ExitCode::from(1)
@@ -173,8 +223,15 @@ fn report(h: &History) {
     }
 }
 
-pub fn jobs(dir: &Path, args: &JobsArgs) -> Result<ExitCode> {
-    let o = open(dir)?;
+pub fn jobs(dir: &Path, args: &JobsArgs, daemon: &DaemonArgs) -> Result<ExitCode> {
+    let o = match open_or_ask(dir, daemon)? {
+        Source::Log(o) => o,
+        Source::Daemon(client) => {
+            let rows = remote::job_rows(&client)?;
+            print_jobs(dir, &rows, args.json)?;
+            return Ok(code(false));
+        }
+    };
     o.report_general();
     let log = &o.log;
     let mut corrupt = o.damaged();
@@ -219,8 +276,14 @@ pub fn jobs(dir: &Path, args: &JobsArgs) -> Result<ExitCode> {
         }
         rows.push(row);
     }
+    print_jobs(dir, &rows, args.json)?;
+    Ok(code(corrupt))
+}
+
+/// `reel jobs`'s table (or JSON) of its rows, read from the log or the daemon.
+fn print_jobs(dir: &Path, rows: &[Value], json: bool) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    if args.json {
+    if json {
         serde_json::to_writer_pretty(&mut out, &rows)?;
         writeln!(out)?;
     } else if rows.is_empty() {
@@ -231,7 +294,7 @@ pub fn jobs(dir: &Path, args: &JobsArgs) -> Result<ExitCode> {
             "{:>6}  {:<24} {:<8} {:<18} {:<10} {:<24} {:>9}",
             "ID", "NAME", "RUNNER", "STATE", "OUTCOME", "SUBMITTED", "DURATION"
         )?;
-        for r in &rows {
+        for r in rows {
             let flag = if r.get("corrupt").is_some() {
                 "  CORRUPT"
             } else {
@@ -252,7 +315,7 @@ pub fn jobs(dir: &Path, args: &JobsArgs) -> Result<ExitCode> {
             )?;
         }
     }
-    Ok(code(corrupt))
+    Ok(())
 }
 
 fn trunc(s: &str, n: usize) -> String {
@@ -436,11 +499,26 @@ fn step_line(state: &JobState, s: &StepState) -> String {
     )
 }
 
-pub fn replay(dir: &Path, args: &ReplayArgs) -> Result<ExitCode> {
-    let o = open(dir)?;
-    o.report_general();
-    let mut corrupt = o.damaged();
-    let h = o.history(args.job)?;
+/// A job's history from the log (with whether the log itself is damaged)
+/// or from the daemon that holds it.
+fn history_of(dir: &Path, job: JobId, daemon: &DaemonArgs) -> Result<(History, bool)> {
+    match open_or_ask(dir, daemon)? {
+        Source::Log(o) => {
+            o.report_general();
+            Ok((o.history(job)?, o.damaged()))
+        }
+        Source::Daemon(client) => Ok((remote::history(&client, job, dir)?, false)),
+    }
+}
+
+pub fn replay(dir: &Path, args: &ReplayArgs, daemon: &DaemonArgs) -> Result<ExitCode> {
+    let (h, damaged) = history_of(dir, args.job, daemon)?;
+    render_replay(args, &h, damaged)
+}
+
+/// The timeline and state of `replay`, from a history however it was read.
+fn render_replay(args: &ReplayArgs, h: &History, damaged: bool) -> Result<ExitCode> {
+    let mut corrupt = damaged;
     let (state, problem) = h.fold(args.job, args.at);
     corrupt |= h.damaged();
     if let Some(at) = args.at {
@@ -520,15 +598,17 @@ pub fn replay(dir: &Path, args: &ReplayArgs) -> Result<ExitCode> {
         writeln!(out)?;
         print_state(&mut out, &state, &problem)?;
     }
-    report(&h);
+    report(h);
     Ok(code(corrupt))
 }
 
-pub fn inspect(dir: &Path, args: &InspectArgs) -> Result<ExitCode> {
-    let o = open(dir)?;
-    o.report_general();
-    let corrupt = o.damaged();
-    let h = o.history(args.job)?;
+pub fn inspect(dir: &Path, args: &InspectArgs, daemon: &DaemonArgs) -> Result<ExitCode> {
+    let (h, damaged) = history_of(dir, args.job, daemon)?;
+    render_inspect(args, &h, damaged)
+}
+
+/// `inspect`'s state, from a history however it was read.
+fn render_inspect(args: &InspectArgs, h: &History, corrupt: bool) -> Result<ExitCode> {
     let (state, problem) = h.fold(args.job, None);
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -543,26 +623,31 @@ pub fn inspect(dir: &Path, args: &InspectArgs) -> Result<ExitCode> {
         writeln!(out, "job {} {name:?}", args.job)?;
         print_state(&mut out, &state, &problem)?;
     }
-    report(&h);
+    report(h);
     Ok(code(corrupt || h.damaged()))
 }
 
-pub fn export(dir: &Path, args: &ExportArgs) -> Result<ExitCode> {
-    let o = open(dir)?;
-    o.report_general();
-    let corrupt = o.damaged();
-    let h = o.history(args.job)?;
+pub fn export(dir: &Path, args: &ExportArgs, daemon: &DaemonArgs) -> Result<ExitCode> {
+    let (h, damaged) = history_of(dir, args.job, daemon)?;
+    render_export(&h, damaged)
+}
+
+/// `export`'s JSON lines, from a history however it was read.
+fn render_export(h: &History, corrupt: bool) -> Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     for r in &h.records {
         serde_json::to_writer(&mut out, r)?;
         writeln!(out)?;
     }
-    report(&h);
+    report(h);
     Ok(code(corrupt || h.damaged()))
 }
 
-pub fn output(dir: &Path, args: &OutputArgs) -> Result<ExitCode> {
-    let o = open(dir)?;
+pub fn output(dir: &Path, args: &OutputArgs, daemon: &DaemonArgs) -> Result<ExitCode> {
+    let o = match open_or_ask(dir, daemon)? {
+        Source::Log(o) => o,
+        Source::Daemon(client) => return remote::output(&client, args),
+    };
     o.report_general();
     let h = o.history(args.job)?;
     let (state, _) = h.fold(args.job, None);

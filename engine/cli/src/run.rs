@@ -117,12 +117,7 @@ struct Prepared {
 pub fn run(state_dir: &Path, args: &RunArgs) -> Result<ExitCode> {
     // Read and check everything before running anything.
     let source = secret_source(&args.engine.secrets_file)?;
-    let owner = args
-        .owner
-        .clone()
-        .or_else(|| std::env::var("USER").ok())
-        .or_else(|| std::env::var("LOGNAME").ok())
-        .unwrap_or_else(|| "unknown".into());
+    let owner = args.owner.clone().unwrap_or_else(default_owner);
     let mut jobs = Vec::new();
     let mut bad = 0;
     for file in &args.files {
@@ -215,19 +210,31 @@ pub fn run(state_dir: &Path, args: &RunArgs) -> Result<ExitCode> {
     Ok(ExitCode::from(exit_code(&results)))
 }
 
+/// Who jobs belong to when `--owner` is not given: $USER, else $LOGNAME,
+/// else "unknown".
+pub fn default_owner() -> String {
+    std::env::var("USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .or_else(|| std::env::var("LOGNAME").ok().filter(|u| !u.is_empty()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 /// The batch's exit status: its most severe outcome.
 pub fn exit_code(results: &[Finished]) -> u8 {
-    let mut code = 0u8;
-    for r in results {
-        let c = match r.outcome {
-            Outcome::Succeeded => 0,
-            Outcome::Failed | Outcome::Lost => EXIT_FAILED,
-            Outcome::TimedOut => EXIT_TIMED_OUT,
-            Outcome::Cancelled => EXIT_CANCELLED,
-        };
-        code = severest(code, c);
+    results
+        .iter()
+        .fold(0, |code, r| severest(code, outcome_code(r.outcome)))
+}
+
+/// The exit status one outcome gives.
+pub fn outcome_code(outcome: Outcome) -> u8 {
+    match outcome {
+        Outcome::Succeeded => 0,
+        Outcome::Failed | Outcome::Lost => EXIT_FAILED,
+        Outcome::TimedOut => EXIT_TIMED_OUT,
+        Outcome::Cancelled => EXIT_CANCELLED,
     }
-    code
 }
 
 /// Opens the state directory's log for writing and an executor over it, with
@@ -308,7 +315,8 @@ pub fn watch_signals(cancel: &Cancel, printer: &Arc<Printer>) -> Result<smol::Ta
     }))
 }
 
-fn severest(a: u8, b: u8) -> u8 {
+/// The more severe of two exit statuses: cancelled > timed out > failed > 0.
+pub fn severest(a: u8, b: u8) -> u8 {
     let rank = |c: u8| match c {
         EXIT_CANCELLED => 3,
         EXIT_TIMED_OUT => 2,

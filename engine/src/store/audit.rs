@@ -226,6 +226,19 @@ pub struct History {
 }
 
 impl History {
+    /// A history read somewhere else than a local log (a daemon's stored
+    /// events, sent as they are stored): `records` in seq order, `errors` the
+    /// events whose envelopes do not decode ([`LogError::Corrupt`]). It folds
+    /// and reports exactly as one read from the log does.
+    pub fn from_records(records: Vec<Record>, errors: Vec<LogError>) -> History {
+        History {
+            records,
+            errors,
+            notes: Vec::new(),
+            restored: 0,
+        }
+    }
+
     /// Whether anything about this job was found damaged (repaired or not).
     pub fn damaged(&self) -> bool {
         !self.errors.is_empty() || !self.notes.is_empty()
