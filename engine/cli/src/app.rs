@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::client::DaemonArgs;
-use crate::{plugins, recover, remote, replay, run};
+use crate::{plugins, recover, remote, replay, run, serve};
 
 /// reel: a durable job engine for CI. Every lifecycle transition of every job is
 /// an event in a crash-safe log; the tools below read that log offline, or ask
@@ -63,6 +63,9 @@ pub enum Command {
     Output(replay::OutputArgs),
     /// Check every stored event and output chunk; report each corrupt one.
     Verify(replay::VerifyArgs),
+    /// Run the daemon: take jobs over HTTP (docs/api.md), schedule them under a
+    /// resource budget, fairly between owners, and survive kill -9.
+    Serve(serve::ServeArgs),
     /// List runner plugins: what loaded (name, version, ABI, capabilities,
     /// path) and what was refused and why.
     Plugins(plugins::PluginsArgs),
@@ -99,23 +102,39 @@ pub fn state_dir(flag: &Option<PathBuf>) -> PathBuf {
 
 /// reel's own diagnostics go to stderr, coloured only when stderr is a terminal:
 /// in a CI log, a file or a pipe, ANSI escape codes are noise.
-fn init_tracing(level: &str) {
+fn init_tracing(level: &str, json: bool) {
     use std::io::IsTerminal as _;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init()
+    };
 }
 
 /// Parses the command line and runs the command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(&cli.log_level);
+    match &cli.command {
+        // The daemon says what it does (info) unless asked otherwise.
+        Command::Serve(a) => init_tracing(
+            if cli.log_level == "warn" {
+                "info"
+            } else {
+                &cli.log_level
+            },
+            a.log_format == serve::LogFormat::Json,
+        ),
+        _ => init_tracing(&cli.log_level, false),
+    }
     let dir = state_dir(&cli.state_dir);
     // Absolute, because runners hand paths under it to helpers (the agent)
     // running in other working directories.
@@ -135,6 +154,7 @@ pub fn main() -> ExitCode {
         Command::Cancel(a) => remote::cancel(&dir, &cli.daemon, a),
         Command::Logs(a) => remote::logs(&dir, &cli.daemon, a),
         Command::Artifacts(a) => remote::artifacts(&dir, &cli.daemon, a),
+        Command::Serve(a) => serve::run(&dir, a),
     };
     match result {
         Ok(code) => code,

@@ -13,6 +13,7 @@ mod recover;
 mod remote;
 mod replay;
 mod run;
+mod serve;
 pub mod views;
 
 pub use app::main;

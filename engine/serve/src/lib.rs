@@ -1,4 +1,9 @@
-//! `reel serve`, the daemon: its HTTP layer ([`http`]), and later its service core
-//! and API routes (`docs/api.md`).
+//! `reel serve`, the daemon: its HTTP layer ([`http`]), the API routes of
+//! `docs/api.md` ([`api`]), `/metrics` ([`metrics`]) and the daemon's life
+//! ([`daemon`]: token, recovery, listeners, signals, drain). A front end: every
+//! rule about jobs is the engine's (`reel_engine::service`).
 
+pub mod api;
+pub mod daemon;
 pub mod http;
+pub mod metrics;
