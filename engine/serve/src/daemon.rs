@@ -20,6 +20,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7117";
 /// How long running jobs get to finish after SIGTERM, by default.
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(300);
 
+/// How long open connections get to finish after the jobs are done.
+const CONNECTION_GRACE: Duration = Duration::from_secs(2);
+
 /// The daemon's files under the state directory.
 pub fn serve_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("serve")
@@ -159,6 +162,11 @@ async fn run_async(ex: Arc<Executor>, opts: DaemonOptions) -> Result<()> {
     let _ = tcp_task.await;
     if let Some(t) = unix_task {
         let _ = t.await;
+    }
+    // Responses under way (a log being followed) get a moment to finish.
+    let cut = server.drain(CONNECTION_GRACE).await + unix_server.drain(CONNECTION_GRACE).await;
+    if cut > 0 {
+        tracing::info!(connections = cut, "connections still open at exit were closed");
     }
     let _ = std::fs::remove_file(endpoint_path(&opts.state_dir));
     if let Some(p) = &opts.socket {
