@@ -328,11 +328,32 @@ fn trunc(s: &str, n: usize) -> String {
     }
 }
 
+/// A submission's key, retry link and retry allowance, as timeline details.
+fn origin_details(spec: &reel_engine::model::spec::JobSpec) -> String {
+    let mut out = String::new();
+    if let Some(k) = &spec.origin.idempotency_key {
+        out.push_str(&format!(" key={k:?}"));
+    }
+    if let Some(of) = spec.origin.retry_of {
+        out.push_str(&format!(
+            " attempt={} retry_of={of}",
+            spec.origin.retries + 1
+        ));
+    }
+    if spec.retry.lost > 0 {
+        out.push_str(&format!(" retry_lost={}", spec.retry.lost));
+    }
+    if !spec.artifacts.is_empty() {
+        out.push_str(&format!(" artifacts={}", spec.artifacts.join(",")));
+    }
+    out
+}
+
 /// What one event says, for the timeline.
 fn details(event: &Event, state: &JobState) -> String {
     match event {
         Event::Submitted { spec } => format!(
-            "name={:?} runner={} steps={} owner={}{}",
+            "name={:?} runner={} steps={} owner={}{}{}",
             spec.name,
             spec.runner,
             spec.steps.len(),
@@ -345,7 +366,12 @@ fn details(event: &Event, state: &JobState) -> String {
                 String::new()
             } else {
                 format!(" secrets={}", spec.secrets.join(","))
-            }
+            },
+            origin_details(spec)
+        ),
+        Event::SlotGranted { charged } if *charged != Default::default() => format!(
+            "charged {} MiB memory, {} vCPUs, {} MiB disk",
+            charged.memory_mib, charged.vcpus, charged.disk_mib
         ),
         Event::CidAllocated { cid } => format!("cid={cid}"),
         Event::SandboxPlanned { resources, handle } => {
