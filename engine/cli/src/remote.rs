@@ -25,7 +25,7 @@ use crate::client::{
     ApiError, Client, DaemonArgs, MAX_BINARY_BYTES, Reconnect, encode_segment, parse_duration,
     read_error,
 };
-use crate::replay::{OutputArgs, StreamArg};
+use crate::replay::{OutputArgs, StreamArg, trunc};
 use crate::run::{EXIT_ERROR, EXIT_FAILED, default_owner, outcome_code, severest};
 
 /// How long a command that follows a job goes on through a daemon that is
@@ -623,16 +623,6 @@ fn status_text(id: JobId, job: &Value) -> String {
         }
     }
     s
-}
-
-fn trunc(s: &str, n: usize) -> String {
-    if s.chars().count() <= n {
-        s.to_string()
-    } else {
-        let mut t: String = s.chars().take(n - 1).collect();
-        t.push('…');
-        t
-    }
 }
 
 pub fn cancel(state_dir: &Path, daemon: &DaemonArgs, args: &CancelArgs) -> Result<ExitCode> {

@@ -318,7 +318,8 @@ fn print_jobs(dir: &Path, rows: &[Value], json: bool) -> Result<()> {
     Ok(())
 }
 
-fn trunc(s: &str, n: usize) -> String {
+/// `s` cut to `n` characters, the last one `…` when cut.
+pub(crate) fn trunc(s: &str, n: usize) -> String {
     if s.chars().count() <= n {
         s.to_string()
     } else {

@@ -7,7 +7,6 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use reel_engine::store::{EventLog, LogOptions};
-use reel_engine::testkit::simulate::{Ending, run_job, spec};
 use serde_json::Value;
 
 fn reel(dir: &Path, args: &[&str]) -> Output {
@@ -32,19 +31,7 @@ fn json(out: &Output) -> Value {
 
 /// Job 1 succeeds, job 2 fails at step 1, job 3 stops mid-way (live).
 fn write_log(dir: &Path) {
-    let log = EventLog::open(dir, LogOptions::default()).unwrap();
-    smol::block_on(async {
-        run_job(&log, spec("ok", 3), 1, Ending::Success)
-            .await
-            .unwrap();
-        run_job(&log, spec("bad", 3), 2, Ending::FailAt(1))
-            .await
-            .unwrap();
-        run_job(&log, spec("stuck", 3), 3, Ending::StopAfter(1))
-            .await
-            .unwrap();
-    });
-    log.close();
+    reel_engine::testkit::simulate::write_sample_log(dir).unwrap();
 }
 
 #[test]

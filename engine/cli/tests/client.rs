@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use reel_engine::store::{EventLog, LogOptions, LogReader};
-use reel_engine::testkit::simulate::{Ending, run_job, spec};
 use serde_json::{Value, json};
 
 const TOKEN: &str = "s3cret-token";
@@ -1084,19 +1083,7 @@ fn held_stub(served: Served) -> Stub {
 
 /// Job 1 succeeds, job 2 fails at step 1, job 3 stops mid-way (live).
 fn write_log(dir: &Path) {
-    let log = EventLog::open(dir, LogOptions::default()).unwrap();
-    smol::block_on(async {
-        run_job(&log, spec("ok", 3), 1, Ending::Success)
-            .await
-            .unwrap();
-        run_job(&log, spec("bad", 3), 2, Ending::FailAt(1))
-            .await
-            .unwrap();
-        run_job(&log, spec("stuck", 3), 3, Ending::StopAfter(1))
-            .await
-            .unwrap();
-    });
-    log.close();
+    reel_engine::testkit::simulate::write_sample_log(dir).unwrap();
 }
 
 #[test]

@@ -122,18 +122,7 @@ impl LogReader {
     /// Every job's summary, ascending by id. A corrupt summary is an `Err` item;
     /// the iteration goes on past it. A storage failure is the last item.
     pub fn jobs(&self) -> impl Iterator<Item = Result<JobSummary, LogError>> + '_ {
-        until_failed(self.trees.jobs.iter()).map(|item| {
-            let (k, v) = item?;
-            let id = be_u64(&k).ok_or(LogError::BadKey {
-                tree: "jobs",
-                len: k.len(),
-            })?;
-            JobSummary::decode(&v).map_err(|source| LogError::CorruptRecord {
-                job: id,
-                what: "job summary",
-                source,
-            })
-        })
+        until_failed(self.trees.jobs.iter()).map(summary_item)
     }
 
     /// Job summaries newest first, starting below `before` (every job when
@@ -146,18 +135,7 @@ impl LogReader {
             Some(b) => self.trees.jobs.range(..b.to_be_bytes()),
             None => self.trees.jobs.range::<[u8; 8], _>(..),
         };
-        until_failed(range.rev()).map(|item| {
-            let (k, v) = item?;
-            let id = be_u64(&k).ok_or(LogError::BadKey {
-                tree: "jobs",
-                len: k.len(),
-            })?;
-            JobSummary::decode(&v).map_err(|source| LogError::CorruptRecord {
-                job: id,
-                what: "job summary",
-                source,
-            })
-        })
+        until_failed(range.rev()).map(summary_item)
     }
 
     /// A job's summary.
@@ -249,6 +227,20 @@ impl LogReader {
     pub fn size_on_disk(&self) -> Result<u64, LogError> {
         Ok(self.trees.db.size_on_disk()?)
     }
+}
+
+/// One entry of the `jobs` tree, decoded.
+fn summary_item(item: sled::Result<(sled::IVec, sled::IVec)>) -> Result<JobSummary, LogError> {
+    let (k, v) = item?;
+    let id = be_u64(&k).ok_or(LogError::BadKey {
+        tree: "jobs",
+        len: k.len(),
+    })?;
+    JobSummary::decode(&v).map_err(|source| LogError::CorruptRecord {
+        job: id,
+        what: "job summary",
+        source,
+    })
 }
 
 /// A step's stored output, read from its file frame by frame: see

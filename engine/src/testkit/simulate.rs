@@ -150,3 +150,17 @@ pub async fn run_job(
     log.append(job, Event::terminal(outcome, reason)).await?;
     Ok(job)
 }
+
+/// A log of three jobs in `dir`, for the replay tools' tests: job 1
+/// succeeds, job 2 fails at step 1, job 3 stops mid-way (left live, as an
+/// engine that died would leave it).
+pub fn write_sample_log(dir: &std::path::Path) -> Result<(), LogError> {
+    let log = EventLog::open(dir, crate::store::LogOptions::default())?;
+    smol::block_on(async {
+        run_job(&log, spec("ok", 3), 1, Ending::Success).await?;
+        run_job(&log, spec("bad", 3), 2, Ending::FailAt(1)).await?;
+        run_job(&log, spec("stuck", 3), 3, Ending::StopAfter(1)).await
+    })?;
+    log.close();
+    Ok(())
+}
