@@ -145,7 +145,7 @@ pub fn row(svc: &Service, s: &JobState) -> Value {
         "state": StateWord::of(s.phase).as_str(),
         "phase": s.phase.as_str(),
         "outcome": s.outcome.map(Outcome::as_str).filter(|_| s.is_terminal()),
-        "reason": s.reason.as_deref().filter(|_| s.is_terminal()),
+        "reason": s.reason.as_deref().filter(|r| s.is_terminal() && !r.is_empty()),
         "submitted_ms": s.submitted_ms,
         "queued_ms": s.queued_ms,
         "started_ms": s.granted_ms,
