@@ -222,6 +222,7 @@ impl Executor {
                 disk_mib: spec.resources.disk_mib,
             },
             environment: spec.environment.clone(),
+            cancel_grace_ms: spec.cancel_grace_ms,
         }
     }
 

@@ -58,6 +58,7 @@ pub fn job(sandbox_id: u32) -> JobRequest {
             disk_mib: 0,
         },
         environment: BTreeMap::from([("JOB_VAR".to_owned(), "from-job".to_owned())]),
+        cancel_grace_ms: None,
     }
 }
 
