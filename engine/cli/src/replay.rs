@@ -269,7 +269,7 @@ fn trunc(s: &str, n: usize) -> String {
 fn details(event: &Event, state: &JobState) -> String {
     match event {
         Event::Submitted { spec } => format!(
-            "name={:?} runner={} steps={} owner={}{}",
+            "name={:?} runner={} steps={} owner={}{}{}{}",
             spec.name,
             spec.runner,
             spec.steps.len(),
@@ -282,7 +282,15 @@ fn details(event: &Event, state: &JobState) -> String {
                 String::new()
             } else {
                 format!(" secrets={}", spec.secrets.join(","))
-            }
+            },
+            if spec.artifacts.is_empty() {
+                String::new()
+            } else {
+                format!(" artifacts={}", spec.artifacts.join(","))
+            },
+            spec.cancel_grace_ms
+                .map(|ms| format!(" cancel_grace={}", format_duration_ms(ms)))
+                .unwrap_or_default()
         ),
         Event::CidAllocated { cid } => format!("cid={cid}"),
         Event::SandboxPlanned { resources, handle } => {
@@ -349,6 +357,9 @@ fn details(event: &Event, state: &JobState) -> String {
         | Event::Reaped { reason } => reason.clone(),
         Event::RecoveryStarted { engine_pid } => format!("engine pid {engine_pid}"),
         Event::RunnerNotice { message } => message.clone(),
+        Event::ArtifactStored { name, size, crc32c } => {
+            format!("{name} ({size} bytes, crc32c {crc32c:08x})")
+        }
         _ => String::new(),
     }
 }
@@ -399,6 +410,23 @@ fn print_state(out: &mut impl Write, state: &JobState, problem: &Option<String>)
             "  recovered by engine pid {pid}{}",
             if state.reattached { ", reattached" } else { "" }
         )?;
+    }
+    let declared = state.spec.as_ref().map_or(0, |s| s.artifacts.len());
+    if declared > 0 || !state.artifacts.is_empty() {
+        writeln!(
+            out,
+            "  artifacts: {} stored ({} declared path{})",
+            state.artifacts.len(),
+            declared,
+            if declared == 1 { "" } else { "s" }
+        )?;
+        for a in &state.artifacts {
+            writeln!(
+                out,
+                "    {} ({} bytes, crc32c {:08x})",
+                a.name, a.size, a.crc32c
+            )?;
+        }
     }
     for n in &state.notices {
         writeln!(out, "  notice:    {n}")?;
