@@ -96,6 +96,7 @@ fn vm_crash_matrix_every_lifecycle_event_before_and_after_a_sigkill() {
         points: POINTS.iter().map(|p| (*p, 1)).collect(),
         outcome: "Succeeded",
         output: expected_output(),
+        artifacts: vec![],
     });
 }
 
