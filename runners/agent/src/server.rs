@@ -826,7 +826,8 @@ fn spawn_exec(
         Some(c) => agent.opts.workdir.join(c),
         None => agent.opts.workdir.clone(),
     };
-    let mut child = Command::new(prog)
+    let mut command = Command::new(prog);
+    command
         .args(args)
         .env_clear()
         .envs(env)
@@ -834,8 +835,28 @@ fn spawn_exec(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()?;
+        .process_group(0);
+    // A step starts with every signal at its default disposition and none
+    // blocked, however the agent was started: an ignored signal survives exec,
+    // and the guest's init starts the agent in the background (`agent &`), where
+    // a non-interactive shell ignores SIGINT and SIGQUIT. The step (and the
+    // `trap` of its shell) would never see the cancel ladder's SIGINT.
+    // SAFETY: between fork and exec only async-signal-safe calls are made
+    // (`signal`, `sigemptyset`, `sigprocmask`), on memory of this closure.
+    unsafe {
+        command.pre_exec(|| {
+            for sig in 1..libc::SIGRTMIN() {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::signal(sig, libc::SIG_DFL);
+                }
+            }
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+    let mut child = command.spawn()?;
     let pid = child.id();
     let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) else {
         return Err(io::Error::other("child pipes missing"));

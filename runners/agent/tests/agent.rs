@@ -1015,3 +1015,36 @@ fn a_long_listing_comes_in_pages() {
     assert!(files.windows(2).all(|w| w[0].0 < w[1].0));
     assert_eq!(files[0].0, format!("many/{long}1000"));
 }
+
+/// A step gets default signal dispositions whatever the agent inherited: the
+/// guest's init starts the agent in the background, where SIGINT and SIGQUIT
+/// are ignored, and a step would then never see the cancel ladder's SIGINT.
+#[test]
+fn a_step_sees_the_ladders_sigint_even_if_the_agent_ignores_it() {
+    let agent = Agent::start_under(&["sh", "-c", "trap '' INT QUIT; exec \"$@\"", "sh"], &[]);
+    let mut c = agent.client();
+    let handle = c.cancel_handle();
+    let mut sent = false;
+    let mut out = Vec::new();
+    let exit = c
+        .run_exec(
+            &sh(
+                1,
+                "trap 'echo got-int' INT; echo ready; while :; do sleep 0.05; done",
+            ),
+            |_, _, b| {
+                out.extend_from_slice(b);
+                if !sent && out.starts_with(b"ready") {
+                    sent = true;
+                    handle.cancel(1, Duration::from_millis(300)).unwrap();
+                }
+            },
+        )
+        .unwrap();
+    assert_eq!(exit.signal, Some(15), "{exit:?}");
+    assert!(
+        String::from_utf8_lossy(&out).contains("got-int"),
+        "the step never saw SIGINT: {}",
+        String::from_utf8_lossy(&out)
+    );
+}
