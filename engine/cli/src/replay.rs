@@ -644,18 +644,25 @@ pub fn output(dir: &Path, args: &OutputArgs) -> Result<ExitCode> {
 pub fn verify(dir: &Path, args: &VerifyArgs) -> Result<ExitCode> {
     let o = open(dir)?;
     let v = reel_engine::store::verify(&o.log, &o.audit)?;
-    let (jobs, events, chunks, problems) = (v.jobs, v.events, v.output_chunks, v.problems);
+    let (jobs, events, chunks, artifacts, problems) =
+        (v.jobs, v.events, v.output_chunks, v.artifacts, v.problems);
     let mut out = std::io::stdout().lock();
     if args.json {
         serde_json::to_writer_pretty(
             &mut out,
-            &json!({"jobs": jobs, "events": events, "output_chunks": chunks, "problems": problems}),
+            &json!({
+                "jobs": jobs,
+                "events": events,
+                "output_chunks": chunks,
+                "artifacts": artifacts,
+                "problems": problems,
+            }),
         )?;
         writeln!(out)?;
     } else {
         writeln!(
             out,
-            "checked {jobs} jobs, {events} events, {chunks} output chunks"
+            "checked {jobs} jobs, {events} events, {chunks} output chunks, {artifacts} artifacts"
         )?;
         for p in &problems {
             writeln!(out, "CORRUPT: {p}")?;

@@ -139,6 +139,42 @@ pub(crate) fn check_stored(
     Ok(())
 }
 
+/// Reads the file of a stored artifact and checks it against its event: there,
+/// of its size, with its CRC-32C (what `reel verify` does for every artifact).
+/// The error is a sentence.
+pub fn check_file(state_dir: &Path, job: JobId, a: &ArtifactState) -> Result<(), String> {
+    use std::io::Read as _;
+    let path = sdk::path_in(&job_dir(state_dir, job), &a.name)?;
+    let mut file = File::open(&path)
+        .map_err(|e| format!("artifact {:?}: cannot read {}: {e}", a.name, path.display()))?;
+    let (mut size, mut crc) = (0u64, 0u32);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(format!(
+                    "artifact {:?}: cannot read {}: {e}",
+                    a.name,
+                    path.display()
+                ));
+            }
+        };
+        size += n as u64;
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+    }
+    if (size, crc) != (a.size, a.crc32c) {
+        return Err(format!(
+            "artifact {:?} is {size} bytes with crc32c {crc:08x}, its ArtifactStored says {} bytes \
+             with crc32c {:08x}",
+            a.name, a.size, a.crc32c
+        ));
+    }
+    Ok(())
+}
+
 /// Ends a collection: the partial directory is removed, and every file of the
 /// job's directory that is not a stored artifact (`keep`) — a copy whose event
 /// never landed, or that failed its check — is removed with the directories
@@ -234,6 +270,28 @@ mod tests {
         std::os::unix::fs::symlink("/etc/hostname", dest.join("link")).unwrap();
         let link = check_stored(tmp.path(), 1, "link", 0).unwrap_err();
         assert!(link.contains("not a regular file"), "{link}");
+    }
+
+    #[test]
+    fn verify_reads_an_artifact_against_its_event() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (dest, _) = prepare(tmp.path(), 2).unwrap();
+        std::fs::write(dest.join("a"), "abc").unwrap();
+        let mut a = ArtifactState {
+            name: "a".into(),
+            size: 3,
+            crc32c: crc32c::crc32c(b"abc"),
+        };
+        assert_eq!(check_file(tmp.path(), 2, &a), Ok(()));
+        a.crc32c ^= 1;
+        let bad = check_file(tmp.path(), 2, &a).unwrap_err();
+        assert!(bad.contains("its ArtifactStored says 3 bytes"), "{bad}");
+        a.name = "gone".into();
+        assert!(
+            check_file(tmp.path(), 2, &a)
+                .unwrap_err()
+                .contains("cannot read")
+        );
     }
 
     #[test]
