@@ -811,6 +811,41 @@ fn crash_matrix_a_job_with_artifacts() {
     });
 }
 
+/// A sandbox killed with its engine after `Drained`, before its artifacts were
+/// collected: recovery finishes the teardown with the outcome already decided,
+/// and a notice says the artifacts were lost with the sandbox; none is listed.
+#[test]
+fn artifacts_not_stored_are_lost_with_a_sandbox_killed_with_its_engine() {
+    let state = tempfile::tempdir().unwrap();
+    let job = state.path().join("arts.yml");
+    std::fs::write(
+        &job,
+        "name: arts\nartifacts: [out.txt]\nsteps:\n  - name: make\n    command: echo x > out.txt\n",
+    )
+    .unwrap();
+    let run = reel(
+        state.path(),
+        &["run", job.to_str().unwrap()],
+        &[("REEL_TEST_CRASH_AT", "Drained:after")],
+    );
+    assert_eq!(run.status.signal(), Some(9));
+    kill_sandboxes(state.path());
+    let recover = reel(state.path(), &["recover"], &[]);
+    assert_eq!(recover.status.code(), Some(0), "{}", text(&recover.stdout));
+    let names = events(state.path(), 1);
+    assert_eq!(
+        names.last().map(String::as_str),
+        Some("Succeeded"),
+        "{names:?}"
+    );
+    assert!(!names.iter().any(|n| n == "ArtifactStored"), "{names:?}");
+    let v = json(&reel(state.path(), &["inspect", "1", "--json"], &[]));
+    let notices = v["notices"].to_string();
+    assert!(notices.contains("were lost with it"), "{notices}");
+    assert_eq!(stored_artifacts(state.path(), 1), []);
+    assert_nothing_left(state.path(), "artifacts lost with the sandbox");
+}
+
 /// Found by the chaos test: an engine that dies while reaping a job that only
 /// held a lease (after its `TeardownStarted`, before `Cleaned`) leaves a
 /// teardown with no sandbox named; the next recovery finishes that teardown

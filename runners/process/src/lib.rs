@@ -637,6 +637,11 @@ impl Runner for ProcessRunner {
         request: &CollectRequest,
     ) -> Result<Collection, RunnerError> {
         let state = Self::state(handle)?;
+        if Self::agents(&state).is_empty() {
+            // Gone, and the reader of its files with it: say so at once rather
+            // than after the connect timeout.
+            return Err(RunnerError::not_found("the job's agent is not running"));
+        }
         let session = self
             .sessions
             .get_or_open(state.key(), Self::token(&state)?, || {
