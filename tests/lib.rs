@@ -241,3 +241,51 @@ pub fn guest_spec() -> Value {
     let text = std::fs::read_to_string(guest_image().join("spec.json")).unwrap();
     serde_json::from_str(&text).unwrap()
 }
+
+/// A job's stored artifacts as `reel inspect --json` lists them (names with an
+/// `ArtifactStored` event), each `(name, bytes)` read from
+/// `<state>/artifacts/<job>/<name>`, in the order they were stored. Asserts that
+/// each file has the size and CRC-32C its event says, that no other file is in
+/// the job's artifact directory (a partial copy would be one) and that no
+/// partial directory is left.
+pub fn stored_artifacts(state: &Path, job: u64) -> Vec<(String, Vec<u8>)> {
+    let v = json(&reel(state, &["inspect", &job.to_string(), "--json"], &[]));
+    let dir = state.join("artifacts").join(job.to_string());
+    let mut listed = Vec::new();
+    for a in v["artifacts"].as_array().cloned().unwrap_or_default() {
+        let name = a["name"].as_str().unwrap().to_owned();
+        let bytes = std::fs::read(dir.join(&name))
+            .unwrap_or_else(|e| panic!("artifact {name} is listed but cannot be read: {e}"));
+        assert_eq!(a["size"].as_u64(), Some(bytes.len() as u64), "{name}: size");
+        assert_eq!(
+            a["crc32c"].as_u64(),
+            Some(u64::from(crc32c::crc32c(&bytes))),
+            "{name}: crc32c"
+        );
+        listed.push((name, bytes));
+    }
+    fn files(dir: &Path, base: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                files(&p, base, out);
+            } else {
+                out.push(p.strip_prefix(base).unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+    let mut on_disk = Vec::new();
+    files(&dir, &dir, &mut on_disk);
+    on_disk.sort();
+    let mut names: Vec<String> = listed.iter().map(|(n, _)| n.clone()).collect();
+    names.sort();
+    assert_eq!(
+        on_disk,
+        names,
+        "files in {} that are not listed",
+        dir.display()
+    );
+    let partial = state.join("artifacts").join(format!("{job}.part"));
+    assert!(!partial.exists(), "{} is left", partial.display());
+    listed
+}

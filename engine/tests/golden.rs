@@ -130,6 +130,11 @@ fn samples() -> Vec<Event> {
                 disk_mib: 1024,
             },
         },
+        Event::ArtifactStored {
+            name: "dist/app.tar.gz".into(),
+            size: 1_234_567,
+            crc32c: 0x8a91_36aa,
+        },
     ]
 }
 

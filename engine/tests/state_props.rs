@@ -68,6 +68,11 @@ fn path(steps: usize, plot: &Plot) -> Vec<Event> {
         if leased {
             if booted {
                 ev.push(Event::Drained {});
+                ev.push(Event::ArtifactStored {
+                    name: "dist/a".into(),
+                    size: 3,
+                    crc32c: 7,
+                });
                 ev.push(Event::PoweredOff {});
             }
             ev.push(Event::CleanupStarted {});
@@ -263,6 +268,11 @@ fn any_event() -> impl Strategy<Value = Event> {
         Just(Event::RunnerNotice {
             message: "n".into()
         }),
+        prop_oneof![Just("a"), Just("b")].prop_map(|name| Event::ArtifactStored {
+            name: name.into(),
+            size: 1,
+            crc32c: 0,
+        }),
     ]
 }
 
@@ -313,6 +323,41 @@ proptest! {
         }
         prop_assert_eq!(prefix, stepwise);
     }
+}
+
+/// An artifact is stored only between `Drained` and poweroff, once per name,
+/// and the state lists exactly what was stored.
+#[test]
+fn artifacts_are_stored_only_in_phase_drained_once_each() {
+    let rs = records(path(1, &Plot::Success));
+    let drained = rs
+        .iter()
+        .position(|r| matches!(r.event, Event::Drained {}))
+        .unwrap();
+    let stored = |name: &str| Event::ArtifactStored {
+        name: name.into(),
+        size: 5,
+        crc32c: 9,
+    };
+    // Before the drain (right after TeardownStarted): refused.
+    let before = fold(1, &rs[..drained]).unwrap();
+    let err = before.check(&stored("x")).unwrap_err();
+    assert!(err.why.contains("after the drain"), "{err}");
+    // After it: taken, once per name.
+    let mut at = fold(1, &rs[..=drained]).unwrap();
+    at.apply_mut(0, &stored("x")).unwrap();
+    let err = at.check(&stored("x")).unwrap_err();
+    assert!(err.why.contains("already stored"), "{err}");
+    at.apply_mut(0, &stored("y")).unwrap();
+    let names: Vec<&str> = at.artifacts.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(names, ["x", "y"]);
+    assert_eq!(at.artifact("y").map(|a| (a.size, a.crc32c)), Some((5, 9)));
+    // After poweroff: refused.
+    at.apply_mut(0, &Event::PoweredOff {}).unwrap();
+    assert!(at.check(&stored("z")).is_err());
+    // The whole successful path, with its one artifact, folds to the end.
+    let end = fold(1, &rs).unwrap();
+    assert_eq!(end.artifacts.len(), 1);
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use reel_tests::{
     assert_nothing_left, events, json, kill_sandboxes, processes_under, reel,
-    start_run_until_output, target_dir, text,
+    start_run_until_output, stored_artifacts, target_dir, text,
 };
 
 /// Two steps printing numbered lines slowly, so crashes land mid-step.
@@ -80,6 +80,7 @@ fn every_lifecycle_event_before_and_after_a_sigkill_recovers() {
         points: POINTS.iter().map(|p| (*p, 1)).collect(),
         outcome: "Succeeded",
         output: expected_output(),
+        artifacts: vec![],
     });
 }
 
@@ -535,6 +536,9 @@ pub(crate) struct Path {
     pub outcome: &'static str,
     /// What the steps print, as stored (secrets masked).
     pub output: String,
+    /// The artifacts the job must end with when its sandbox survives, `(name,
+    /// bytes)` in the order they are stored (name order): each exactly once.
+    pub artifacts: Vec<(&'static str, Vec<u8>)>,
 }
 
 /// The setup events every path passes before its first step.
@@ -635,6 +639,20 @@ fn path_case(path: &Path, point: &str, n: u32, when: &str) {
             output, path.output,
             "{context}: output has a gap or a duplicate"
         );
+        let stored = stored_artifacts(state.path(), 1);
+        let want: Vec<(String, Vec<u8>)> = path
+            .artifacts
+            .iter()
+            .map(|(n, b)| ((*n).to_owned(), b.clone()))
+            .collect();
+        assert!(
+            stored == want,
+            "{context}: artifacts {:?}, expected {:?}",
+            stored.iter().map(|(n, b)| (n, b.len())).collect::<Vec<_>>(),
+            want.iter().map(|(n, b)| (n, b.len())).collect::<Vec<_>>()
+        );
+        let events_stored = names.iter().filter(|n| *n == "ArtifactStored").count();
+        assert_eq!(events_stored, want.len(), "{context}: {names:?}");
     }
     assert_nothing_left(state.path(), &context);
 }
@@ -692,6 +710,7 @@ fn crash_matrix_a_job_whose_step_fails() {
         points,
         outcome: "Failed",
         output: "one\ntwo\n".into(),
+        artifacts: vec![],
     });
 }
 
@@ -707,6 +726,7 @@ fn crash_matrix_a_job_cancelled_mid_step() {
         points,
         outcome: "Cancelled",
         output: "started\n".into(),
+        artifacts: vec![],
     });
 }
 
@@ -723,6 +743,7 @@ fn crash_matrix_a_job_whose_step_times_out() {
         points,
         outcome: "TimedOut",
         output: "started\n".into(),
+        artifacts: vec![],
     });
 }
 
@@ -750,7 +771,79 @@ fn crash_matrix_a_job_with_a_secret_printing_past_the_hold_back() {
         points,
         outcome: "Succeeded",
         output,
+        artifacts: vec![],
     });
+}
+
+/// A job with artifacts, SIGKILLed before and after each event from its step to
+/// its end — `Drained` and the first and second `ArtifactStored` among them:
+/// `reel recover` finishes the collection from where the log stopped (draining
+/// first a job that died before `Drained`), and every artifact is stored exactly
+/// once, byte for byte, with nothing partial left.
+#[test]
+fn crash_matrix_a_job_with_artifacts() {
+    let mut points = vec![("StepStarted", 1), ("StepFinished", 1)];
+    for p in teardown_points("Succeeded") {
+        points.push(p);
+        if p.0 == "Drained" {
+            points.extend([("ArtifactStored", 1), ("ArtifactStored", 2)]);
+        }
+    }
+    let numbers: Vec<u8> = (1..=100_000)
+        .flat_map(|i: u32| format!("{i}\n").into_bytes())
+        .collect();
+    run_path(&Path {
+        name: "artifacts",
+        job: "name: arts\nartifacts: [dist, report.txt]\nsteps:\n  - name: build\n    \
+              command: mkdir -p dist/sub && seq 1 100000 > dist/numbers.txt && \
+              echo hi > dist/sub/hi.txt && echo report > report.txt && echo built\n"
+            .into(),
+        env: vec![],
+        cancel: false,
+        points,
+        outcome: "Succeeded",
+        output: "built\n".into(),
+        artifacts: vec![
+            ("dist/numbers.txt", numbers),
+            ("dist/sub/hi.txt", b"hi\n".to_vec()),
+            ("report.txt", b"report\n".to_vec()),
+        ],
+    });
+}
+
+/// A sandbox killed with its engine after `Drained`, before its artifacts were
+/// collected: recovery finishes the teardown with the outcome already decided,
+/// and a notice says the artifacts were lost with the sandbox; none is listed.
+#[test]
+fn artifacts_not_stored_are_lost_with_a_sandbox_killed_with_its_engine() {
+    let state = tempfile::tempdir().unwrap();
+    let job = state.path().join("arts.yml");
+    std::fs::write(
+        &job,
+        "name: arts\nartifacts: [out.txt]\nsteps:\n  - name: make\n    command: echo x > out.txt\n",
+    )
+    .unwrap();
+    let run = reel(
+        state.path(),
+        &["run", job.to_str().unwrap()],
+        &[("REEL_TEST_CRASH_AT", "Drained:after")],
+    );
+    assert_eq!(run.status.signal(), Some(9));
+    kill_sandboxes(state.path());
+    let recover = reel(state.path(), &["recover"], &[]);
+    assert_eq!(recover.status.code(), Some(0), "{}", text(&recover.stdout));
+    let names = events(state.path(), 1);
+    assert_eq!(
+        names.last().map(String::as_str),
+        Some("Succeeded"),
+        "{names:?}"
+    );
+    assert!(!names.iter().any(|n| n == "ArtifactStored"), "{names:?}");
+    let v = json(&reel(state.path(), &["inspect", "1", "--json"], &[]));
+    let notices = v["notices"].to_string();
+    assert!(notices.contains("were lost with it"), "{notices}");
+    assert_eq!(stored_artifacts(state.path(), 1), []);
+    assert_nothing_left(state.path(), "artifacts lost with the sandbox");
 }
 
 /// Found by the chaos test: an engine that dies while reaping a job that only

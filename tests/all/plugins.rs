@@ -32,6 +32,7 @@ struct Built {
     abi_v2: PathBuf,
     not_a_plugin: PathBuf,
     firehose: PathBuf,
+    old_minor: PathBuf,
 }
 
 fn workspace_root() -> PathBuf {
@@ -67,7 +68,7 @@ fn built() -> &'static Built {
         let template = reel_test_artefacts::file("libreel_runner_template.so");
         let root = workspace_root();
         let target = root.join("target/plugin-tests");
-        let fixtures = ["panicky", "abi-v2", "not-a-plugin", "firehose"];
+        let fixtures = ["panicky", "abi-v2", "not-a-plugin", "firehose", "old-minor"];
         // Straight to the terminal: libtest captures `eprintln!` of a passing test.
         let _ = writeln!(
             std::io::stderr(),
@@ -92,6 +93,7 @@ fn built() -> &'static Built {
             abi_v2: lib("reel_fixture_abi_v2"),
             not_a_plugin: lib("reel_fixture_not_a_plugin"),
             firehose: lib("reel_fixture_firehose"),
+            old_minor: lib("reel_fixture_old_minor"),
         }
     })
 }
@@ -122,13 +124,18 @@ fn template_passes_conformance_through_the_cdylib() {
     let set = plugin::load_dir(dir.path());
     assert_eq!(set.refusals(), &[], "nothing should be refused");
     let info = set.get("template").expect("template plugin not loaded");
-    // The template is built against this workspace's ABI (1.1 since output_stored).
+    // The template is built against this workspace's ABI (1.2 since collect).
     assert_eq!(
         (info.abi_major, info.abi_minor),
         (1, plugin::abi::ABI_MINOR)
     );
+    // Every capability but `collect`, which the template leaves out.
     for c in plugin::Capability::ALL {
-        assert!(info.has(c), "{c}: {info:?}");
+        assert_eq!(
+            info.has(c),
+            c != plugin::Capability::Collect,
+            "{c}: {info:?}"
+        );
     }
 
     let sandbox = tempfile::tempdir().unwrap();
@@ -144,7 +151,8 @@ fn template_passes_conformance_through_the_cdylib() {
         .run_with(&new)
         .unwrap_or_else(|v| panic!("through the cdylib: {v}"));
     assert!(report.passed.contains(&"recovery"), "{report:?}");
-    assert_eq!(report.skipped, [], "{report:?}");
+    let skipped: Vec<&str> = report.skipped.iter().map(|(check, _)| *check).collect();
+    assert_eq!(skipped, ["collect"], "{report:?}");
     assert_eq!(
         report.passed.last(),
         Some(&"malformed handle"),
@@ -402,7 +410,12 @@ struct Firehose {
 impl Firehose {
     fn new(options: &[(&str, &str)]) -> Firehose {
         let b = built();
-        let plugins = plugin_dir(&[(&b.firehose, "libreel_fixture_firehose.so", 0o755)]);
+        Firehose::with_plugin(&b.firehose, "libreel_fixture_firehose.so", options)
+    }
+
+    /// The harness over another plugin file than the firehose.
+    fn with_plugin(file: &Path, name: &str, options: &[(&str, &str)]) -> Firehose {
+        let plugins = plugin_dir(&[(file, name, 0o755)]);
         let state = tempfile::tempdir().unwrap();
         let log = EventLog::open(state.path(), LogOptions::default()).unwrap();
         let runners = Runners::new(
@@ -441,7 +454,11 @@ impl Firehose {
     /// Submits and runs a job of one step per command; `cancel` is cancelled
     /// after `cancel_after` if given.
     fn run(&self, commands: &[&str], cancel_after: Option<Duration>) -> (JobId, Outcome) {
-        let spec = Firehose::spec(commands);
+        self.run_spec(Firehose::spec(commands), cancel_after)
+    }
+
+    /// Submits and runs `spec` (see [`Firehose::run`]).
+    fn run_spec(&self, spec: JobSpec, cancel_after: Option<Duration>) -> (JobId, Outcome) {
         let cancel = Cancel::default();
         smol::block_on(async {
             let id = self.log.submit(spec.clone()).await.unwrap();
@@ -554,6 +571,129 @@ fn a_runner_without_the_cancel_capability_is_not_asked_to_cancel() {
     assert_eq!(end.steps.len(), 1, "{timeline:#?}");
     assert_eq!(end.steps[0].exit_code, Some(0));
     f.log.close();
+}
+
+/// A job that declares artifacts on a runner that cannot collect them still
+/// ends as its steps decide, with a notice saying why nothing was collected:
+/// the plugin's table decides (a 1.1 table has no `collect`, whatever its
+/// description declares), then the capability.
+#[test]
+fn a_runner_that_cannot_collect_leaves_a_notice_and_the_job_goes_on() {
+    let b = built();
+    let spec = |runner: &str| JobSpec {
+        runner: runner.into(),
+        artifacts: vec!["dist/*.tar.gz".into(), "report.xml".into()],
+        ..Firehose::spec(&["1"])
+    };
+    let cases = [
+        (
+            Firehose::with_plugin(&b.old_minor, "libreel_fixture_old_minor.so", &[]),
+            "old-minor",
+            "runner `old-minor` cannot collect artifacts (it was built against plugin ABI 1.1, \
+             before `collect`); 2 declared paths not collected",
+        ),
+        (
+            Firehose::new(&[("capabilities", "cancel")]),
+            "firehose",
+            "runner `firehose` cannot collect artifacts (it does not declare `collect`); 2 \
+             declared paths not collected",
+        ),
+    ];
+    for (f, runner, notice) in cases {
+        let info = f.ex.plugins().get(runner).unwrap().clone();
+        let (id, outcome) = f.run_spec(spec(runner), None);
+        assert_eq!(outcome, Outcome::Succeeded, "{runner}");
+        let timeline = f.timeline(id);
+        let at = |name: &str| {
+            timeline
+                .iter()
+                .position(|e| e == name)
+                .unwrap_or_else(|| panic!("no {name:?} in {timeline:#?}"))
+        };
+        let said = at(&format!("notice {notice}"));
+        assert!(
+            at("Drained") < said && said < at("PoweredOff"),
+            "{timeline:#?}"
+        );
+        assert!(
+            !timeline.iter().any(|e| e == "ArtifactStored"),
+            "{timeline:#?}"
+        );
+        if runner == "old-minor" {
+            assert_eq!((info.abi_major, info.abi_minor), (1, 1));
+            assert!(info.has(plugin::Capability::Collect), "{info:?}");
+        }
+        f.log.close();
+    }
+}
+
+/// The per-job cap (here 8 KiB instead of the engine's 1 GiB): the process
+/// runner copies in name order and stops before the file that would pass it;
+/// what was copied stays, and a notice says where it stopped.
+#[test]
+fn the_artifact_cap_stops_the_collection_where_it_is_reached() {
+    let plugins = reel_tests::target_dir();
+    let state = tempfile::tempdir().unwrap();
+    let log = EventLog::open(state.path(), LogOptions::default()).unwrap();
+    let runners = Runners::new(
+        plugin::load_dir(&plugins),
+        state.path().join("sandboxes"),
+        Default::default(),
+    );
+    let ex = Executor::new(log.clone(), runners)
+        .unwrap()
+        .with_artifact_cap(8 << 10);
+    let spec = JobSpec {
+        name: "capped".into(),
+        runner: "process".into(),
+        artifacts: vec!["*.bin".into()],
+        steps: vec![StepSpec {
+            name: "make".into(),
+            command: "head -c 4000 /dev/zero > a.bin && head -c 8000 /dev/zero > b.bin && \
+                      head -c 100 /dev/zero > c.bin"
+                .into(),
+            ..StepSpec::default()
+        }],
+        ..JobSpec::default()
+    };
+    let outcome = smol::block_on(async {
+        let id = log.submit(spec.clone()).await.unwrap();
+        log.append(id, Event::Queued {}).await.unwrap();
+        ex.run(
+            id,
+            &spec,
+            &ResolvedSecrets::default(),
+            &Cancel::default(),
+            &Quiet,
+        )
+        .await
+        .unwrap()
+    });
+    assert_eq!(outcome, Outcome::Succeeded);
+    let end = log.fold(1).unwrap();
+    let names: Vec<&str> = end.artifacts.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(names, ["a.bin"]);
+    assert!(
+        end.notices
+            .iter()
+            .any(|n| n == "artifact cap of 8 KiB reached at b.bin: 1 of 3 artifacts collected"),
+        "{:#?}",
+        end.notices
+    );
+    assert_eq!(
+        log.artifact_path(1, "a.bin").unwrap(),
+        state.path().join("artifacts/1/a.bin")
+    );
+    assert!(
+        log.artifact_path(1, "b.bin").is_err(),
+        "a name never stored has no path"
+    );
+    assert!(log.artifact_path(1, "../1.part/0.part").is_err());
+    log.close();
+    drop((ex, log));
+    let artifacts = reel_tests::stored_artifacts(state.path(), 1);
+    assert_eq!(artifacts, [("a.bin".to_owned(), vec![0; 4000])]);
+    reel_tests::assert_nothing_left(state.path(), "cap");
 }
 
 /// Appends the events of a job the engine died running: its first step started.

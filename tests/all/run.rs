@@ -4,7 +4,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use reel_tests::{assert_nothing_left, events, json, reel, target_dir, text, workspace_root};
+use reel_tests::{
+    assert_nothing_left, events, json, reel, stored_artifacts, target_dir, text, workspace_root,
+};
 
 fn write(dir: &Path, name: &str, body: &str) -> String {
     let p = dir.join(name);
@@ -638,4 +640,178 @@ fn a_step_at_the_size_limit_runs_and_one_byte_more_is_refused() {
         1
     );
     assert_nothing_left(state.path(), "run");
+}
+
+/// `seq 1 N` as bytes.
+fn seq(n: u32) -> Vec<u8> {
+    (1..=n)
+        .flat_map(|i| format!("{i}\n").into_bytes())
+        .collect()
+}
+
+/// A job's declared artifacts are copied out after the drain, before poweroff,
+/// also when a step failed: whole (a file of several agent chunks among them),
+/// in name order, each with one `ArtifactStored`; a symbolic link out of the
+/// work directory is not followed, a pattern that matches nothing is a notice;
+/// `inspect` and `replay` show them.
+#[test]
+fn a_failed_jobs_artifacts_are_stored_whole_after_the_drain() {
+    let state = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let job = write(
+        files.path(),
+        "build.yml",
+        "name: build\nartifacts: [dist/*.tar.gz, report.xml, \"dist/missing-*\"]\nsteps:\n  \
+         - name: build\n    command: mkdir -p dist && seq 1 100000 > dist/app.tar.gz && \
+         echo '<ok/>' > report.xml && ln -s /etc/passwd dist/leak.tar.gz && \
+         echo notes > dist/notes.txt\n  - name: test\n    command: exit 3\n",
+    );
+    let out = reel(state.path(), &["run", &job], &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{} / {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("artifact report.xml (6 bytes) stored"),
+        "{stdout}"
+    );
+    let names = events(state.path(), 1);
+    let at = |n: &str| {
+        names
+            .iter()
+            .position(|e| e == n)
+            .unwrap_or_else(|| panic!("{n}: {names:?}"))
+    };
+    let stored: Vec<usize> = names
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| *n == "ArtifactStored")
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(stored.len(), 2, "{names:?}");
+    assert!(
+        stored
+            .iter()
+            .all(|&i| at("Drained") < i && i < at("PoweredOff")),
+        "{names:?}"
+    );
+    assert_eq!(names.last().map(String::as_str), Some("Failed"));
+    let artifacts = stored_artifacts(state.path(), 1);
+    assert_eq!(
+        artifacts,
+        [
+            ("dist/app.tar.gz".to_owned(), seq(100_000)),
+            ("report.xml".to_owned(), b"<ok/>\n".to_vec()),
+        ]
+    );
+    let inspect = json(&reel(state.path(), &["inspect", "1", "--json"], &[]));
+    let notices: Vec<&str> = inspect["notices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n.as_str())
+        .collect();
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.contains("\"dist/missing-*\" matched no file")),
+        "{notices:?}"
+    );
+    let text_view = text(&reel(state.path(), &["inspect", "1"], &[]).stdout);
+    assert!(
+        text_view.contains("artifacts: 2 stored (3 declared paths)"),
+        "{text_view}"
+    );
+    let replay = text(&reel(state.path(), &["replay", "1"], &[]).stdout);
+    let line = replay
+        .lines()
+        .find(|l| l.contains("ArtifactStored") && l.contains("report.xml"))
+        .unwrap_or_else(|| panic!("{replay}"));
+    assert!(
+        line.contains(&format!(
+            "report.xml (6 bytes, crc32c {:08x})",
+            crc32c::crc32c(b"<ok/>\n")
+        )),
+        "{line}"
+    );
+    assert_nothing_left(state.path(), "artifacts");
+}
+
+/// `cancel_grace` reaches the runner: a cancelled step that traps SIGINT and
+/// SIGTERM gets the job's grace after each (2 s here, twice the runner's
+/// default, so a grace that did not arrive would show), then SIGKILL, and the
+/// job ends cancelled.
+#[test]
+fn ctrl_c_signals_a_step_cancel_grace_apart() {
+    let state = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let job = write(
+        files.path(),
+        "graceful.yml",
+        "name: graceful\ncancel_grace: 2s\nsteps:\n  - name: trap\n    command: |\n      \
+         trap 'echo \"INT $(date +%s.%N)\"' INT\n      \
+         trap 'echo \"TERM $(date +%s.%N)\"' TERM\n      \
+         echo started\n      while :; do sleep 0.02; done\n",
+    );
+    let mut child = Command::new(target_dir().join("reel"))
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["run", &job])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !text(&seen).contains("started") {
+        assert!(
+            Instant::now() < deadline,
+            "the step never started: {}",
+            text(&seen)
+        );
+        let mut buf = [0u8; 256];
+        let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
+        assert!(n > 0, "reel exited early: {}", text(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let sent = Instant::now();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::INT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    let took = sent.elapsed().as_secs_f64();
+    assert_eq!(status.code(), Some(4));
+    let names = events(state.path(), 1);
+    assert_eq!(
+        names.last().map(String::as_str),
+        Some("Cancelled"),
+        "{names:?}"
+    );
+    let output = text(&reel(state.path(), &["output", "1"], &[]).stdout);
+    let time_of = |word: &str| -> f64 {
+        output
+            .lines()
+            .find_map(|l| l.strip_prefix(word))
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {word:?} line in {output:?}"))
+    };
+    let (int, term) = (time_of("INT "), time_of("TERM "));
+    let gap = term - int;
+    assert!(
+        (1.95..2.8).contains(&gap),
+        "SIGTERM came {gap:.3} s after SIGINT, not the job's 2 s: {output:?}"
+    );
+    // INT, 2 s, TERM, 2 s, KILL, then teardown: not the default's 1 s steps,
+    // and nothing waits much past the ladder.
+    assert!((3.9..7.0).contains(&took), "the cancel took {took:.3} s");
+    let inspect = json(&reel(state.path(), &["inspect", "1", "--json"], &[]));
+    assert_eq!(inspect["steps"][0]["signal"], 9, "{inspect}");
+    assert_nothing_left(state.path(), "cancel grace");
 }

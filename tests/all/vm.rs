@@ -6,7 +6,7 @@ use std::os::unix::process::ExitStatusExt;
 
 use reel_tests::{
     assert_nothing_left, events, guest_image, guest_spec, json, processes_under, reel,
-    start_run_until_output, text, workspace_root,
+    start_run_until_output, stored_artifacts, text, workspace_root,
 };
 
 use crate::crash::{Chaos, JOB, POINTS, Path, chaos, expected_output, run_path};
@@ -96,6 +96,7 @@ fn vm_crash_matrix_every_lifecycle_event_before_and_after_a_sigkill() {
         points: POINTS.iter().map(|p| (*p, 1)).collect(),
         outcome: "Succeeded",
         output: expected_output(),
+        artifacts: vec![],
     });
 }
 
@@ -297,6 +298,100 @@ fn a_vm_step_times_out_and_a_vm_job_is_cancelled_and_nothing_is_left() {
     let output = text(&reel(state.path(), &["output", "1"], &[]).stdout);
     assert!(!output.contains("never"), "{output}");
     assert_nothing_left(state.path(), "vm cancel");
+}
+
+/// A VM job's artifacts are read out of the guest's work directory by the guest
+/// agent (protocol version 3) after the drain, also when the step failed:
+/// whole, in name order, and a link is not followed.
+#[test]
+fn a_vm_jobs_artifacts_come_out_of_the_guest_whole() {
+    let _turn = turn();
+    let state = tempfile::tempdir().unwrap();
+    let job = write_job(
+        state.path(),
+        "arts.yml",
+        &format!(
+            "name: arts\n{}artifacts: [out, \"*.log\"]\nsteps:\n  - name: build\n    \
+             command: mkdir -p out && seq 1 100000 > out/numbers.txt && echo guest > run.log && \
+             ln -s /etc/hostname out/host && exit 2\n",
+            header("256M")
+        ),
+    );
+    let out = reel(state.path(), &["run", &job], &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{} / {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let numbers: Vec<u8> = (1..=100_000)
+        .flat_map(|i: u32| format!("{i}\n").into_bytes())
+        .collect();
+    assert!(
+        stored_artifacts(state.path(), 1)
+            == [
+                ("out/numbers.txt".to_owned(), numbers),
+                ("run.log".to_owned(), b"guest\n".to_vec())
+            ],
+        "{:?}",
+        json(&reel(state.path(), &["inspect", "1", "--json"], &[]))
+    );
+    assert_nothing_left(state.path(), "vm artifacts");
+}
+
+/// Ctrl-C of a VM job with `cancel_grace: 2s`: the guest agent's ladder gives
+/// the step that traps SIGINT and SIGTERM 2 s after each (the guest's uptime
+/// stamps them), then SIGKILL, and the job ends cancelled.
+#[test]
+fn ctrl_c_of_a_vm_job_signals_its_step_cancel_grace_apart() {
+    let _turn = turn();
+    let state = tempfile::tempdir().unwrap();
+    let job = write_job(
+        state.path(),
+        "graceful.yml",
+        &format!(
+            "name: graceful\n{}cancel_grace: 2s\nsteps:\n  - name: trap\n    command: |\n      \
+             trap 'echo \"INT $(cut -d\" \" -f1 /proc/uptime)\"' INT\n      \
+             trap 'echo \"TERM $(cut -d\" \" -f1 /proc/uptime)\"' TERM\n      \
+             echo started\n      while :; do sleep 1; done\n",
+            header("256M")
+        ),
+    );
+    let mut child = start_run_until_output(
+        state.path(),
+        std::path::Path::new(&job),
+        &[],
+        1,
+        std::time::Duration::from_secs(120),
+    );
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::Signal::INT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(4), "{status:?}");
+    let names = events(state.path(), 1);
+    assert_eq!(
+        names.last().map(String::as_str),
+        Some("Cancelled"),
+        "{names:?}"
+    );
+    let output = text(&reel(state.path(), &["output", "1"], &[]).stdout);
+    let time_of = |word: &str| -> f64 {
+        output
+            .lines()
+            .find_map(|l| l.strip_prefix(word))
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {word:?} line in {output:?}"))
+    };
+    let gap = time_of("TERM ") - time_of("INT ");
+    assert!(
+        (1.9..3.0).contains(&gap),
+        "SIGTERM came {gap:.2} s after SIGINT in the guest, not the job's 2 s: {output:?}"
+    );
+    assert_nothing_left(state.path(), "vm cancel grace");
 }
 
 /// `machine: q35` in the image's spec boots the bzImage on a PC with PCI virtio

@@ -188,6 +188,10 @@ impl Observer for Printer {
                 let tag = self.tag(&st, job);
                 let _ = writeln!(out, "{tag}reel: note: {message}");
             }
+            Report::ArtifactStored { job, name, size } => {
+                let tag = self.tag(&st, job);
+                let _ = writeln!(out, "{tag}reel: artifact {name} ({size} bytes) stored");
+            }
             Report::Finished {
                 job,
                 outcome,

@@ -347,6 +347,9 @@ fn origin_details(spec: &reel_engine::model::spec::JobSpec) -> String {
     if !spec.artifacts.is_empty() {
         out.push_str(&format!(" artifacts={}", spec.artifacts.join(",")));
     }
+    if let Some(ms) = spec.cancel_grace_ms {
+        out.push_str(&format!(" cancel_grace={}", format_duration_ms(ms)));
+    }
     out
 }
 
@@ -439,6 +442,9 @@ fn details(event: &Event, state: &JobState) -> String {
         | Event::Reaped { reason } => reason.clone(),
         Event::RecoveryStarted { engine_pid } => format!("engine pid {engine_pid}"),
         Event::RunnerNotice { message } => message.clone(),
+        Event::ArtifactStored { name, size, crc32c } => {
+            format!("{name} ({size} bytes, crc32c {crc32c:08x})")
+        }
         _ => String::new(),
     }
 }
@@ -489,6 +495,23 @@ fn print_state(out: &mut impl Write, state: &JobState, problem: &Option<String>)
             "  recovered by engine pid {pid}{}",
             if state.reattached { ", reattached" } else { "" }
         )?;
+    }
+    let declared = state.spec.as_ref().map_or(0, |s| s.artifacts.len());
+    if declared > 0 || !state.artifacts.is_empty() {
+        writeln!(
+            out,
+            "  artifacts: {} stored ({} declared path{})",
+            state.artifacts.len(),
+            declared,
+            if declared == 1 { "" } else { "s" }
+        )?;
+        for a in &state.artifacts {
+            writeln!(
+                out,
+                "    {} ({} bytes, crc32c {:08x})",
+                a.name, a.size, a.crc32c
+            )?;
+        }
     }
     for n in &state.notices {
         writeln!(out, "  notice:    {n}")?;
@@ -728,18 +751,25 @@ pub fn output(dir: &Path, args: &OutputArgs, daemon: &DaemonArgs) -> Result<Exit
 pub fn verify(dir: &Path, args: &VerifyArgs) -> Result<ExitCode> {
     let o = open(dir)?;
     let v = reel_engine::store::verify(&o.log, &o.audit)?;
-    let (jobs, events, chunks, problems) = (v.jobs, v.events, v.output_chunks, v.problems);
+    let (jobs, events, chunks, artifacts, problems) =
+        (v.jobs, v.events, v.output_chunks, v.artifacts, v.problems);
     let mut out = std::io::stdout().lock();
     if args.json {
         serde_json::to_writer_pretty(
             &mut out,
-            &json!({"jobs": jobs, "events": events, "output_chunks": chunks, "problems": problems}),
+            &json!({
+                "jobs": jobs,
+                "events": events,
+                "output_chunks": chunks,
+                "artifacts": artifacts,
+                "problems": problems,
+            }),
         )?;
         writeln!(out)?;
     } else {
         writeln!(
             out,
-            "checked {jobs} jobs, {events} events, {chunks} output chunks"
+            "checked {jobs} jobs, {events} events, {chunks} output chunks, {artifacts} artifacts"
         )?;
         for p in &problems {
             writeln!(out, "CORRUPT: {p}")?;

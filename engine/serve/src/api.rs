@@ -55,6 +55,7 @@ fn bad(msg: &str) -> Response {
 pub(crate) fn log_error(e: &LogError) -> Response {
     match e {
         LogError::UnknownJob(job) => http::error(StatusCode::NOT_FOUND, &format!("no job {job}")),
+        e @ LogError::NoSuchArtifact { .. } => http::error(StatusCode::NOT_FOUND, &e.to_string()),
         e => http::error(
             StatusCode::INTERNAL_SERVER_ERROR,
             &reel_engine::store::error_line(e),
@@ -92,6 +93,19 @@ async fn route(svc: Service, req: Request) -> Response {
                 (Method::GET, ["events"]) => events(&svc, job, &req).await,
                 (Method::POST, ["cancel"]) => cancel(&svc, job).await,
                 (Method::GET, ["logs"]) => logs(&svc, job, &req).await,
+                (Method::GET, ["artifacts"]) => crate::artifacts::list(&svc, job).await,
+                (Method::GET, ["artifacts", name @ ..]) => {
+                    match name
+                        .iter()
+                        .map(|n| http::percent_decode(n))
+                        .collect::<Option<Vec<_>>>()
+                    {
+                        Some(parts) => {
+                            crate::artifacts::download(&svc, job, &parts.join("/")).await
+                        }
+                        None => bad("the artifact name is not valid percent-encoded UTF-8"),
+                    }
+                }
                 _ => not_found(),
             }
         }
@@ -249,6 +263,7 @@ async fn detail(svc: &Service, job: JobId) -> Response {
     v["cancel_requested"] = json!(state.cancel_requested);
     v["cid"] = json!(state.cid);
     v["notices"] = json!(state.notices);
+    v["artifacts"] = crate::artifacts::of(&state);
     http::json(StatusCode::OK, &v)
 }
 

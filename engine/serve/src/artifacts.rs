@@ -40,7 +40,10 @@ pub async fn download(svc: &Service, job: JobId, name: &str) -> Response {
             &format!("job {job} has no artifact {name:?}"),
         );
     }
-    let path = svc.log().artifact_path(job, name);
+    let path = match svc.log().artifact_path(job, name) {
+        Ok(p) => p,
+        Err(e) => return crate::api::log_error(&e),
+    };
     let file = match std::fs::File::open(&path) {
         Ok(f) => f,
         Err(e) => {

@@ -4,6 +4,7 @@
 //! rule about jobs is the engine's (`reel_engine::service`).
 
 pub mod api;
+mod artifacts;
 pub mod daemon;
 pub mod http;
 pub mod metrics;

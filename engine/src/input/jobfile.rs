@@ -13,7 +13,10 @@
 //! secrets: [API_TOKEN]        # names only; values are resolved at run time
 //! timeout: 1h30m              # whole-job timeout (queue wait does not count)
 //! owner: ci
-//! artifacts: [dist/*.tar.gz, report.xml]  # copied out when the steps are done
+//! artifacts: [dist/*.tar.gz, report.xml]  # copied out when the steps are done:
+//!                             # paths relative to the work directory, with `*`,
+//!                             # `?` and `**`; a directory means the files below
+//!                             # it; absolute paths and `..` are refused
 //! retry: { lost: 2 }          # run again (up to twice) if the job ends `lost`
 //! cancel_grace: 10s           # a cancelled step gets 10s after SIGINT, then
 //!                             # 10s after SIGTERM, before SIGKILL
@@ -853,6 +856,45 @@ impl<'de> Deserialize<'de> for SecretNames {
     }
 }
 
+/// The `artifacts` list: patterns relative to the work directory.
+#[derive(Default)]
+struct ArtifactPatterns(Vec<String>);
+
+impl<'de> Deserialize<'de> for ArtifactPatterns {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct One(String);
+        impl<'de> Deserialize<'de> for One {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                checked_str(deserializer, "an artifact path or pattern", |p| {
+                    spec::check_artifact_pattern(p)
+                })
+                .map(One)
+            }
+        }
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ArtifactPatterns;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of paths or patterns relative to the work directory")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<ArtifactPatterns, E> {
+                Ok(ArtifactPatterns::default())
+            }
+            fn visit_seq<A: SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<ArtifactPatterns, A::Error> {
+                let mut patterns = Vec::new();
+                while let Some(One(p)) = seq.next_element()? {
+                    patterns.push(p);
+                }
+                Ok(ArtifactPatterns(patterns))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
 // ---------------------------------------------------------------------------------
 // reel's format.
 
@@ -879,7 +921,7 @@ struct ReelFile {
     #[serde(default)]
     owner: Option<String>,
     #[serde(default)]
-    artifacts: Vec<String>,
+    artifacts: ArtifactPatterns,
     #[serde(default)]
     retry: Option<ReelRetry>,
     #[serde(default)]
@@ -1012,7 +1054,7 @@ impl ReelFile {
                 steps,
                 timeout_ms: self.timeout.map(|t| t.0),
                 owner: self.owner.unwrap_or_default(),
-                artifacts: self.artifacts,
+                artifacts: self.artifacts.0,
                 retry: Retry {
                     lost: self.retry.map_or(0, |r| r.lost),
                 },

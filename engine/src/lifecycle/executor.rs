@@ -14,7 +14,9 @@
 //! AgentConnected{handle}         after runner.connect
 //! StepStarted / StepFinished     around runner.exec, output stored as it streams
 //! TeardownStarted{outcome}       the decision, with the outcome it will end with
-//! Drained, PoweredOff            runner.drain / runner.poweroff
+//! Drained                        runner.drain
+//! ArtifactStored{name}*          runner.collect, each copy checked and synced first
+//! PoweredOff                     runner.poweroff
 //! CleanupStarted, Cleaned        runner.cleanup (idempotent)
 //! Succeeded | Failed | Cancelled | TimedOut
 //! ```
@@ -141,6 +143,8 @@ pub struct Executor {
     runners: Runners,
     /// Sandbox ids held by live jobs (ours and any a dead engine left).
     leases: Mutex<BTreeSet<u32>>,
+    /// The most bytes one job's artifacts may take.
+    artifact_cap: u64,
 }
 
 impl std::fmt::Debug for Executor {
@@ -186,7 +190,20 @@ impl Executor {
             log,
             runners,
             leases: Mutex::new(leases),
+            artifact_cap: crate::store::artifacts::MAX_ARTIFACT_BYTES,
         })
+    }
+
+    /// This executor with another cap on each job's artifacts than
+    /// [`MAX_ARTIFACT_BYTES`](crate::store::artifacts::MAX_ARTIFACT_BYTES).
+    pub fn with_artifact_cap(mut self, bytes: u64) -> Executor {
+        self.artifact_cap = bytes;
+        self
+    }
+
+    /// The most bytes one job's artifacts may take.
+    pub fn artifact_cap(&self) -> u64 {
+        self.artifact_cap
     }
 
     /// The log.
@@ -222,6 +239,7 @@ impl Executor {
                 disk_mib: spec.resources.disk_mib,
             },
             environment: spec.environment.clone(),
+            cancel_grace_ms: spec.cancel_grace_ms,
         }
     }
 

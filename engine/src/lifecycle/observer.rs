@@ -61,6 +61,15 @@ pub enum Report<'a> {
         /// Bytes of output stored.
         bytes: u64,
     },
+    /// An artifact of the job is stored (its `ArtifactStored` is durable).
+    ArtifactStored {
+        /// The job.
+        job: JobId,
+        /// Its path relative to the job's work directory.
+        name: &'a str,
+        /// Its size in bytes.
+        size: u64,
+    },
     /// A runner warning or notice.
     Notice {
         /// The job.

@@ -173,6 +173,13 @@ pub fn outlook(state: &JobState) -> Vec<String> {
                 "finish the teardown decided before the crash (outcome {})",
                 outcome.as_str()
             ));
+            if let Some(n) = artifacts_to_collect(state) {
+                v.push(format!(
+                    "collect the artifacts not stored yet ({} stored; {})",
+                    state.artifacts.len(),
+                    super::artifacts::declared(n)
+                ));
+            }
             removals(&mut v);
         }
         Plan::AppendTerminal => v.push("append the terminal event".into()),
@@ -570,8 +577,33 @@ async fn finish_teardown(
     outcome: Outcome,
 ) -> Result<(), ExecError> {
     let reason = state.reason.clone().unwrap_or_default();
-    // No drain: the output of finished steps is already stored.
+    // The output of finished steps is already stored; a sandbox that was to be
+    // drained is drained now only for its artifacts, which are collected from
+    // a drained sandbox (`teardown` collects them in phase `Drained`, also when
+    // the engine died in the middle of collecting).
+    if undrained_artifacts(state) {
+        run.drain().await?;
+    }
     run.teardown(outcome, &reason).await
+}
+
+/// Whether the job died between its `TeardownStarted` and its `Drained`, with
+/// artifacts to collect from a sandbox that was connected: recovery drains it
+/// first.
+fn undrained_artifacts(state: &JobState) -> bool {
+    state.phase == Phase::TearingDown
+        && state
+            .phase_before_teardown
+            .is_some_and(Phase::agent_connected)
+        && state.outcome != Some(Outcome::Lost)
+        && state.spec.as_ref().is_some_and(|s| !s.artifacts.is_empty())
+}
+
+/// The declared artifact patterns of a job recovery would still collect from,
+/// if it would: in phase `Drained` (or about to be drained again).
+fn artifacts_to_collect(state: &JobState) -> Option<usize> {
+    let n = state.spec.as_ref()?.artifacts.len();
+    (n > 0 && (state.phase == Phase::Drained || undrained_artifacts(state))).then_some(n)
 }
 
 async fn reap(run: &mut JobRun<'_>, state: &JobState, reason: &str) -> Result<(), ExecError> {

@@ -1,11 +1,13 @@
 //! Tearing a job's sandbox down: the decision (`TeardownStarted` with its
-//! outcome) is durable first; then drain, poweroff and cleanup run for what the
-//! log says exists, each logged; the terminal event comes last. Recovery
-//! resumes an interrupted teardown from the logged phase with the same code.
+//! outcome) is durable first; then drain, the collection of the job's
+//! artifacts (in phase `Drained`), poweroff and cleanup run for what the log
+//! says exists, each logged; the terminal event comes last. Recovery resumes
+//! an interrupted teardown from the logged phase with the same code.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::artifacts::declared;
 use super::executor::{ExecError, JobRun, to_sdk};
 use crate::model::event::{Event, Outcome};
 use crate::plugin::{self, LoadedRunner};
@@ -45,13 +47,27 @@ impl JobRun<'_> {
         .await?;
         if connected && outcome != Outcome::Lost {
             self.drain().await?;
+        } else if outcome == Outcome::Lost && !self.spec.artifacts.is_empty() {
+            let ran = self
+                .ex
+                .log()
+                .live_with(self.job, |s| !s.steps.is_empty())
+                .unwrap_or(false);
+            if ran {
+                let m = format!(
+                    "the sandbox was lost: {} not collected",
+                    declared(self.spec.artifacts.len())
+                );
+                self.note(m).await?;
+            }
         }
         self.teardown(outcome, reason).await
     }
 
     /// Asks the runner to flush the agent's buffered output; a failure is put
-    /// on the record as a notice.
-    async fn drain(&mut self) -> Result<(), LogError> {
+    /// on the record as a notice (and then no artifact is collected: they are
+    /// collected only from a drained sandbox).
+    pub(crate) async fn drain(&mut self) -> Result<(), LogError> {
         let (Ok(runner), Some(handle)) = (self.ex.runner(&self.spec.runner), &self.handle) else {
             return Ok(());
         };
@@ -59,23 +75,29 @@ impl JobRun<'_> {
         match self.call_runner(&runner, move |r| r.drain(&h)).await? {
             Ok(()) => self.append(Event::Drained {}).await,
             Err(e) => {
-                let m = format!("drain failed: {e}");
-                self.notice(&m);
-                self.append(Event::RunnerNotice { message: m }).await
+                let mut m = format!("drain failed: {e}");
+                if !self.spec.artifacts.is_empty() {
+                    m.push_str(&format!(
+                        "; {} not collected",
+                        declared(self.spec.artifacts.len())
+                    ));
+                }
+                self.note(m).await
             }
         }
     }
 
     /// Carries out a decided teardown from where the log says it stands
     /// (`TearingDown`, `Drained`, `PoweredOff`, `CleaningUp` or `Cleaned`) and
-    /// ends the job: poweroff while the log says an agent may be running,
-    /// cleanup while a lease is held, then `Reaped` (for `Lost`) and the
-    /// terminal event.
+    /// ends the job: the artifacts not stored yet in phase `Drained`, poweroff
+    /// while the log says an agent may be running, cleanup while a lease is
+    /// held, then `Reaped` (for `Lost`) and the terminal event.
     pub(crate) async fn teardown(
         &mut self,
         outcome: Outcome,
         reason: &str,
     ) -> Result<(), ExecError> {
+        self.collect_artifacts().await?;
         let runner = self.ex.runner(&self.spec.runner).ok();
         if let (Some(runner), Some(handle)) = (runner, self.handle.clone()) {
             let h = to_sdk(&handle);
@@ -124,9 +146,10 @@ impl JobRun<'_> {
         {
             Ok(()) => self.append(Event::PoweredOff {}).await,
             Err(e) => {
-                let m = format!("poweroff failed, cleanup will kill what is left: {e}");
-                self.notice(&m);
-                self.append(Event::RunnerNotice { message: m }).await
+                self.note(format!(
+                    "poweroff failed, cleanup will kill what is left: {e}"
+                ))
+                .await
             }
         }
     }

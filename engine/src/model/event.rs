@@ -177,6 +177,13 @@ events! {
     /// restarted scheduler counts again for a job still holding its sandbox.
     /// (Kind 3 had no fields; it reads as this with nothing charged.)
     30 => SlotGranted { charged: Resources }
+    /// One artifact of the job is whole and durable at
+    /// `<state>/artifacts/<job>/<name>` (`name` is its path relative to the
+    /// job's work directory): appended only after the runner's copy was synced
+    /// and renamed into place and the engine synced it again, between `Drained`
+    /// and `PoweredOff`, once per name. Only names with this event are the job's
+    /// artifacts; any other file there is a partial copy.
+    31 => ArtifactStored { name: String, size: u64, crc32c: u32 }
 }
 
 /// Kinds no longer written, with what they read as. A kind number is never

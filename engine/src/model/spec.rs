@@ -96,7 +96,8 @@ pub struct JobSpec {
     /// Who submitted the job (fair-share key).
     pub owner: String,
     /// Paths (globs relative to the work directory) copied out of the sandbox
-    /// when its steps are done, before it is powered off.
+    /// when its steps are done, before it is powered off (see
+    /// [`check_artifact_pattern`]).
     pub artifacts: Vec<String>,
     /// When the engine runs the job again by itself.
     pub retry: Retry,
@@ -243,6 +244,36 @@ pub fn size_text(bytes: usize) -> String {
     } else {
         format!("{bytes} bytes")
     }
+}
+
+/// Checks one artifact pattern of a job: a path relative to the job's work
+/// directory (`*`, `?` and `**` allowed), not empty, not absolute, without a
+/// `..` segment or a NUL, at most 4 KiB. The runner checks it again, against
+/// what is really in the sandbox.
+pub fn check_artifact_pattern(pattern: &str) -> Result<(), String> {
+    let p = pattern.escape_default();
+    if pattern.contains('\0') {
+        return Err(format!("artifact \"{p}\" holds a NUL byte"));
+    }
+    if pattern.len() > 4096 {
+        return Err(format!("artifact \"{p}\" is longer than 4096 bytes"));
+    }
+    if pattern.starts_with('/') {
+        return Err(format!(
+            "artifact \"{p}\" is an absolute path: artifacts are relative to the work directory"
+        ));
+    }
+    if pattern.split('/').any(|s| s == "..") {
+        return Err(format!(
+            "artifact \"{p}\" has a \"..\" segment: artifacts stay inside the work directory"
+        ));
+    }
+    if pattern.split('/').all(|s| s.is_empty() || s == ".") {
+        return Err(format!(
+            "artifact \"{p}\" names no path inside the work directory (\"**\" means every file)"
+        ));
+    }
+    Ok(())
 }
 
 /// The size of a command as `exec` sees it: its bytes and a NUL.

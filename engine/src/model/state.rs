@@ -11,7 +11,7 @@
 //! Submitted → Queued → SlotGranted → CidAllocated → SandboxPlanned
 //!   → WorkDirCreated → VolumesFormatted → BootRequested → VmBooted
 //!   → AgentConnected → (StepStarted → StepFinished)*
-//!   → TeardownStarted → [Drained] → [PoweredOff] → CleanupStarted+ → Cleaned
+//!   → TeardownStarted → [Drained → ArtifactStored*] → [PoweredOff] → CleanupStarted+ → Cleaned
 //!   → [Reaped] → terminal (Succeeded | Failed | Cancelled | TimedOut | Lost)
 //! ```
 //!
@@ -22,6 +22,8 @@
 //! non-terminal phase; no step starts after a `CancelRequested` or
 //! `DeadlinePassed`.
 //! `Reattached` and `Reaped` need a `RecoveryStarted` before them.
+//! `ArtifactStored` comes only in phase `Drained` (the steps are done and the
+//! sandbox still exists), once per name.
 
 use serde::Serialize;
 
@@ -165,6 +167,17 @@ impl StepState {
     }
 }
 
+/// One artifact of a job, stored whole (`ArtifactStored`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ArtifactState {
+    /// Its path relative to the job's work directory.
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// The CRC-32C of its bytes.
+    pub crc32c: u32,
+}
+
 /// The folded state of one job.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct JobState {
@@ -212,6 +225,8 @@ pub struct JobState {
     pub granted_ms: Option<u64>,
     /// What its slot charged against the budget (`SlotGranted`).
     pub charged: Option<Resources>,
+    /// Its artifacts stored so far, in the order they were stored.
+    pub artifacts: Vec<ArtifactState>,
 }
 
 /// An event the state machine refuses in the job's current state.
@@ -256,7 +271,13 @@ impl JobState {
             queued_ms: None,
             granted_ms: None,
             charged: None,
+            artifacts: Vec::new(),
         }
+    }
+
+    /// The stored artifact named `name`, if there is one.
+    pub fn artifact(&self, name: &str) -> Option<&ArtifactState> {
+        self.artifacts.iter().find(|a| a.name == name)
     }
 
     /// Whether the job has ended.
@@ -504,6 +525,16 @@ impl JobState {
                 matches!(phase, P::TearingDown | P::Drained),
                 "poweroff comes after teardown starts",
             ),
+            Event::ArtifactStored { name, .. } => {
+                need(
+                    phase == P::Drained,
+                    "artifacts are stored after the drain, before poweroff",
+                )?;
+                need(
+                    self.artifact(name).is_none(),
+                    &format!("artifact {name:?} is already stored"),
+                )
+            }
             Event::CleanupStarted {} => need(
                 matches!(
                     phase,
@@ -648,6 +679,11 @@ impl JobState {
                 self.phase = Phase::TearingDown;
             }
             Event::Drained {} => self.phase = Phase::Drained,
+            Event::ArtifactStored { name, size, crc32c } => self.artifacts.push(ArtifactState {
+                name: name.clone(),
+                size: *size,
+                crc32c: *crc32c,
+            }),
             Event::PoweredOff {} => self.phase = Phase::PoweredOff,
             Event::CleanupStarted {} => self.phase = Phase::CleaningUp,
             Event::Cleaned {} => {

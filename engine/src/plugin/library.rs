@@ -11,17 +11,79 @@ use serde::de::DeserializeOwned;
 use super::host;
 use super::loaded::LoadedRunner;
 
-// The loader reads a plugin's table through a `&RunnerVTable`, which is sound only
-// for the fields every 1.x table has (`struct_size` at least `VTABLE_V1_0_SIZE`):
-// today that is the whole table. A field appended in a later minor stops the build
-// here, so that it is read only where `abi::field_present(struct_size, its end)`
-// holds, through the raw pointer, and no reference to the whole table is made over a
-// 1.0 plugin's shorter one.
-const _: () = assert!(
-    std::mem::size_of::<abi::RunnerVTable>() == abi::VTABLE_V1_0_SIZE,
-    "RunnerVTable grew past its 1.0 layout: read the new fields only where \
-     abi::field_present says the plugin's struct_size covers them"
-);
+/// A plugin's table as this host reads it: every 1.0 field, copied one by one
+/// through the raw pointer (never through a reference to the whole
+/// [`abi::RunnerVTable`], which a plugin of an older minor does not have all
+/// of), and each field appended since where the plugin's `struct_size` covers
+/// it, else `None`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Table {
+    pub abi_version: abi::AbiVersion,
+    pub init: unsafe extern "C" fn(host: *const abi::HostCallbacks) -> abi::Status,
+    pub free_buffer: unsafe extern "C" fn(buffer: abi::Buffer),
+    pub create: unsafe extern "C" fn(
+        config: abi::Slice,
+        instance: *mut *const abi::Instance,
+        out: *mut abi::Buffer,
+    ) -> abi::Status,
+    pub destroy: unsafe extern "C" fn(instance: *const abi::Instance),
+    pub describe: abi::OpFn,
+    pub validate: abi::OpFn,
+    pub plan: abi::OpFn,
+    pub prepare: abi::OpFn,
+    pub boot: abi::OpFn,
+    pub connect: abi::OpFn,
+    pub exec: abi::ExecFn,
+    pub cancel: abi::OpFn,
+    pub drain: abi::OpFn,
+    pub poweroff: abi::OpFn,
+    pub cleanup: abi::OpFn,
+    pub probe: abi::OpFn,
+    pub reattach: abi::OpFn,
+    /// ABI 1.2; `None` for a plugin of an older minor.
+    pub collect: Option<abi::OpFn>,
+}
+
+impl Table {
+    /// Copies the fields of the table at `vtable`, whose header says
+    /// `struct_size` (checked by [`check_header`]).
+    ///
+    /// # Safety
+    /// `vtable` must point to a live table of at least `struct_size` bytes, with
+    /// `struct_size` at least [`abi::VTABLE_V1_0_SIZE`].
+    unsafe fn read(vtable: *const abi::RunnerVTable, struct_size: usize) -> Table {
+        use std::ptr::addr_of;
+        let end = std::mem::offset_of!(abi::RunnerVTable, collect) + std::mem::size_of::<usize>();
+        // SAFETY: every field read here is a 1.0 field, which a table of
+        // `struct_size` >= the 1.0 size holds (caller contract); each is read
+        // alone through the raw pointer, so no reference to the whole table is
+        // made. `collect` is read only where `struct_size` covers it.
+        unsafe {
+            Table {
+                abi_version: addr_of!((*vtable).abi_version).read(),
+                init: addr_of!((*vtable).init).read(),
+                free_buffer: addr_of!((*vtable).free_buffer).read(),
+                create: addr_of!((*vtable).create).read(),
+                destroy: addr_of!((*vtable).destroy).read(),
+                describe: addr_of!((*vtable).describe).read(),
+                validate: addr_of!((*vtable).validate).read(),
+                plan: addr_of!((*vtable).plan).read(),
+                prepare: addr_of!((*vtable).prepare).read(),
+                boot: addr_of!((*vtable).boot).read(),
+                connect: addr_of!((*vtable).connect).read(),
+                exec: addr_of!((*vtable).exec).read(),
+                cancel: addr_of!((*vtable).cancel).read(),
+                drain: addr_of!((*vtable).drain).read(),
+                poweroff: addr_of!((*vtable).poweroff).read(),
+                cleanup: addr_of!((*vtable).cleanup).read(),
+                probe: addr_of!((*vtable).probe).read(),
+                reattach: addr_of!((*vtable).reattach).read(),
+                collect: abi::field_present(struct_size, end)
+                    .then(|| addr_of!((*vtable).collect).read()),
+            }
+        }
+    }
+}
 
 /// Checks a table's header, before anything else in the table is read: its major,
 /// and that its `struct_size` covers every field this host reads. Those are all 1.0
@@ -48,7 +110,7 @@ fn check_header(version: abi::AbiVersion, struct_size: usize) -> Result<(), Stri
 pub(super) struct Library {
     /// Keeps the library mapped; never dropped.
     _library: libloading::Library,
-    vtable: &'static abi::RunnerVTable,
+    vtable: Table,
     path: PathBuf,
 }
 
@@ -329,9 +391,8 @@ impl Library {
         let (version, size) = unsafe { ((*vtable).abi_version, (*vtable).struct_size) };
         check_header(version, size)?;
         // SAFETY: the table is static in the library, which is never unloaded, and
-        // covers the 1.0 layout, which is all of `RunnerVTable` (asserted at compile
-        // time above).
-        let vtable: &'static abi::RunnerVTable = unsafe { &*vtable };
+        // its `struct_size` covers the 1.0 layout (checked just above).
+        let vtable = unsafe { Table::read(vtable, size) };
         let library: &'static Library = Box::leak(Box::new(Library {
             _library: library,
             vtable,
@@ -365,8 +426,8 @@ impl Library {
         &self.path
     }
 
-    pub(super) fn vtable(&self) -> &'static abi::RunnerVTable {
-        self.vtable
+    pub(super) fn vtable(&self) -> &Table {
+        &self.vtable
     }
 
     /// Creates a runner instance.

@@ -7,8 +7,8 @@ use std::sync::{Arc, OnceLock};
 
 use reel_plugin_abi as abi;
 use reel_plugin_sdk::{
-    Capability, Description, ExecResult, Handle, JobRequest, OutputSink, Probe, Runner,
-    RunnerConfig, RunnerError, StepRequest, Stream,
+    Capability, CollectRequest, Collection, Description, ExecResult, Handle, JobRequest,
+    OutputSink, Probe, Runner, RunnerConfig, RunnerError, StepRequest, Stream,
 };
 
 use super::library::{Library, slice};
@@ -126,6 +126,17 @@ impl LoadedRunner {
             .has(capability)
     }
 
+    /// Whether this instance can collect artifacts: its plugin's table has
+    /// `collect` (ABI 1.2 on) and it declares [`Capability::Collect`].
+    pub fn can_collect(&self) -> bool {
+        self.library.vtable().collect.is_some() && self.has(Capability::Collect)
+    }
+
+    /// The ABI version the plugin was built against.
+    pub fn abi_version(&self) -> abi::AbiVersion {
+        self.library.abi_version()
+    }
+
     /// The plugin's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -176,14 +187,29 @@ impl LoadedRunner {
         })
     }
 
+    /// Runs an operation taking a [`JobRequest`], encoded in the form of the
+    /// plugin's ABI minor (a plugin of an older minor gets the fields it knows).
+    fn call_job<O: serde::de::DeserializeOwned>(
+        &self,
+        op: abi::OpFn,
+        job: &JobRequest,
+    ) -> Result<O, RunnerError> {
+        let input = job.encode_for_minor(self.library.abi_version().minor)?;
+        let mut out = abi::Buffer::EMPTY;
+        // SAFETY: the instance is live until `self` is dropped; `input` outlives
+        // the call and `out` is valid for a write.
+        let status = unsafe { op(self.instance, slice(&input), &mut out) };
+        self.library.finish(status, out)
+    }
+
     /// See [`Runner::validate`].
     pub fn validate(&self, job: &JobRequest) -> Result<Vec<String>, RunnerError> {
-        self.call(self.library.vtable().validate, job)
+        self.call_job(self.library.vtable().validate, job)
     }
 
     /// See [`Runner::plan`].
     pub fn plan(&self, job: &JobRequest) -> Result<Handle, RunnerError> {
-        self.call(self.library.vtable().plan, job)
+        self.call_job(self.library.vtable().plan, job)
     }
 
     /// See [`Runner::prepare`].
@@ -269,6 +295,24 @@ impl LoadedRunner {
     pub fn reattach(&self, handle: &Handle) -> Result<Handle, RunnerError> {
         self.call(self.library.vtable().reattach, handle)
     }
+
+    /// See [`Runner::collect`]. A plugin built against ABI 1.1 or older has no
+    /// `collect` in its table: that is an `Unsupported` error, and nothing is
+    /// called.
+    pub fn collect(
+        &self,
+        handle: &Handle,
+        request: &CollectRequest,
+    ) -> Result<Collection, RunnerError> {
+        let Some(op) = self.library.vtable().collect else {
+            let v = self.library.abi_version();
+            return Err(RunnerError::unsupported(format!(
+                "runner `{}` was built against plugin ABI {}.{}, which has no collect",
+                self.name, v.major, v.minor
+            )));
+        };
+        self.call(op, &(handle, request))
+    }
 }
 
 /// The trait view of a loaded runner, so code written against [`Runner`] (such as the
@@ -327,5 +371,12 @@ impl Runner for LoadedRunner {
     }
     fn reattach(&self, handle: &Handle) -> Result<Handle, RunnerError> {
         LoadedRunner::reattach(self, handle)
+    }
+    fn collect(
+        &self,
+        handle: &Handle,
+        request: &CollectRequest,
+    ) -> Result<Collection, RunnerError> {
+        LoadedRunner::collect(self, handle, request)
     }
 }

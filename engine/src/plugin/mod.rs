@@ -19,7 +19,9 @@
 //! 3. `dlopen` must succeed;
 //! 4. its ABI major (the `reel_runner_abi_major` symbol, or else the highest
 //!    `reel_runner_entry_v{N}` it exports) must equal [`abi::ABI_MAJOR`];
-//! 5. its vtable must be at least as large as a 1.0 table;
+//! 5. its vtable must be at least as large as a 1.0 table (a field appended in a
+//!    later minor, such as 1.2's `collect`, is read only where its `struct_size`
+//!    covers it);
 //! 6. an instance created with [`describe_config`] must `describe` itself, and no
 //!    other loaded plugin may have the same name.
 //!
@@ -38,8 +40,9 @@ use std::sync::Arc;
 pub use loaded::LoadedRunner;
 pub use reel_plugin_abi as abi;
 pub use reel_plugin_sdk::{
-    Capability, Description, ErrorKind, ExecResult, Handle, JobRequest, OutputSink, Probe,
-    Resources, Runner, RunnerConfig, RunnerError, StepRequest, Stored, Stream,
+    Capability, CollectRequest, Collected, Collection, Description, ErrorKind, ExecResult, Handle,
+    JobRequest, OutputSink, Probe, Resources, Runner, RunnerConfig, RunnerError, StepRequest,
+    Stored, Stream,
 };
 
 pub use host::{capture_notices, set_notice_hook};

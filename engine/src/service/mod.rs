@@ -291,7 +291,8 @@ impl Observer for Wake {
             | Report::StepStarted { job, .. }
             | Report::StepFinished { job, .. }
             | Report::Finished { job, .. }
-            | Report::Started { job, .. } => job,
+            | Report::Started { job, .. }
+            | Report::ArtifactStored { job, .. } => job,
             Report::Notice { job, message } => {
                 tracing::info!(job, "{message}");
                 return;

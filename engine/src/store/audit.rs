@@ -303,13 +303,16 @@ pub struct Verification {
     pub events: u64,
     /// Output chunks read.
     pub output_chunks: u64,
+    /// Stored artifacts whose file was read and checked against its event.
+    pub artifacts: u64,
     /// Every problem found.
     pub problems: Vec<String>,
 }
 
-/// Checks every stored job summary, event and output chunk of the log, and
-/// that each finished step's stored output is as long as its `StepFinished`
-/// says.
+/// Checks every stored job summary, event and output chunk of the log, that
+/// each finished step's stored output is as long as its `StepFinished` says,
+/// and that each stored artifact's file has the size and CRC-32C of its
+/// `ArtifactStored`.
 pub fn verify(log: &LogReader, audit: &Audit) -> Result<Verification, LogError> {
     let mut v = Verification {
         problems: audit.problems.iter().map(|(_, p)| p.clone()).collect(),
@@ -352,6 +355,12 @@ pub fn verify(log: &LogReader, audit: &Audit) -> Result<Verification, LogError> 
                     s.index + 1,
                     s.output_bytes
                 ));
+            }
+        }
+        for a in &state.artifacts {
+            v.artifacts += 1;
+            if let Err(p) = super::artifacts::check_file(log.dir(), summary.id, a) {
+                v.problems.push(format!("job {}: {p}", summary.id));
             }
         }
     }

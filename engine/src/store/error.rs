@@ -116,6 +116,14 @@ pub enum LogError {
     /// The job does not exist.
     #[error("no job {0} in the log")]
     UnknownJob(JobId),
+    /// The job has no stored artifact of that name (no `ArtifactStored` event).
+    #[error("job {job} has no artifact {name:?}")]
+    NoSuchArtifact {
+        /// The job.
+        job: JobId,
+        /// The name asked for.
+        name: String,
+    },
     /// The job was set aside when the log was opened: its history cannot be
     /// read, so nothing more is appended to it.
     #[error("job {0} is set aside: its stored history cannot be read")]

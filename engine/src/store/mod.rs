@@ -15,8 +15,9 @@
 //!
 //! Beside it, `<state dir>/journal` holds a second copy of every event
 //! ([`journal`]), so that damage sled would silently truncate is found and
-//! repaired, and `<state dir>/output/` holds step output in append-only files
-//! ([`output`]), written by the same writer in the same rounds.
+//! repaired, `<state dir>/output/` holds step output in append-only files
+//! ([`output`]), written by the same writer in the same rounds, and
+//! `<state dir>/artifacts/` the jobs' collected files ([`artifacts`]).
 //!
 //! # The files of this room
 //!
@@ -33,6 +34,7 @@
 //! | `summary.rs` | [`JobSummary`], the per-job listing record |
 //! | `journal.rs` | the journal file format |
 //! | `output.rs` | step output files |
+//! | `artifacts.rs` | a job's artifact files: where they are, the checks before `ArtifactStored`, the sweep of partial copies |
 //! | `salvage.rs` | live jobs that do not fold: repaired from the journal or set aside |
 //! | `snapshot.rs` | temporary copies for offline readers; the lock probe |
 //! | `error.rs` | [`LogError`] |
@@ -70,6 +72,7 @@
 //! snapshot files, which a full disk leaves and which sled would read as its
 //! newest snapshot, are removed before sled opens.
 
+pub mod artifacts;
 mod audit;
 mod durable;
 mod error;

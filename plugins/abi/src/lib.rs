@@ -27,8 +27,8 @@
 //! - reads a field appended later only where [`field_present`] says `struct_size`
 //!   covers the field's end, and otherwise treats it as absent;
 //! - never makes a reference to the whole struct unless `struct_size` covers all of
-//!   it (today the structs are exactly their 1.0 layouts, and the host and the SDK
-//!   assert that at compile time, so the first appended field makes them choose).
+//!   it (the host copies the fields of a plugin's table one by one, through the raw
+//!   pointer, and reads [`RunnerVTable::collect`] only where it is present).
 //!
 //! An appended field must start at or after the previous minor's size, never in its
 //! tail padding: `HostCallbacks` ends with a `u32`, so on 64-bit targets a 1.1 field
@@ -52,8 +52,10 @@ use core::ffi::c_void;
 /// The ABI major version this crate describes. A host refuses any other major.
 pub const ABI_MAJOR: u32 = 1;
 /// The ABI minor version: the number of append-only revisions of [`RunnerVTable`]
-/// and [`HostCallbacks`]. 1.1 appended [`HostCallbacks::output_stored`].
-pub const ABI_MINOR: u32 = 1;
+/// and [`HostCallbacks`] (and of the SDK's boundary types). 1.1 appended
+/// [`HostCallbacks::output_stored`]; 1.2 appended [`RunnerVTable::collect`] and the
+/// SDK's `JobRequest::cancel_grace_ms`.
+pub const ABI_MINOR: u32 = 2;
 /// The NUL-terminated name of the entry symbol for [`ABI_MAJOR`].
 pub const ENTRY_SYMBOL: &[u8] = b"reel_runner_entry_v1\0";
 /// The NUL-terminated name of the unversioned `u32` symbol holding a plugin's major.
@@ -203,7 +205,7 @@ pub type ExecFn = unsafe extern "C" fn(
 ) -> Status;
 
 /// The table a plugin's entry symbol returns. It is static in the plugin and never
-/// freed. Version 1.0 ends at `reattach`; later minors append fields.
+/// freed. Version 1.0 (and 1.1) ends at `reattach`; 1.2 appends `collect`.
 #[repr(C)]
 #[derive(Debug)]
 pub struct RunnerVTable {
@@ -250,6 +252,11 @@ pub struct RunnerVTable {
     pub probe: OpFn,
     /// `Handle` -> `Handle`.
     pub reattach: OpFn,
+    /// 1.2: `(Handle, CollectRequest)` -> `Collection`: copy the job's artifacts
+    /// out of the sandbox (called after `drain`, before `poweroff`). Present only
+    /// if `struct_size` covers it ([`VTABLE_V1_2_SIZE`]); a plugin whose table
+    /// ends before it cannot collect artifacts.
+    pub collect: OpFn,
 }
 
 /// The size of a version 1.0 [`RunnerVTable`], frozen: `abi_version` (8 bytes), then
@@ -257,6 +264,10 @@ pub struct RunnerVTable {
 /// 1.x host accepts. A literal layout, not `size_of::<RunnerVTable>()`: appending a
 /// 1.1 field must not raise what a host asks of a 1.0 plugin.
 pub const VTABLE_V1_0_SIZE: usize = 8 + 18 * core::mem::size_of::<usize>();
+
+/// The size of a version 1.2 [`RunnerVTable`]: the 1.0 layout (which 1.1 kept),
+/// then `collect`.
+pub const VTABLE_V1_2_SIZE: usize = VTABLE_V1_0_SIZE + core::mem::size_of::<usize>();
 
 /// The size of version 1.0 [`HostCallbacks`], frozen: `struct_size`, `ctx`, `event`
 /// and `log`, one word each, then `max_level` (a `u32`) padded to a word. The least

@@ -6,7 +6,7 @@ use core::mem::{offset_of, size_of};
 
 use reel_plugin_abi::{
     AbiVersion, ExecFn, HOST_CALLBACKS_V1_0_SIZE, HOST_CALLBACKS_V1_1_SIZE, HostCallbacks, OpFn,
-    RunnerVTable, VTABLE_V1_0_SIZE, field_present,
+    RunnerVTable, VTABLE_V1_0_SIZE, VTABLE_V1_2_SIZE, field_present,
 };
 
 /// One machine word: `usize`, pointers and function pointers.
@@ -89,6 +89,18 @@ fn host_callbacks_1_1_appends_output_stored_after_the_1_0_layout() {
     let end = offset_of!(HostCallbacks, output_stored) + W;
     assert!(!field_present(HOST_CALLBACKS_V1_0_SIZE, end));
     assert!(field_present(HOST_CALLBACKS_V1_1_SIZE, end));
+}
+
+#[test]
+fn runner_vtable_1_2_appends_collect_after_the_1_0_layout() {
+    // 1.1 changed only the host's callbacks: a 1.1 plugin's table is 1.0-sized,
+    // and `collect` starts right where it ends.
+    assert_eq!(offset_of!(RunnerVTable, collect), VTABLE_V1_0_SIZE);
+    assert_eq!(VTABLE_V1_2_SIZE, VTABLE_V1_0_SIZE + W);
+    assert_eq!(size_of::<RunnerVTable>(), VTABLE_V1_2_SIZE);
+    let end = offset_of!(RunnerVTable, collect) + size_of::<OpFn>();
+    assert!(!field_present(VTABLE_V1_0_SIZE, end));
+    assert!(field_present(VTABLE_V1_2_SIZE, end));
 }
 
 #[test]

@@ -40,13 +40,14 @@
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::glue::panic_message;
 use crate::types::{
-    Capability, Description, ErrorKind, Handle, JobRequest, OutputSink, Resources, Runner,
-    RunnerConfig, RunnerError, StepRequest, Stored, Stream,
+    Capability, CollectRequest, Collected, Description, ErrorKind, Handle, JobRequest, OutputSink,
+    Resources, Runner, RunnerConfig, RunnerError, StepRequest, Stored, Stream,
 };
 
 /// Makes a new runner instance, as an engine does when it starts.
@@ -76,6 +77,15 @@ pub struct Suite {
     pub resumable_command: String,
     /// The exit code of `resumable_command`.
     pub resumable_exit_code: i32,
+    /// A step that leaves the files of `artifacts` in the work directory (and
+    /// symbolic links that must not be collected), for the `collect` check.
+    pub artifacts_command: String,
+    /// The patterns the `collect` check asks for: they must match exactly the
+    /// files of `artifacts` (the rest match nothing, or must be refused).
+    pub artifact_patterns: Vec<String>,
+    /// The artifacts `artifact_patterns` must collect, `(name, bytes)` in name
+    /// order.
+    pub artifacts: Vec<(String, Vec<u8>)>,
     /// How long cancel, timeout and poweroff may take to return.
     pub deadline: Duration,
 }
@@ -97,6 +107,7 @@ impl Default for Suite {
                     "REEL_CONFORMANCE".to_owned(),
                     "job-env".to_owned(),
                 )]),
+                cancel_grace_ms: None,
             },
             output_command: "echo \"out $REEL_CONFORMANCE\"; echo 'err line' >&2".to_owned(),
             expected_stdout: "out job-env".to_owned(),
@@ -107,6 +118,22 @@ impl Default for Suite {
                 "echo \"begin $$\"; sleep 2; echo \"middle $$\" >&2; echo \"end $$\"; exit 5"
                     .to_owned(),
             resumable_exit_code: 5,
+            artifacts_command: "mkdir -p out/sub && printf alpha > out/a.txt && \
+                                printf beta > out/sub/b.txt && printf x > top.log && \
+                                ln -sf /etc/hostname out/link && ln -sfn /etc out/etc"
+                .to_owned(),
+            artifact_patterns: vec![
+                "out".to_owned(),
+                "*.log".to_owned(),
+                "/etc/hostname".to_owned(),
+                "../*".to_owned(),
+                "missing-*".to_owned(),
+            ],
+            artifacts: vec![
+                ("out/a.txt".to_owned(), b"alpha".to_vec()),
+                ("out/sub/b.txt".to_owned(), b"beta".to_vec()),
+                ("top.log".to_owned(), b"x".to_vec()),
+            ],
             deadline: Duration::from_secs(5),
         }
     }
@@ -430,6 +457,20 @@ impl Suite {
                 .skipped
                 .push(("timeout", undeclared(Capability::Timeout)));
         }
+
+        if d.has(Capability::Collect) {
+            // The files `collect` is asked for after the drain.
+            let step = self.step(8, &self.artifacts_command, None);
+            let result = must("collect", "exec of the artifacts step", || {
+                runner.exec(&handle, &step, &mut Collector::default())
+            })?;
+            if !result.success() {
+                return Err(violation(
+                    "collect",
+                    format!("`{}` gave {result:?}, expected exit code 0", step.command),
+                ));
+            }
+        }
         Ok(plan)
     }
 
@@ -640,6 +681,14 @@ impl Suite {
         };
         let handle = &handle;
         must("shutdown", "drain", || runner.drain(handle))?;
+        if runner.describe().has(Capability::Collect) {
+            self.check_collect(runner, handle)?;
+            report.passed.push("collect");
+        } else {
+            report
+                .skipped
+                .push(("collect", undeclared(Capability::Collect)));
+        }
         let deadline_ms = self.deadline.as_millis() as u64;
         let start = Instant::now();
         must("shutdown", "poweroff", || {
@@ -801,6 +850,98 @@ impl Suite {
         Ok(())
     }
 
+    /// `collect` after the drain: every file the patterns match and nothing else
+    /// (no symbolic link followed, refused patterns refused, not failed), whole,
+    /// with its size and CRC-32C, nothing left in the partial directory; then
+    /// again with one name already stored and a cap the third file passes.
+    fn check_collect(&self, runner: &dyn Runner, handle: &Handle) -> Result<(), Violation> {
+        const CHECK: &str = "collect";
+        let root = std::env::temp_dir().join(format!(
+            "reel-conformance-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ));
+        let result = self.collect_twice(runner, handle, &root);
+        let _ = std::fs::remove_dir_all(&root);
+        result.map_err(|m| violation(CHECK, m))
+    }
+
+    fn collect_twice(
+        &self,
+        runner: &dyn Runner,
+        handle: &Handle,
+        root: &Path,
+    ) -> Result<(), String> {
+        let request = |run: &str, max_total_bytes, already: Vec<String>| {
+            let req = CollectRequest {
+                patterns: self.artifact_patterns.clone(),
+                dest_dir: root.join(run).join("dest"),
+                partial_dir: root.join(run).join("partial"),
+                max_total_bytes,
+                already,
+            };
+            std::fs::create_dir_all(&req.dest_dir)
+                .and_then(|()| std::fs::create_dir_all(&req.partial_dir))
+                .map(|()| req)
+                .map_err(|e| format!("cannot create the test's directories: {e}"))
+        };
+        let expect = |want: &[(String, Vec<u8>)]| -> Vec<Collected> {
+            want.iter()
+                .map(|(name, bytes)| Collected {
+                    name: name.clone(),
+                    size: bytes.len() as u64,
+                    crc32c: crc32c::crc32c(bytes),
+                })
+                .collect()
+        };
+        let total = self.artifacts.len() as u64;
+
+        let req = request("all", u64::MAX, Vec::new())?;
+        let got = guard(|| runner.collect(handle, &req))
+            .map_err(|e| format!("collect returned an error: {e}"))?;
+        if got.collected != expect(&self.artifacts) {
+            return Err(format!(
+                "collect of {:?} copied {:?}, expected {:?} (in name order; symbolic links                  are not followed, absolute and `..` patterns are refused)",
+                self.artifact_patterns,
+                got.collected,
+                expect(&self.artifacts)
+            ));
+        }
+        if got.matched != total || got.cap_reached_at.is_some() {
+            return Err(format!(
+                "collect says {} files matched (expected {total}) and cap_reached_at {:?}                  (expected none)",
+                got.matched, got.cap_reached_at
+            ));
+        }
+        check_dir(&req, &self.artifacts)?;
+
+        // An earlier collection stored the first file; the cap lets the second
+        // one through and stops at the third.
+        let (first, rest) = self
+            .artifacts
+            .split_first()
+            .ok_or("no artifacts to check")?;
+        let Some((second, third)) = rest.first().zip(rest.get(1)) else {
+            return Err("the check needs three artifacts".to_owned());
+        };
+        let cap = (first.1.len() + second.1.len()) as u64;
+        let req = request("capped", cap, vec![first.0.clone()])?;
+        let got = guard(|| runner.collect(handle, &req))
+            .map_err(|e| format!("collect with a cap returned an error: {e}"))?;
+        if got.collected != expect(std::slice::from_ref(second))
+            || got.cap_reached_at.as_deref() != Some(third.0.as_str())
+            || got.matched != total
+        {
+            return Err(format!(
+                "with {:?} already stored and a cap of {cap} bytes, collect gave {got:?}:                  expected only {:?} copied, cap_reached_at {:?} and {total} matched (names                  in `already` are not copied again but count against the cap)",
+                first.0, second.0, third.0
+            ));
+        }
+        check_dir(&req, std::slice::from_ref(second))
+    }
+
     fn check_malformed(&self, runner: &dyn Runner) -> Result<(), Violation> {
         const CHECK: &str = "malformed handle";
         let bad = Handle {
@@ -839,6 +980,42 @@ impl Suite {
         }
         Ok(())
     }
+}
+
+/// Whether `req.dest_dir` holds exactly `want` (relative names and bytes) and
+/// `req.partial_dir` nothing.
+fn check_dir(req: &CollectRequest, want: &[(String, Vec<u8>)]) -> Result<(), String> {
+    fn walk(dir: &Path, base: &Path, out: &mut Vec<(String, Vec<u8>)>) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            let meta = std::fs::symlink_metadata(&path)?;
+            if meta.is_dir() {
+                walk(&path, base, out)?;
+            } else {
+                let name = path.strip_prefix(base).unwrap_or(&path);
+                out.push((name.to_string_lossy().into_owned(), std::fs::read(&path)?));
+            }
+        }
+        Ok(())
+    }
+    let mut found = Vec::new();
+    walk(&req.dest_dir, &req.dest_dir, &mut found).map_err(|e| e.to_string())?;
+    found.sort();
+    if found != want {
+        let names: Vec<&str> = found.iter().map(|(n, _)| n.as_str()).collect();
+        return Err(format!(
+            "the destination directory holds {names:?} (or other bytes) after collect,              expected exactly the collected files"
+        ));
+    }
+    let mut partial = Vec::new();
+    walk(&req.partial_dir, &req.partial_dir, &mut partial).map_err(|e| e.to_string())?;
+    if !partial.is_empty() {
+        return Err(format!(
+            "partial copies were left in the partial directory: {:?}",
+            partial.iter().map(|(n, _)| n).collect::<Vec<_>>()
+        ));
+    }
+    Ok(())
 }
 
 /// Why a check that needs `capability` was skipped.

@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::codec;
-use crate::types::{Handle, OutputSink, Runner, RunnerConfig, RunnerError, Stream};
+use crate::types::{Handle, JobRequest, OutputSink, Runner, RunnerConfig, RunnerError, Stream};
 
 /// The text of a panic payload.
 pub fn panic_message(payload: &(dyn Any + Send)) -> String {
@@ -73,11 +73,27 @@ unsafe fn call<R: Runner, I: DeserializeOwned, O: Serialize>(
     out: *mut abi::Buffer,
     op: impl FnOnce(&R, I) -> Result<O, RunnerError>,
 ) -> abi::Status {
+    // SAFETY: forwarded from this function's own contract.
+    unsafe { call_decoding(instance, input, out, codec::decode::<I>, op) }
+}
+
+/// [`call`] with the input decoded by `decode` (a [`JobRequest`] is read in
+/// the form of either minor).
+///
+/// # Safety
+/// As [`call`].
+unsafe fn call_decoding<R: Runner, I, O: Serialize>(
+    instance: *const abi::Instance,
+    input: abi::Slice,
+    out: *mut abi::Buffer,
+    decode: fn(&[u8]) -> Result<I, RunnerError>,
+    op: impl FnOnce(&R, I) -> Result<O, RunnerError>,
+) -> abi::Status {
     let result = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: `instance` is a live `Box<R>` from `create::<R>` (caller contract).
         let runner = unsafe { &*instance.cast::<R>() };
         // SAFETY: the caller guarantees `input` is valid for the call.
-        let input: I = codec::decode(unsafe { input_bytes(input) })?;
+        let input: I = decode(unsafe { input_bytes(input) })?;
         op(runner, input)
     }))
     .unwrap_or_else(|payload| Err(RunnerError::panicked(panic_message(&*payload))));
@@ -105,10 +121,33 @@ macro_rules! op {
 op!(describe, (), crate::types::Description, |r, ()| Ok(
     r.describe()
 ));
-op!(validate, crate::types::JobRequest, Vec<String>, |r, job| r
-    .validate(&job));
-op!(plan, crate::types::JobRequest, Handle, |r, job| r
-    .plan(&job));
+/// `validate` and `plan` take a [`JobRequest`] from an engine of any 1.x minor.
+macro_rules! job_op {
+    ($name:ident, $out:ty, |$r:ident, $job:ident| $body:expr) => {
+        /// # Safety
+        /// See [`abi::OpFn`]: a live instance of `R`, a valid input and output.
+        unsafe extern "C" fn $name<R: Runner>(
+            instance: *const abi::Instance,
+            input: abi::Slice,
+            out: *mut abi::Buffer,
+        ) -> abi::Status {
+            // SAFETY: forwarded from this function's own contract, which the host
+            // upholds per the ABI.
+            unsafe {
+                call_decoding::<R, JobRequest, $out>(
+                    instance,
+                    input,
+                    out,
+                    JobRequest::decode_any,
+                    |$r: &R, $job: JobRequest| $body,
+                )
+            }
+        }
+    };
+}
+
+job_op!(validate, Vec<String>, |r, job| r.validate(&job));
+job_op!(plan, Handle, |r, job| r.plan(&job));
 op!(prepare, Handle, Handle, |r, h| r.prepare(&h));
 op!(boot, Handle, Handle, |r, h| r.boot(&h));
 op!(connect, Handle, Handle, |r, h| r.connect(&h));
@@ -124,6 +163,12 @@ op!(poweroff, (Handle, bool, u64), (), |r,
 op!(cleanup, Handle, (), |r, h| r.cleanup(&h));
 op!(probe, Handle, crate::types::Probe, |r, h| r.probe(&h));
 op!(reattach, Handle, Handle, |r, h| r.reattach(&h));
+op!(
+    collect,
+    (Handle, crate::types::CollectRequest),
+    crate::types::Collection,
+    |r, (h, req)| r.collect(&h, &req)
+);
 
 /// The host's output callback seen as an [`OutputSink`].
 struct HostSink(*const abi::OutputCallback);
@@ -266,6 +311,7 @@ impl<R: Runner> VTableFor<R> {
         cleanup: cleanup::<R>,
         probe: probe::<R>,
         reattach: reattach::<R>,
+        collect: collect::<R>,
     };
 }
 

@@ -19,6 +19,7 @@
 //!
 //! See `plugins/README.md` for the author's guide.
 
+pub mod artifacts;
 pub mod codec;
 pub mod conformance;
 #[doc(hidden)]

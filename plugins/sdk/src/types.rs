@@ -95,15 +95,22 @@ pub enum Capability {
     /// while no engine ran. Without it, recovery reattaches only a sandbox with no
     /// step running; one with a running step is reaped and its job ends lost.
     Resume,
+    /// `"collect"` (ABI 1.2): [`Runner::collect`] copies the files a job declares
+    /// as artifacts out of its sandbox, as [`CollectRequest`] says. Without it (or
+    /// from a plugin built against an older minor, whose table has no `collect`)
+    /// the engine records a notice that the job's declared paths were not
+    /// collected, and goes on.
+    Collect,
 }
 
 impl Capability {
     /// Every capability the engine acts on.
-    pub const ALL: [Capability; 4] = [
+    pub const ALL: [Capability; 5] = [
         Capability::Cancel,
         Capability::Timeout,
         Capability::Reattach,
         Capability::Resume,
+        Capability::Collect,
     ];
 
     /// The capability's name in [`Description::capabilities`].
@@ -113,6 +120,7 @@ impl Capability {
             Capability::Timeout => "timeout",
             Capability::Reattach => "reattach",
             Capability::Resume => "resume",
+            Capability::Collect => "collect",
         }
     }
 
@@ -161,6 +169,11 @@ pub struct Resources {
 }
 
 /// One job, as the runner sees it.
+///
+/// Fields are only appended, each with an ABI minor: an engine encodes the
+/// request in the form of the plugin's minor ([`JobRequest::encode_for_minor`]),
+/// and the SDK's glue decodes either form ([`JobRequest::decode_any`]), filling
+/// a field the engine did not send with its default.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobRequest {
     /// The engine's job id.
@@ -175,6 +188,83 @@ pub struct JobRequest {
     pub resources: Resources,
     /// Environment for every step.
     pub environment: BTreeMap<String, String>,
+    /// 1.2: how long a cancelled step gets after each signal of the cancel
+    /// ladder (SIGINT, then SIGTERM, then SIGKILL) before the next one (the job
+    /// file's `cancel_grace`). `None`: the runner's own default. A runner keeps
+    /// it with the job (in its handle: a recovering engine's cancel must use it
+    /// too) and uses it for every [`Runner::cancel`] of the job's steps. From an
+    /// engine of ABI 1.1 or older it is always `None`.
+    pub cancel_grace_ms: Option<u64>,
+}
+
+/// [`JobRequest`] as ABI 1.0 and 1.1 encode it: without `cancel_grace_ms`. An
+/// engine sends this form to a plugin of an older minor; the glue reads it from
+/// an older engine.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRequestV1_1 {
+    /// See [`JobRequest::job_id`].
+    pub job_id: u64,
+    /// See [`JobRequest::sandbox_id`].
+    pub sandbox_id: u32,
+    /// See [`JobRequest::name`].
+    pub name: String,
+    /// See [`JobRequest::image`].
+    pub image: Option<String>,
+    /// See [`JobRequest::resources`].
+    pub resources: Resources,
+    /// See [`JobRequest::environment`].
+    pub environment: BTreeMap<String, String>,
+}
+
+impl From<JobRequestV1_1> for JobRequest {
+    fn from(v: JobRequestV1_1) -> JobRequest {
+        JobRequest {
+            job_id: v.job_id,
+            sandbox_id: v.sandbox_id,
+            name: v.name,
+            image: v.image,
+            resources: v.resources,
+            environment: v.environment,
+            cancel_grace_ms: None,
+        }
+    }
+}
+
+impl From<&JobRequest> for JobRequestV1_1 {
+    fn from(j: &JobRequest) -> JobRequestV1_1 {
+        JobRequestV1_1 {
+            job_id: j.job_id,
+            sandbox_id: j.sandbox_id,
+            name: j.name.clone(),
+            image: j.image.clone(),
+            resources: j.resources.clone(),
+            environment: j.environment.clone(),
+        }
+    }
+}
+
+impl JobRequest {
+    /// The envelope of this request for a plugin built against ABI minor
+    /// `minor`: the 1.1 form (without the fields appended since) below 1.2.
+    pub fn encode_for_minor(&self, minor: u32) -> Result<Vec<u8>, RunnerError> {
+        if minor >= 2 {
+            crate::codec::encode(self)
+        } else {
+            crate::codec::encode(&JobRequestV1_1::from(self))
+        }
+    }
+
+    /// Decodes a request an engine of any 1.x minor encoded: the current form,
+    /// else the 1.1 form with the fields appended since left at their defaults.
+    /// (Exactly one of the two decodes: the 1.1 form is a strict prefix.)
+    pub fn decode_any(bytes: &[u8]) -> Result<JobRequest, RunnerError> {
+        match crate::codec::decode::<JobRequest>(bytes) {
+            Ok(job) => Ok(job),
+            Err(current) => crate::codec::decode::<JobRequestV1_1>(bytes)
+                .map(JobRequest::from)
+                .map_err(|_| current),
+        }
+    }
 }
 
 /// One step to execute inside a prepared, booted and connected job.
@@ -194,6 +284,67 @@ pub struct StepRequest {
     pub timeout_ms: Option<u64>,
     /// Output offset already stored by the engine; chunks before it may be skipped.
     pub resume_from: u64,
+}
+
+/// What the engine asks of [`Runner::collect`]: copy the files the job's
+/// `patterns` match out of its sandbox into `dest_dir`, within a byte cap.
+///
+/// A runner must
+///
+/// - match each pattern against paths relative to the job's work directory
+///   (`*` and `?` within one path segment, `**` for any number of segments; a
+///   pattern that names a directory collects every file below it), refusing a
+///   pattern that is absolute or has a `..` segment (with a notice, not an
+///   error) and never reading outside the work directory: symbolic links are
+///   not followed, and only regular files are collected;
+/// - copy each file to `dest_dir/<name>` (`name` its path relative to the work
+///   directory, `/`-separated) **only through a partial copy in `partial_dir`**
+///   that is synced and then renamed into place (with the directories below
+///   `dest_dir` created and synced): a file under `dest_dir` is always a whole
+///   copy ([`crate::artifacts::PartialFile`] does exactly this);
+/// - copy the files in name order, skipping those in `already` (stored by an
+///   earlier, interrupted collection of the job) but counting their sizes, and
+///   stop before the first file that would take the total past
+///   `max_total_bytes`, naming it in [`Collection::cap_reached_at`]; what was
+///   copied stays.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectRequest {
+    /// Globs relative to the job's work directory (the job file's `artifacts`).
+    pub patterns: Vec<String>,
+    /// Where each artifact goes, as `dest_dir/<name>`. Exists.
+    pub dest_dir: PathBuf,
+    /// Where partial copies are written until they are complete and synced;
+    /// outside `dest_dir`. Exists; the engine empties it before and after.
+    pub partial_dir: PathBuf,
+    /// The most bytes the job's artifacts may take in all, `already` included.
+    pub max_total_bytes: u64,
+    /// Names already stored for this job: not copied again, counted against the cap.
+    pub already: Vec<String>,
+}
+
+/// One artifact [`Runner::collect`] copied: whole, synced and in place under the
+/// request's `dest_dir`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Collected {
+    /// Its path relative to the job's work directory, `/`-separated; the file is
+    /// `dest_dir/<name>`.
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// The CRC-32C (Castagnoli) of its bytes.
+    pub crc32c: u32,
+}
+
+/// What [`Runner::collect`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Collection {
+    /// The files copied by this call, in the order they were copied.
+    pub collected: Vec<Collected>,
+    /// How many files the patterns matched, copied or not (`already` included).
+    pub matched: u64,
+    /// The first file not copied because it would have taken the total past
+    /// `max_total_bytes`, if the cap stopped the collection.
+    pub cap_reached_at: Option<String>,
 }
 
 /// Which output stream a chunk came from.
@@ -422,6 +573,23 @@ pub trait Runner: Send + Sync + 'static {
     fn probe(&self, handle: &Handle) -> Result<Probe, RunnerError>;
     /// Takes back a live job after an engine restart.
     fn reattach(&self, handle: &Handle) -> Result<Handle, RunnerError>;
+    /// Copies the job's artifacts out of its sandbox (see [`CollectRequest`] for
+    /// what that must guarantee). Called after `drain`, before `poweroff`, and
+    /// only on a runner that declares [`Capability::Collect`]; may be called
+    /// again by a recovering engine (with the names stored so far in
+    /// `already`). A file that cannot be copied is a notice, not an error; an
+    /// error means nothing more could be copied (the sandbox is gone). The
+    /// default says the runner cannot.
+    fn collect(
+        &self,
+        handle: &Handle,
+        request: &CollectRequest,
+    ) -> Result<Collection, RunnerError> {
+        let _ = (handle, request);
+        Err(RunnerError::unsupported(
+            "this runner does not collect artifacts",
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -449,5 +617,45 @@ mod tests {
         assert_eq!(d.capabilities, ["reattach", "cgroup"]);
         assert!(d.has(Capability::Reattach));
         assert!(!d.has(Capability::Resume));
+    }
+
+    fn request() -> JobRequest {
+        JobRequest {
+            job_id: 9,
+            sandbox_id: 2,
+            name: "j".into(),
+            image: Some("img".into()),
+            resources: Resources {
+                memory_mib: 64,
+                vcpus: 1,
+                disk_mib: 0,
+            },
+            environment: BTreeMap::from([("A".into(), "b".into())]),
+            cancel_grace_ms: Some(1500),
+        }
+    }
+
+    #[test]
+    fn a_job_request_reads_in_the_form_of_either_minor() {
+        let job = request();
+        // A 1.2 engine to a 1.2 plugin: every field.
+        let now = job.encode_for_minor(2).unwrap();
+        assert_eq!(JobRequest::decode_any(&now).unwrap(), job);
+        // To a 1.1 plugin: the 1.1 form, which a 1.1 plugin decodes exactly ...
+        let old = job.encode_for_minor(1).unwrap();
+        let v1_1: JobRequestV1_1 = crate::codec::decode(&old).unwrap();
+        assert_eq!(v1_1, JobRequestV1_1::from(&job));
+        assert!(crate::codec::decode::<JobRequestV1_1>(&now).is_err());
+        // ... and a 1.2 plugin reads from a 1.1 engine with the grace unset.
+        let read = JobRequest::decode_any(&old).unwrap();
+        assert_eq!(read.cancel_grace_ms, None);
+        assert_eq!(
+            read,
+            JobRequest {
+                cancel_grace_ms: None,
+                ..job
+            }
+        );
+        assert!(JobRequest::decode_any(&now[..now.len() - 1]).is_err());
     }
 }

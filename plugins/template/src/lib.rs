@@ -32,6 +32,17 @@
 //! leaves running in the background after its shell has ended is not tracked: a
 //! runner that must catch those puts the job in a cgroup (as the process runner
 //! does).
+//!
+//! # What it leaves out
+//!
+//! - **Artifacts**: it does not declare `collect` and keeps the SDK's default
+//!   `Runner::collect` (which says "unsupported"), so a job's `artifacts:` are
+//!   not collected: the engine records a notice saying so, and the conformance
+//!   kit skips its `collect` check. A runner that collects implements it with
+//!   the SDK's `artifacts::PartialFile` (see `plugins/README.md`).
+//! - **Cancel grace**: `cancel` kills the step's group at once, so
+//!   `JobRequest::cancel_grace_ms` is not used; a runner with a signal ladder
+//!   keeps it in its handle (the process runner does).
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};

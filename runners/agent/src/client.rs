@@ -79,6 +79,16 @@ pub enum ClientError {
     /// No answer arrived in time.
     #[error("Timed out waiting for the agent to answer {0}.")]
     Timeout(&'static str),
+    /// The agent speaks a protocol version without the messages asked for.
+    #[error("The agent speaks protocol version {version}; {what} needs version {needs}.")]
+    Unsupported {
+        /// What was asked for.
+        what: &'static str,
+        /// The version it needs.
+        needs: u16,
+        /// The version agreed on.
+        version: u16,
+    },
     /// The caller of a follow stopped taking output (its storage failed); output
     /// from `acked` on was not acknowledged and stays in the agent.
     #[error("The host stopped taking the output of exec {exec_id} at offset {acked}.")]
@@ -188,6 +198,14 @@ fn connect_until(path: &Path, deadline: Instant) -> Result<UnixStream> {
             }
         }
     }
+}
+
+/// A message other than the one waited for.
+fn unexpected(want: &str, got: &Message) -> ClientError {
+    ClientError::Protocol(format!(
+        "expected {want} from the agent, got {}",
+        got.name()
+    ))
 }
 
 /// The error an agent's `Error` or `Failure` message carries, if `msg` is one.
@@ -499,6 +517,90 @@ impl AgentClient {
             matches!(m, Message::PoweringOff {})
         })?;
         Ok(())
+    }
+
+    fn need_files(&self, what: &'static str) -> Result<()> {
+        if self.version < proto::FILES_VERSION {
+            return Err(ClientError::Unsupported {
+                what,
+                needs: proto::FILES_VERSION,
+                version: self.version,
+            });
+        }
+        Ok(())
+    }
+
+    /// The regular files below the agent's workdir that `patterns` match (see
+    /// [`crate::glob`]), `(path, size)` in name order, every page of the agent's
+    /// answer. A refused pattern is [`ClientError::Agent`] with
+    /// [`ErrorCode::BadPattern`]. Protocol version 3 on.
+    pub fn list_files(
+        &mut self,
+        patterns: &[String],
+        timeout: Duration,
+    ) -> Result<Vec<(String, u64)>> {
+        self.need_files("listing files")?;
+        let mut all: Vec<(String, u64)> = Vec::new();
+        loop {
+            let after = all.last().map(|(p, _)| p.clone());
+            self.send(&Message::ListFiles {
+                patterns: patterns.to_vec(),
+                after: after.clone(),
+            })?;
+            let (files, more) = match self.wait_for("ListFiles", timeout, |m| {
+                matches!(m, Message::FileList { .. })
+            })? {
+                Message::FileList { files, more } => (files, more),
+                other => return Err(unexpected("FileList", &other)),
+            };
+            if let (Some(a), Some((first, _))) = (&after, files.first())
+                && first <= a
+            {
+                return Err(ClientError::Protocol(format!(
+                    "the agent listed {first:?} after {a:?}: not in name order"
+                )));
+            }
+            let empty = files.is_empty();
+            all.extend(files);
+            if !more || empty {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// Up to `len` bytes (the agent sends at most [`proto::MAX_FILE_CHUNK`]) of the
+    /// file at `path` below the agent's workdir, from `offset`, and whether they
+    /// reach its end. A path the agent refuses (not a regular file reached
+    /// without a symbolic link) is [`ClientError::Agent`] with
+    /// [`ErrorCode::FileRefused`]. Protocol version 3 on.
+    pub fn read_file(
+        &mut self,
+        path: &str,
+        offset: u64,
+        len: u32,
+        timeout: Duration,
+    ) -> Result<(Vec<u8>, bool)> {
+        self.need_files("reading files")?;
+        self.send(&Message::ReadFile {
+            path: path.to_owned(),
+            offset,
+            len,
+        })?;
+        let (bytes, eof) = match self.wait_for(
+            "ReadFile",
+            timeout,
+            |m| matches!(m, Message::FileChunk { offset: o, .. } if *o == offset),
+        )? {
+            Message::FileChunk { bytes, eof, .. } => (bytes, eof),
+            other => return Err(unexpected("FileChunk", &other)),
+        };
+        if bytes.len() > len as usize {
+            return Err(ClientError::Protocol(format!(
+                "the agent sent {} bytes of {path:?} for a read of {len}",
+                bytes.len()
+            )));
+        }
+        Ok((bytes, eof))
     }
 
     /// Starts `req` and follows it to its end (see [`Self::follow`]).

@@ -31,6 +31,7 @@
 //! |---:|---|
 //! | 1 | kinds 1 to 17 |
 //! | 2 | kind 18, [`Message::Failure`]: an error with an [`ErrorCode`] |
+//! | 3 | kinds 19 to 22: listing the files artifact patterns match ([`Message::ListFiles`] → [`Message::FileList`]) and reading one in chunks ([`Message::ReadFile`] → [`Message::FileChunk`]); codes [`ErrorCode::BadPattern`], [`ErrorCode::FileRefused`], [`ErrorCode::FileUnreadable`] |
 //!
 //! A kind's payload never changes once defined: a message that needs another field is
 //! a new kind, introduced with a new version. `Hello` agrees on one version, and from
@@ -61,6 +62,15 @@
 //!    the host gets an error naming the exec ([`ErrorCode::OutputLost`], never silent
 //!    truncation).
 //! 5. `Cancel`, `Drain` → `Drained`, `Poweroff` → `PoweringOff`, `Ping` → `Pong`.
+//! 6. (Version 3.) `ListFiles { patterns, after }` → `FileList { files, more }`: the
+//!    regular files below the agent's workdir that the patterns match (see
+//!    [`crate::glob`]: relative paths only, no symbolic link followed), in name order,
+//!    after `after`, at most [`MAX_LIST_BYTES`] of names per answer (`more` says
+//!    another page follows). `ReadFile { path, offset, len }` → `FileChunk { offset,
+//!    bytes, eof }`: at most [`MAX_FILE_CHUNK`] bytes of one such file, opened
+//!    component by component without following a link. A refused pattern or path is
+//!    a `Failure` with [`ErrorCode::BadPattern`] or [`ErrorCode::FileRefused`], an
+//!    I/O error [`ErrorCode::FileUnreadable`]; neither closes the connection.
 
 use std::io::{self, Read, Write};
 
@@ -70,9 +80,18 @@ use serde::{Deserialize, Serialize};
 /// Lowest protocol version this build speaks.
 pub const MIN_VERSION: u16 = 1;
 /// Highest protocol version this build speaks.
-pub const MAX_VERSION: u16 = 2;
+pub const MAX_VERSION: u16 = 3;
 /// The first version with [`Message::Failure`] (errors with an [`ErrorCode`]).
 pub const FAILURE_VERSION: u16 = 2;
+/// The first version with the file messages (kinds 19 to 22: listing and
+/// reading artifacts).
+pub const FILES_VERSION: u16 = 3;
+/// The most file bytes one [`Message::FileChunk`] carries (a quarter of the
+/// frame cap, so a chunk and its header always fit).
+pub const MAX_FILE_CHUNK: usize = 256 * 1024;
+/// The most bytes of names one [`Message::FileList`] carries (half the frame cap;
+/// a name is at most 4 KiB, so a page always fits).
+pub const MAX_LIST_BYTES: usize = MAX_PAYLOAD / 2;
 /// The only payload format defined: bincode 2, standard configuration.
 pub const FORMAT_BINCODE: u16 = 1;
 /// Hard maximum payload size of one frame (1 MiB).
@@ -138,6 +157,14 @@ pub enum ErrorCode {
     OutputDropped,
     /// `Resume` from past the end of the exec's output.
     OffsetPastEnd,
+    /// (Version 3.) An artifact pattern is refused: absolute, with a `..`
+    /// segment, or empty.
+    BadPattern,
+    /// (Version 3.) A path `ReadFile` names is not a regular file below the
+    /// workdir reached without a symbolic link.
+    FileRefused,
+    /// (Version 3.) The workdir or a file could not be read.
+    FileUnreadable,
     /// A code this build does not know (from a newer peer), with its wire number.
     Other(u16),
 }
@@ -157,6 +184,9 @@ impl ErrorCode {
             ErrorCode::OutputLost => 8,
             ErrorCode::OutputDropped => 9,
             ErrorCode::OffsetPastEnd => 10,
+            ErrorCode::BadPattern => 11,
+            ErrorCode::FileRefused => 12,
+            ErrorCode::FileUnreadable => 13,
             ErrorCode::Other(n) => n,
         }
     }
@@ -176,6 +206,9 @@ impl ErrorCode {
             8 => ErrorCode::OutputLost,
             9 => ErrorCode::OutputDropped,
             10 => ErrorCode::OffsetPastEnd,
+            11 => ErrorCode::BadPattern,
+            12 => ErrorCode::FileRefused,
+            13 => ErrorCode::FileUnreadable,
             n => ErrorCode::Other(n),
         }
     }
@@ -338,6 +371,18 @@ messages! {
     /// Something went wrong (version 2 on): what, as a `code` to decide on, and a
     /// `message` for people; `exec_id` names the exec it concerns, if any.
     18 => Failure { exec_id: Option<u64>, code: ErrorCode, message: String },
+    /// (Version 3.) List the regular files below the workdir that `patterns` match
+    /// (relative globs: `*`, `?`, `**`; a pattern naming a directory matches the
+    /// files below it), in name order, from after `after`. Answered by `FileList`.
+    19 => ListFiles { patterns: Vec<String>, after: Option<String> },
+    /// (Version 3.) Matching files `(path, size)` in name order; `more`: another
+    /// page follows (ask again with `after` = the last path).
+    20 => FileList { files: Vec<(String, u64)>, more: bool },
+    /// (Version 3.) Read up to `len` bytes (at most [`MAX_FILE_CHUNK`]) of the file
+    /// at `path` (relative to the workdir) from `offset`. Answered by `FileChunk`.
+    21 => ReadFile { path: String, offset: u64, len: u32 },
+    /// (Version 3.) The bytes of the file from `offset`; `eof`: they reach its end.
+    22 => FileChunk { offset: u64, bytes: Vec<u8>, eof: bool },
 }
 
 impl Message {
@@ -346,6 +391,10 @@ impl Message {
     pub fn since_version(&self) -> u16 {
         match self {
             Message::Failure { .. } => FAILURE_VERSION,
+            Message::ListFiles { .. }
+            | Message::FileList { .. }
+            | Message::ReadFile { .. }
+            | Message::FileChunk { .. } => FILES_VERSION,
             _ => 1,
         }
     }
@@ -664,6 +713,24 @@ mod tests {
                 code: ErrorCode::Other(999),
                 message: String::new(),
             },
+            Message::ListFiles {
+                patterns: vec!["dist/*.tar.gz".into(), "**/report.xml".into()],
+                after: Some("dist/a.tar.gz".into()),
+            },
+            Message::FileList {
+                files: vec![("dist/b.tar.gz".into(), 1 << 33), ("report.xml".into(), 0)],
+                more: true,
+            },
+            Message::ReadFile {
+                path: "dist/b.tar.gz".into(),
+                offset: 1 << 33,
+                len: MAX_FILE_CHUNK as u32,
+            },
+            Message::FileChunk {
+                offset: 7,
+                bytes: vec![0, 1, 0xff],
+                eof: true,
+            },
         ]
     }
 
@@ -699,6 +766,31 @@ mod tests {
     }
 
     #[test]
+    fn file_messages_are_version_3_and_byte_exact() {
+        for m in &samples()[samples().len() - 4..] {
+            assert_eq!(m.since_version(), FILES_VERSION, "{m:?}");
+        }
+        let read = Message::ReadFile {
+            path: "a".into(),
+            offset: 2,
+            len: 3,
+        };
+        assert_eq!(
+            encode_frame(&read).unwrap(),
+            [
+                0, 0, 0, 4, 0, 1, 0, 21, 1, b'a', 2, 3, 0xd9, 0x6d, 0xae, 0x9c
+            ]
+        );
+        // The largest chunk with the longest offset fits in a frame.
+        let chunk = Message::FileChunk {
+            offset: u64::MAX,
+            bytes: vec![0; MAX_FILE_CHUNK],
+            eof: false,
+        };
+        assert!(encode_frame(&chunk).is_ok());
+    }
+
+    #[test]
     fn error_code_numbers_are_frozen() {
         let codes = [
             (ErrorCode::Unspecified, 0),
@@ -712,14 +804,17 @@ mod tests {
             (ErrorCode::OutputLost, 8),
             (ErrorCode::OutputDropped, 9),
             (ErrorCode::OffsetPastEnd, 10),
+            (ErrorCode::BadPattern, 11),
+            (ErrorCode::FileRefused, 12),
+            (ErrorCode::FileUnreadable, 13),
         ];
         for (code, n) in codes {
             assert_eq!(code.number(), n, "{code:?}");
             assert_eq!(ErrorCode::from_number(n), code);
         }
         // A code from a newer peer is kept, not refused.
-        assert_eq!(ErrorCode::from_number(11), ErrorCode::Other(11));
-        assert_eq!(ErrorCode::Other(11).number(), 11);
+        assert_eq!(ErrorCode::from_number(14), ErrorCode::Other(14));
+        assert_eq!(ErrorCode::Other(14).number(), 14);
     }
 
     #[test]

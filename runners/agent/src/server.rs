@@ -56,6 +56,7 @@ use rustix::process::{
     Pid, Signal, WaitId, WaitIdOptions, kill_process_group, test_kill_process_group, waitid,
 };
 
+use crate::glob;
 use crate::procfs::{self, Stat};
 use crate::proto::{
     self, ErrorCode, FrameReader, MAX_OUTPUT_CHUNK, MAX_VERSION, MIN_VERSION, Message, ProtoError,
@@ -442,6 +443,9 @@ fn close_conn(agent: &Agent, generation: u64, last: Option<Message>) {
 
 /// Handles one message from connection `generation`; false means stop reading it.
 fn handle_message(agent: &Arc<Agent>, generation: u64, msg: Message) -> bool {
+    if matches!(msg, Message::ListFiles { .. } | Message::ReadFile { .. }) {
+        return handle_file_message(agent, generation, msg);
+    }
     let mut st = agent.lock();
     let state = &mut *st;
     let Some(conn) = state
@@ -461,6 +465,17 @@ fn handle_message(agent: &Arc<Agent>, generation: u64, msg: Message) -> bool {
         let m = format!("Send Init before {}.", msg.name());
         conn.replies
             .push_back(fail(None, ErrorCode::NotInitialized, m));
+        agent.cv.notify_all();
+        return true;
+    }
+    if msg.since_version() > version {
+        let m = format!(
+            "{} needs protocol version {}; this connection speaks version {version}.",
+            msg.name(),
+            msg.since_version()
+        );
+        conn.replies
+            .push_back(fail(None, ErrorCode::UnexpectedMessage, m));
         agent.cv.notify_all();
         return true;
     }
@@ -643,6 +658,149 @@ fn handle_message(agent: &Arc<Agent>, generation: u64, msg: Message) -> bool {
     true
 }
 
+/// `ListFiles` and `ReadFile`: checked against the connection under the lock,
+/// answered from the filesystem without it (a large tree or a slow disk never
+/// holds up the steps' output), the answer queued if the connection is still
+/// current.
+fn handle_file_message(agent: &Arc<Agent>, generation: u64, msg: Message) -> bool {
+    let version = {
+        let st = agent.lock();
+        let Some(conn) = st
+            .conn
+            .as_ref()
+            .filter(|c| c.generation == generation && !c.closed)
+        else {
+            return false;
+        };
+        let refusal = if !conn.initialized {
+            Some((
+                ErrorCode::NotInitialized,
+                format!("Send Init before {}.", msg.name()),
+            ))
+        } else if conn.version < proto::FILES_VERSION {
+            Some((
+                ErrorCode::UnexpectedMessage,
+                format!(
+                    "{} needs protocol version {}; this connection speaks version {}.",
+                    msg.name(),
+                    proto::FILES_VERSION,
+                    conn.version
+                ),
+            ))
+        } else {
+            None
+        };
+        if let Some((code, m)) = refusal {
+            let version = conn.version;
+            drop(st);
+            reply(agent, generation, Message::failure(version, None, code, m));
+            return true;
+        }
+        conn.version
+    };
+    let fail = |code, message: String| Message::failure(version, None, code, message);
+    let answer = match msg {
+        Message::ListFiles { patterns, after } => list_files(&agent.opts.workdir, &patterns, after)
+            .unwrap_or_else(|(code, m)| fail(code, m)),
+        Message::ReadFile { path, offset, len } => {
+            read_file(&agent.opts.workdir, &path, offset, len)
+                .unwrap_or_else(|(code, m)| fail(code, m))
+        }
+        other => fail(
+            ErrorCode::UnexpectedMessage,
+            format!("{} is not a file message.", other.name()),
+        ),
+    };
+    reply(agent, generation, answer);
+    true
+}
+
+/// Queues `m` for connection `generation`, if it is still current.
+fn reply(agent: &Agent, generation: u64, m: Message) {
+    let mut st = agent.lock();
+    if let Some(c) = st
+        .conn
+        .as_mut()
+        .filter(|c| c.generation == generation && !c.closed)
+    {
+        c.replies.push_back(m);
+    }
+    agent.cv.notify_all();
+}
+
+/// One page of the files below `workdir` that `patterns` match.
+fn list_files(
+    workdir: &Path,
+    patterns: &[String],
+    after: Option<String>,
+) -> Result<Message, (ErrorCode, String)> {
+    let parsed = patterns
+        .iter()
+        .map(|p| glob::Pattern::parse(p))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| (ErrorCode::BadPattern, format!("{e}.")))?;
+    let found = glob::find(workdir, &parsed).map_err(|e| {
+        (
+            ErrorCode::FileUnreadable,
+            format!("Cannot list {}: {e}.", workdir.display()),
+        )
+    })?;
+    let mut files = Vec::new();
+    let mut bytes = 0;
+    let mut more = false;
+    let from = match &after {
+        Some(a) => std::ops::Bound::Excluded(a.clone()),
+        None => std::ops::Bound::Unbounded,
+    };
+    for (path, size) in found.range((from, std::ops::Bound::Unbounded)) {
+        // A name, its length and the size: at most 4 KiB + 20 bytes.
+        bytes += path.len() + 20;
+        if bytes > proto::MAX_LIST_BYTES {
+            more = true;
+            break;
+        }
+        files.push((path.clone(), *size));
+    }
+    Ok(Message::FileList { files, more })
+}
+
+/// Up to `len` bytes (at most [`proto::MAX_FILE_CHUNK`]) of the file at `path`
+/// below `workdir`, from `offset`.
+fn read_file(
+    workdir: &Path,
+    path: &str,
+    offset: u64,
+    len: u32,
+) -> Result<Message, (ErrorCode, String)> {
+    use std::os::unix::fs::FileExt;
+    let (file, size) = glob::open_beneath(workdir, path).map_err(|e| match e {
+        glob::OpenError::Refused(m) => (ErrorCode::FileRefused, format!("Cannot read {m}.")),
+        glob::OpenError::Io(e) => (
+            ErrorCode::FileUnreadable,
+            format!("Cannot read {path:?}: {e}."),
+        ),
+    })?;
+    let want = (len as usize).min(proto::MAX_FILE_CHUNK);
+    let mut bytes = vec![0u8; want];
+    let mut got = 0;
+    while got < want {
+        match file.read_at(&mut bytes[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err((
+                    ErrorCode::FileUnreadable,
+                    format!("Cannot read {path:?} at offset {offset}: {e}."),
+                ));
+            }
+        }
+    }
+    bytes.truncate(got);
+    let eof = got < want || offset + got as u64 >= size;
+    Ok(Message::FileChunk { offset, bytes, eof })
+}
+
 fn lost_message(exec_id: u64, max_buffer: u64) -> String {
     format!(
         "Output of exec {exec_id} was lost: more than {max_buffer} unacknowledged bytes were buffered (the agent's --max-buffer)."
@@ -668,7 +826,8 @@ fn spawn_exec(
         Some(c) => agent.opts.workdir.join(c),
         None => agent.opts.workdir.clone(),
     };
-    let mut child = Command::new(prog)
+    let mut command = Command::new(prog);
+    command
         .args(args)
         .env_clear()
         .envs(env)
@@ -676,8 +835,28 @@ fn spawn_exec(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()?;
+        .process_group(0);
+    // A step starts with every signal at its default disposition and none
+    // blocked, however the agent was started: an ignored signal survives exec,
+    // and the guest's init starts the agent in the background (`agent &`), where
+    // a non-interactive shell ignores SIGINT and SIGQUIT. The step (and the
+    // `trap` of its shell) would never see the cancel ladder's SIGINT.
+    // SAFETY: between fork and exec only async-signal-safe calls are made
+    // (`signal`, `sigemptyset`, `sigprocmask`), on memory of this closure.
+    unsafe {
+        command.pre_exec(|| {
+            for sig in 1..libc::SIGRTMIN() {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::signal(sig, libc::SIG_DFL);
+                }
+            }
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+    let mut child = command.spawn()?;
     let pid = child.id();
     let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) else {
         return Err(io::Error::other("child pipes missing"));

@@ -882,3 +882,169 @@ fn a_pinned_process_whose_pid_was_reused_is_not_signalled() {
         "a signal for a gone process reached the one that reused its pid"
     );
 }
+
+/// Version 3: the files artifact patterns match are listed in name order and
+/// read in chunks, byte for byte; no symbolic link is followed, nothing outside
+/// the workdir is reached, and a refusal is an error that keeps the connection.
+#[test]
+fn artifact_files_are_listed_and_read_without_leaving_the_workdir() {
+    let agent = Agent::start(&[]);
+    let mut c = agent.client();
+    assert_eq!(c.version(), 3);
+    let (_, _, out) = run_low(
+        &mut c,
+        &sh(
+            1,
+            "mkdir -p dist/sub && head -c 600000 /dev/urandom > dist/big.bin && \
+             printf hi > dist/sub/a.txt && ln -s /etc/hostname dist/link && ln -s / dist/root && \
+             mkfifo dist/fifo",
+        ),
+    );
+    assert_eq!(out.code, Some(0));
+    let files = c
+        .list_files(&["dist".into(), "nothing-*".into()], T)
+        .unwrap();
+    assert_eq!(
+        files,
+        [
+            ("dist/big.bin".to_owned(), 600_000),
+            ("dist/sub/a.txt".to_owned(), 2)
+        ]
+    );
+    // Read in chunks of at most MAX_FILE_CHUNK, whatever is asked for.
+    let mut bytes = Vec::new();
+    let mut reads = 0;
+    loop {
+        let (chunk, eof) = c
+            .read_file("dist/big.bin", bytes.len() as u64, 1 << 20, T)
+            .unwrap();
+        assert!(chunk.len() <= proto::MAX_FILE_CHUNK);
+        bytes.extend(chunk);
+        reads += 1;
+        if eof {
+            break;
+        }
+    }
+    assert_eq!(reads, 3, "600,000 bytes in chunks of 256 KiB");
+    assert!(bytes == std::fs::read(agent._dir.path().join("dist/big.bin")).unwrap());
+    assert_eq!(
+        c.read_file("dist/sub/a.txt", 0, 10, T).unwrap(),
+        (b"hi".to_vec(), true)
+    );
+    assert_eq!(
+        c.read_file("dist/sub/a.txt", 2, 10, T).unwrap(),
+        (vec![], true)
+    );
+    for refused in [
+        "dist/link",
+        "dist/root/etc/hostname",
+        "../x",
+        "/etc/hostname",
+        "dist",
+        "dist/fifo",
+    ] {
+        match c.read_file(refused, 0, 10, T) {
+            Err(ClientError::Agent {
+                code: ErrorCode::FileRefused,
+                ..
+            }) => {}
+            other => panic!("{refused}: {other:?}"),
+        }
+    }
+    match c.list_files(&["dist".into(), "/etc".into()], T) {
+        Err(ClientError::Agent {
+            code: ErrorCode::BadPattern,
+            message,
+            ..
+        }) => assert!(message.contains("absolute"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    match c.read_file("dist/missing", 0, 10, T) {
+        Err(ClientError::Agent {
+            code: ErrorCode::FileUnreadable,
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    // The connection still serves.
+    c.ping(T).unwrap();
+    // A version-2 host has no file messages: the client refuses to ask, and the
+    // agent refuses them on such a connection.
+    let mut old = AgentClient::connect_with_versions(&agent.socket, T, 1, 2).unwrap();
+    old.init("job-1", "token-1").unwrap();
+    assert!(matches!(
+        old.list_files(&["dist".into()], T),
+        Err(ClientError::Unsupported {
+            needs: 3,
+            version: 2,
+            ..
+        })
+    ));
+    old.send(&Message::ListFiles {
+        patterns: vec!["dist".into()],
+        after: None,
+    })
+    .unwrap();
+    match old.recv(Some(T)).unwrap() {
+        Some(Message::Failure {
+            code: ErrorCode::UnexpectedMessage,
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A listing larger than one answer comes in pages, and the client asks for
+/// every one.
+#[test]
+fn a_long_listing_comes_in_pages() {
+    let agent = Agent::start(&[]);
+    let mut c = agent.client();
+    // 3,000 names of ~200 bytes: more than one answer's MAX_LIST_BYTES.
+    let long = "n".repeat(190);
+    let (_, _, out) = run_low(
+        &mut c,
+        &sh(
+            1,
+            &format!("mkdir many && cd many && for i in $(seq 1000 3999); do : > {long}$i; done"),
+        ),
+    );
+    assert_eq!(out.code, Some(0));
+    let files = c.list_files(&["many".into()], T).unwrap();
+    assert_eq!(files.len(), 3000);
+    assert!(files.windows(2).all(|w| w[0].0 < w[1].0));
+    assert_eq!(files[0].0, format!("many/{long}1000"));
+}
+
+/// A step gets default signal dispositions whatever the agent inherited: the
+/// guest's init starts the agent in the background, where SIGINT and SIGQUIT
+/// are ignored, and a step would then never see the cancel ladder's SIGINT.
+#[test]
+fn a_step_sees_the_ladders_sigint_even_if_the_agent_ignores_it() {
+    let agent = Agent::start_under(&["sh", "-c", "trap '' INT QUIT; exec \"$@\"", "sh"], &[]);
+    let mut c = agent.client();
+    let handle = c.cancel_handle();
+    let mut sent = false;
+    let mut out = Vec::new();
+    let exit = c
+        .run_exec(
+            &sh(
+                1,
+                "trap 'echo got-int' INT; echo ready; while :; do sleep 0.05; done",
+            ),
+            |_, _, b| {
+                out.extend_from_slice(b);
+                if !sent && out.starts_with(b"ready") {
+                    sent = true;
+                    handle.cancel(1, Duration::from_millis(300)).unwrap();
+                }
+            },
+        )
+        .unwrap();
+    assert_eq!(exit.signal, Some(15), "{exit:?}");
+    assert!(
+        String::from_utf8_lossy(&out).contains("got-int"),
+        "the step never saw SIGINT: {}",
+        String::from_utf8_lossy(&out)
+    );
+}

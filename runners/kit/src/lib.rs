@@ -6,7 +6,8 @@
 //! is how the sandbox is built and how the agent is reached; what happens once an
 //! [`AgentClient`](reel_agent::AgentClient) is connected is the same, and lives here:
 //!
-//! - [`session`]: a job's agent session, and `exec` (fresh or resumed), `cancel`,
+//! - [`session`]: a job's agent session, and `exec` (fresh or resumed), `cancel`
+//!   (with the job's cancel grace), `collect` (the job's artifacts),
 //!   `drain` and poweroff through it, with the bookkeeping that never loses a cancel;
 //! - [`cgroup`]: a job's cgroup(s) on v2, v1 or hybrid hosts;
 //! - [`oom`]: naming "out of memory" as the cause of a step's failure;

@@ -6,21 +6,46 @@
 //! step's output to the engine's sink, acknowledging to the agent only what the
 //! engine stored durably. A cancel may arrive from another thread at any moment,
 //! before the exec is registered, between `ExecStart` and the output, or after a
-//! resume: the session's exec table is what makes sure none is lost.
+//! resume: the session's exec table is what makes sure none is lost. A cancel's
+//! grace is the job's (`JobRequest::cancel_grace_ms`, kept in the runner's
+//! handle), else [`CANCEL_GRACE`].
+//!
+//! [`Sessions::collect`] copies a job's artifacts out of the sandbox through the
+//! same session (agent protocol version 3: `ListFiles`, then `ReadFile` chunk by
+//! chunk), for both the process runner and the QEMU runner: one implementation
+//! of the engine's `collect` contract over the agent, whether the workdir is on
+//! the host or inside a guest.
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use reel_agent::proto::{ErrorCode, Message};
+use reel_agent::glob::Pattern;
+use reel_agent::proto::{ErrorCode, MAX_FILE_CHUNK, Message};
 use reel_agent::{AgentClient, CancelHandle, ClientError, ExecRequest};
-use reel_plugin_sdk::{ExecResult, OutputSink, RunnerError, StepRequest, Stream};
+use reel_plugin_sdk::artifacts::{self, PartialFile};
+use reel_plugin_sdk::host::notice;
+use reel_plugin_sdk::{
+    CollectRequest, Collected, Collection, ExecResult, OutputSink, RunnerError, StepRequest, Stream,
+};
 
 use crate::{client_error, lock};
 
-/// Grace between the signals of the agent's INT → TERM → KILL ladder on cancel.
+/// Grace between the signals of the agent's INT → TERM → KILL ladder on cancel,
+/// for a job that sets no `cancel_grace`.
 pub const CANCEL_GRACE: Duration = Duration::from_millis(1000);
+/// How long listing the artifacts may take (the agent walks the workdir).
+const LIST_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long one chunk of an artifact may take to arrive.
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// The notice kind of what a collection says about patterns and files.
+pub const ARTIFACT_NOTICE: &str = "artifact";
+
+/// The grace of a job's cancels: its `cancel_grace_ms`, else [`CANCEL_GRACE`].
+pub fn cancel_grace(cancel_grace_ms: Option<u64>) -> Duration {
+    cancel_grace_ms.map_or(CANCEL_GRACE, Duration::from_millis)
+}
 /// Acknowledge delivered output to the agent after this many bytes.
 const ACK_EVERY: u64 = 256 * 1024;
 /// The most output merged into one sink call: the engine makes every sink call
@@ -102,11 +127,13 @@ impl Sessions {
 
     /// Runs `step` on `session` to its end: a new step is started with `request()`
     /// (never if it was cancelled before it started); a step with `resume_from` > 0
-    /// is taken back from that offset and never run again.
+    /// is taken back from that offset and never run again (and stopped with
+    /// `grace` if a cancel came first).
     pub fn exec(
         &self,
         session: &Session,
         step: &StepRequest,
+        grace: Duration,
         request: impl FnOnce() -> ExecRequest,
         sink: &mut dyn OutputSink,
     ) -> Result<ExecResult, RunnerError> {
@@ -132,7 +159,7 @@ impl Sessions {
                     // A cancel arrived before the resume: pass it on now.
                     session
                         .canceller
-                        .cancel(step.exec_id, CANCEL_GRACE)
+                        .cancel(step.exec_id, grace)
                         .map_err(|e| client_error("sending Cancel", e))?;
                 }
             }
@@ -142,10 +169,11 @@ impl Sessions {
         result
     }
 
-    /// Ends the job's exec `exec_id` (the agent's INT → TERM → KILL ladder), or
-    /// remembers the cancel when the exec is not registered yet, so that it is never
-    /// started or is stopped on resume. Without a session there is nothing to stop.
-    pub fn cancel(&self, key: Key, exec_id: u64) -> Result<(), RunnerError> {
+    /// Ends the job's exec `exec_id` (the agent's INT → TERM → KILL ladder, `grace`
+    /// between the signals), or remembers the cancel when the exec is not
+    /// registered yet, so that it is never started or is stopped on resume.
+    /// Without a session there is nothing to stop.
+    pub fn cancel(&self, key: Key, exec_id: u64, grace: Duration) -> Result<(), RunnerError> {
         let Some(session) = self.get(key) else {
             return Ok(());
         };
@@ -155,7 +183,7 @@ impl Sessions {
                 *cancelled = true;
                 session
                     .canceller
-                    .cancel(exec_id, CANCEL_GRACE)
+                    .cancel(exec_id, grace)
                     .map_err(|e| client_error("sending Cancel", e))?;
             }
             None => {
@@ -163,6 +191,93 @@ impl Sessions {
             }
         }
         Ok(())
+    }
+
+    /// Copies the job's artifacts out of the sandbox as `request` says (the
+    /// engine's `collect` contract, see `reel_plugin_sdk::CollectRequest`),
+    /// through `session`: the agent lists the files the patterns match (relative
+    /// to its workdir, no symbolic link followed), and each is read in chunks into
+    /// a partial file that is synced and renamed into place
+    /// ([`reel_plugin_sdk::artifacts::PartialFile`]).
+    ///
+    /// A refused pattern, a pattern that matches nothing and a file that cannot
+    /// be read are notices of kind [`ARTIFACT_NOTICE`]; a connection that breaks
+    /// in the middle stops the collection (with a notice) and returns what was
+    /// copied. An error only when nothing could be listed.
+    pub fn collect(
+        &self,
+        session: &Session,
+        request: &CollectRequest,
+    ) -> Result<Collection, RunnerError> {
+        let mut client = lock(&session.client);
+        let mut patterns = Vec::new();
+        for text in &request.patterns {
+            match Pattern::parse(text) {
+                Ok(p) => patterns.push(p),
+                Err(e) => notice(ARTIFACT_NOTICE, &format!("not collected: {e}")),
+            }
+        }
+        if patterns.is_empty() {
+            return Ok(Collection::default());
+        }
+        let texts: Vec<String> = patterns.iter().map(|p| p.as_str().to_owned()).collect();
+        let files = client
+            .list_files(&texts, LIST_TIMEOUT)
+            .map_err(|e| client_error("listing the artifacts", e))?;
+        for p in &patterns {
+            if !files.iter().any(|(name, _)| p.covers(name)) {
+                notice(
+                    ARTIFACT_NOTICE,
+                    &format!("the pattern {:?} matched no file", p.as_str()),
+                );
+            }
+        }
+        let mut out = Collection {
+            matched: files.len() as u64,
+            ..Collection::default()
+        };
+        let mut total: u64 = 0;
+        for (seq, (name, size)) in files.iter().enumerate() {
+            if request.already.contains(name) {
+                total = total.saturating_add(*size);
+                continue;
+            }
+            if let Err(e) = artifacts::check_name(name) {
+                notice(ARTIFACT_NOTICE, &format!("{name:?} not collected: {e}"));
+                continue;
+            }
+            let left = request.max_total_bytes.saturating_sub(total);
+            if *size > left {
+                out.cap_reached_at = Some(name.clone());
+                break;
+            }
+            match copy_file(&mut client, request, seq, name, left) {
+                Ok(Some(c)) => {
+                    total += c.size;
+                    out.collected.push(c);
+                }
+                Ok(None) => {
+                    // It grew past the cap while it was read.
+                    out.cap_reached_at = Some(name.clone());
+                    break;
+                }
+                Err(Copy::File(why)) => {
+                    notice(ARTIFACT_NOTICE, &format!("{name:?} not collected: {why}"));
+                }
+                Err(Copy::Stop(why)) => {
+                    notice(
+                        ARTIFACT_NOTICE,
+                        &format!(
+                            "collecting stopped at {name:?}: {why}; {} of {} files copied",
+                            out.collected.len(),
+                            files.len()
+                        ),
+                    );
+                    break;
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Asks the job's agent to accept no more steps and waits for the running ones.
@@ -210,6 +325,58 @@ impl Sessions {
         };
         client.send(&init).is_ok() && client.poweroff(left).is_ok()
     }
+}
+
+/// Why one file was not copied.
+enum Copy {
+    /// This file only (the agent refused or could not read it): go on.
+    File(String),
+    /// Nothing more can be copied (the connection broke, the destination failed).
+    Stop(String),
+}
+
+/// Copies `name` from the agent into place under the request's `dest_dir`
+/// through a partial file; `None` if it turned out longer than `left` bytes
+/// (nothing is left of it).
+fn copy_file(
+    client: &mut AgentClient,
+    request: &CollectRequest,
+    seq: usize,
+    name: &str,
+    left: u64,
+) -> Result<Option<Collected>, Copy> {
+    let local = |what: &str, e: std::io::Error| Copy::Stop(format!("{what}: {e}"));
+    let mut file =
+        PartialFile::create(request, seq).map_err(|e| local("cannot create a partial copy", e))?;
+    loop {
+        let offset = file.size();
+        let read = client.read_file(name, offset, MAX_FILE_CHUNK as u32, READ_TIMEOUT);
+        let (bytes, eof) = match read {
+            Ok(x) => x,
+            Err(ClientError::Agent {
+                code: ErrorCode::FileRefused | ErrorCode::FileUnreadable,
+                message,
+                ..
+            }) => return Err(Copy::File(message)),
+            Err(e) => return Err(Copy::Stop(e.to_string())),
+        };
+        if offset + bytes.len() as u64 > left {
+            return Ok(None);
+        }
+        file.write(&bytes)
+            .map_err(|e| local("cannot write the partial copy", e))?;
+        if eof {
+            break;
+        }
+        if bytes.is_empty() {
+            return Err(Copy::Stop(format!(
+                "the agent sent no bytes of {name:?} at offset {offset} and no end"
+            )));
+        }
+    }
+    file.finish(request, name)
+        .map(Some)
+        .map_err(|e| local("cannot put the copy in place", e))
 }
 
 fn to_stream(s: reel_agent::Stream) -> Stream {

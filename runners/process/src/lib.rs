@@ -51,7 +51,17 @@
 //! fixed by `plan`; the environment is only a base under each step's, which the engine
 //! gives complete, and so must hold no secret values), then the
 //! session token (added by `prepare`) and the agent's pid and start time (added by
-//! `boot`). Since every path is in the plan handle, `probe` and `cleanup` work from any
+//! `boot`), followed (version 2) by the job's `cancel_grace_ms`. A version 1 handle
+//! (logged before cancel grace existed) is still read, with the default grace.
+//!
+//! # Cancel and artifacts
+//!
+//! A cancel is the agent's SIGINT → SIGTERM → SIGKILL ladder with the job's
+//! `cancel_grace` between the signals (default
+//! [`CANCEL_GRACE`](reel_runner_kit::session::CANCEL_GRACE)). `collect` goes through
+//! the agent too ([`Sessions::collect`]): the work directory is on the host, but
+//! the agent is what already knows it and reads it without following a link, and
+//! the QEMU runner, whose work directory is in a guest, does exactly the same. Since every path is in the plan handle, `probe` and `cleanup` work from any
 //! earlier handle: they find the agent through the pidfile (trusted only when the
 //! process's command line names this job's socket and it started no later than the
 //! pidfile was written) or by scanning `/proc` for the agent's command line.
@@ -86,8 +96,8 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use reel_agent::procfs::Process;
 use reel_agent::{AgentClient, ExecRequest};
 use reel_plugin_sdk::{
-    Capability, Description, ExecResult, Handle, JobRequest, OutputSink, Probe, Runner,
-    RunnerConfig, RunnerError, StepRequest,
+    Capability, CollectRequest, Collection, Description, ExecResult, Handle, JobRequest,
+    OutputSink, Probe, Runner, RunnerConfig, RunnerError, StepRequest,
 };
 use reel_runner_kit::oom::with_oom_cause;
 use reel_runner_kit::session::Key;
@@ -100,8 +110,9 @@ pub use reel_runner_kit::{Cgroup, CgroupKind};
 
 reel_plugin_sdk::export_runner!(ProcessRunner);
 
-/// The format version of the handle bytes.
-pub const HANDLE_VERSION: u32 = 1;
+/// The format version of the handle bytes: 2 appends the job's cancel grace to
+/// version 1's `JobState` (which is still read).
+pub const HANDLE_VERSION: u32 = 2;
 /// The notice kind `plan` uses for each resource it names (the SDK's).
 pub const RESOURCE_NOTICE: &str = reel_plugin_sdk::host::PLANNED_RESOURCE;
 pub use reel_runner_kit::sandbox::MAX_SOCKET_PATH;
@@ -145,11 +156,30 @@ struct JobState {
     session_token: Option<String>,
     /// Set by `boot`.
     agent: Option<AgentId>,
+    /// The job's `cancel_grace_ms` (handle version 2, after the fields above).
+    #[serde(skip)]
+    cancel_grace_ms: Option<u64>,
 }
 
 impl JobState {
     fn decode(handle: &Handle) -> Result<JobState, RunnerError> {
-        let state: JobState = handle.decode(HANDLE_VERSION)?;
+        let malformed =
+            |e: RunnerError| RunnerError::invalid_input(format!("malformed handle: {}", e.message));
+        let state: JobState = match handle.version {
+            1 => reel_plugin_sdk::codec::decode(&handle.bytes).map_err(malformed)?,
+            2 => {
+                let (mut state, grace): (JobState, Option<u64>) =
+                    reel_plugin_sdk::codec::decode(&handle.bytes).map_err(malformed)?;
+                state.cancel_grace_ms = grace;
+                state
+            }
+            v => {
+                return Err(RunnerError::invalid_input(format!(
+                    "handle format version {v} is not one this runner reads (1 or \
+                     {HANDLE_VERSION})"
+                )));
+            }
+        };
         // A handle names paths this runner removes: refuse one that does not look
         // like ours rather than delete something else.
         if state.dir.file_name() != Some(state.sandbox_id.to_string().as_ref())
@@ -165,11 +195,16 @@ impl JobState {
     }
 
     fn encode(&self) -> Result<Handle, RunnerError> {
-        Handle::encode(HANDLE_VERSION, self)
+        Handle::encode(HANDLE_VERSION, &(self, self.cancel_grace_ms))
     }
 
     fn key(&self) -> Key {
         (self.job_id, self.sandbox_id)
+    }
+
+    /// The grace between the signals of a cancel of this job's steps.
+    fn grace(&self) -> Duration {
+        reel_runner_kit::session::cancel_grace(self.cancel_grace_ms)
     }
 
     /// OOM kills in the job's memory cgroup so far, if it has one that counts them.
@@ -419,6 +454,7 @@ impl Runner for ProcessRunner {
                     Capability::Timeout,
                     Capability::Reattach,
                     Capability::Resume,
+                    Capability::Collect,
                 ]);
                 // Informational (`reel plugins` shows it; the engine does not act on it).
                 c.push("cgroup".to_owned());
@@ -577,6 +613,7 @@ impl Runner for ProcessRunner {
         let result = self.sessions.exec(
             &session,
             step,
+            state.grace(),
             || ExecRequest {
                 exec_id: step.exec_id,
                 argv: vec!["sh".to_owned(), "-c".to_owned(), step.command.clone()],
@@ -591,7 +628,26 @@ impl Runner for ProcessRunner {
 
     fn cancel(&self, handle: &Handle, exec_id: u64) -> Result<(), RunnerError> {
         let state = Self::state(handle)?;
-        self.sessions.cancel(state.key(), exec_id)
+        self.sessions.cancel(state.key(), exec_id, state.grace())
+    }
+
+    fn collect(
+        &self,
+        handle: &Handle,
+        request: &CollectRequest,
+    ) -> Result<Collection, RunnerError> {
+        let state = Self::state(handle)?;
+        if Self::agents(&state).is_empty() {
+            // Gone, and the reader of its files with it: say so at once rather
+            // than after the connect timeout.
+            return Err(RunnerError::not_found("the job's agent is not running"));
+        }
+        let session = self
+            .sessions
+            .get_or_open(state.key(), Self::token(&state)?, || {
+                Self::connect_agent(&state, CONNECT_TIMEOUT)
+            })?;
+        self.sessions.collect(&session, request)
     }
 
     fn drain(&self, handle: &Handle) -> Result<(), RunnerError> {
@@ -720,6 +776,42 @@ impl ProcessRunner {
             environment: job.environment.clone(),
             session_token: None,
             agent: None,
+            cancel_grace_ms: job.cancel_grace_ms,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A handle logged before cancel grace existed (version 1) is read with the
+    /// default grace; a version 2 handle keeps the job's.
+    #[test]
+    fn a_version_1_handle_is_read_with_the_default_grace() {
+        let root = tempfile::tempdir().unwrap();
+        let runner = ProcessRunner::new(&RunnerConfig {
+            sandbox_root: root.path().to_owned(),
+            ..RunnerConfig::default()
+        })
+        .unwrap();
+        let job = JobRequest {
+            job_id: 5,
+            sandbox_id: 3,
+            cancel_grace_ms: Some(4500),
+            ..JobRequest::default()
+        };
+        let state = runner.plan_state(&job).unwrap();
+        let v2 = state.encode().unwrap();
+        assert_eq!(v2.version, 2);
+        let read = JobState::decode(&v2).unwrap();
+        assert_eq!(read, state);
+        assert_eq!(read.grace(), Duration::from_millis(4500));
+        // Version 1: the same fields without the grace.
+        let v1 = Handle::encode(1, &state).unwrap();
+        let read = JobState::decode(&v1).unwrap();
+        assert_eq!(read.cancel_grace_ms, None);
+        assert_eq!(read.grace(), reel_runner_kit::session::CANCEL_GRACE);
+        assert!(JobState::decode(&Handle { version: 3, ..v2 }).is_err());
     }
 }

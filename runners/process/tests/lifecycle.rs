@@ -161,6 +161,144 @@ fn cancel_from_another_thread() {
     assert!(result.success(), "{result:?}");
 }
 
+/// When the SIGINT and the SIGTERM of a cancel reached a step that traps both
+/// (the step prints the time of each), and how long the cancel took.
+fn cancel_signal_times(sandbox_id: u32, grace_ms: Option<u64>) -> (f64, f64, Duration) {
+    let f = Fixture::with_job(reel_plugin_sdk::JobRequest {
+        cancel_grace_ms: grace_ms,
+        ..job(sandbox_id)
+    });
+    let s = step(
+        3,
+        "trap 'echo INT $(date +%s.%N)' INT; trap 'echo TERM $(date +%s.%N)' TERM; \
+         echo ready; while :; do sleep 0.02; done",
+    );
+    let out = Shared::default();
+    let f = &f;
+    let (result, took) = std::thread::scope(|scope| {
+        let mut sink = out.clone();
+        let exec = scope.spawn(move || f.runner.exec(&f.handle, &s, &mut sink));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !String::from_utf8_lossy(&out.0.lock().unwrap().stdout).contains("ready") {
+            assert!(Instant::now() < deadline, "the step never got ready");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let at = Instant::now();
+        f.runner.cancel(&f.handle, 3).unwrap();
+        let result = exec.join().unwrap();
+        (result, at.elapsed())
+    });
+    let result = result.unwrap();
+    // Neither signal ended it: the ladder's SIGKILL did.
+    assert_eq!(result.signal, Some(9), "{result:?}");
+    let stdout = String::from_utf8_lossy(&out.0.lock().unwrap().stdout).into_owned();
+    let at = |word: &str| -> f64 {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(word))
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {word} line in {stdout:?}"))
+    };
+    (at("INT "), at("TERM "), took)
+}
+
+/// A cancel's SIGINT → SIGTERM → SIGKILL ladder waits the job's
+/// `cancel_grace_ms` between the signals: shorter and longer than the runner's
+/// default of one second, and the default when the job sets none.
+#[test]
+fn a_cancel_waits_the_jobs_grace_between_its_signals() {
+    for (sandbox_id, grace_ms) in [(120, Some(300)), (121, Some(2500)), (122, None)] {
+        let (int, term, took) = cancel_signal_times(sandbox_id, grace_ms);
+        let grace = grace_ms.unwrap_or(1000) as f64 / 1000.0;
+        let gap = term - int;
+        assert!(
+            gap >= grace - 0.05 && gap < grace + 0.6,
+            "grace {grace_ms:?}: SIGTERM came {gap:.3} s after SIGINT"
+        );
+        // INT, a grace, TERM, a grace, KILL.
+        let took = took.as_secs_f64();
+        assert!(
+            took >= 2.0 * grace - 0.05 && took < 2.0 * grace + 1.5,
+            "grace {grace_ms:?}: the cancelled exec returned after {took:.3} s"
+        );
+    }
+}
+
+/// `collect` through the agent: a file of several chunks and a small one, byte
+/// for byte with their CRCs, in place and nothing partial left; links out of the
+/// work directory are not followed; a refused or unmatched pattern is a notice,
+/// not an error; the cap stops before the file that would pass it.
+#[test]
+fn artifacts_are_collected_through_the_agent() {
+    use reel_plugin_sdk::CollectRequest;
+    let f = Fixture::new(123);
+    let made = f
+        .runner
+        .exec(
+            &f.handle,
+            &step(
+                1,
+                "mkdir -p dist && head -c 700000 /dev/urandom > dist/app.bin && \
+                 echo '<ok/>' > report.xml && ln -s /etc/passwd dist/passwd && \
+                 ln -s / dist/root",
+            ),
+            &mut Output::default(),
+        )
+        .unwrap();
+    assert!(made.success(), "{made:?}");
+    let work = f.dir().join("work");
+    let out = tempfile::tempdir().unwrap();
+    let request = |run: &str, cap: u64, already: Vec<String>| {
+        let req = CollectRequest {
+            patterns: vec![
+                "dist/**".into(),
+                "*.xml".into(),
+                "/etc/*".into(),
+                "none/*".into(),
+            ],
+            dest_dir: out.path().join(run),
+            partial_dir: out.path().join(format!("{run}.part")),
+            max_total_bytes: cap,
+            already,
+        };
+        std::fs::create_dir_all(&req.dest_dir).unwrap();
+        std::fs::create_dir_all(&req.partial_dir).unwrap();
+        req
+    };
+    let req = request("all", 1 << 30, vec![]);
+    let got = f.runner.collect(&f.handle, &req).unwrap();
+    let names: Vec<&str> = got.collected.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["dist/app.bin", "report.xml"]);
+    assert_eq!((got.matched, got.cap_reached_at.as_deref()), (2, None));
+    for c in &got.collected {
+        let copy = std::fs::read(req.dest_dir.join(&c.name)).unwrap();
+        assert!(
+            copy == std::fs::read(work.join(&c.name)).unwrap(),
+            "{}",
+            c.name
+        );
+        assert_eq!(
+            (c.size, c.crc32c),
+            (copy.len() as u64, crc32c::crc32c(&copy))
+        );
+    }
+    assert_eq!(std::fs::read_dir(&req.partial_dir).unwrap().count(), 0);
+    assert!(!req.dest_dir.join("dist/passwd").exists());
+    assert!(!req.dest_dir.join("dist/root").exists());
+
+    // A cap below the big file: nothing is copied, and the cap names it.
+    let req = request("capped", 699_999, vec![]);
+    let got = f.runner.collect(&f.handle, &req).unwrap();
+    assert_eq!(got.collected, []);
+    assert_eq!(got.cap_reached_at.as_deref(), Some("dist/app.bin"));
+    assert_eq!(std::fs::read_dir(&req.dest_dir).unwrap().count(), 0);
+    // With the big file stored already, only the rest is copied.
+    let req = request("rest", 1 << 30, vec!["dist/app.bin".into()]);
+    let got = f.runner.collect(&f.handle, &req).unwrap();
+    let names: Vec<&str> = got.collected.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["report.xml"]);
+}
+
 #[test]
 fn a_cancel_that_arrives_before_its_exec_is_not_lost() {
     let f = Fixture::new(115);

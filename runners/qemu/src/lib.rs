@@ -26,8 +26,13 @@
 //! | `connect` | the agent's `Hello` over the chardev socket (stale bytes of an earlier host skipped), `Init` with the token; a boot that hangs before `Hello` is retried once (notice `boot-retry`) | `AgentConnected` |
 //! | `exec` | the step through the agent, as the process runner does ([`reel_runner_kit::session`]) | step events |
 //! | `drain` | the agent's `Drain` | `Drained` |
+//! | `collect` | the job's artifacts read from the guest's work directory through the agent (`ListFiles`, `ReadFile`), as the process runner does ([`Sessions::collect`]) | `ArtifactStored` each |
 //! | `poweroff` | agent `Poweroff` (the guest's init then runs `poweroff -f`) → QMP `system_powerdown` → SIGKILL, each with a share of the deadline | `PoweredOff` |
 //! | `cleanup` | every QEMU of the job killed (by handle, pidfile, cgroup, or command line), cgroup and directory removed | `Cleaned` |
+//!
+//! A cancel is the guest agent's SIGINT → SIGTERM → SIGKILL ladder with the job's
+//! `cancel_grace` between the signals (kept in the handle, from format version
+//! 2; a version 1 handle is still read, with the default grace).
 //!
 //! # Why a step failed
 //!
@@ -70,8 +75,8 @@ use std::time::{Duration, Instant};
 use reel_agent::procfs::{self, Process};
 use reel_agent::{AgentClient, ExecRequest};
 use reel_plugin_sdk::{
-    Capability, Description, ExecResult, Handle, JobRequest, OutputSink, Probe, Runner,
-    RunnerConfig, RunnerError, StepRequest, Stored, Stream,
+    Capability, CollectRequest, Collection, Description, ExecResult, Handle, JobRequest,
+    OutputSink, Probe, Runner, RunnerConfig, RunnerError, StepRequest, Stored, Stream,
 };
 use reel_runner_kit::oom::{OOM_NOTICE, how_it_ended, memory_limit, out_of_memory, with_oom_cause};
 use reel_runner_kit::session::Key;
@@ -84,8 +89,9 @@ use crate::spec::{Machine, Spec, VolumeSpec};
 
 reel_plugin_sdk::export_runner!(QemuRunner);
 
-/// The format version of the handle bytes.
-pub const HANDLE_VERSION: u32 = 1;
+/// The format version of the handle bytes: 2 appends the job's cancel grace to
+/// version 1's `VmState` (which is still read).
+pub const HANDLE_VERSION: u32 = 2;
 /// The `PATH` of a step in the guest whose job sets none.
 pub const GUEST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// The guest's home and the steps' working directory (the image's first volume).
@@ -159,11 +165,30 @@ struct VmState {
     accel: Option<String>,
     /// QEMU starts so far (a hung boot is retried once).
     boots: u32,
+    /// The job's `cancel_grace_ms` (handle version 2, after the fields above).
+    #[serde(skip)]
+    cancel_grace_ms: Option<u64>,
 }
 
 impl VmState {
     fn decode(handle: &Handle) -> Result<VmState, RunnerError> {
-        let state: VmState = handle.decode(HANDLE_VERSION)?;
+        let malformed =
+            |e: RunnerError| RunnerError::invalid_input(format!("malformed handle: {}", e.message));
+        let state: VmState = match handle.version {
+            1 => reel_plugin_sdk::codec::decode(&handle.bytes).map_err(malformed)?,
+            2 => {
+                let (mut state, grace): (VmState, Option<u64>) =
+                    reel_plugin_sdk::codec::decode(&handle.bytes).map_err(malformed)?;
+                state.cancel_grace_ms = grace;
+                state
+            }
+            v => {
+                return Err(RunnerError::invalid_input(format!(
+                    "handle format version {v} is not one this runner reads (1 or \
+                     {HANDLE_VERSION})"
+                )));
+            }
+        };
         // A handle names paths this runner removes: refuse one that does not look
         // like ours rather than delete something else.
         let inside = |p: &Path| p.parent() == Some(state.dir.as_path());
@@ -181,11 +206,16 @@ impl VmState {
     }
 
     fn encode(&self) -> Result<Handle, RunnerError> {
-        Handle::encode(HANDLE_VERSION, self)
+        Handle::encode(HANDLE_VERSION, &(self, self.cancel_grace_ms))
     }
 
     fn key(&self) -> Key {
         (self.job_id, self.sandbox_id)
+    }
+
+    /// The grace between the signals of a cancel of this job's steps.
+    fn grace(&self) -> Duration {
+        reel_runner_kit::session::cancel_grace(self.cancel_grace_ms)
     }
 
     /// The job's memory cgroup limit: the guest's memory and QEMU's own.
@@ -380,6 +410,7 @@ impl QemuRunner {
             qemu: None,
             accel: None,
             boots: 0,
+            cancel_grace_ms: job.cancel_grace_ms,
         })
     }
 
@@ -966,6 +997,7 @@ impl Runner for QemuRunner {
                     Capability::Timeout,
                     Capability::Reattach,
                     Capability::Resume,
+                    Capability::Collect,
                 ]);
                 c.extend(["cgroup".to_owned(), "microvm".to_owned()]);
                 c
@@ -1095,6 +1127,7 @@ impl Runner for QemuRunner {
         let result = self.sessions.exec(
             &session,
             step,
+            state.grace(),
             || ExecRequest {
                 exec_id: step.exec_id,
                 argv: vec![
@@ -1157,7 +1190,22 @@ impl Runner for QemuRunner {
 
     fn cancel(&self, handle: &Handle, exec_id: u64) -> Result<(), RunnerError> {
         let state = Self::state(handle)?;
-        self.sessions.cancel(state.key(), exec_id)
+        self.sessions.cancel(state.key(), exec_id, state.grace())
+    }
+
+    fn collect(
+        &self,
+        handle: &Handle,
+        request: &CollectRequest,
+    ) -> Result<Collection, RunnerError> {
+        let state = Self::state(handle)?;
+        if Self::qemu_alive(&state).is_none() {
+            return Err(RunnerError::not_found("the job's VM is not running"));
+        }
+        let session = self.sessions.get_or_open(state.key(), state.token()?, || {
+            connect_guest(&state.agent_socket, CONNECT_TIMEOUT)
+        })?;
+        self.sessions.collect(&session, request)
     }
 
     fn drain(&self, handle: &Handle) -> Result<(), RunnerError> {
@@ -1262,6 +1310,43 @@ impl Runner for QemuRunner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A handle logged before cancel grace existed (version 1) is read with the
+    /// default grace; a version 2 handle keeps the job's.
+    #[test]
+    fn a_version_1_handle_is_read_with_the_default_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("vmlinux"), b"\x7fELF").unwrap();
+        std::fs::write(dir.path().join("initrd.img"), b"x").unwrap();
+        std::fs::write(
+            dir.path().join("spec.json"),
+            r#"{"format":1,"kernel":"vmlinux","initrd":"initrd.img","cmdline":"console=ttyS0",
+               "memory_mib":256,"vcpus":1,"machine":"microvm","agent_port":"agent0"}"#,
+        )
+        .unwrap();
+        let runner = QemuRunner::new(&RunnerConfig {
+            sandbox_root: dir.path().join("sandboxes"),
+            ..RunnerConfig::default()
+        })
+        .unwrap();
+        let job = JobRequest {
+            job_id: 5,
+            sandbox_id: 3,
+            image: Some(dir.path().display().to_string()),
+            cancel_grace_ms: Some(250),
+            ..JobRequest::default()
+        };
+        let state = runner.plan_state(&job).unwrap();
+        let v2 = state.encode().unwrap();
+        assert_eq!(v2.version, 2);
+        let read = VmState::decode(&v2).unwrap();
+        assert_eq!(read, state);
+        assert_eq!(read.grace(), Duration::from_millis(250));
+        let v1 = Handle::encode(1, &state).unwrap();
+        let read = VmState::decode(&v1).unwrap();
+        assert_eq!(read.cancel_grace_ms, None);
+        assert_eq!(read.grace(), reel_runner_kit::session::CANCEL_GRACE);
+    }
 
     #[test]
     fn the_kernel_command_line_gets_the_clock_and_the_volumes() {

@@ -58,6 +58,7 @@ pub fn job(sandbox_id: u32) -> JobRequest {
             disk_mib: 0,
         },
         environment: BTreeMap::from([("JOB_VAR".to_owned(), "from-job".to_owned())]),
+        cancel_grace_ms: None,
     }
 }
 
@@ -201,9 +202,15 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn new(sandbox_id: u32) -> Fixture {
+        Fixture::with_job(job(sandbox_id))
+    }
+
+    /// A fixture for `job` (its `sandbox_id` names the sandbox).
+    pub fn with_job(job: JobRequest) -> Fixture {
+        let sandbox_id = job.sandbox_id;
         let root = tempfile::tempdir().unwrap();
         let runner = ProcessRunner::new(&config(root.path(), sandbox_id)).unwrap();
-        let plan = runner.plan(&job(sandbox_id)).unwrap();
+        let plan = runner.plan(&job).unwrap();
         let prepared = runner.prepare(&plan).unwrap();
         let booted = runner.boot(&prepared).unwrap();
         let handle = runner.connect(&booted).unwrap();
