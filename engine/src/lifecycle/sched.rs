@@ -26,8 +26,9 @@
 //!   between them, the oldest first job would be first-come-first-served across
 //!   owners, and the one-job owner would wait for the backlog submitted before
 //!   it (measured: `benches/benches/sched.rs`, the same longest wait as FIFO).
-//! - **First in, first out within an owner**, in the order jobs were queued
-//!   (after a restart the daemon queues them again in job-id order).
+//! - **First in, first out within an owner**, by job id (submission order),
+//!   whatever order overlapping submissions reach the scheduler in: the order
+//!   a restarted daemon rebuilds from the log.
 //! - **Backfill** (work-conserving): when the chosen owner's first job does not
 //!   fit what is free, its later jobs are tried, then the next owner's, in
 //!   fair-share order; any job that fits starts, so resources never sit idle
@@ -229,7 +230,7 @@ struct Queued {
 
 #[derive(Debug, Default)]
 struct Owner {
-    /// Waiting jobs by enqueue number: FIFO order.
+    /// Waiting jobs by job id: submission order (FIFO), the order a restart rebuilds.
     queue: BTreeMap<u64, Queued>,
     /// Charged to its running jobs.
     used: Resources,
@@ -253,7 +254,6 @@ pub struct Scheduler {
     used: Resources,
     queued: usize,
     running: usize,
-    next_seq: u64,
     reserved_for: Option<JobId>,
 }
 
@@ -268,7 +268,6 @@ impl Scheduler {
             used: Resources::default(),
             queued: 0,
             running: 0,
-            next_seq: 0,
             reserved_for: None,
         }
     }
@@ -294,12 +293,14 @@ impl Scheduler {
 
     /// Queues a job behind its owner's other waiting jobs, or refuses it as
     /// [`TooLarge`] (nothing changes then). A job the scheduler already knows
-    /// (waiting or running) is taken out first and queued again at the end.
+    /// (waiting or running) is taken out first and queued again in its place.
     pub fn enqueue(&mut self, w: Waiting) -> Result<(), TooLarge> {
         let charged = self.check(&w.asked)?;
         self.forget(w.job);
-        let seq = self.next_seq;
-        self.next_seq += 1;
+        // Within an owner, waiters go in job-id (submission) order, however
+        // their submissions interleaved: the order a restarted scheduler
+        // rebuilds from the log.
+        let seq = w.job;
         self.ages.insert((w.queued_ms, w.job));
         self.owners
             .entry(w.owner.clone())
@@ -826,7 +827,9 @@ mod tests {
     }
 
     #[test]
-    fn fifo_within_an_owner() {
+    fn job_id_order_within_an_owner_whatever_the_enqueue_order() {
+        // Submissions that overlap may reach the scheduler out of id order; it
+        // keeps the order a restart rebuilds from the log.
         let mut s = Scheduler::new(policy(r(1024, 1, 1024)));
         for j in [5, 3, 9, 1] {
             s.enqueue(w(j, "a", r(1024, 1, 1024), 0)).unwrap();
@@ -838,7 +841,7 @@ mod tests {
             order.push(g[0].job);
             s.release(g[0].job);
         }
-        assert_eq!(order, vec![5, 3, 9, 1]);
+        assert_eq!(order, vec![1, 3, 5, 9]);
     }
 
     #[test]
@@ -1081,16 +1084,19 @@ mod tests {
     }
 
     #[test]
-    fn enqueueing_a_known_job_again_moves_it() {
+    fn enqueueing_a_known_job_again_keeps_one_entry() {
         let mut s = Scheduler::new(policy(r(1024, 1, 1024)));
         s.enqueue(w(1, "a", r(1024, 1, 1024), 0)).unwrap();
         s.enqueue(w(2, "a", r(1024, 1, 1024), 0)).unwrap();
         s.enqueue(w(1, "a", r(1024, 1, 1024), 0)).unwrap();
         assert_eq!(s.queued_len(), 2);
-        assert_eq!(jobs(&s.decide(0)), vec![2]);
+        assert_eq!(jobs(&s.decide(0)), vec![1]);
+        s.release(1);
+        s.enqueue(w(1, "a", r(1024, 1, 1024), 0)).unwrap();
+        assert_eq!(jobs(&s.decide(0)), vec![1]);
         // A running job queued again is released first.
-        s.enqueue(w(2, "a", r(1024, 1, 1024), 0)).unwrap();
-        assert!(!s.is_running(2));
+        s.enqueue(w(1, "a", r(1024, 1, 1024), 0)).unwrap();
+        assert!(!s.is_running(1));
         assert_eq!(jobs(&s.decide(0)), vec![1]);
     }
 

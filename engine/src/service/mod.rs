@@ -245,7 +245,9 @@ struct Inner {
     poke_rx: async_channel::Receiver<()>,
     active: Mutex<HashMap<JobId, Active>>,
     /// Idempotency key → job, for every job in the log that has one.
-    keys: async_lock::Mutex<HashMap<String, JobId>>,
+    keys: Mutex<Keys>,
+    /// Notified when a claimed key is released.
+    key_done: event_listener::Event,
     /// Job → its next attempt.
     retried_as: Mutex<HashMap<JobId, JobId>>,
     watchers: Mutex<HashMap<JobId, Arc<event_listener::Event>>>,
@@ -330,7 +332,8 @@ impl Service {
             poke_tx,
             poke_rx,
             active: Mutex::new(HashMap::new()),
-            keys: async_lock::Mutex::new(HashMap::new()),
+            keys: Mutex::new(Keys::default()),
+            key_done: event_listener::Event::new(),
             retried_as: Mutex::new(HashMap::new()),
             watchers: Mutex::new(HashMap::new()),
             secrets: opts.secrets,
@@ -436,7 +439,7 @@ impl Service {
         })
         .await?;
         *lock(&self.inner.ended_before) = ended;
-        *self.inner.keys.lock().await = keys;
+        lock(&self.inner.keys).done = keys;
         *lock(&self.inner.retried_as) = links;
         Ok(lost)
     }
@@ -547,17 +550,22 @@ impl Service {
         if let Some(k) = &sub.idempotency_key {
             check_key(k)?;
         }
-        // Held across the submission, so two submissions with one key make one job.
-        let mut keys = self.inner.keys.lock().await;
-        if let Some(k) = &sub.idempotency_key
-            && let Some(&job) = keys.get(k)
-        {
-            return Ok(Accepted {
-                job,
-                created: false,
-                warnings: Vec::new(),
-            });
-        }
+        // A key is claimed across its submission, so two submissions with one
+        // key make one job; submissions without a key (or with different
+        // keys) overlap, and share the log's group-commit rounds.
+        let claim = match &sub.idempotency_key {
+            None => None,
+            Some(k) => match self.inner.claim_key(k).await {
+                Claimed::Existing(job) => {
+                    return Ok(Accepted {
+                        job,
+                        created: false,
+                        warnings: Vec::new(),
+                    });
+                }
+                Claimed::Claim(c) => Some(c),
+            },
+        };
         let parsed = parse_job_str(&sub.text, &sub.file)?;
         let mut spec = parsed.spec;
         let mut warnings = parsed.warnings;
@@ -602,8 +610,8 @@ impl Service {
             .resolve(&spec.secrets)
             .map_err(|e| SubmitError::Refused(format!("{}: {e}", sub.file)))?;
         let job = self.enqueue_new(spec, Ok(secrets)).await?;
-        if let Some(k) = sub.idempotency_key {
-            keys.insert(k, job);
+        if let Some(c) = claim {
+            c.done(job);
         }
         self.inner
             .counters
@@ -953,10 +961,9 @@ impl Service {
             return Ok(None);
         }
         let key = format!("{RESERVED_KEY_PREFIX}retry-of:{job}");
-        let mut keys = self.inner.keys.lock().await;
-        if keys.contains_key(&key) {
+        let Claimed::Claim(claim) = self.inner.claim_key(&key).await else {
             return Ok(None);
-        }
+        };
         let mut next = spec.clone();
         next.origin = Origin {
             idempotency_key: Some(key.clone()),
@@ -965,7 +972,7 @@ impl Service {
         };
         let secrets = self.inner.secrets.resolve(&next.secrets);
         let id = self.enqueue_new(next, secrets).await?;
-        keys.insert(key, id);
+        claim.done(id);
         lock(&self.inner.retried_as).insert(job, id);
         self.inner.counters.retried.fetch_add(1, Ordering::Relaxed);
         Ok(Some(id))
@@ -975,6 +982,61 @@ impl Service {
 impl Inner {
     fn unregister(&self, job: JobId) {
         lock(&self.active).remove(&job);
+    }
+
+    /// The job `key` names, or a claim on it while its submission is under
+    /// way (waiting for another submission of the same key to finish first).
+    async fn claim_key(&self, key: &str) -> Claimed<'_> {
+        loop {
+            let listener = {
+                let mut keys = lock(&self.keys);
+                if let Some(&job) = keys.done.get(key) {
+                    return Claimed::Existing(job);
+                }
+                if keys.pending.insert(key.to_string()) {
+                    return Claimed::Claim(KeyClaim {
+                        inner: self,
+                        key: key.to_string(),
+                    });
+                }
+                // Registered under the lock: the release cannot be missed.
+                self.key_done.listen()
+            };
+            listener.await;
+        }
+    }
+}
+
+/// Idempotency keys: those that name a job, and those being submitted now.
+#[derive(Default)]
+struct Keys {
+    done: HashMap<String, JobId>,
+    pending: std::collections::HashSet<String>,
+}
+
+enum Claimed<'a> {
+    Existing(JobId),
+    Claim(KeyClaim<'a>),
+}
+
+/// A key being submitted; released when dropped (a failed submission leaves
+/// the key free for the next try).
+struct KeyClaim<'a> {
+    inner: &'a Inner,
+    key: String,
+}
+
+impl KeyClaim<'_> {
+    /// The submission made `job`: the key names it from now on.
+    fn done(self, job: JobId) {
+        lock(&self.inner.keys).done.insert(self.key.clone(), job);
+    }
+}
+
+impl Drop for KeyClaim<'_> {
+    fn drop(&mut self) {
+        lock(&self.inner.keys).pending.remove(&self.key);
+        self.inner.key_done.notify(usize::MAX);
     }
 }
 
