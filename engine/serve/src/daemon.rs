@@ -166,7 +166,10 @@ async fn run_async(ex: Arc<Executor>, opts: DaemonOptions) -> Result<()> {
     // Responses under way (a log being followed) get a moment to finish.
     let cut = server.drain(CONNECTION_GRACE).await + unix_server.drain(CONNECTION_GRACE).await;
     if cut > 0 {
-        tracing::info!(connections = cut, "connections still open at exit were closed");
+        tracing::info!(
+            connections = cut,
+            "connections still open at exit were closed"
+        );
     }
     let _ = std::fs::remove_file(endpoint_path(&opts.state_dir));
     if let Some(p) = &opts.socket {
