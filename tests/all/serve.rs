@@ -977,6 +977,17 @@ fn tcp_requests_need_the_bearer_token_and_refusals_log_nothing_of_the_request() 
         "http://reel/v1/jobs",
     ]);
     assert_eq!(code, "200", "{body}");
+    // A SIGKILL leaves the socket file; the next start replaces it, and
+    // keeps the token.
+    let token = d.token.clone();
+    d.restart();
+    assert_eq!(d.token, token, "the token is kept across restarts");
+    let (code, body) = status_of(&[
+        "--unix-socket",
+        socket.to_str().unwrap(),
+        "http://reel/v1/jobs",
+    ]);
+    assert_eq!(code, "200", "after a restart: {body}");
     d.stop();
     let log = d.stderr();
     let refused = log.matches("unauthorized request from 127.0.0.1").count();
@@ -1010,6 +1021,72 @@ fn tcp_requests_need_the_bearer_token_and_refusals_log_nothing_of_the_request() 
 // ---------------------------------------------------------------------------------
 // 4. `reel logs -f` through a daemon restart.
 
+/// A `reel logs -f` of a state directory's daemon, its stdout and stderr in files.
+struct Follower {
+    child: Child,
+    out: PathBuf,
+    err: PathBuf,
+    what: String,
+}
+
+impl Follower {
+    fn start(state: &Path, dir: &Path, name: &str, args: &[&str]) -> Follower {
+        let (out, err) = (
+            dir.join(format!("{name}.out")),
+            dir.join(format!("{name}.err")),
+        );
+        let child = Command::new(target_dir().join("reel"))
+            .arg("--state-dir")
+            .arg(state)
+            .args(["logs", "-f", "--reconnect-for", "60s"])
+            .args(args)
+            .env_remove("REEL_SERVER")
+            .env_remove("REEL_TOKEN")
+            .stdout(File::create(&out).unwrap())
+            .stderr(File::create(&err).unwrap())
+            .spawn()
+            .unwrap();
+        Follower {
+            child,
+            out,
+            err,
+            what: format!("reel logs -f {}", args.join(" ")),
+        }
+    }
+
+    fn stdout(&self) -> Vec<u8> {
+        std::fs::read(&self.out).unwrap_or_default()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+
+    /// Waits for it to end; its stdout and stderr once it has.
+    fn finish(&mut self, within: Duration) -> (ExitStatus, Vec<u8>, String) {
+        let started = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return (s, self.stdout(), self.stderr());
+            }
+            assert!(
+                started.elapsed() < within,
+                "{} did not end within {within:?}: {}",
+                self.what,
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
 fn logs_follow_survives_a_daemon_sigkill_byte_exact() {
     let state = tempfile::tempdir().unwrap();
@@ -1019,99 +1096,52 @@ fn logs_follow_survives_a_daemon_sigkill_byte_exact() {
         "numbered.yml",
         "name: numbered\nsteps:\n  - name: count\n    command: |\n      i=1\n      while [ $i -le 200 ]; do\n        echo \"line $i of 200\"\n        if [ $((i % 4)) -eq 0 ]; then echo \"err $i\" >&2; fi\n        sleep 0.02\n        i=$((i + 1))\n      done\n",
     );
-    let out_dir = tempfile::tempdir().unwrap();
-    let stdout = out_dir.path().join("logs.out");
-    let stderr = out_dir.path().join("logs.err");
-    let mut logs = Command::new(target_dir().join("reel"))
-        .arg("--state-dir")
-        .arg(state.path())
-        .args([
-            "logs",
-            "-f",
-            &job.to_string(),
-            "--step",
-            "1",
-            "--reconnect-for",
-            "60s",
-        ])
-        .env_remove("REEL_SERVER")
-        .env_remove("REEL_TOKEN")
-        .stdout(File::create(&stdout).unwrap())
-        .stderr(File::create(&stderr).unwrap())
-        .spawn()
-        .unwrap();
-    let whole_out = out_dir.path().join("whole.out");
-    let whole_err = out_dir.path().join("whole.err");
-    let mut whole_logs = Command::new(target_dir().join("reel"))
-        .arg("--state-dir")
-        .arg(state.path())
-        .args(["logs", "-f", &job.to_string(), "--reconnect-for", "60s"])
-        .env_remove("REEL_SERVER")
-        .env_remove("REEL_TOKEN")
-        .stdout(File::create(&whole_out).unwrap())
-        .stderr(File::create(&whole_err).unwrap())
-        .spawn()
-        .unwrap();
+    let id = job.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let mut step = Follower::start(state.path(), dir.path(), "step", &[&id, "--step", "1"]);
+    // Without --step: every step, then the job's own status once it ended.
+    let mut whole = Follower::start(state.path(), dir.path(), "whole", &[&id]);
+    // One stream: resumed from its start, skipping what was written.
+    let mut errors = Follower::start(
+        state.path(),
+        dir.path(),
+        "stderr",
+        &[&id, "--step", "1", "--stream", "stderr"],
+    );
     let started = Instant::now();
-    while !std::fs::read_to_string(&stdout)
-        .unwrap_or_default()
-        .contains("line 100 of 200\n")
-    {
+    while !text(&step.stdout()).contains("line 100 of 200\n") {
         assert!(
             started.elapsed() < Duration::from_secs(60),
             "reel logs -f printed no half of the output in 60 s: {}",
-            std::fs::read_to_string(&stderr).unwrap_or_default()
+            step.stderr()
         );
         assert!(
-            logs.try_wait().unwrap().is_none(),
+            step.child.try_wait().unwrap().is_none(),
             "reel logs -f ended early"
         );
         std::thread::sleep(Duration::from_millis(10));
     }
     d.restart();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = logs.try_wait().unwrap() {
-            break s;
-        }
+    let mut outputs = Vec::new();
+    for f in [&mut step, &mut whole, &mut errors] {
+        let (status, out, err) = f.finish(Duration::from_secs(60));
+        assert!(status.success(), "{}: {status}: {err}", f.what);
         assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "reel logs -f did not end within 60 s of the restart"
+            err.contains("reconnecting") && err.contains("reconnected"),
+            "{}: the restart did not break its stream: {err}",
+            f.what
         );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let logs_err = std::fs::read_to_string(&stderr).unwrap();
-    assert!(status.success(), "reel logs -f: {status}: {logs_err}");
+        outputs.push((out, err));
+    }
+    let followed = outputs[0].0.clone();
     assert!(
-        logs_err.contains("reconnecting") && logs_err.contains("reconnected"),
-        "the restart broke the stream: {logs_err}"
+        outputs[1]
+            .1
+            .contains(&format!("==> job {job} \"numbered\": succeeded")),
+        "{}",
+        outputs[1].1
     );
-    let followed = std::fs::read(&stdout).unwrap();
-    // Without --step: every step, then the job's own status once it ended.
-    let whole_status = loop {
-        if let Some(s) = whole_logs.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "reel logs -f (every step) did not end within 60 s of the restart"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let whole_said = std::fs::read_to_string(&whole_err).unwrap();
-    assert!(
-        whole_status.success(),
-        "reel logs -f: {whole_status}: {whole_said}"
-    );
-    assert!(whole_said.contains("reconnecting"), "{whole_said}");
-    assert!(
-        whole_said.contains(&format!("==> job {job} \"numbered\": succeeded")),
-        "{whole_said}"
-    );
-    assert!(
-        std::fs::read(&whole_out).unwrap() == followed,
-        "every step's output is step 1's"
-    );
+    assert!(outputs[1].0 == followed, "every step's output is step 1's");
     let j = d.wait_ended(job, Duration::from_secs(60));
     assert_eq!(j["outcome"], "succeeded", "{j:#}");
 
@@ -1126,11 +1156,7 @@ fn logs_follow_survives_a_daemon_sigkill_byte_exact() {
         assert!(r.body == full[n..], "offset {n}: not the bytes from {n}");
     }
     d.stop();
-    let offline = reel(
-        state.path(),
-        &["output", &job.to_string(), "--step", "1"],
-        &[],
-    );
+    let offline = reel(state.path(), &["output", &id, "--step", "1"], &[]);
     assert!(offline.status.success(), "{}", text(&offline.stderr));
     assert!(
         followed == offline.stdout,
@@ -1140,6 +1166,18 @@ fn logs_follow_survives_a_daemon_sigkill_byte_exact() {
         text(&followed)
     );
     assert!(full == offline.stdout);
+    let offline_err = reel(
+        state.path(),
+        &["output", &id, "--step", "1", "--stream", "stderr"],
+        &[],
+    );
+    let want_err: String = (1..=50).map(|i| format!("err {}\n", i * 4)).collect();
+    assert_eq!(text(&offline_err.stdout), want_err);
+    assert_eq!(
+        text(&outputs[2].0),
+        want_err,
+        "reel logs -f --stream stderr"
+    );
     // Each line once, in order: the step was taken back, not run again.
     let lines: Vec<String> = text(&followed)
         .lines()
@@ -1211,6 +1249,32 @@ fn hostile_requests_are_refused_and_do_not_disturb_a_running_job() {
     );
     let r = parse_response(&exchange(&d.addr, &head, b"", Duration::from_secs(10)).unwrap());
     assert_eq!(r.status, 413, "{}", text(&r.body));
+
+    // A chunked body, which has no length to refuse it by: cut at the limit.
+    let head = format!(
+        "POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nTransfer-Encoding: chunked\r\n\r\n",
+        d.token
+    );
+    let mut chunked = Vec::new();
+    for _ in 0..5 {
+        chunked.extend_from_slice(format!("{:x}\r\n", 1 << 20).as_bytes());
+        chunked.extend(std::iter::repeat_n(b'#', 1 << 20));
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let r = parse_response(&exchange(&d.addr, &head, &chunked, Duration::from_secs(10)).unwrap());
+    assert_eq!(r.status, 413, "{}", text(&r.body));
+    // A head over 64 KiB.
+    let head = format!(
+        "GET /v1/jobs HTTP/1.1\r\nHost: x\r\nX-Filler: {}\r\n\r\n",
+        "a".repeat(70 << 10)
+    );
+    let raw = exchange(&d.addr, &head, b"", Duration::from_secs(10)).unwrap();
+    assert!(
+        raw.starts_with(b"HTTP/1.1 431"),
+        "{:?}",
+        text(&raw[..raw.len().min(200)])
+    );
 
     // A request line that is not one.
     let raw = exchange(&d.addr, "GARBAGE\r\n\r\n", b"", Duration::from_secs(10)).unwrap();
