@@ -59,7 +59,7 @@ pub(crate) const POINTS: [&str; 18] = [
 
 /// Crash points where the sandbox was set up partly, with no agent to reattach:
 /// the job must be reaped. Everywhere else it must succeed.
-fn must_be_lost(point: &str, when: &str) -> bool {
+pub(crate) fn must_be_lost(point: &str, when: &str) -> bool {
     matches!(
         (point, when),
         ("CidAllocated", "after")

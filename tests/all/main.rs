@@ -4,5 +4,6 @@ mod isolation;
 mod limits;
 mod plugins;
 mod run;
+mod serve;
 mod store;
 mod vm;

@@ -121,7 +121,12 @@ async fn submit(svc: &Service, req: &Request) -> Response {
         text: text.to_string(),
         file: req.query("file").unwrap_or("job.yml").to_string(),
         owner: req.query("owner").map(str::to_string),
-        idempotency_key: req.header("idempotency-key").map(str::to_string),
+        // Not `req.header`, which hides a value that is not visible ASCII: such
+        // a key must be refused (by the service's check), not dropped.
+        idempotency_key: req
+            .headers
+            .get("idempotency-key")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
     };
     match svc.submit(sub).await {
         Ok(a) => {
