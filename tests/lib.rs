@@ -289,3 +289,73 @@ pub fn stored_artifacts(state: &Path, job: u64) -> Vec<(String, Vec<u8>)> {
     assert!(!partial.exists(), "{} is left", partial.display());
     listed
 }
+
+/// Starts `reel run JOB` with its stdout piped and reads it until `needle`
+/// appears (the step is running). Panics if reel exits first or `within`
+/// passes.
+pub fn start_run_until_stdout(
+    state: &Path,
+    job: &str,
+    needle: &str,
+    within: Duration,
+) -> std::process::Child {
+    let mut child = Command::new(target_dir().join("reel"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(["run", job])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("cannot run reel");
+    let mut stdout = child.stdout.take().expect("stdout is piped");
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + within;
+    while !text(&seen).contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "the step never printed {needle:?}: {}",
+            text(&seen)
+        );
+        let mut buf = [0u8; 256];
+        let n = std::io::Read::read(&mut stdout, &mut buf).expect("cannot read reel's stdout");
+        assert!(n > 0, "reel exited early: {}", text(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    child
+}
+
+/// Interrupts `reel run` like a terminal's Ctrl-C (SIGINT) and checks it
+/// exits 4 with job 1 ended `Cancelled`. Returns the job's events and how
+/// long reel took to exit after the signal.
+pub fn interrupt_run_until_cancelled(
+    child: &mut std::process::Child,
+    state: &Path,
+) -> (Vec<String>, Duration) {
+    let sent = Instant::now();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(child),
+        rustix::process::Signal::INT,
+    )
+    .expect("cannot signal reel");
+    let status = child.wait().expect("cannot wait for reel");
+    let took = sent.elapsed();
+    assert_eq!(status.code(), Some(4), "{status:?}");
+    let names = events(state, 1);
+    assert_eq!(
+        names.last().map(String::as_str),
+        Some("Cancelled"),
+        "{names:?}"
+    );
+    (names, took)
+}
+
+/// The time printed on the line of `output` that starts with `word` (a step
+/// that traps signals prints `INT <time>`, `TERM <time>`).
+pub fn time_after(output: &str, word: &str) -> f64 {
+    output
+        .lines()
+        .find_map(|l| l.strip_prefix(word))
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {word:?} line in {output:?}"))
+}

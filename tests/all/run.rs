@@ -1,11 +1,12 @@
 //! `reel run` end to end: the real binary, the process runner plugin and the agent.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use reel_tests::{
-    assert_nothing_left, events, json, reel, stored_artifacts, target_dir, text, workspace_root,
+    assert_nothing_left, events, interrupt_run_until_cancelled, json, reel, start_run_until_stdout,
+    stored_artifacts, text, time_after, workspace_root,
 };
 
 fn write(dir: &Path, name: &str, body: &str) -> String {
@@ -360,38 +361,9 @@ fn ctrl_c_cancels_the_job_and_cleans_the_sandbox() {
         "slow.yml",
         "name: slow\nsteps:\n  - name: wait\n    command: echo started; sleep 60\n  - name: after\n    command: echo never\n",
     );
-    let mut child = Command::new(target_dir().join("reel"))
-        .arg("--state-dir")
-        .arg(state.path())
-        .args(["run", &job])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     // Wait until the step runs, then interrupt like a terminal would.
-    let mut stdout = child.stdout.take().unwrap();
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !text(&seen).contains("started") {
-        assert!(
-            Instant::now() < deadline,
-            "the step never started: {}",
-            text(&seen)
-        );
-        let mut buf = [0u8; 256];
-        let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
-        assert!(n > 0, "reel exited early: {}", text(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
-    rustix::process::kill_process(
-        rustix::process::Pid::from_child(&child),
-        rustix::process::Signal::INT,
-    )
-    .unwrap();
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(4));
-    let names = events(state.path(), 1);
-    assert_eq!(names.last().map(String::as_str), Some("Cancelled"));
+    let mut child = start_run_until_stdout(state.path(), &job, "started", Duration::from_secs(30));
+    let (names, _) = interrupt_run_until_cancelled(&mut child, state.path());
     assert!(names.contains(&"CancelRequested".to_string()), "{names:?}");
     assert!(names.contains(&"Cleaned".to_string()));
     assert_eq!(names.iter().filter(|n| *n == "StepStarted").count(), 1);
@@ -757,52 +729,11 @@ fn ctrl_c_signals_a_step_cancel_grace_apart() {
          trap 'echo \"TERM $(date +%s.%N)\"' TERM\n      \
          echo started\n      while :; do sleep 0.02; done\n",
     );
-    let mut child = Command::new(target_dir().join("reel"))
-        .arg("--state-dir")
-        .arg(state.path())
-        .args(["run", &job])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !text(&seen).contains("started") {
-        assert!(
-            Instant::now() < deadline,
-            "the step never started: {}",
-            text(&seen)
-        );
-        let mut buf = [0u8; 256];
-        let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
-        assert!(n > 0, "reel exited early: {}", text(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
-    let sent = Instant::now();
-    rustix::process::kill_process(
-        rustix::process::Pid::from_child(&child),
-        rustix::process::Signal::INT,
-    )
-    .unwrap();
-    let status = child.wait().unwrap();
-    let took = sent.elapsed().as_secs_f64();
-    assert_eq!(status.code(), Some(4));
-    let names = events(state.path(), 1);
-    assert_eq!(
-        names.last().map(String::as_str),
-        Some("Cancelled"),
-        "{names:?}"
-    );
+    let mut child = start_run_until_stdout(state.path(), &job, "started", Duration::from_secs(30));
+    let (_, took) = interrupt_run_until_cancelled(&mut child, state.path());
+    let took = took.as_secs_f64();
     let output = text(&reel(state.path(), &["output", "1"], &[]).stdout);
-    let time_of = |word: &str| -> f64 {
-        output
-            .lines()
-            .find_map(|l| l.strip_prefix(word))
-            .and_then(|t| t.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {word:?} line in {output:?}"))
-    };
-    let (int, term) = (time_of("INT "), time_of("TERM "));
+    let (int, term) = (time_after(&output, "INT "), time_after(&output, "TERM "));
     let gap = term - int;
     assert!(
         (1.95..2.8).contains(&gap),

@@ -5,8 +5,9 @@
 use std::os::unix::process::ExitStatusExt;
 
 use reel_tests::{
-    assert_nothing_left, events, guest_image, guest_spec, json, processes_under, reel,
-    start_run_until_output, stored_artifacts, text, workspace_root,
+    assert_nothing_left, events, guest_image, guest_spec, interrupt_run_until_cancelled, json,
+    processes_under, reel, start_run_until_output, stored_artifacts, text, time_after,
+    workspace_root,
 };
 
 use crate::crash::{Chaos, JOB, POINTS, Path, chaos, expected_output, run_path};
@@ -282,19 +283,7 @@ fn a_vm_step_times_out_and_a_vm_job_is_cancelled_and_nothing_is_left() {
         1,
         std::time::Duration::from_secs(120),
     );
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
-        rustix::process::Signal::INT,
-    )
-    .unwrap();
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(4), "{status:?}");
-    let names = events(state.path(), 1);
-    assert_eq!(
-        names.last().map(String::as_str),
-        Some("Cancelled"),
-        "{names:?}"
-    );
+    interrupt_run_until_cancelled(&mut child, state.path());
     let output = text(&reel(state.path(), &["output", "1"], &[]).stdout);
     assert!(!output.contains("never"), "{output}");
     assert_nothing_left(state.path(), "vm cancel");
@@ -365,28 +354,9 @@ fn ctrl_c_of_a_vm_job_signals_its_step_cancel_grace_apart() {
         1,
         std::time::Duration::from_secs(120),
     );
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
-        rustix::process::Signal::INT,
-    )
-    .unwrap();
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(4), "{status:?}");
-    let names = events(state.path(), 1);
-    assert_eq!(
-        names.last().map(String::as_str),
-        Some("Cancelled"),
-        "{names:?}"
-    );
+    interrupt_run_until_cancelled(&mut child, state.path());
     let output = text(&reel(state.path(), &["output", "1"], &[]).stdout);
-    let time_of = |word: &str| -> f64 {
-        output
-            .lines()
-            .find_map(|l| l.strip_prefix(word))
-            .and_then(|t| t.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {word:?} line in {output:?}"))
-    };
-    let gap = time_of("TERM ") - time_of("INT ");
+    let gap = time_after(&output, "TERM ") - time_after(&output, "INT ");
     assert!(
         (1.9..3.0).contains(&gap),
         "SIGTERM came {gap:.2} s after SIGINT in the guest, not the job's 2 s: {output:?}"
