@@ -76,3 +76,37 @@ pub fn backoff(round: &mut u32) -> Duration {
     *round += 1;
     d
 }
+
+/// The handle format version both runners write: the runner's state, then the
+/// job's cancel grace.
+pub const HANDLE_VERSION: u32 = 2;
+
+/// Decodes a runner's handle: format 1 (the state alone, from before cancel
+/// grace existed) or 2 (the state and the job's cancel grace, as
+/// [`encode_handle`] writes it). Any other version, or bytes that do not
+/// decode, is a "malformed handle" error.
+pub fn decode_handle<T: serde::de::DeserializeOwned>(
+    handle: &reel_plugin_sdk::Handle,
+) -> Result<(T, Option<u64>), RunnerError> {
+    let malformed =
+        |e: RunnerError| RunnerError::invalid_input(format!("malformed handle: {}", e.message));
+    match handle.version {
+        1 => Ok((
+            reel_plugin_sdk::codec::decode(&handle.bytes).map_err(malformed)?,
+            None,
+        )),
+        HANDLE_VERSION => reel_plugin_sdk::codec::decode(&handle.bytes).map_err(malformed),
+        v => Err(RunnerError::invalid_input(format!(
+            "handle format version {v} is not one this runner reads (1 or {HANDLE_VERSION})"
+        ))),
+    }
+}
+
+/// Encodes a runner's state and the job's cancel grace as a handle of
+/// [`HANDLE_VERSION`].
+pub fn encode_handle<T: serde::Serialize>(
+    state: &T,
+    cancel_grace_ms: Option<u64>,
+) -> Result<reel_plugin_sdk::Handle, RunnerError> {
+    reel_plugin_sdk::Handle::encode(HANDLE_VERSION, &(state, cancel_grace_ms))
+}

@@ -112,7 +112,7 @@ reel_plugin_sdk::export_runner!(ProcessRunner);
 
 /// The format version of the handle bytes: 2 appends the job's cancel grace to
 /// version 1's `JobState` (which is still read).
-pub const HANDLE_VERSION: u32 = 2;
+pub const HANDLE_VERSION: u32 = reel_runner_kit::HANDLE_VERSION;
 /// The notice kind `plan` uses for each resource it names (the SDK's).
 pub const RESOURCE_NOTICE: &str = reel_plugin_sdk::host::PLANNED_RESOURCE;
 pub use reel_runner_kit::sandbox::MAX_SOCKET_PATH;
@@ -163,23 +163,8 @@ struct JobState {
 
 impl JobState {
     fn decode(handle: &Handle) -> Result<JobState, RunnerError> {
-        let malformed =
-            |e: RunnerError| RunnerError::invalid_input(format!("malformed handle: {}", e.message));
-        let state: JobState = match handle.version {
-            1 => reel_plugin_sdk::codec::decode(&handle.bytes).map_err(malformed)?,
-            2 => {
-                let (mut state, grace): (JobState, Option<u64>) =
-                    reel_plugin_sdk::codec::decode(&handle.bytes).map_err(malformed)?;
-                state.cancel_grace_ms = grace;
-                state
-            }
-            v => {
-                return Err(RunnerError::invalid_input(format!(
-                    "handle format version {v} is not one this runner reads (1 or \
-                     {HANDLE_VERSION})"
-                )));
-            }
-        };
+        let (mut state, grace): (JobState, Option<u64>) = reel_runner_kit::decode_handle(handle)?;
+        state.cancel_grace_ms = grace;
         // A handle names paths this runner removes: refuse one that does not look
         // like ours rather than delete something else.
         if state.dir.file_name() != Some(state.sandbox_id.to_string().as_ref())
@@ -195,7 +180,7 @@ impl JobState {
     }
 
     fn encode(&self) -> Result<Handle, RunnerError> {
-        Handle::encode(HANDLE_VERSION, &(self, self.cancel_grace_ms))
+        reel_runner_kit::encode_handle(self, self.cancel_grace_ms)
     }
 
     fn key(&self) -> Key {

@@ -91,7 +91,7 @@ reel_plugin_sdk::export_runner!(QemuRunner);
 
 /// The format version of the handle bytes: 2 appends the job's cancel grace to
 /// version 1's `VmState` (which is still read).
-pub const HANDLE_VERSION: u32 = 2;
+pub const HANDLE_VERSION: u32 = reel_runner_kit::HANDLE_VERSION;
 /// The `PATH` of a step in the guest whose job sets none.
 pub const GUEST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// The guest's home and the steps' working directory (the image's first volume).
@@ -172,23 +172,8 @@ struct VmState {
 
 impl VmState {
     fn decode(handle: &Handle) -> Result<VmState, RunnerError> {
-        let malformed =
-            |e: RunnerError| RunnerError::invalid_input(format!("malformed handle: {}", e.message));
-        let state: VmState = match handle.version {
-            1 => reel_plugin_sdk::codec::decode(&handle.bytes).map_err(malformed)?,
-            2 => {
-                let (mut state, grace): (VmState, Option<u64>) =
-                    reel_plugin_sdk::codec::decode(&handle.bytes).map_err(malformed)?;
-                state.cancel_grace_ms = grace;
-                state
-            }
-            v => {
-                return Err(RunnerError::invalid_input(format!(
-                    "handle format version {v} is not one this runner reads (1 or \
-                     {HANDLE_VERSION})"
-                )));
-            }
-        };
+        let (mut state, grace): (VmState, Option<u64>) = reel_runner_kit::decode_handle(handle)?;
+        state.cancel_grace_ms = grace;
         // A handle names paths this runner removes: refuse one that does not look
         // like ours rather than delete something else.
         let inside = |p: &Path| p.parent() == Some(state.dir.as_path());
@@ -206,7 +191,7 @@ impl VmState {
     }
 
     fn encode(&self) -> Result<Handle, RunnerError> {
-        Handle::encode(HANDLE_VERSION, &(self, self.cancel_grace_ms))
+        reel_runner_kit::encode_handle(self, self.cancel_grace_ms)
     }
 
     fn key(&self) -> Key {
