@@ -474,7 +474,21 @@ fn two_live_jobs() -> tempfile::TempDir {
 /// as damage that sled's own checksums do not see (or an event an older build
 /// wrote over today's decode limit).
 fn put_raw_event(dir: &std::path::Path, job: u64, seq: u32, value: &[u8]) {
-    let db = sled::open(dir.join("log")).unwrap();
+    // The log closed just before: sled's IO threads may still hold the store's
+    // file (and its lock) for a moment after its last handle drops.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let db = loop {
+        match sled::open(dir.join("log")) {
+            Ok(db) => break db,
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("cannot open the sled store: {e}"),
+        }
+    };
     let events = db.open_tree("events").unwrap();
     events
         .insert(reel_engine::store::event_key(job, seq), value)
