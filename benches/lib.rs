@@ -220,3 +220,43 @@ pub fn sled_open(state: &Path) -> anyhow::Result<Duration> {
     }
     Ok(took)
 }
+
+/// Fails with the command's stderr when `out` is not a success.
+pub fn check_output(out: &std::process::Output, what: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        out.status.success(),
+        "{what}: {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// Removes `path` (a directory) if it exists: a fresh start for one run.
+pub fn fresh_dir(path: &Path) -> anyhow::Result<()> {
+    if path.exists() {
+        std::fs::remove_dir_all(path)?;
+    }
+    Ok(())
+}
+
+/// Median latency of one appended 256-byte `write` + `fdatasync` (the file grows,
+/// as sled's log and the journal do): the floor under each durable event.
+pub fn fdatasync_latency(path: &Path) -> anyhow::Result<Duration> {
+    use anyhow::Context as _;
+    use std::io::Write as _;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    let record = [0x5au8; 256];
+    let mut lat = Vec::new();
+    for _ in 0..60 {
+        let t = std::time::Instant::now();
+        f.write_all(&record)?;
+        f.sync_data()?;
+        lat.push(t.elapsed());
+    }
+    Ok(median_duration(&lat[10..]))
+}

@@ -29,7 +29,7 @@
 //! of its own). Sizes scale with `REEL_BENCH_SCALE`; `--quick` shrinks them.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -38,7 +38,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use reel_benches::{
-    BenchDir, ReleaseBins, median, median_duration, ms, quick, ratio, scaled, verdict,
+    BenchDir, ReleaseBins, check_output, fdatasync_latency, fresh_dir, median, ms, quick, ratio,
+    scaled, verdict,
 };
 use reel_engine::store::LogReader;
 
@@ -94,16 +95,6 @@ impl Bins {
     }
 }
 
-fn check(out: &std::process::Output, what: &str) -> anyhow::Result<()> {
-    ensure!(
-        out.status.success(),
-        "{what}: {}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
-}
-
 /// `n` spawns of `sh -c true` from `threads` threads, each spawning and waiting.
 fn spawn_true(n: u64, threads: usize) -> anyhow::Result<Duration> {
     let next = AtomicU64::new(0);
@@ -130,25 +121,6 @@ fn spawn_true(n: u64, threads: usize) -> anyhow::Result<Duration> {
         anyhow::Ok(())
     })?;
     Ok(started.elapsed())
-}
-
-/// Median latency of one appended 256-byte `write` + `fdatasync` (the file grows,
-/// as sled's log and the journal do): the floor under each durable event.
-fn fdatasync_latency(path: &Path) -> anyhow::Result<Duration> {
-    let mut f = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    let record = [0x5au8; 256];
-    let mut lat = Vec::new();
-    for _ in 0..60 {
-        let t = Instant::now();
-        f.write_all(&record)?;
-        f.sync_data()?;
-        lat.push(t.elapsed());
-    }
-    Ok(median_duration(&lat[10..]))
 }
 
 /// Per-event timing of a `-j 1` batch, from the log's (millisecond) timestamps.
@@ -404,7 +376,7 @@ fn output_run(
         .reel(state, tmp)
         .args(["replay", "1", "--json"])
         .output()?;
-    check(&replay, "reel replay 1 --json")?;
+    check_output(&replay, "reel replay 1 --json")?;
     let v: serde_json::Value = serde_json::from_slice(&replay.stdout)?;
     let events = v["events"].as_array().context("no events in the replay")?;
     let at = |name: &str| {
@@ -461,13 +433,6 @@ fn step_job(path: &Path, name: &str, command: &str) -> anyhow::Result<()> {
     .with_context(|| format!("cannot write {}", path.display()))
 }
 
-fn fresh(path: &Path) -> anyhow::Result<()> {
-    if path.exists() {
-        fs::remove_dir_all(path)?;
-    }
-    Ok(())
-}
-
 fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / MIB)
 }
@@ -506,14 +471,14 @@ fn main() -> anyhow::Result<()> {
     let fsync = fdatasync_latency(&dir.join("fdatasync.probe"))?;
     // Warm up: binaries and plugin in the page cache, cgroup hierarchy created.
     let warm = dir.join("warm");
-    check(
+    check_output(
         &bins
             .run(&warm, &tmp, 1, "fsync")
             .args(&files[..2])
             .output()?,
         "warm-up reel run",
     )?;
-    fresh(&warm)?;
+    fresh_dir(&warm)?;
     spawn_true(20, 1)?;
 
     let per_s = |d: Duration| jobs as f64 / d.as_secs_f64();
@@ -525,18 +490,18 @@ fn main() -> anyhow::Result<()> {
         spawn1.push(per_s(spawn_true(jobs, 1)?));
         let state = dir.join(&format!("j1-{run}"));
         let t = Instant::now();
-        check(
+        check_output(
             &bins.run(&state, &tmp, 1, "fsync").args(&files).output()?,
             "reel run -j 1",
         )?;
         reel1.push(per_s(t.elapsed()));
         timeline.add(&state, jobs)?;
-        fresh(&state)?;
+        fresh_dir(&state)?;
 
         spawn8.push(per_s(spawn_true(jobs, PARALLEL)?));
         let state = dir.join(&format!("j8-{run}"));
         let t = Instant::now();
-        check(
+        check_output(
             &bins
                 .run(&state, &tmp, PARALLEL, "fsync")
                 .args(&files)
@@ -544,11 +509,11 @@ fn main() -> anyhow::Result<()> {
             "reel run -j 8",
         )?;
         reel8.push(per_s(t.elapsed()));
-        fresh(&state)?;
+        fresh_dir(&state)?;
 
         let state = dir.join(&format!("flush-{run}"));
         let t = Instant::now();
-        check(
+        check_output(
             &bins
                 .run(&state, &tmp, 1, "flush")
                 .args(&files[..flush_jobs])
@@ -556,7 +521,7 @@ fn main() -> anyhow::Result<()> {
             "reel run -j 1 --durability flush",
         )?;
         flush1.push(flush_jobs as f64 / t.elapsed().as_secs_f64());
-        fresh(&state)?;
+        fresh_dir(&state)?;
         eprintln!(
             "throughput run {}/{RUNS} done ({:.0} s so far)",
             run + 1,
@@ -643,15 +608,15 @@ fn main() -> anyhow::Result<()> {
 
         let state = dir.join(&format!("out-{run}"));
         big_runs.push(output_run(&bins, &state, &tmp, &big, out_bytes)?);
-        fresh(&state)?;
+        fresh_dir(&state)?;
         if sustained_bytes < out_bytes {
             let state = dir.join(&format!("sus-{run}"));
             small_runs.push(output_run(&bins, &state, &tmp, &small, sustained_bytes)?);
-            fresh(&state)?;
+            fresh_dir(&state)?;
         }
         let state = dir.join(&format!("paced-{run}"));
         paced_runs.push(output_run(&bins, &state, &tmp, &paced, paced_mib << 20)?);
-        fresh(&state)?;
+        fresh_dir(&state)?;
         eprintln!(
             "output run {}/{RUNS} done ({:.0} s so far)",
             run + 1,

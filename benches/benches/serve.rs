@@ -34,16 +34,19 @@
 //! `--quick`): 1 run of 200 jobs. The daemon is stopped with SIGTERM and waited
 //! for after each run.
 
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
-use reel_benches::{BenchDir, median, median_duration, ms, quick, ratio, verdict};
+use reel_benches::{
+    BenchDir, check_output, fdatasync_latency, fresh_dir, median, median_duration, ms, quick,
+    ratio, verdict,
+};
 use serde_json::Value;
 
 const JOBS: u64 = 1000;
@@ -66,49 +69,6 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn job_text(i: u64) -> String {
     format!("name: trivial-{i}\nsteps:\n  - name: step\n    command: \"true\"\n")
-}
-
-fn check(out: &std::process::Output, what: &str) -> anyhow::Result<()> {
-    ensure!(
-        out.status.success(),
-        "{what}: {}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
-}
-
-fn fresh(path: &Path) -> anyhow::Result<()> {
-    if path.exists() {
-        fs::remove_dir_all(path)?;
-    }
-    Ok(())
-}
-
-/// Milliseconds since the Unix epoch (the clock the log's timestamps use).
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Median latency of one appended 256-byte `write` + `fdatasync`: the floor
-/// under each durable event.
-fn fdatasync_latency(path: &Path) -> anyhow::Result<Duration> {
-    let mut f = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    let record = [0x5au8; 256];
-    let mut lat = Vec::new();
-    for _ in 0..60 {
-        let t = Instant::now();
-        f.write_all(&record)?;
-        f.sync_data()?;
-        lat.push(t.elapsed());
-    }
-    Ok(median_duration(&lat[10..]))
 }
 
 /// The `q`-quantile (0..=1) of sorted durations, nearest rank.
@@ -491,7 +451,7 @@ fn serve_run(
         .map(|_| daemon.conn())
         .collect::<anyhow::Result<Vec<_>>>()?;
 
-    let (ref_instant, ref_unix_ms) = (Instant::now(), unix_ms());
+    let (ref_instant, ref_unix_ms) = (Instant::now(), reel_engine::time::now_ms());
     let next = AtomicU64::new(0);
     let barrier = std::sync::Barrier::new(CLIENTS);
     let results = std::thread::scope(|s| {
@@ -697,25 +657,25 @@ fn main() -> anyhow::Result<()> {
             .stderr(Stdio::piped())
             .output()?;
         let took = t.elapsed();
-        check(&out, "reel run -j 8")?;
+        check_output(&out, "reel run -j 8")?;
         Ok(took)
     };
     // Warm up: binaries and plugin in the page cache, cgroup hierarchy created.
     let warm = dir.join("warm");
     reel_run(&warm, &files[..2])?;
-    fresh(&warm)?;
+    fresh_dir(&warm)?;
 
     let mut run_rates = Vec::new();
     let mut serve_runs = Vec::new();
     for run in 0..runs {
         let state = dir.join(&format!("run-{run}"));
         run_rates.push(jobs as f64 / reel_run(&state, &files)?.as_secs_f64());
-        fresh(&state)?;
+        fresh_dir(&state)?;
 
         let state = dir.join(&format!("serve-{run}"));
         let stderr = dir.join(&format!("serve-{run}.stderr"));
         serve_runs.push(serve_run(&bins, &state, &tmp, &stderr, &texts)?);
-        fresh(&state)?;
+        fresh_dir(&state)?;
         eprintln!(
             "run {}/{runs} done ({:.0} s so far)",
             run + 1,
