@@ -132,21 +132,26 @@ fn try_request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Option<Resp> {
-    let mut head = format!(
-        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    let raw = exchange(addr, &head, body, Duration::from_secs(60)).ok()?;
+    let raw = exchange(
+        addr,
+        &request_head(addr, method, target, headers, body),
+        body,
+        Duration::from_secs(60),
+    )
+    .ok()?;
     raw.windows(4)
         .any(|w| w == b"\r\n\r\n")
         .then(|| parse_response(&raw))
 }
 
-fn request(addr: &str, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+/// The head of a one-shot request (`Connection: close`) with `body`'s length.
+fn request_head(
+    addr: &str,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> String {
     let mut head = format!(
         "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
@@ -155,6 +160,11 @@ fn request(addr: &str, method: &str, target: &str, headers: &[(&str, &str)], bod
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str("\r\n");
+    head
+}
+
+fn request(addr: &str, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+    let head = request_head(addr, method, target, headers, body);
     let raw = exchange(addr, &head, body, Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("{method} {target} to {addr}: {e}"));
     parse_response(&raw)
