@@ -80,7 +80,10 @@ impl Follow {
             if self.done {
                 return None;
             }
-            let watcher = self.keep_following.then(|| self.svc.watcher(self.job));
+            let watcher = self
+                .keep_following
+                .then(|| self.svc.watcher(self.job))
+                .flatten();
             let listener = watcher.as_ref().map(|w| w.listen());
             match self.read().await {
                 Ok(true) => continue,

@@ -306,9 +306,15 @@ impl Observer for Wake {
 }
 
 impl Inner {
+    /// Wakes `job`'s followers; once the job has ended, forgets its watcher
+    /// (a follower looks at the state after every wake-up, and sees the end).
     fn wake(&self, job: JobId) {
-        if let Some(w) = lock(&self.watchers).get(&job) {
+        let mut watchers = lock(&self.watchers);
+        if let Some(w) = watchers.get(&job) {
             w.notify(usize::MAX);
+            if self.ex.log().live_with(job, |_| ()).is_none() {
+                watchers.remove(&job);
+            }
         }
     }
 
@@ -764,11 +770,18 @@ impl Service {
         Follow::new(self.clone(), job, index, offset, keep_following)
     }
 
-    fn watcher(&self, job: JobId) -> Arc<event_listener::Event> {
-        lock(&self.inner.watchers)
-            .entry(job)
-            .or_insert_with(|| Arc::new(event_listener::Event::new()))
-            .clone()
+    /// What wakes `job`'s followers; `None` once the job has ended (nothing
+    /// more will be stored). Looked up under the same lock `wake` forgets it
+    /// under, so an ended job never gets a watcher again.
+    fn watcher(&self, job: JobId) -> Option<Arc<event_listener::Event>> {
+        let mut watchers = lock(&self.inner.watchers);
+        self.log().live_with(job, |_| ())?;
+        Some(
+            watchers
+                .entry(job)
+                .or_insert_with(|| Arc::new(event_listener::Event::new()))
+                .clone(),
+        )
     }
 
     /// Stops taking jobs and starting queued ones; lets running jobs go on
