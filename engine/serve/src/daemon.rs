@@ -118,15 +118,12 @@ async fn run_async(ex: Arc<Executor>, opts: DaemonOptions) -> Result<()> {
         opts.limits.clone(),
     ));
     let unix_server = Arc::new(Server::new(api, None, opts.limits.clone()));
-    let stop = event_listener::Event::new();
-    let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Closed to stop the listeners: every clone's `recv` then ends.
+    let (stop, stopping) = async_channel::bounded::<()>(1);
     let stop_fut = || {
-        let l = stop.listen();
-        let stopped = stopped.clone();
+        let stopping = stopping.clone();
         async move {
-            if !stopped.load(std::sync::atomic::Ordering::SeqCst) {
-                l.await;
-            }
+            let _ = stopping.recv().await;
         }
     };
     let tcp_task = {
@@ -157,8 +154,7 @@ async fn run_async(ex: Arc<Executor>, opts: DaemonOptions) -> Result<()> {
         tracing::warn!("second signal: cancelling every running job now");
     };
     svc.drain(opts.drain, second).await;
-    stopped.store(true, std::sync::atomic::Ordering::SeqCst);
-    stop.notify(usize::MAX);
+    stop.close();
     let _ = tcp_task.await;
     if let Some(t) = unix_task {
         let _ = t.await;
