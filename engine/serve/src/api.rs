@@ -189,7 +189,7 @@ async fn list(svc: &Service, req: &Request) -> Response {
         }
     }
     if let Some(o) = req.query("outcome").filter(|o| !o.is_empty()) {
-        match parse_outcome(o) {
+        match Outcome::parse(o) {
             Some(o) => filter.outcome = Some(o),
             None => {
                 return bad(&format!(
@@ -231,12 +231,6 @@ async fn list(svc: &Service, req: &Request) -> Response {
         ),
         Err(e) => log_error(&e),
     }
-}
-
-fn parse_outcome(o: &str) -> Option<Outcome> {
-    reel_engine::store::stats::OUTCOMES
-        .into_iter()
-        .find(|x| x.as_str() == o)
 }
 
 async fn detail(svc: &Service, job: JobId) -> Response {

@@ -49,6 +49,20 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome, in declaration order.
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Succeeded,
+        Outcome::Failed,
+        Outcome::Cancelled,
+        Outcome::TimedOut,
+        Outcome::Lost,
+    ];
+
+    /// The outcome [`Outcome::as_str`] names.
+    pub fn parse(name: &str) -> Option<Outcome> {
+        Outcome::ALL.into_iter().find(|o| o.as_str() == name)
+    }
+
     /// The lower-case name used in listings.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -73,18 +73,9 @@ pub struct LogStats {
     /// Requests (events and output chunks) committed per group-commit round.
     pub round_requests: Histogram,
     /// Jobs that ended through this log since it opened, per outcome (in
-    /// [`OUTCOMES`] order).
+    /// [`Outcome::ALL`] order).
     ended: [AtomicU64; 5],
 }
-
-/// Every outcome, in the order [`LogStats::ended_since_open`] counts them.
-pub const OUTCOMES: [Outcome; 5] = [
-    Outcome::Succeeded,
-    Outcome::Failed,
-    Outcome::Cancelled,
-    Outcome::TimedOut,
-    Outcome::Lost,
-];
 
 impl Default for LogStats {
     fn default() -> Self {
@@ -102,17 +93,14 @@ impl LogStats {
     }
 
     pub(super) fn ended(&self, outcome: Outcome) {
-        if let Some(i) = OUTCOMES.iter().position(|&o| o == outcome) {
+        if let Some(i) = Outcome::ALL.iter().position(|&o| o == outcome) {
             self.ended[i].fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Jobs ended since the log opened, per outcome.
     pub fn ended_since_open(&self) -> [(Outcome, u64); 5] {
-        OUTCOMES.map(|o| {
-            let i = OUTCOMES.iter().position(|&x| x == o).unwrap_or(0);
-            (o, self.ended[i].load(Ordering::Relaxed))
-        })
+        std::array::from_fn(|i| (Outcome::ALL[i], self.ended[i].load(Ordering::Relaxed)))
     }
 
     pub(super) fn round(&self, requests: usize) {
