@@ -382,7 +382,7 @@ fn acknowledged_events_sled_lost_are_restored_and_called_a_torn_store() {
     // Take two acknowledged events away from sled behind the log's back, and the
     // checkpoint with them, as a torn store would.
     {
-        let db = sled::open(dir.path().join("log")).unwrap();
+        let db = open_sled_after_close(dir.path());
         let events = db.open_tree("events").unwrap();
         events
             .remove(reel_engine::store::event_key(job, 5))
@@ -470,16 +470,14 @@ fn two_live_jobs() -> tempfile::TempDir {
     dir
 }
 
-/// Writes `value` under job `job`'s event `seq` straight into the sled store,
-/// as damage that sled's own checksums do not see (or an event an older build
-/// wrote over today's decode limit).
-fn put_raw_event(dir: &std::path::Path, job: u64, seq: u32, value: &[u8]) {
-    // The log closed just before: sled's IO threads may still hold the store's
-    // file (and its lock) for a moment after its last handle drops.
+/// Opens the sled store of a log closed just before, in this process: sled's
+/// IO threads may still hold its file (and its lock) for a moment after the
+/// last handle drops, so a held lock is waited for (up to 10 s).
+fn open_sled_after_close(dir: &std::path::Path) -> sled::Db {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let db = loop {
+    loop {
         match sled::open(dir.join("log")) {
-            Ok(db) => break db,
+            Ok(db) => return db,
             Err(sled::Error::Io(e))
                 if e.to_string().contains("could not acquire lock")
                     && std::time::Instant::now() < deadline =>
@@ -488,7 +486,14 @@ fn put_raw_event(dir: &std::path::Path, job: u64, seq: u32, value: &[u8]) {
             }
             Err(e) => panic!("cannot open the sled store: {e}"),
         }
-    };
+    }
+}
+
+/// Writes `value` under job `job`'s event `seq` straight into the sled store,
+/// as damage that sled's own checksums do not see (or an event an older build
+/// wrote over today's decode limit).
+fn put_raw_event(dir: &std::path::Path, job: u64, seq: u32, value: &[u8]) {
+    let db = open_sled_after_close(dir);
     let events = db.open_tree("events").unwrap();
     events
         .insert(reel_engine::store::event_key(job, seq), value)
