@@ -99,7 +99,7 @@ impl LogReader {
                 journal::Item::Frame {
                     job, seq, envelope, ..
                 } => {
-                    let stored = self.trees.events.get(event_key(job, seq))?;
+                    let stored = self.settled().events.get(event_key(job, seq))?;
                     if stored.as_deref() == Some(envelope.as_slice()) {
                         continue;
                     }

@@ -93,19 +93,20 @@ impl EventLog {
             tracing::warn!(log = %state_dir.display(), "{r}");
         }
         let live = Arc::new(Mutex::new(live));
-        let reader = LogReader::over(trees.clone(), state_dir, journal.clone(), repairs);
         let (tx, rx) = async_channel::bounded(CHANNEL_DEPTH);
         let stats = Arc::new(LogStats::default());
         let writer = Writer::new(
-            trees,
+            trees.clone(),
             rx,
             live.clone(),
-            reader.output_dir(),
-            journal,
+            &state_dir.join(super::output::DIR_NAME),
+            journal.clone(),
             journal_end,
             options.durability,
         )?
         .with_stats(stats.clone());
+        let reader =
+            LogReader::over(trees, state_dir, journal, repairs).settling_on(writer.progress());
         let handle = std::thread::Builder::new()
             .name("reel-log-writer".into())
             .spawn(move || smol::block_on(writer.run()))

@@ -51,12 +51,51 @@ pub fn frame(job: JobId, seq: Seq, envelope: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A commit marker: a frame with job 0 (never a job id) and no envelope. The
-/// writer puts one after each acknowledged round (piggy-backed on the next
-/// round's write, or written on close), so every event frame before a marker
-/// was acknowledged to its caller.
-pub fn marker() -> Vec<u8> {
-    frame(0, 0, &[])
+/// A commit marker: a frame with job 0 (never a job id) whose 16-byte
+/// envelope holds two journal offsets, big-endian: `acked`, before which every
+/// event frame was acknowledged to its caller, and `indexed`, before which
+/// every event was durable in sled (its flush had completed). The writer puts
+/// one in its next write whenever `acked` has moved, and one on close.
+///
+/// Markers written before format 2 of the journal have an empty envelope and
+/// vouch for every frame before themselves on both counts ([`Marker::of`]).
+pub fn marker(acked: u64, indexed: u64) -> Vec<u8> {
+    let mut env = [0u8; 16];
+    env[..8].copy_from_slice(&acked.to_be_bytes());
+    env[8..].copy_from_slice(&indexed.to_be_bytes());
+    frame(0, 0, &env)
+}
+
+/// What a commit marker vouches for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Marker {
+    /// Every event frame before this offset was acknowledged.
+    pub acked: u64,
+    /// Every event before this offset was durable in sled.
+    pub indexed: u64,
+}
+
+impl Marker {
+    /// The marker frame at `offset` with `envelope`.
+    pub fn of(offset: u64, envelope: &[u8]) -> Marker {
+        match envelope.len() {
+            16 => Marker {
+                acked: u64::from_be_bytes(envelope[..8].try_into().unwrap_or_default()),
+                indexed: u64::from_be_bytes(envelope[8..].try_into().unwrap_or_default()),
+            },
+            // An old marker: the writer acknowledged and stored in sled before
+            // it wrote one, so it vouches for everything before itself.
+            _ => Marker {
+                acked: offset,
+                indexed: offset,
+            },
+        }
+    }
+}
+
+/// The length of the frame holding `envelope`.
+pub fn frame_len(envelope: &[u8]) -> u64 {
+    (HEAD + envelope.len() + TAIL) as u64
 }
 
 /// One frame read back.
@@ -102,10 +141,14 @@ fn valid_frame_len(buf: &[u8]) -> Option<usize> {
 
 /// Reads every frame of `bytes` (the journal from `base` on), resynchronising
 /// after damage. A damaged or partial run at the very end is reported as
-/// `Damaged` too; the caller decides whether it is a torn tail.
+/// `Damaged` too; the caller decides whether it is a torn tail. Zero bytes
+/// after the last frame are the space the writer wrote ahead of its frames
+/// ([`Journal::ensure_len`]), not damage: parsing stops at them.
 pub fn parse(bytes: &[u8], base: u64) -> Vec<Item> {
     let mut items = Vec::new();
     let mut pos = 0usize;
+    // Everything from `zeros` on is zero bytes.
+    let zeros = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
     while pos < bytes.len() {
         if let Some(len) = valid_frame_len(&bytes[pos..]) {
             let b = &bytes[pos..];
@@ -118,6 +161,9 @@ pub fn parse(bytes: &[u8], base: u64) -> Vec<Item> {
             pos += len;
             continue;
         }
+        if pos >= zeros {
+            break;
+        }
         let start = pos;
         let claimed = (bytes.len() - pos >= HEAD && bytes[pos..pos + 2] == MAGIC).then(|| {
             let b = &bytes[pos..];
@@ -127,7 +173,7 @@ pub fn parse(bytes: &[u8], base: u64) -> Vec<Item> {
             )
         });
         pos += 1;
-        while pos < bytes.len() && valid_frame_len(&bytes[pos..]).is_none() {
+        while pos < zeros && valid_frame_len(&bytes[pos..]).is_none() {
             pos += 1;
         }
         items.push(Item::Damaged {
@@ -180,19 +226,29 @@ impl Journal {
     }
 
     /// The file's current length.
-    pub fn len(&self) -> std::io::Result<u64> {
+    pub fn file_len(&self) -> std::io::Result<u64> {
         Ok(self.file.metadata()?.len())
     }
 
-    /// Whether the file is empty.
-    pub fn is_empty(&self) -> std::io::Result<bool> {
-        Ok(self.len()? == 0)
+    /// Makes the file at least `len` bytes long by writing zeros after its
+    /// end (real writes, so the blocks are allocated: a later `fdatasync` of
+    /// frames written over them has no size or extent change to commit).
+    /// Returns the new length. Not synced: the next [`Journal::sync`] is.
+    pub fn ensure_len(&self, len: u64) -> std::io::Result<u64> {
+        let mut at = self.file_len()?;
+        let zeros = vec![0u8; 1 << 20];
+        while at < len {
+            let n = (len - at).min(zeros.len() as u64) as usize;
+            self.file.write_all_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+        Ok(at)
     }
 
     /// Reads the journal from `from` to its end.
     pub fn read_from(&self, from: u64) -> std::io::Result<Vec<u8>> {
         let mut f = &self.file;
-        let len = self.len()?;
+        let len = self.file_len()?;
         let mut buf = Vec::with_capacity(len.saturating_sub(from) as usize);
         std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(from.min(len)))?;
         f.read_to_end(&mut buf)?;
@@ -242,6 +298,40 @@ mod tests {
         );
         assert!(
             matches!(&items[2], Item::Frame { job: 2, seq: 1, offset, .. } if *offset == 100 + third as u64)
+        );
+    }
+
+    #[test]
+    fn zeros_after_the_last_frame_are_not_damage() {
+        let mut bytes = frame(1, 1, b"one");
+        bytes.extend(marker(7, 3));
+        let end = bytes.len();
+        bytes.extend(vec![0u8; 4096]);
+        let items = parse(&bytes, 0);
+        assert_eq!(items.len(), 2, "{items:?}");
+        assert!(
+            matches!(&items[1], Item::Frame { job: 0, envelope, offset, .. }
+                if Marker::of(*offset, envelope) == Marker { acked: 7, indexed: 3 }
+                    && *offset + frame_len(envelope) == end as u64)
+        );
+        // A torn frame before the zeros is damage that ends where the zeros begin.
+        let mut torn = frame(1, 1, b"one");
+        let whole = torn.len();
+        torn.extend(&frame(u64::MAX, 2, b"two")[..10]);
+        let garbage_end = torn.len();
+        torn.extend(vec![0u8; 100]);
+        assert!(
+            matches!(parse(&torn, 0).last(), Some(&Item::Damaged { offset, len, .. })
+                if offset == whole as u64 && len == (garbage_end - whole) as u64),
+            "{:?}",
+            parse(&torn, 0)
+        );
+        assert_eq!(
+            Marker::of(40, &[]),
+            Marker {
+                acked: 40,
+                indexed: 40
+            }
         );
     }
 

@@ -376,7 +376,8 @@ pub fn open(dir: &Path, job: JobId, step: u32) -> std::io::Result<Option<File>> 
 /// A step's file, open for appending.
 #[derive(Debug)]
 pub struct Appender {
-    file: File,
+    /// Shared with the writer's sync stage, which syncs it without the lock.
+    file: Arc<File>,
     /// Bytes of the file that hold whole frames.
     len: u64,
     /// The stream offset after the last frame.
@@ -433,7 +434,7 @@ impl Appenders {
             file.set_len(tail.len)?;
         }
         let a = Arc::new(Mutex::new(Appender {
-            file,
+            file: Arc::new(file),
             len: tail.len,
             end: tail.end,
         }));
@@ -452,17 +453,15 @@ impl Appenders {
     }
 }
 
-/// Appends `frames` (already encoded, for one file) and returns the new end;
-/// syncs if asked.
-pub fn append(a: &Mutex<Appender>, bytes: &[u8], new_end: u64, sync: bool) -> std::io::Result<()> {
+/// Appends `frames` (already encoded, for one file) and moves the file's
+/// end to `new_end`. Not synced: returns the file, for the caller to sync
+/// before it acknowledges the frames.
+pub fn write(a: &Mutex<Appender>, bytes: &[u8], new_end: u64) -> std::io::Result<Arc<File>> {
     let mut a = a.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     a.file.write_all_at(bytes, a.len)?;
-    if sync {
-        a.file.sync_data()?;
-    }
     a.len += bytes.len() as u64;
     a.end = new_end;
-    Ok(())
+    Ok(a.file.clone())
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ use super::summary::JobSummary;
 use super::trees::{
     Trees, be_u64, events_of, fold_from, live_ids, open_trees, raw_events_of, until_failed,
 };
+use super::writer::Progress;
 use crate::model::event::{JobId, Record, Seq};
 use crate::model::state::JobState;
 use crate::store::LogError;
@@ -44,6 +45,9 @@ pub struct LogReader {
     repairs: Vec<Repair>,
     /// The temporary copy this reader reads, removed after the trees close.
     _copy: Option<Snapshot>,
+    /// A running engine's writer, whose answered rounds sled's trees may
+    /// not hold yet for a moment: every read of the trees waits for them.
+    progress: Option<Arc<Progress>>,
 }
 
 impl std::fmt::Debug for LogReader {
@@ -78,6 +82,7 @@ impl LogReader {
             output_dir: state_dir.join(output::DIR_NAME),
             repairs: opened.repairs,
             _copy: Some(copy),
+            progress: None,
         })
     }
 
@@ -95,17 +100,28 @@ impl LogReader {
             output_dir: dir.join(output::DIR_NAME),
             repairs,
             _copy: None,
+            progress: None,
         }
+    }
+
+    /// Makes every read of the trees wait for `progress` to settle (a
+    /// running engine's reader).
+    pub(super) fn settling_on(mut self, progress: Arc<Progress>) -> LogReader {
+        self.progress = Some(progress);
+        self
+    }
+
+    /// Waits until sled's trees hold every write the writer answered.
+    pub(super) fn settled(&self) -> &Trees {
+        if let Some(p) = &self.progress {
+            p.settle();
+        }
+        &self.trees
     }
 
     /// The state directory.
     pub fn dir(&self) -> &Path {
         &self.dir
-    }
-
-    /// Where step output files are.
-    pub(super) fn output_dir(&self) -> &Path {
-        &self.output_dir
     }
 
     /// What opening the log found and repaired (events restored from the
@@ -116,13 +132,13 @@ impl LogReader {
 
     /// Ids of every non-terminal job, ascending. Reads only the `live` tree.
     pub fn live_jobs(&self) -> Result<Vec<JobId>, LogError> {
-        live_ids(&self.trees.live)
+        live_ids(&self.settled().live)
     }
 
     /// Every job's summary, ascending by id. A corrupt summary is an `Err` item;
     /// the iteration goes on past it. A storage failure is the last item.
     pub fn jobs(&self) -> impl Iterator<Item = Result<JobSummary, LogError>> + '_ {
-        until_failed(self.trees.jobs.iter()).map(summary_item)
+        until_failed(self.settled().jobs.iter()).map(summary_item)
     }
 
     /// Job summaries newest first, starting below `before` (every job when
@@ -132,8 +148,8 @@ impl LogReader {
         before: Option<JobId>,
     ) -> impl Iterator<Item = Result<JobSummary, LogError>> + '_ {
         let range = match before {
-            Some(b) => self.trees.jobs.range(..b.to_be_bytes()),
-            None => self.trees.jobs.range::<[u8; 8], _>(..),
+            Some(b) => self.settled().jobs.range(..b.to_be_bytes()),
+            None => self.settled().jobs.range::<[u8; 8], _>(..),
         };
         until_failed(range.rev()).map(summary_item)
     }
@@ -141,7 +157,7 @@ impl LogReader {
     /// A job's summary.
     pub fn summary(&self, job: JobId) -> Result<JobSummary, LogError> {
         let v = self
-            .trees
+            .settled()
             .jobs
             .get(job.to_be_bytes())?
             .ok_or(LogError::UnknownJob(job))?;
@@ -155,7 +171,7 @@ impl LogReader {
     /// A job's events in seq order. A corrupt event is an `Err` item naming its
     /// seq; the iteration goes on past it. A storage failure is the last item.
     pub fn events(&self, job: JobId) -> impl Iterator<Item = Result<Record, LogError>> + '_ {
-        events_of(&self.trees.events, job)
+        events_of(&self.settled().events, job)
     }
 
     /// A job's events as stored (their envelopes, undecoded), in seq order:
@@ -164,12 +180,12 @@ impl LogReader {
         &self,
         job: JobId,
     ) -> impl Iterator<Item = Result<(Seq, Vec<u8>), LogError>> + '_ {
-        raw_events_of(&self.trees.events, job).map(|r| r.map(|(s, v)| (s, v.to_vec())))
+        raw_events_of(&self.settled().events, job).map(|r| r.map(|(s, v)| (s, v.to_vec())))
     }
 
     /// Folds a job's whole history.
     pub fn fold(&self, job: JobId) -> Result<JobState, LogError> {
-        fold_from(&self.trees.events, job)
+        fold_from(&self.settled().events, job)
     }
 
     /// The folded state of every live job, ascending by id, and apart from them
@@ -225,7 +241,7 @@ impl LogReader {
 
     /// Bytes the log occupies on disk.
     pub fn size_on_disk(&self) -> Result<u64, LogError> {
-        Ok(self.trees.db.size_on_disk()?)
+        Ok(self.settled().db.size_on_disk()?)
     }
 }
 

@@ -140,7 +140,7 @@ pub(super) fn is_corrupt(e: &LogError) -> bool {
 /// (`why`): the damaged directory is moved aside, a new store is created and
 /// every journaled event written into it. Summaries, the live set, the id
 /// counter and the checkpoint are left to `reconcile`, which the caller runs
-/// next. Refuses when the journal is empty: there is nothing to rebuild from.
+/// next. Refuses when the journal holds no event: there is nothing to rebuild from.
 pub(super) fn rebuild(
     dir: &Path,
     journal: &Journal,
@@ -157,7 +157,13 @@ pub(super) fn rebuild(
         path: journal.path().to_path_buf(),
         source,
     };
-    if journal.is_empty().map_err(jio)? {
+    let bytes = journal.read_from(0).map_err(jio)?;
+    let items = journal::parse(&bytes, 0);
+    drop(bytes);
+    if !items
+        .iter()
+        .any(|i| matches!(i, journal::Item::Frame { job, .. } if *job != 0))
+    {
         return Err(LogError::Unrebuildable {
             path: shown,
             reason,
@@ -181,12 +187,11 @@ pub(super) fn rebuild(
             })?;
         }
     }
-    let bytes = journal.read_from(0).map_err(jio)?;
     let mut events = 0u64;
     let mut jobs = std::collections::BTreeSet::new();
     let mut batch = sled::Batch::default();
     let mut in_batch = 0;
-    for item in journal::parse(&bytes, 0) {
+    for item in items {
         if let journal::Item::Frame {
             job, seq, envelope, ..
         } = item

@@ -1,12 +1,13 @@
 //! Bringing sled up to date with the journal when a log is opened.
 //!
-//! The journal holds every event of every round, written before sled's
-//! batches. Opening compares the journal from sled's checkpoint on with sled:
-//! events sled lacks after the last commit marker are an interrupted round (the
-//! engine died between the journal write and the sled batches) and are
-//! completed; events sled lacks *before* a commit marker were acknowledged and
-//! lost by sled (a torn or damaged store) and are restored, saying so. A torn
-//! journal tail that was never acknowledged is cut.
+//! The journal is the write-ahead log: a round is acknowledged once its
+//! frames are synced there and applied to sled in memory; sled flushes
+//! behind it. Opening compares the journal from sled's checkpoint on with
+//! sled and writes back every event sled lacks. Events past the point the
+//! commit markers say sled had flushed are its unflushed tail (normal after a
+//! crash, applied quietly); events sled lacks *before* that point were lost by
+//! sled (a torn or damaged store) and are restored, saying so. A damaged run
+//! past everything acknowledged is the torn end of the last round and is cut.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -30,7 +31,7 @@ pub(super) fn reconcile(t: &Trees, journal: &Journal) -> Result<(u64, Vec<Repair
         Some(v) => be_u64(&v).unwrap_or(0),
         None => 0,
     };
-    let len = journal.len().map_err(io)?;
+    let len = journal.file_len().map_err(io)?;
     let mut repairs = Vec::new();
     if len < checkpoint {
         let path = journal.path().display();
@@ -53,26 +54,44 @@ pub(super) fn reconcile(t: &Trees, journal: &Journal) -> Result<(u64, Vec<Repair
     }
     let tail = journal.read_from(checkpoint).map_err(io)?;
     let items = journal::parse(&tail, checkpoint);
+    drop(tail);
+    // What the commit markers vouch for: every frame before `acked` was
+    // acknowledged, every event before `indexed` was durable in sled. sled
+    // holds everything before its checkpoint.
+    let (mut acked, mut indexed) = (checkpoint, checkpoint);
+    for item in &items {
+        if let journal::Item::Frame {
+            offset,
+            job: 0,
+            envelope,
+            ..
+        } = item
+        {
+            let m = journal::Marker::of(*offset, envelope);
+            acked = acked.max(m.acked);
+            indexed = indexed.max(m.indexed);
+        }
+    }
     let mut end = checkpoint;
     let mut restored: BTreeMap<JobId, Vec<Seq>> = BTreeMap::new();
     let mut touched: BTreeSet<JobId> = BTreeSet::new();
     let mut first_lost: Option<(JobId, Seq, u64)> = None;
-    let mut acked_upto = 0u64;
     let mut batch = sled::Batch::default();
-    for (i, item) in items.iter().enumerate() {
+    for item in &items {
         match item {
-            journal::Item::Frame { offset, job: 0, .. } => {
-                // A commit marker: every frame before it was acknowledged.
-                end = offset + journal::marker().len() as u64;
-                acked_upto = *offset;
-            }
+            journal::Item::Frame {
+                offset,
+                job: 0,
+                envelope,
+                ..
+            } => end = offset + journal::frame_len(envelope),
             journal::Item::Frame {
                 offset,
                 job,
                 seq,
                 envelope,
             } => {
-                end = offset + journal::frame(*job, *seq, envelope).len() as u64;
+                end = offset + journal::frame_len(envelope);
                 touched.insert(*job);
                 if t.events.get(event_key(*job, *seq))?.is_none() {
                     if first_lost.is_none() {
@@ -82,12 +101,15 @@ pub(super) fn reconcile(t: &Trees, journal: &Journal) -> Result<(u64, Vec<Repair
                     restored.entry(*job).or_default().push(*seq);
                 }
             }
-            journal::Item::Damaged { offset, len, .. } if i + 1 == items.len() => {
-                // A partial last round: written but never acknowledged.
+            journal::Item::Damaged { offset, len, .. } if *offset >= acked => {
+                // Past every acknowledged frame: the round the engine (or
+                // the machine) stopped in, written in part and never
+                // acknowledged. Nothing after it was acknowledged either.
                 repairs.push(Repair::general(format!(
-                    "cut a torn journal tail of {len} bytes at offset {offset} (never acknowledged)"
+                    "cut a torn journal tail at offset {offset} ({len} damaged bytes, never acknowledged)"
                 )));
                 journal.truncate(*offset).map_err(io)?;
+                break;
             }
             journal::Item::Damaged {
                 offset,
@@ -105,10 +127,11 @@ pub(super) fn reconcile(t: &Trees, journal: &Journal) -> Result<(u64, Vec<Repair
             }),
         }
     }
-    // A crash in the middle of a round leaves events the journal has and sled
-    // lacks, all after the last commit marker. A lost event *before* a marker
-    // was acknowledged: sled lost it (a torn or damaged store).
-    let torn = first_lost.is_some_and(|(_, _, offset)| offset < acked_upto);
+    // sled flushes behind the journal, so after a crash it lacks the events
+    // of its last unflushed rounds: they are applied now, as every open
+    // does. An event sled lacks *before* a point a marker says sled had
+    // flushed was lost by sled (a torn or damaged store).
+    let torn = first_lost.is_some_and(|(_, _, offset)| offset < indexed);
     if let (Some((job, seq, _)), true) = (first_lost, torn) {
         let total: usize = restored.values().map(Vec::len).sum();
         repairs.push(Repair {
@@ -122,22 +145,24 @@ pub(super) fn reconcile(t: &Trees, journal: &Journal) -> Result<(u64, Vec<Repair
     if !restored.is_empty() {
         t.events.apply_batch(batch)?;
     }
-    for (job, seqs) in &restored {
-        repairs.push(Repair {
-            job: Some(*job),
-            message: if torn {
-                format!(
+    if torn {
+        for (job, seqs) in &restored {
+            repairs.push(Repair {
+                job: Some(*job),
+                message: format!(
                     "job {job} seq {}: restored from the journal; the sled store had lost {} (torn or corrupt on disk)",
                     ranges(seqs),
                     if seqs.len() == 1 { "it" } else { "them" }
-                )
-            } else {
-                format!(
-                    "job {job} seq {}: completed from the journal (the engine stopped in the middle of writing it)",
-                    ranges(seqs)
-                )
-            },
-        });
+                ),
+            });
+        }
+    } else if !restored.is_empty() {
+        let events: usize = restored.values().map(Vec::len).sum();
+        tracing::info!(
+            events,
+            jobs = restored.len(),
+            "brought the index (sled) up to date from the journal: the engine stopped before sled had stored these events"
+        );
     }
     // Jobs the last rounds touched, and any job sled holds events of beyond the
     // recorded id counter: rebuild their summaries and live-set membership,
