@@ -24,7 +24,7 @@
 //! | file | concern |
 //! |---|---|
 //! | `event_log.rs` | [`EventLog`]: open a log for a running engine, submit, append |
-//! | `writer.rs` | the one writer thread: rounds, group commit, output staging |
+//! | `writer.rs` | the writer: rounds, journal first, group commit, sled applied behind, background flush |
 //! | `reader.rs` | [`LogReader`]: every read; `open_copy` for offline tools |
 //! | `reconcile.rs` | completing or restoring sled from the journal on open |
 //! | `rebuild.rs` | a store sled finds corrupt rebuilt from the journal; sled's unfinished snapshots cleared |
@@ -39,19 +39,20 @@
 //! | `snapshot.rs` | temporary copies for offline readers; the lock probe |
 //! | `error.rs` | [`LogError`] |
 //!
-//! # Writing: one writer, group commit
+//! # Writing: the journal first, sled behind
 //!
-//! All mutation goes through one writer thread (running an async task on its
-//! own `smol::block_on`). Callers send requests over a bounded `async_channel`.
-//! Each round the writer takes every request waiting (up to a cap), checks each
-//! event against the job's folded state (an event the state machine rejects is
-//! refused and never written), writes the round's journal frames, applies one
-//! batch per tree (the `meta` checkpoint last), awaits `flush_async` while
-//! syncing the journal (in [`Durability::Fsync`] mode), and only then answers
-//! every caller. An append that returned `Ok` is durable; one that returned
-//! `Err` was not written. A crash between the batches is completed from the
-//! journal when the log is next opened (`reconcile`). ARCHITECTURE.md has the
-//! durability promise in full.
+//! All mutation goes through the writer (`writer.rs`): a stage thread takes
+//! every request waiting (up to a cap), checks each event against the job's
+//! folded state (an event the state machine rejects is refused and never
+//! written) and writes the round's journal and output frames; a sync thread
+//! syncs them (in [`Durability::Fsync`] mode, once for every round written
+//! meanwhile), answers the callers and then inserts the rounds into sled's
+//! trees (the `meta` checkpoint last); a flush thread flushes sled in the
+//! background. An append that returned `Ok` is durable in the journal; one
+//! that returned `Err` was not written. Opening the log brings sled up to
+//! date from the journal (`reconcile`). Reads of a running engine's log wait
+//! for sled to hold every answered round, so a caller reads its own writes.
+//! ARCHITECTURE.md has the durability promise in full.
 //!
 //! # Reading
 //!
