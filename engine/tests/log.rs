@@ -278,21 +278,24 @@ fn child_appender() {
     });
 }
 
+/// This test binary running `child_appender` over `dir`, its stdout piped.
+fn appender(dir: &std::path::Path) -> Command {
+    let mut c = Command::new(std::env::current_exe().unwrap());
+    c.args([
+        "child_appender",
+        "--exact",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("REEL_TEST_APPENDER_DIR", dir)
+    .stdout(Stdio::piped());
+    c
+}
+
 #[test]
 fn acknowledged_appends_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "child_appender",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("REEL_TEST_APPENDER_DIR", dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = appender(dir.path()).stderr(Stdio::null()).spawn().unwrap();
     let mut acks = Vec::new();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     while acks.len() < 3000 {
@@ -591,16 +594,8 @@ fn a_sigkill_at_every_point_of_a_commit_loses_no_acknowledged_event() {
     use reel_engine::testkit::crashpoint::{Stage, WRITER_ENV};
     for stage in Stage::ALL {
         let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "child_appender",
-                "--exact",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("REEL_TEST_APPENDER_DIR", dir.path())
+        let mut child = appender(dir.path())
             .env(WRITER_ENV, format!("{}:300", stage.name()))
-            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
