@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use reel_engine::model::codec::DecodeError;
 use reel_engine::model::event::{Event, Handle, Outcome, RETIRED_KINDS};
-use reel_engine::model::spec::{JobSpec, Origin, Resources, Retry, StepSpec};
+use reel_engine::model::spec::{JobSpec, Network, Origin, Resources, Retry, StepSpec};
 
 const AT_MS: u64 = 1_795_790_825_123;
 
@@ -46,7 +46,8 @@ fn spec_v1() -> JobSpec {
     }
 }
 
-fn spec() -> JobSpec {
+/// The spec as format 2 held it (kind 29): without the network choice.
+fn spec_v2() -> JobSpec {
     JobSpec {
         artifacts: vec!["dist/*.tar.gz".into(), "report.xml".into()],
         retry: Retry { lost: 2 },
@@ -57,6 +58,13 @@ fn spec() -> JobSpec {
             retries: 1,
         },
         ..spec_v1()
+    }
+}
+
+fn spec() -> JobSpec {
+    JobSpec {
+        network: Network::User,
+        ..spec_v2()
     }
 }
 
@@ -122,7 +130,6 @@ fn samples() -> Vec<Event> {
         Event::DeadlinePassed {
             reason: "the job ran past its timeout of 1h".into(),
         },
-        Event::Submitted { spec: spec() },
         Event::SlotGranted {
             charged: Resources {
                 memory_mib: 512,
@@ -135,6 +142,7 @@ fn samples() -> Vec<Event> {
             size: 1_234_567,
             crc32c: 0x8a91_36aa,
         },
+        Event::Submitted { spec: spec() },
     ]
 }
 
@@ -149,13 +157,14 @@ fn retired() -> Vec<(&'static str, Event)> {
                 charged: Resources::default(),
             },
         ),
+        ("029-Submitted.bin", Event::Submitted { spec: spec_v2() }),
     ]
 }
 
 #[test]
 fn retired_kinds_read_as_their_upcast() {
     let listed: Vec<u16> = RETIRED_KINDS.iter().map(|k| k.0).collect();
-    assert_eq!(listed, vec![1, 3]);
+    assert_eq!(listed, vec![1, 3, 29]);
     for (file, upcast) in retired() {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("tests/golden")

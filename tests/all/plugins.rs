@@ -19,7 +19,7 @@ use reel_engine::input::secrets::ResolvedSecrets;
 use reel_engine::lifecycle::executor::{Executor, Runners};
 use reel_engine::lifecycle::observer::Cancel;
 use reel_engine::model::event::{Event, JobId, Outcome};
-use reel_engine::model::spec::{JobSpec, StepSpec};
+use reel_engine::model::spec::{JobSpec, Network, StepSpec};
 use reel_engine::plugin::{self, ErrorKind, Handle, JobRequest, RunnerConfig, StepRequest};
 use reel_engine::store::{EventLog, LogOptions};
 use reel_plugin_sdk::conformance::Suite;
@@ -625,6 +625,57 @@ fn a_runner_that_cannot_collect_leaves_a_notice_and_the_job_goes_on() {
         }
         f.log.close();
     }
+}
+
+/// A job's `network:` choice is refused, before anything of the job exists, by
+/// a runner that cannot honour it: a plugin of ABI 1.1 (which cannot even see
+/// the field) by the engine, the process runner (which does not isolate the
+/// network) by itself. Without a choice, both take the job.
+#[test]
+fn a_network_choice_is_refused_by_a_runner_that_cannot_honour_it() {
+    let b = built();
+    let old = Firehose::with_plugin(&b.old_minor, "libreel_fixture_old_minor.so", &[]);
+    let process = {
+        let state = tempfile::tempdir().unwrap();
+        let log = EventLog::open(state.path(), LogOptions::default()).unwrap();
+        let runners = Runners::new(
+            plugin::load_dir(&reel_tests::target_dir()),
+            state.path().join("sandboxes"),
+            Default::default(),
+        );
+        (Executor::new(log, runners).unwrap(), state)
+    };
+    let cases = [
+        (
+            &old.ex,
+            "old-minor",
+            "the job asks for network: user, but the runner was built against ABI 1.1, which \
+             has no network choice (1.3 has)",
+        ),
+        (
+            &process.0,
+            "process",
+            "network: user: the process runner runs steps in the host's network and can \
+             neither cut nor NAT it (runner: qemu can)",
+        ),
+    ];
+    for (ex, runner, says) in cases {
+        let spec = JobSpec {
+            runner: runner.into(),
+            ..Firehose::spec(&["1"])
+        };
+        assert!(smol::block_on(ex.validate(&spec)).is_ok(), "{runner}");
+        for network in [Network::User, Network::None] {
+            let asks = JobSpec {
+                network,
+                ..spec.clone()
+            };
+            let e = smol::block_on(ex.validate(&asks)).unwrap_err().to_string();
+            let says = says.replace("network: user", &format!("network: {}", network.name()));
+            assert!(e.contains(&says), "{runner}: {e}");
+        }
+    }
+    old.log.close();
 }
 
 /// The per-job cap (here 8 KiB instead of the engine's 1 GiB): the process

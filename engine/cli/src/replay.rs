@@ -23,6 +23,7 @@ use serde_json::{Value, json};
 
 use reel_engine::lifecycle::recover::outlook;
 use reel_engine::model::event::{Event, JobId, Seq};
+use reel_engine::model::spec::Network;
 use reel_engine::model::state::{JobState, StepState};
 use reel_engine::store::{Audit, History, LogError, LogReader, Stream, corrupt_seq, error_line};
 use reel_engine::time::{format_duration_ms, format_ms};
@@ -349,6 +350,9 @@ fn origin_details(spec: &reel_engine::model::spec::JobSpec) -> String {
     }
     if let Some(ms) = spec.cancel_grace_ms {
         out.push_str(&format!(" cancel_grace={}", format_duration_ms(ms)));
+    }
+    if spec.network != Network::Default {
+        out.push_str(&format!(" network={}", spec.network.name()));
     }
     out
 }

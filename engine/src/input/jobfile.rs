@@ -20,6 +20,9 @@
 //! retry: { lost: 2 }          # run again (up to twice) if the job ends `lost`
 //! cancel_grace: 10s           # a cancelled step gets 10s after SIGINT, then
 //!                             # 10s after SIGTERM, before SIGKILL
+//! network: user               # `runner: qemu` only: outbound NAT for the guest,
+//!                             # the host and private ranges unreachable; `none`
+//!                             # (a microVM's default) for no network at all
 //! steps:
 //!   - name: greet
 //!     command: echo "$GREETING"
@@ -92,7 +95,7 @@ use serde_yaml::Value;
 
 use crate::input::prescan::{self, Refusal};
 use crate::model::spec::{
-    self, JobSpec, MAX_SPEC_BYTES, Origin, Resources, Retry, StepSpec, size_text,
+    self, JobSpec, MAX_SPEC_BYTES, Network, Origin, Resources, Retry, StepSpec, size_text,
 };
 
 /// The runner a job uses when its file names none (and the only one spindle
@@ -926,7 +929,34 @@ struct ReelFile {
     retry: Option<ReelRetry>,
     #[serde(default)]
     cancel_grace: Option<Millis>,
+    #[serde(default)]
+    network: NetworkWord,
     steps: ReelSteps,
+}
+
+/// `network:`: `none` or `user` (`default`, the runner's choice, is what an
+/// absent key means).
+#[derive(Default)]
+struct NetworkWord(Network);
+
+impl<'de> Deserialize<'de> for NetworkWord {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = NetworkWord;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("\"none\" or \"user\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<NetworkWord, E> {
+                Network::parse(v).map(NetworkWord).ok_or_else(|| {
+                    E::custom(format!(
+                        "unknown network \"{v}\": expected \"none\" (no network) or \"user\" (outbound NAT)"
+                    ))
+                })
+            }
+        }
+        deserializer.deserialize_str(V)
+    }
 }
 
 #[derive(Deserialize)]
@@ -1060,6 +1090,7 @@ impl ReelFile {
                 },
                 cancel_grace_ms: self.cancel_grace.map(|t| t.0),
                 origin: Origin::default(),
+                network: self.network.0,
             },
             warnings,
             format: Format::Reel,

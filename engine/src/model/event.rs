@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::model::codec::{self, DecodeError};
-use crate::model::spec::{JobSpec, JobSpecV1, Resources};
+use crate::model::spec::{JobSpec, JobSpecV1, JobSpecV2, Resources};
 
 /// A job's identifier: the log's own counter, so ids sort by submission order.
 pub type JobId = u64;
@@ -183,9 +183,6 @@ events! {
     /// Intent: the job ran past its deadline; the engine is about to stop its
     /// running step, and the job ends `TimedOut` (recovery honours it).
     28 => DeadlinePassed { reason: String }
-    /// A job entered the system; its full specification (secret names only).
-    /// (Format 2 of the spec: kind 1 held format 1, read as this.)
-    29 => Submitted { spec: JobSpec }
     /// The scheduler granted the job its resources: what it charged against
     /// the budget (the request with the runner defaults filled in), which a
     /// restarted scheduler counts again for a job still holding its sandbox.
@@ -198,6 +195,10 @@ events! {
     /// and `PoweredOff`, once per name. Only names with this event are the job's
     /// artifacts; any other file there is a partial copy.
     31 => ArtifactStored { name: String, size: u64, crc32c: u32 }
+    /// A job entered the system; its full specification (secret names only).
+    /// (Format 3 of the spec, with the network choice: kinds 1 and 29 held
+    /// formats 1 and 2, read as this.)
+    32 => Submitted { spec: JobSpec }
 }
 
 /// Kinds no longer written, with what they read as. A kind number is never
@@ -205,6 +206,7 @@ events! {
 pub const RETIRED_KINDS: &[(u16, &str)] = &[
     (1, "Submitted (spec format 1)"),
     (3, "SlotGranted (no fields)"),
+    (29, "Submitted (spec format 2)"),
 ];
 
 /// Decodes a retired kind as the current event it became (its upcast).
@@ -212,6 +214,10 @@ fn decode_retired(kind: u16, payload: &[u8]) -> Result<(u64, Event), DecodeError
     match kind {
         1 => {
             let (at_ms, (spec,)): (u64, (JobSpecV1,)) = codec::decode_payload(kind, payload)?;
+            Ok((at_ms, Event::Submitted { spec: spec.into() }))
+        }
+        29 => {
+            let (at_ms, (spec,)): (u64, (JobSpecV2,)) = codec::decode_payload(kind, payload)?;
             Ok((at_ms, Event::Submitted { spec: spec.into() }))
         }
         3 => {

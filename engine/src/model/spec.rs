@@ -107,6 +107,42 @@ pub struct JobSpec {
     /// Where the job came from: its idempotency key and, for a retry, the
     /// attempt it repeats.
     pub origin: Origin,
+    /// The network its sandbox gets (format 3).
+    pub network: Network,
+}
+
+/// The network a job's sandbox gets (`network:` in a job file).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// The runner's default: none for a microVM, the host's for the process
+    /// runner (which does not isolate the network).
+    #[default]
+    Default,
+    /// No network (`network: none`).
+    None,
+    /// Outbound NAT, with the host and private ranges unreachable
+    /// (`network: user`).
+    User,
+}
+
+impl Network {
+    /// Every choice, in the order of their names in messages.
+    pub const ALL: [Network; 3] = [Network::Default, Network::None, Network::User];
+
+    /// The job file's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Network::Default => "default",
+            Network::None => "none",
+            Network::User => "user",
+        }
+    }
+
+    /// The choice a job file's word names.
+    pub fn parse(word: &str) -> Option<Network> {
+        Network::ALL.into_iter().find(|n| n.name() == word)
+    }
 }
 
 /// When a job is run again without being asked (`retry:` in a job file).
@@ -146,6 +182,47 @@ pub(crate) struct JobSpecV1 {
     owner: String,
 }
 
+/// A job's specification as stored by kind 29 (`Submitted`, format 2), before
+/// the network choice existed. Read only, upcast to [`JobSpec`] with the
+/// runner's default network.
+#[derive(Clone, Debug, Deserialize)]
+pub(crate) struct JobSpecV2 {
+    name: String,
+    runner: String,
+    image: Option<String>,
+    resources: Resources,
+    environment: BTreeMap<String, String>,
+    secrets: Vec<String>,
+    steps: Vec<StepSpec>,
+    timeout_ms: Option<u64>,
+    owner: String,
+    artifacts: Vec<String>,
+    retry: Retry,
+    cancel_grace_ms: Option<u64>,
+    origin: Origin,
+}
+
+impl From<JobSpecV2> for JobSpec {
+    fn from(v: JobSpecV2) -> JobSpec {
+        JobSpec {
+            name: v.name,
+            runner: v.runner,
+            image: v.image,
+            resources: v.resources,
+            environment: v.environment,
+            secrets: v.secrets,
+            steps: v.steps,
+            timeout_ms: v.timeout_ms,
+            owner: v.owner,
+            artifacts: v.artifacts,
+            retry: v.retry,
+            cancel_grace_ms: v.cancel_grace_ms,
+            origin: v.origin,
+            network: Network::Default,
+        }
+    }
+}
+
 impl From<JobSpecV1> for JobSpec {
     fn from(v: JobSpecV1) -> JobSpec {
         JobSpec {
@@ -162,6 +239,7 @@ impl From<JobSpecV1> for JobSpec {
             retry: Retry::default(),
             cancel_grace_ms: None,
             origin: Origin::default(),
+            network: Network::Default,
         }
     }
 }

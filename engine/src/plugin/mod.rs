@@ -41,8 +41,8 @@ pub use loaded::LoadedRunner;
 pub use reel_plugin_abi as abi;
 pub use reel_plugin_sdk::{
     Capability, CollectRequest, Collected, Collection, Description, ErrorKind, ExecResult, Handle,
-    JobRequest, OutputSink, Probe, Resources, Runner, RunnerConfig, RunnerError, StepRequest,
-    Stored, Stream,
+    JobRequest, Network, OutputSink, Probe, Resources, Runner, RunnerConfig, RunnerError,
+    StepRequest, Stored, Stream,
 };
 
 pub use host::{capture_notices, set_notice_hook};

@@ -54,8 +54,9 @@ pub const ABI_MAJOR: u32 = 1;
 /// The ABI minor version: the number of append-only revisions of [`RunnerVTable`]
 /// and [`HostCallbacks`] (and of the SDK's boundary types). 1.1 appended
 /// [`HostCallbacks::output_stored`]; 1.2 appended [`RunnerVTable::collect`] and the
-/// SDK's `JobRequest::cancel_grace_ms`.
-pub const ABI_MINOR: u32 = 2;
+/// SDK's `JobRequest::cancel_grace_ms`; 1.3 appended `JobRequest::network`
+/// (no table changed).
+pub const ABI_MINOR: u32 = 3;
 /// The NUL-terminated name of the entry symbol for [`ABI_MAJOR`].
 pub const ENTRY_SYMBOL: &[u8] = b"reel_runner_entry_v1\0";
 /// The NUL-terminated name of the unversioned `u32` symbol holding a plugin's major.

@@ -46,8 +46,8 @@ use std::time::{Duration, Instant};
 
 use crate::glue::panic_message;
 use crate::types::{
-    Capability, CollectRequest, Collected, Description, ErrorKind, Handle, JobRequest, OutputSink,
-    Resources, Runner, RunnerConfig, RunnerError, StepRequest, Stored, Stream,
+    Capability, CollectRequest, Collected, Description, ErrorKind, Handle, JobRequest, Network,
+    OutputSink, Resources, Runner, RunnerConfig, RunnerError, StepRequest, Stored, Stream,
 };
 
 /// Makes a new runner instance, as an engine does when it starts.
@@ -108,6 +108,7 @@ impl Default for Suite {
                     "job-env".to_owned(),
                 )]),
                 cancel_grace_ms: None,
+                network: Network::Default,
             },
             output_command: "echo \"out $REEL_CONFORMANCE\"; echo 'err line' >&2".to_owned(),
             expected_stdout: "out job-env".to_owned(),

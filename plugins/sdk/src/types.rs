@@ -195,6 +195,90 @@ pub struct JobRequest {
     /// too) and uses it for every [`Runner::cancel`] of the job's steps. From an
     /// engine of ABI 1.1 or older it is always `None`.
     pub cancel_grace_ms: Option<u64>,
+    /// 1.3: the network the job's sandbox gets (the job file's `network:`).
+    /// [`Network::Default`] is the runner's own choice; a runner refuses in
+    /// `validate` a choice it cannot honour. An engine of ABI 1.2 or older
+    /// always sends `Default`, and an engine of 1.3 refuses a job that asks
+    /// for more of a plugin of an older minor.
+    pub network: Network,
+}
+
+/// The network a job's sandbox gets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// The runner's default (none for a microVM; the host's for the process runner).
+    #[default]
+    Default,
+    /// No network at all.
+    None,
+    /// Outbound NAT to the internet, the host itself and private ranges unreachable.
+    User,
+}
+
+impl Network {
+    /// The job file's spelling: `default`, `none` or `user`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Network::Default => "default",
+            Network::None => "none",
+            Network::User => "user",
+        }
+    }
+}
+
+impl std::fmt::Display for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// [`JobRequest`] as ABI 1.2 encodes it: without `network`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRequestV1_2 {
+    /// See [`JobRequest::job_id`].
+    pub job_id: u64,
+    /// See [`JobRequest::sandbox_id`].
+    pub sandbox_id: u32,
+    /// See [`JobRequest::name`].
+    pub name: String,
+    /// See [`JobRequest::image`].
+    pub image: Option<String>,
+    /// See [`JobRequest::resources`].
+    pub resources: Resources,
+    /// See [`JobRequest::environment`].
+    pub environment: BTreeMap<String, String>,
+    /// See [`JobRequest::cancel_grace_ms`].
+    pub cancel_grace_ms: Option<u64>,
+}
+
+impl From<JobRequestV1_2> for JobRequest {
+    fn from(v: JobRequestV1_2) -> JobRequest {
+        JobRequest {
+            job_id: v.job_id,
+            sandbox_id: v.sandbox_id,
+            name: v.name,
+            image: v.image,
+            resources: v.resources,
+            environment: v.environment,
+            cancel_grace_ms: v.cancel_grace_ms,
+            network: Network::Default,
+        }
+    }
+}
+
+impl From<&JobRequest> for JobRequestV1_2 {
+    fn from(j: &JobRequest) -> JobRequestV1_2 {
+        JobRequestV1_2 {
+            job_id: j.job_id,
+            sandbox_id: j.sandbox_id,
+            name: j.name.clone(),
+            image: j.image.clone(),
+            resources: j.resources.clone(),
+            environment: j.environment.clone(),
+            cancel_grace_ms: j.cancel_grace_ms,
+        }
+    }
 }
 
 /// [`JobRequest`] as ABI 1.0 and 1.1 encode it: without `cancel_grace_ms`. An
@@ -226,6 +310,7 @@ impl From<JobRequestV1_1> for JobRequest {
             resources: v.resources,
             environment: v.environment,
             cancel_grace_ms: None,
+            network: Network::Default,
         }
     }
 }
@@ -245,23 +330,34 @@ impl From<&JobRequest> for JobRequestV1_1 {
 
 impl JobRequest {
     /// The envelope of this request for a plugin built against ABI minor
-    /// `minor`: the 1.1 form (without the fields appended since) below 1.2.
+    /// `minor`: the 1.2 form (without `network`) for 1.2, the 1.1 form
+    /// (without the fields appended since) below. The fields left out must be
+    /// at their defaults: a plugin that cannot see a choice cannot honour it.
     pub fn encode_for_minor(&self, minor: u32) -> Result<Vec<u8>, RunnerError> {
-        if minor >= 2 {
-            crate::codec::encode(self)
-        } else {
-            crate::codec::encode(&JobRequestV1_1::from(self))
+        if minor < 3 && self.network != Network::Default {
+            return Err(RunnerError::invalid_input(format!(
+                "the job asks for network: {}, but the runner was built against ABI 1.{minor}, \
+                 which has no network choice (1.3 has)",
+                self.network
+            )));
+        }
+        match minor {
+            0..=1 => crate::codec::encode(&JobRequestV1_1::from(self)),
+            2 => crate::codec::encode(&JobRequestV1_2::from(self)),
+            _ => crate::codec::encode(self),
         }
     }
 
     /// Decodes a request an engine of any 1.x minor encoded: the current form,
-    /// else the 1.1 form with the fields appended since left at their defaults.
-    /// (Exactly one of the two decodes: the 1.1 form is a strict prefix.)
+    /// else the 1.2 or the 1.1 form with the fields appended since left at
+    /// their defaults. (Exactly one of them decodes: each older form is a
+    /// strict prefix of the newer.)
     pub fn decode_any(bytes: &[u8]) -> Result<JobRequest, RunnerError> {
         match crate::codec::decode::<JobRequest>(bytes) {
             Ok(job) => Ok(job),
-            Err(current) => crate::codec::decode::<JobRequestV1_1>(bytes)
+            Err(current) => crate::codec::decode::<JobRequestV1_2>(bytes)
                 .map(JobRequest::from)
+                .or_else(|_| crate::codec::decode::<JobRequestV1_1>(bytes).map(JobRequest::from))
                 .map_err(|_| current),
         }
     }
@@ -632,6 +728,7 @@ mod tests {
             },
             environment: BTreeMap::from([("A".into(), "b".into())]),
             cancel_grace_ms: Some(1500),
+            network: Network::Default,
         }
     }
 
@@ -657,5 +754,26 @@ mod tests {
             }
         );
         assert!(JobRequest::decode_any(&now[..now.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn a_network_choice_reaches_a_1_3_plugin_and_is_refused_for_an_older_one() {
+        let job = JobRequest {
+            network: Network::User,
+            ..request()
+        };
+        let now = job.encode_for_minor(3).unwrap();
+        assert_eq!(JobRequest::decode_any(&now).unwrap(), job);
+        for minor in [0, 1, 2] {
+            let e = job.encode_for_minor(minor).unwrap_err();
+            assert!(e.message.contains("network: user"), "{e}");
+            assert!(e.message.contains(&format!("ABI 1.{minor}")), "{e}");
+        }
+        // A 1.2 engine's request (no network field) reads as the default.
+        let plain = request();
+        let v1_2 = plain.encode_for_minor(2).unwrap();
+        assert!(crate::codec::decode::<JobRequest>(&v1_2).is_err());
+        assert_eq!(JobRequest::decode_any(&v1_2).unwrap(), plain);
+        assert!(crate::codec::decode::<JobRequestV1_2>(&now).is_err());
     }
 }

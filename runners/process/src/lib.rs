@@ -96,7 +96,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use reel_agent::procfs::Process;
 use reel_agent::{AgentClient, ExecRequest};
 use reel_plugin_sdk::{
-    Capability, CollectRequest, Collection, Description, ExecResult, Handle, JobRequest,
+    Capability, CollectRequest, Collection, Description, ExecResult, Handle, JobRequest, Network,
     OutputSink, Probe, Runner, RunnerConfig, RunnerError, StepRequest,
 };
 use reel_runner_kit::oom::with_oom_cause;
@@ -736,6 +736,13 @@ impl Runner for ProcessRunner {
 
 impl ProcessRunner {
     fn plan_state(&self, job: &JobRequest) -> Result<JobState, RunnerError> {
+        if job.network != Network::Default {
+            return Err(RunnerError::invalid_input(format!(
+                "network: {}: the process runner runs steps in the host's network and can \
+                 neither cut nor NAT it (runner: qemu can)",
+                job.network
+            )));
+        }
         let root = std::path::absolute(&self.settings.sandbox_root).map_err(|e| {
             RunnerError::invalid_input(format!(
                 "sandbox root {}: {e}",

@@ -59,6 +59,7 @@ pub fn job(sandbox_id: u32) -> JobRequest {
         },
         environment: BTreeMap::from([("JOB_VAR".to_owned(), "from-job".to_owned())]),
         cancel_grace_ms: None,
+        network: Default::default(),
     }
 }
 
