@@ -88,7 +88,11 @@ pub fn text(b: &[u8]) -> String {
 /// i.e. processes a job of this state directory started (steps inherit the
 /// sandbox's `HOME`). Zombies and unreadable processes are skipped.
 pub fn processes_under(root: &Path) -> Vec<u32> {
-    let needle = root.to_string_lossy().into_owned();
+    processes_naming(&root.to_string_lossy())
+}
+
+/// The processes whose command line or environment holds `needle`.
+pub fn processes_naming(needle: &str) -> Vec<u32> {
     let mut found = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return found;
@@ -187,6 +191,26 @@ pub fn assert_nothing_left(state: &Path, context: &str) {
     );
     // The process runner's cgroups are `sbx-<tag>-<id>`, the QEMU runner's `vm-<tag>-<id>`.
     let tag = root_tag(&std::path::absolute(&root).unwrap());
+    // A VM with `network: user` has the namespace `reel-vm-<tag>-<id>` and a
+    // slirp4netns naming it.
+    let netns = format!("/run/netns/reel-vm-{tag}-");
+    let slirps = processes_naming(&netns);
+    assert!(
+        slirps.is_empty(),
+        "{context}: slirp4netns remains: {slirps:?}"
+    );
+    let namespaces: Vec<_> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.to_string_lossy().starts_with(&netns))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        namespaces.is_empty(),
+        "{context}: network namespaces remain: {namespaces:?}"
+    );
     let ours = |name: &str| {
         name.strip_prefix("sbx-")
             .or_else(|| name.strip_prefix("vm-"))

@@ -431,3 +431,226 @@ fn runner_options_reach_the_runner_and_bad_ones_are_refused() {
         "nothing was submitted"
     );
 }
+
+/// A stand-in for the internet beside this host: a network namespace joined to
+/// the host by a veth pair, with a public address (TEST-NET-2, routed like any
+/// outside host) and a private one (10/8) on the same link, and busybox httpd
+/// serving `token` on both. Removed when dropped.
+struct Outside {
+    netns: String,
+    host_link: String,
+    httpd: std::process::Child,
+    /// The host's own address on the link (a host address the guest must not reach).
+    host_address: &'static str,
+    public: &'static str,
+    private: &'static str,
+}
+
+impl Outside {
+    fn new(token: &str, www: &std::path::Path) -> Outside {
+        let id = std::process::id() % 100_000;
+        let netns = format!("reel-test-out-{id}");
+        let host_link = format!("rto{id}h");
+        let peer = format!("rto{id}o");
+        let sh = |args: &[&str]| {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
+        };
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "delete", &netns])
+            .output();
+        let _ = std::process::Command::new("ip")
+            .args(["link", "delete", &host_link])
+            .output();
+        sh(&["netns", "add", &netns]);
+        sh(&[
+            "link", "add", &host_link, "type", "veth", "peer", "name", &peer,
+        ]);
+        sh(&["link", "set", &peer, "netns", &netns]);
+        sh(&["addr", "add", "198.51.100.201/30", "dev", &host_link]);
+        sh(&["addr", "add", "10.213.0.1/30", "dev", &host_link]);
+        sh(&["link", "set", &host_link, "up"]);
+        for a in ["198.51.100.202/30", "10.213.0.2/30"] {
+            sh(&["-n", &netns, "addr", "add", a, "dev", &peer]);
+        }
+        sh(&["-n", &netns, "link", "set", &peer, "up"]);
+        sh(&["-n", &netns, "link", "set", "lo", "up"]);
+        std::fs::write(www.join("token"), token).unwrap();
+        let httpd = std::process::Command::new("ip")
+            .args([
+                "netns", "exec", &netns, "busybox", "httpd", "-f", "-p", "8080", "-h",
+            ])
+            .arg(www)
+            .spawn()
+            .expect("busybox httpd (scripts/install-vm-deps installs busybox-static)");
+        let outside = Outside {
+            netns,
+            host_link,
+            httpd,
+            host_address: "198.51.100.201",
+            public: "198.51.100.202",
+            private: "10.213.0.2",
+        };
+        // From the host, both addresses answer.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        for address in [outside.public, outside.private] {
+            while std::net::TcpStream::connect((address, 8080)).is_err() {
+                assert!(std::time::Instant::now() < deadline, "httpd on {address}");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+        outside
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = self.httpd.kill();
+        let _ = self.httpd.wait();
+        let _ = std::process::Command::new("ip")
+            .args(["link", "delete", &self.host_link])
+            .output();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "delete", &self.netns])
+            .output();
+    }
+}
+
+/// A shell function for a step: `try NAME URL` prints `NAME reached: BODY` or
+/// `NAME blocked: WHY` (busybox wget, 5 s at most).
+const TRY: &str = "try() { if out=$(timeout 5 wget -q -O - \"$2\" 2>&1); then echo \"$1 reached: $out\"; \
+                   else echo \"$1 blocked: $out\"; fi; }";
+
+/// `network: user` gives the guest outbound NAT: a host outside is reached, while
+/// a private address on the same link, the host's own addresses and its
+/// loopback (through either NAT's gateway) are not. The choice is in the plan
+/// and the timeline, and the namespace and slirp4netns are gone afterwards. A
+/// job without `network:` has no NIC at all.
+#[test]
+fn network_user_reaches_outside_but_not_the_host_or_private_ranges() {
+    let _turn = turn();
+    let state = tempfile::tempdir().unwrap();
+    let www = tempfile::tempdir().unwrap();
+    let token = format!("outside-{}", std::process::id());
+    let outside = Outside::new(&token, www.path());
+    // A server on every host address: whatever the guest reaches of the host,
+    // this answers.
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            use std::io::Write as _;
+            let _ = conn.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 4\r\n\r\nHOST");
+        }
+    });
+    let probes = [
+        ("public", format!("http://{}:8080/token", outside.public)),
+        ("private", format!("http://{}:8080/token", outside.private)),
+        (
+            "host-address",
+            format!("http://{}:{port}/", outside.host_address),
+        ),
+        ("slirp-gateway", format!("http://10.0.2.2:{port}/")),
+        ("qemu-gateway", format!("http://10.0.3.2:{port}/")),
+        ("metadata", "http://169.254.169.254/".to_owned()),
+    ];
+    let command: String = std::iter::once(TRY.to_owned())
+        .chain(probes.iter().map(|(name, url)| format!("try {name} {url}")))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let indented = command.replace('\n', "\n      ");
+    let job = write_job(
+        state.path(),
+        "net.yml",
+        &format!(
+            "name: net\n{}network: user\nsteps:\n  - name: probe\n    command: |\n      {indented}\n",
+            header("256M")
+        ),
+    );
+    let out = reel(state.path(), &["run", &job], &[]);
+    assert!(
+        out.status.success(),
+        "{} / {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let output = text(&reel(state.path(), &["output", "1"], &[]).stdout);
+    assert!(
+        output.contains(&format!("public reached: {token}")),
+        "the outside host: {output}"
+    );
+    for (name, _) in &probes[1..] {
+        assert!(
+            output.contains(&format!("{name} blocked:")),
+            "{name} must be unreachable: {output}"
+        );
+    }
+    assert!(
+        !output.contains("HOST"),
+        "the guest reached the host: {output}"
+    );
+    let replay = text(&reel(state.path(), &["replay", "1"], &[]).stdout);
+    for says in ["network=user", "netns /run/netns/reel-vm-", "slirp4netns"] {
+        assert!(
+            replay.contains(says),
+            "{says} missing from the timeline: {replay}"
+        );
+    }
+    assert_nothing_left(state.path(), "network user");
+
+    // Without `network:`, the guest has only its loopback.
+    let state = tempfile::tempdir().unwrap();
+    let job = write_job(
+        state.path(),
+        "none.yml",
+        &format!(
+            "name: none\n{}steps:\n  - name: probe\n    command: |\n      {TRY}\n      \
+             ls /sys/class/net\n      try public http://{}:8080/token\n",
+            header("256M"),
+            outside.public
+        ),
+    );
+    let out = reel(state.path(), &["run", &job], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let output = text(&reel(state.path(), &["output", "1"], &[]).stdout);
+    assert!(
+        output.starts_with("lo\npublic blocked:"),
+        "no NIC without network: user: {output}"
+    );
+    let replay = text(&reel(state.path(), &["replay", "1"], &[]).stdout);
+    assert!(replay.contains("network none"), "{replay}");
+    assert_nothing_left(state.path(), "network none");
+}
+
+/// A `network: user` VM job through the crash points where its namespace and
+/// slirp4netns come and go: planned, made, booted, mid-step (the VM reattached
+/// with its network), powered off, cleaned. Nothing of either is left.
+#[test]
+fn vm_network_crash_points_leave_no_namespace_or_slirp4netns() {
+    let _turn = turn();
+    let (name, rest) = JOB.split_once('\n').unwrap();
+    run_path(&Path {
+        name: "vm network",
+        job: format!("{name}\n{}network: user\n{rest}", header("256M")),
+        env: vec![],
+        cancel: false,
+        points: [
+            "SandboxPlanned",
+            "WorkDirCreated",
+            "BootRequested",
+            "VmBooted",
+            "StepStarted",
+            "PoweredOff",
+            "Cleaned",
+        ]
+        .iter()
+        .map(|p| (*p, 1))
+        .collect(),
+        outcome: "Succeeded",
+        output: expected_output(),
+        artifacts: vec![],
+    });
+}

@@ -9,6 +9,8 @@
 //!   speaks on (`virtserialport name=agent0`); `q.sock`: QMP;
 //! - `qemu.pid` (QEMU's `-pidfile`), `console.log` (the guest's serial console),
 //!   `qemu.log` (what QEMU printed before it daemonized);
+//! - with `network: user`, `slirp4netns.log`, beside the network namespace
+//!   `/run/netns/reel-vm-<root tag>-<sandbox_id>` ([`net`]);
 //!
 //! and a cgroup (`<parent>/vm-<root tag>-<sandbox_id>`, v2 or the v1 memory, pids
 //! and freezer hierarchies) that QEMU is in from its first instruction: the child
@@ -21,14 +23,14 @@
 //! | call | what it does | event the engine logs after it |
 //! |---|---|---|
 //! | `plan` | names every resource from the job and the image spec; the guest CID is `sandbox_id + 3` (the engine's lease: never two live VMs with one CID) | `SandboxPlanned`, `CidAllocated` |
-//! | `prepare` | directory, volumes (`mkfs.ext4`, no journal where the spec says), cgroup, session token | `VolumesFormatted` |
-//! | `boot` | `qemu-system-x86_64 -daemonize` in the cgroup; QMP polled until `query-status` says `running`; pid and start time in the handle | `VmBooted` |
+//! | `prepare` | directory, volumes (`mkfs.ext4`, no journal where the spec says), cgroup, session token; with `network: user` the network namespace and its prohibit routes | `VolumesFormatted` |
+//! | `boot` | with `network: user` slirp4netns first; `qemu-system-x86_64 -daemonize` in the cgroup (and the namespace); QMP polled until `query-status` says `running`; pid and start time in the handle | `VmBooted` |
 //! | `connect` | the agent's `Hello` over the chardev socket (stale bytes of an earlier host skipped), `Init` with the token; a boot that hangs before `Hello` is retried once (notice `boot-retry`) | `AgentConnected` |
 //! | `exec` | the step through the agent, as the process runner does ([`reel_runner_kit::session`]) | step events |
 //! | `drain` | the agent's `Drain` | `Drained` |
 //! | `collect` | the job's artifacts read from the guest's work directory through the agent (`ListFiles`, `ReadFile`), as the process runner does ([`Sessions::collect`]) | `ArtifactStored` each |
 //! | `poweroff` | agent `Poweroff` (the guest's init then runs `poweroff -f`) → QMP `system_powerdown` → SIGKILL, each with a share of the deadline | `PoweredOff` |
-//! | `cleanup` | every QEMU of the job killed (by handle, pidfile, cgroup, or command line), cgroup and directory removed | `Cleaned` |
+//! | `cleanup` | every QEMU (and slirp4netns) of the job killed (by handle, pidfile, cgroup, or command line), cgroup, directory and network namespace removed | `Cleaned` |
 //!
 //! A cancel is the guest agent's SIGINT → SIGTERM → SIGKILL ladder with the job's
 //! `cancel_grace` between the signals (kept in the handle, from format version
@@ -57,9 +59,17 @@
 //!   within [`KVM_PROBE_TIMEOUT`] — probed once per host kernel, QEMU and image
 //!   kernel and remembered in `$TMPDIR/reel-qemu-accel-probe` (the answer is the
 //!   host's, not one engine's) — else TCG. Each boot says which, in a notice.
+//! - `slirp4netns`: the slirp4netns binary for `network: user` (default
+//!   `slirp4netns` on `PATH`);
 //! - `cgroup_parent`: as the process runner's (default `reel`).
+//!
+//! # Network
+//!
+//! A job's `network:` is `none` by default (no NIC in the guest); `user` gives
+//! it outbound NAT with the host and private ranges unreachable ([`net`]).
 
 mod console;
+pub mod net;
 pub mod qmp;
 pub mod spec;
 
@@ -75,7 +85,7 @@ use std::time::{Duration, Instant};
 use reel_agent::procfs::{self, Process};
 use reel_agent::{AgentClient, ExecRequest};
 use reel_plugin_sdk::{
-    Capability, CollectRequest, Collection, Description, ExecResult, Handle, JobRequest,
+    Capability, CollectRequest, Collection, Description, ExecResult, Handle, JobRequest, Network,
     OutputSink, Probe, Runner, RunnerConfig, RunnerError, StepRequest, Stored, Stream,
 };
 use reel_runner_kit::oom::{OOM_NOTICE, how_it_ended, memory_limit, out_of_memory, with_oom_cause};
@@ -90,8 +100,9 @@ use crate::spec::{Machine, Spec, VolumeSpec};
 reel_plugin_sdk::export_runner!(QemuRunner);
 
 /// The format version of the handle bytes: 2 appends the job's cancel grace to
-/// version 1's `VmState` (which is still read).
-pub const HANDLE_VERSION: u32 = reel_runner_kit::HANDLE_VERSION;
+/// version 1's `VmState`, 3 the job's network namespace after that (both older
+/// versions are still read, as jobs without a network).
+pub const HANDLE_VERSION: u32 = 3;
 /// The `PATH` of a step in the guest whose job sets none.
 pub const GUEST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// The guest's home and the steps' working directory (the image's first volume).
@@ -168,12 +179,25 @@ struct VmState {
     /// The job's `cancel_grace_ms` (handle version 2, after the fields above).
     #[serde(skip)]
     cancel_grace_ms: Option<u64>,
+    /// `network: user`: the VM's network namespace (handle version 3, after
+    /// the grace).
+    #[serde(skip)]
+    net: Option<net::VmNet>,
 }
 
 impl VmState {
     fn decode(handle: &Handle) -> Result<VmState, RunnerError> {
-        let (mut state, grace): (VmState, Option<u64>) = reel_runner_kit::decode_handle(handle)?;
+        let (mut state, grace, net): (VmState, Option<u64>, Option<net::VmNet>) =
+            if handle.version == HANDLE_VERSION {
+                reel_plugin_sdk::codec::decode(&handle.bytes).map_err(|e| {
+                    RunnerError::invalid_input(format!("malformed handle: {}", e.message))
+                })?
+            } else {
+                let (state, grace) = reel_runner_kit::decode_handle(handle)?;
+                (state, grace, None)
+            };
         state.cancel_grace_ms = grace;
+        state.net = net;
         // A handle names paths this runner removes: refuse one that does not look
         // like ours rather than delete something else.
         let inside = |p: &Path| p.parent() == Some(state.dir.as_path());
@@ -182,6 +206,9 @@ impl VmState {
             || !inside(&state.qmp_socket)
             || !inside(&state.pidfile)
             || !state.volumes.iter().all(|v| inside(&v.path))
+            || state.net.as_ref().is_some_and(|n| {
+                !inside(&n.log) || !n.name.ends_with(&format!("-{}", state.sandbox_id))
+            })
         {
             return Err(RunnerError::invalid_input(
                 "malformed handle: its paths are not those of a QEMU-runner sandbox",
@@ -191,7 +218,7 @@ impl VmState {
     }
 
     fn encode(&self) -> Result<Handle, RunnerError> {
-        reel_runner_kit::encode_handle(self, self.cancel_grace_ms)
+        Handle::encode(HANDLE_VERSION, &(self, self.cancel_grace_ms, &self.net))
     }
 
     fn key(&self) -> Key {
@@ -248,6 +275,10 @@ impl VmState {
                 self.spec.kernel_version
             ),
         ]);
+        match &self.net {
+            Some(net) => list.extend(net.resources()),
+            None => list.push("network none (the guest has no NIC)".to_owned()),
+        }
         let memory = self.cgroup_memory_bytes();
         list.extend(self.cgroups.iter().map(|c| c.describe(memory, 0)));
         if let Some(note) = &self.cgroup_note {
@@ -278,6 +309,8 @@ struct Settings {
     image: Option<PathBuf>,
     qemu: PathBuf,
     bios: PathBuf,
+    /// slirp4netns, for `network: user` (option `slirp4netns`).
+    slirp4netns: PathBuf,
     accel: AccelChoice,
     /// Where the jobs' cgroups go (option `cgroup_parent`).
     cgroups: cgroup::Placement,
@@ -374,6 +407,10 @@ impl QemuRunner {
             v => v,
         };
         let detected = self.settings.cgroups.detect(&root, "vm", job.sandbox_id);
+        let net = match job.network {
+            Network::User => Some(net::VmNet::plan(&root, &dir, job.sandbox_id)),
+            Network::None | Network::Default => None,
+        };
         Ok(VmState {
             job_id: job.job_id,
             sandbox_id: job.sandbox_id,
@@ -396,6 +433,7 @@ impl QemuRunner {
             accel: None,
             boots: 0,
             cancel_grace_ms: job.cancel_grace_ms,
+            net,
         })
     }
 
@@ -437,6 +475,22 @@ impl QemuRunner {
         found.sort_unstable();
         found.dedup();
         found.retain(|p| p.pid != me);
+        if let Some(net) = &state.net {
+            // slirp4netns shares the job's cgroups.
+            let path = net.path();
+            found.retain(|p| !procfs::has_arg_pair(p.pid, "--netns-type=path", &path));
+        }
+        found
+    }
+
+    /// Every process of the job: its QEMU and its slirp4netns. Sorted.
+    fn processes(state: &VmState) -> Vec<Process> {
+        let mut found = Self::qemus(state);
+        if let Some(net) = &state.net {
+            found.extend(net.slirps(&state.cgroups));
+            found.sort_unstable();
+            found.dedup();
+        }
         found
     }
 
@@ -457,7 +511,7 @@ impl QemuRunner {
     /// SIGKILLs every process of the job until none is left or `deadline` passes
     /// ([`sandbox::kill_until_gone`]); returns the pids left.
     fn kill_all(state: &VmState, deadline: Instant) -> Vec<i32> {
-        sandbox::kill_until_gone(&state.cgroups, || Self::qemus(state), deadline)
+        sandbox::kill_until_gone(&state.cgroups, || Self::processes(state), deadline)
     }
 
     /// Waits until the job has no QEMU left, up to `until`; true if none is left.
@@ -592,6 +646,27 @@ impl QemuRunner {
                 )
             })
             .collect();
+        // The guest's way out runs before the guest does.
+        let netns = match &mut state.net {
+            Some(net) => {
+                match net.slirps(&state.cgroups).first() {
+                    Some(p) => {
+                        net.slirp = Some(net::Pid {
+                            pid: p.pid,
+                            start_time: p.start_time,
+                        })
+                    }
+                    None => net.start_slirp(&self.settings.slirp4netns, &state.cgroups)?,
+                }
+                Some(net.open()?)
+            }
+            None => None,
+        };
+        let mut cmdline = kernel_cmdline(&state.spec, &volumes);
+        if state.net.is_some() {
+            cmdline.push(' ');
+            cmdline.push_str(&net::cmdline_arg());
+        }
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -628,7 +703,7 @@ impl QemuRunner {
             .arg("-initrd")
             .arg(&state.spec.initrd)
             .arg("-append")
-            .arg(kernel_cmdline(&state.spec, &volumes))
+            .arg(cmdline)
             .arg("-serial")
             .arg(format!("file:{}", state.console.display()))
             .arg("-chardev")
@@ -654,6 +729,9 @@ impl QemuRunner {
                     "-device",
                     &format!("{},drive=vol{i}", blk_device(state.spec.machine)),
                 ]);
+        }
+        if state.net.is_some() {
+            cmd.args(net::qemu_args(state.spec.machine));
         }
         cmd.arg("-qmp")
             .arg(format!(
@@ -688,13 +766,17 @@ impl QemuRunner {
             })
             .collect::<Result<_, _>>()?;
         let raw: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
-        // SAFETY: the closure only calls write(2) on descriptors opened before the
-        // fork (async-signal-safe, no allocation).
+        let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
+        // SAFETY: the closure only makes system calls (write(2), setns(2)) on
+        // descriptors opened before the fork (async-signal-safe, no allocation).
         unsafe {
             cmd.pre_exec(move || {
                 for &fd in &raw {
                     let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
                     rustix::io::write(fd, b"0").map_err(std::io::Error::from)?;
+                }
+                if let Some(fd) = netns_fd {
+                    net::enter(std::os::fd::BorrowedFd::borrow_raw(fd))?;
                 }
                 Ok(())
             });
@@ -707,6 +789,7 @@ impl QemuRunner {
             ))
         })?;
         drop(procs);
+        drop(netns);
         if !status.success() {
             let said = console::tail(&state.qemu_log, 2048);
             return Err(RunnerError::failed(format!(
@@ -962,6 +1045,10 @@ impl Runner for QemuRunner {
                     .options
                     .get("bios")
                     .map_or_else(|| PathBuf::from("/usr/share/qemu/qboot.rom"), PathBuf::from),
+                slirp4netns: config
+                    .options
+                    .get("slirp4netns")
+                    .map_or_else(|| PathBuf::from("slirp4netns"), PathBuf::from),
                 accel,
                 cgroups,
             },
@@ -992,6 +1079,9 @@ impl Runner for QemuRunner {
 
     fn validate(&self, job: &JobRequest) -> Result<Vec<String>, RunnerError> {
         let state = self.plan_state(job)?;
+        if state.net.is_some() {
+            net::check_host(&self.settings.slirp4netns)?;
+        }
         if state.spec.machine == Machine::Microvm && !self.settings.bios.is_file() {
             return Err(RunnerError::invalid_input(format!(
                 "the microvm firmware {} does not exist (QEMU 10 needs qboot.rom: install QEMU \
@@ -1027,6 +1117,9 @@ impl Runner for QemuRunner {
         }
         if let Some(note) = &state.cgroup_note {
             reel_plugin_sdk::host::notice("cgroup-skipped", note);
+        }
+        if let Some(net) = &mut state.net {
+            net.create()?;
         }
         if state.session_token.is_none() {
             state.session_token = Some(random_token()?);
@@ -1230,6 +1323,9 @@ impl Runner for QemuRunner {
             }
             if gone {
                 self.sessions.remove(state.key());
+                // The guest is gone; its way out goes too.
+                let left = Self::kill_all(&state, deadline);
+                sandbox::warn_left_at_poweroff(&left, state.sandbox_id);
                 return Ok(());
             }
         }
@@ -1244,13 +1340,17 @@ impl Runner for QemuRunner {
         self.sessions.remove(state.key());
         sandbox::remove(&state.cgroups, &state.dir, CLEANUP_PATIENCE, |deadline| {
             Self::kill_all(&state, deadline)
-        })
+        })?;
+        match &state.net {
+            Some(net) => net.remove(),
+            None => Ok(()),
+        }
     }
 
     fn probe(&self, handle: &Handle) -> Result<Probe, RunnerError> {
         let state = Self::state(handle)?;
         let Some(q) = Self::qemu_alive(&state) else {
-            let leftovers: Vec<i32> = Self::qemus(&state).iter().map(|p| p.pid).collect();
+            let leftovers: Vec<i32> = Self::processes(&state).iter().map(|p| p.pid).collect();
             let detail = match (state.qemu, leftovers.is_empty()) {
                 (_, false) => format!(
                     "the VM's QEMU is gone but processes {leftovers:?} of the job remain (cleanup kills them)"
