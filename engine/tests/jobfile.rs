@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use reel_engine::input::jobfile::{
     Format, JobFileError, Location, ParsedJob, parse_job_file, parse_job_str,
 };
-use reel_engine::model::spec::JobSpec;
+use reel_engine::model::spec::{JobSpec, Network};
 use serde_json::json;
 
 fn data_dir() -> PathBuf {
@@ -250,7 +250,7 @@ fn every_example_parses() {
             .unwrap_or_else(|e| panic!("{} should parse: {e}", path.display()));
         let name = stem(&path);
         assert_eq!(parsed.spec.name, name, "{}", path.display());
-        let runner = if name == "vm-hello" {
+        let runner = if name.starts_with("vm-") {
             "qemu"
         } else {
             "process"
@@ -293,6 +293,10 @@ fn every_example_parses() {
                 }
                 assert_eq!(parsed.warnings.len(), 3, "{:?}", parsed.warnings);
             }
+            "vm-net" => {
+                assert!(parsed.warnings.is_empty(), "{:?}", parsed.warnings);
+                assert_eq!(spec.network, Network::User);
+            }
             "secret" => {
                 assert!(parsed.warnings.is_empty(), "{:?}", parsed.warnings);
                 assert_eq!(spec.secrets, ["REEL_DEMO_TOKEN"]);
@@ -312,7 +316,7 @@ fn every_example_parses() {
     assert_eq!(
         seen,
         [
-            "failing", "hello", "secret", "spindle", "timeout", "vm-hello"
+            "failing", "hello", "secret", "spindle", "timeout", "vm-hello", "vm-net"
         ]
         .map(String::from)
         .into()
