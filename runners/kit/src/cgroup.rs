@@ -18,6 +18,48 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+/// Makes the child `cmd` spawns join `cgroups` between fork and exec, so that it
+/// and everything it starts are in them from its first instruction: the child
+/// writes `0` (itself) into each cgroup's `cgroup.procs`. This is what lets a
+/// runner find every process of a job from its cgroups alone, with no scan of
+/// the host's processes. The returned descriptors must live until `cmd` has
+/// spawned (drop them after).
+pub fn join_on_exec(
+    cmd: &mut std::process::Command,
+    cgroups: &[Cgroup],
+) -> Result<Vec<std::os::fd::OwnedFd>, reel_plugin_sdk::RunnerError> {
+    use std::os::fd::AsRawFd as _;
+    use std::os::unix::process::CommandExt as _;
+    let procs: Vec<std::os::fd::OwnedFd> = cgroups
+        .iter()
+        .map(|c| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(c.path.join("cgroup.procs"))
+                .map(std::os::fd::OwnedFd::from)
+                .map_err(|e| {
+                    reel_plugin_sdk::RunnerError::failed(format!(
+                        "cannot open {}/cgroup.procs: {e} (prepare did not run?)",
+                        c.path.display()
+                    ))
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    let raw: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
+    // SAFETY: the closure only calls write(2) on descriptors opened before the
+    // fork (async-signal-safe, no allocation).
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &raw {
+                let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
+                rustix::io::write(fd, b"0").map_err(io::Error::from)?;
+            }
+            Ok(())
+        });
+    }
+    Ok(procs)
+}
+
 /// Which hierarchy a cgroup directory lives in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Kind {

@@ -8,14 +8,18 @@
 //! a cgroup (v2 `<mount>/<cgroup_parent>/sbx-<root tag>-<sandbox_id>` where the host has a writable
 //! cgroup2 hierarchy with `memory` and `pids`, else the v1 `memory` and `pids`
 //! hierarchies and the v1 `freezer` where it is mounted, else none, with a notice),
-//! and one `reel-agent` process in its own session, moved into the cgroup(s) as soon
-//! as it runs. Steps run through the agent as `sh -c <command>` in `work/`.
+//! and one `reel-agent` process in its own session, in the cgroup(s) from its first
+//! instruction (the forked child joins them before `exec`). Steps run through the agent as `sh -c <command>` in `work/`.
 //!
 //! # Stopping a job
 //!
 //! `poweroff` and `cleanup` kill every process of the job: everything in its
 //! cgroups **and the cgroups a step made below them** (a step may move into a child
-//! cgroup of its own), everything in the agent's session, and the agent. Each pass
+//! cgroup of its own), and the agent. Nothing else on the host is looked at: the
+//! agent joined the cgroups before its first instruction, so all the job's
+//! processes are there. Only a job without cgroups (a host without them) is
+//! looked for in `/proc`: everything in the agent's session, and an agent by its
+//! socket argument. Each pass
 //! kills a v2 subtree at once with `cgroup.kill` where the kernel has it, else
 //! freezes what it can (v2 `cgroup.freeze`, the v1 freezer) so nothing forks
 //! meanwhile; passes repeat until nothing is left, then `cleanup` removes the
@@ -64,7 +68,8 @@
 //! the QEMU runner, whose work directory is in a guest, does exactly the same. Since every path is in the plan handle, `probe` and `cleanup` work from any
 //! earlier handle: they find the agent through the pidfile (trusted only when the
 //! process's command line names this job's socket and it started no later than the
-//! pidfile was written) or by scanning `/proc` for the agent's command line.
+//! pidfile was written), and by the job's cgroups (without cgroups: by scanning
+//! `/proc` for the agent's command line).
 //!
 //! # The resource list
 //!
@@ -102,7 +107,6 @@ use reel_plugin_sdk::{
 use reel_runner_kit::oom::with_oom_cause;
 use reel_runner_kit::session::Key;
 use reel_runner_kit::{Session, Sessions, backoff, cgroup, client_error, random_token, sandbox};
-use rustix::process::Signal;
 use serde::{Deserialize, Serialize};
 
 pub use reel_runner_kit::oom::OOM_NOTICE;
@@ -307,13 +311,26 @@ impl ProcessRunner {
         found
     }
 
-    /// Every process of the job still alive: in its cgroup(s) or any cgroup below
-    /// them, in an agent's session, or an agent (also a half-started one, found by
-    /// its socket argument). Sorted.
+    /// Every process of the job still alive. With cgroups: those in its cgroup(s)
+    /// or any cgroup below them, and its agent (by handle or pidfile) — the agent
+    /// joins them before its first instruction, so nothing of the job is outside
+    /// them, and the host's other processes are never looked at. Without cgroups:
+    /// also every process in an agent's session, and any agent (a half-started
+    /// one too) found by its socket argument, from a scan of `/proc`. Sorted.
     fn job_processes(state: &JobState) -> Vec<Process> {
         let me = std::process::id() as i32;
         let mut pids: Vec<i32> = state.cgroups.iter().flat_map(Cgroup::procs).collect();
         let agents = Self::agents(state);
+        if !state.cgroups.is_empty() {
+            pids.extend(agents.iter().map(|a| a.pid));
+            pids.sort_unstable();
+            pids.dedup();
+            return pids
+                .into_iter()
+                .filter(|&p| p != me)
+                .filter_map(Process::of)
+                .collect();
+        }
         // Sessions whose leader is (or was) the agent. A pid is not reused while it
         // still names a session, so a dead agent's pid still names only its session,
         // unless the pid now belongs to another live process.
@@ -509,7 +526,12 @@ impl Runner for ProcessRunner {
         // agent's environment from `/proc/$PPID/environ`. The agent needs only
         // `PATH` (to find `sh`) and `HOME`; each step gets its environment
         // complete in its `ExecStart`.
-        let output = Command::new(&binary)
+        let mut cmd = Command::new(&binary);
+        // The agent, and every step it starts, is in the job's cgroup(s) from its
+        // first instruction: a crash at any point leaves nothing of the job outside
+        // them, so its processes are found from its cgroups alone.
+        let procs = cgroup::join_on_exec(&mut cmd, &state.cgroups)?;
+        let output = cmd
             .env_clear()
             .env("PATH", DEFAULT_PATH)
             .env("HOME", &state.workdir)
@@ -530,6 +552,7 @@ impl Runner for ProcessRunner {
             .map_err(|e| {
                 RunnerError::failed(format!("cannot start the agent {}: {e}", binary.display()))
             })?;
+        drop(procs);
         if !output.status.success() {
             let log = std::fs::read_to_string(&state.log).unwrap_or_default();
             return Err(RunnerError::failed(format!(
@@ -550,16 +573,6 @@ impl Runner for ProcessRunner {
         let start_time = procfs::start_time(pid)
             .ok_or_else(|| RunnerError::failed("the agent exited as soon as it started"))?;
         let agent = AgentId { pid, start_time };
-        // Into the job's cgroup(s) before any step runs (steps start only on ExecStart,
-        // which only a connected host sends).
-        for cg in &state.cgroups {
-            if let Err(e) = cg.add(pid) {
-                Process { pid, start_time }.signal(Signal::KILL);
-                return Err(RunnerError::failed(format!(
-                    "cannot move the agent (pid {pid}) into its cgroup: {e}"
-                )));
-            }
-        }
         tracing::debug!(pid, start_time, sandbox = state.sandbox_id, "agent started");
         state.agent = Some(agent);
         state.encode()

@@ -75,7 +75,7 @@ pub mod spec;
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
-use std::os::fd::{AsRawFd as _, OwnedFd};
+use std::os::fd::AsRawFd as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -439,8 +439,9 @@ impl QemuRunner {
 
     /// The live QEMU processes of the job: the one in the handle (same pid and start
     /// time), the one the pidfile names if its command line names this job's
-    /// pidfile, any process of the job's cgroups, and any process whose command line
-    /// names this job's pidfile (a QEMU that had not written it yet). Sorted.
+    /// pidfile, and any process of the job's cgroups; on a host without cgroups,
+    /// also any process whose command line names this job's pidfile (a QEMU that
+    /// had not written it yet). Sorted.
     fn qemus(state: &VmState) -> Vec<Process> {
         let mut found: Vec<Process> = Vec::new();
         if let Some(q) = state.qemu
@@ -466,12 +467,16 @@ impl QemuRunner {
                 .filter_map(Process::of),
         );
         let me = std::process::id() as i32;
-        found.extend(
-            procfs::all_pids()
-                .into_iter()
-                .filter(|&pid| pid != me && names_us(pid))
-                .filter_map(Process::of),
-        );
+        // QEMU joins the job's cgroups before its first instruction: only without
+        // them are the host's processes scanned.
+        if state.cgroups.is_empty() {
+            found.extend(
+                procfs::all_pids()
+                    .into_iter()
+                    .filter(|&pid| pid != me && names_us(pid))
+                    .filter_map(Process::of),
+            );
+        }
         found.sort_unstable();
         found.dedup();
         found.retain(|p| p.pid != me);
@@ -747,39 +752,15 @@ impl QemuRunner {
                     .map_err(|e| RunnerError::failed(e.to_string()))?,
             )
             .stderr(log);
-        // QEMU is in the job's cgroups from its first instruction: the child writes
-        // "0" (itself) into each cgroup's procs file between fork and exec.
-        let procs: Vec<OwnedFd> = state
-            .cgroups
-            .iter()
-            .map(|c| {
-                OpenOptions::new()
-                    .write(true)
-                    .open(c.path.join("cgroup.procs"))
-                    .map(OwnedFd::from)
-                    .map_err(|e| {
-                        RunnerError::failed(format!(
-                            "cannot open {}/cgroup.procs: {e} (prepare did not run?)",
-                            c.path.display()
-                        ))
-                    })
-            })
-            .collect::<Result<_, _>>()?;
-        let raw: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
+        // QEMU is in the job's cgroups from its first instruction.
+        let procs = cgroup::join_on_exec(&mut cmd, &state.cgroups)?;
         let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
-        // SAFETY: the closure only makes system calls (write(2), setns(2)) on
-        // descriptors opened before the fork (async-signal-safe, no allocation).
-        unsafe {
-            cmd.pre_exec(move || {
-                for &fd in &raw {
-                    let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
-                    rustix::io::write(fd, b"0").map_err(std::io::Error::from)?;
-                }
-                if let Some(fd) = netns_fd {
-                    net::enter(std::os::fd::BorrowedFd::borrow_raw(fd))?;
-                }
-                Ok(())
-            });
+        if let Some(fd) = netns_fd {
+            // SAFETY: the closure only calls setns(2) on a descriptor opened before
+            // the fork (async-signal-safe, no allocation).
+            unsafe {
+                cmd.pre_exec(move || net::enter(std::os::fd::BorrowedFd::borrow_raw(fd)));
+            }
         }
         state.boots += 1;
         let status = cmd.status().map_err(|e| {
@@ -1397,9 +1378,10 @@ mod tests {
     use super::*;
 
     /// A handle logged before cancel grace existed (version 1) is read with the
-    /// default grace; a version 2 handle keeps the job's.
+    /// default grace; a version 2 handle keeps the job's, and both read as jobs
+    /// without a network; a version 3 handle keeps the job's network namespace.
     #[test]
-    fn a_version_1_handle_is_read_with_the_default_grace() {
+    fn older_handles_are_read_with_the_default_grace_and_no_network() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("vmlinux"), b"\x7fELF").unwrap();
         std::fs::write(dir.path().join("initrd.img"), b"x").unwrap();
@@ -1422,11 +1404,24 @@ mod tests {
             ..JobRequest::default()
         };
         let state = runner.plan_state(&job).unwrap();
-        let v2 = state.encode().unwrap();
-        assert_eq!(v2.version, 2);
-        let read = VmState::decode(&v2).unwrap();
+        let v3 = state.encode().unwrap();
+        assert_eq!(v3.version, 3);
+        let read = VmState::decode(&v3).unwrap();
         assert_eq!(read, state);
         assert_eq!(read.grace(), Duration::from_millis(250));
+        let networked = runner
+            .plan_state(&JobRequest {
+                network: Network::User,
+                ..job.clone()
+            })
+            .unwrap();
+        let read = VmState::decode(&networked.encode().unwrap()).unwrap();
+        assert!(read.net.as_ref().is_some_and(|n| n.name.ends_with("-3")));
+        assert_eq!(read, networked);
+        let v2 = reel_runner_kit::encode_handle(&networked, Some(250)).unwrap();
+        assert_eq!(v2.version, 2);
+        let read = VmState::decode(&v2).unwrap();
+        assert_eq!((read.net, read.cancel_grace_ms), (None, Some(250)));
         let v1 = Handle::encode(1, &state).unwrap();
         let read = VmState::decode(&v1).unwrap();
         assert_eq!(read.cancel_grace_ms, None);

@@ -153,7 +153,8 @@ impl VmNet {
 
     /// The live slirp4netns processes of this namespace: the one in the handle
     /// and any whose command line names the namespace (one started before the
-    /// engine logged it), from the job's cgroups and the host's processes.
+    /// engine logged it), from the job's cgroups (from the host's processes
+    /// only on a host without cgroups).
     pub fn slirps(&self, cgroups: &[Cgroup]) -> Vec<Process> {
         let path = self.path();
         let ours = |pid: i32| procfs::has_arg_pair(pid, "--netns-type=path", &path);
@@ -168,11 +169,15 @@ impl VmNet {
             });
         }
         let me = std::process::id() as i32;
+        // slirp4netns joins the job's cgroups before its first instruction: only
+        // without them are the host's processes scanned.
+        let candidates = match cgroups {
+            [] => procfs::all_pids(),
+            _ => cgroups.iter().flat_map(Cgroup::procs).collect(),
+        };
         found.extend(
-            cgroups
-                .iter()
-                .flat_map(Cgroup::procs)
-                .chain(procfs::all_pids())
+            candidates
+                .into_iter()
                 .filter(|&pid| pid != me && ours(pid))
                 .filter_map(Process::of),
         );
@@ -200,8 +205,6 @@ impl VmNet {
             .map_err(|e| RunnerError::failed(format!("cannot open {}: {e}", self.log.display())))?;
         let (ready_read, ready_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
             .map_err(|e| RunnerError::failed(format!("pipe: {e}")))?;
-        let procs = open_procs(cgroups)?;
-        let raw: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
         let ready_fd = ready_write.as_raw_fd();
         let mut cmd = Command::new(binary);
         cmd.env_clear()
@@ -221,14 +224,11 @@ impl VmNet {
                     .map_err(|e| RunnerError::failed(e.to_string()))?,
             )
             .stderr(log);
-        // SAFETY: the closure only makes system calls on descriptors opened before
+        let procs = reel_runner_kit::cgroup::join_on_exec(&mut cmd, cgroups)?;
+        // SAFETY: the closure only makes system calls on a descriptor opened before
         // the fork (async-signal-safe, no allocation).
         unsafe {
             cmd.pre_exec(move || {
-                for &fd in &raw {
-                    let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
-                    rustix::io::write(fd, b"0").map_err(std::io::Error::from)?;
-                }
                 let ready = std::os::fd::BorrowedFd::borrow_raw(ready_fd);
                 rustix::io::fcntl_setfd(ready, rustix::io::FdFlags::empty())
                     .map_err(std::io::Error::from)?;
@@ -339,24 +339,6 @@ pub fn check_host(slirp4netns: &Path) -> Result<(), RunnerError> {
         ));
     }
     Ok(())
-}
-
-fn open_procs(cgroups: &[Cgroup]) -> Result<Vec<OwnedFd>, RunnerError> {
-    cgroups
-        .iter()
-        .map(|c| {
-            OpenOptions::new()
-                .write(true)
-                .open(c.path.join("cgroup.procs"))
-                .map(OwnedFd::from)
-                .map_err(|e| {
-                    RunnerError::failed(format!(
-                        "cannot open {}/cgroup.procs: {e} (prepare did not run?)",
-                        c.path.display()
-                    ))
-                })
-        })
-        .collect()
 }
 
 /// Waits for slirp4netns's byte on its ready pipe.
