@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use super::observer::{Cancel, Observer, Report};
 use crate::input::secrets::ResolvedSecrets;
 use crate::model::event::{Event, Handle, JobId, Outcome};
-use crate::model::spec::{JobSpec, Network};
+use crate::model::spec::JobSpec;
 use crate::model::state::Phase;
 use crate::plugin::{self, LoadedRunner, PluginSet, RunnerConfig, RunnerError};
 use crate::store::{EventLog, LogError};
@@ -240,11 +240,7 @@ impl Executor {
             },
             environment: spec.environment.clone(),
             cancel_grace_ms: spec.cancel_grace_ms,
-            network: match spec.network {
-                Network::Default => plugin::Network::Default,
-                Network::None => plugin::Network::None,
-                Network::User => plugin::Network::User,
-            },
+            network: spec.network,
         }
     }
 

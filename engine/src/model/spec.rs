@@ -111,39 +111,11 @@ pub struct JobSpec {
     pub network: Network,
 }
 
-/// The network a job's sandbox gets (`network:` in a job file).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Network {
-    /// The runner's default: none for a microVM, the host's for the process
-    /// runner (which does not isolate the network).
-    #[default]
-    Default,
-    /// No network (`network: none`).
-    None,
-    /// Outbound NAT, with the host and private ranges unreachable
-    /// (`network: user`).
-    User,
-}
-
-impl Network {
-    /// Every choice, in the order of their names in messages.
-    pub const ALL: [Network; 3] = [Network::Default, Network::None, Network::User];
-
-    /// The job file's spelling.
-    pub fn name(self) -> &'static str {
-        match self {
-            Network::Default => "default",
-            Network::None => "none",
-            Network::User => "user",
-        }
-    }
-
-    /// The choice a job file's word names.
-    pub fn parse(word: &str) -> Option<Network> {
-        Network::ALL.into_iter().find(|n| n.name() == word)
-    }
-}
+/// The network a job's sandbox gets (`network:` in a job file): the plugin
+/// SDK's type, so the runner sees exactly what the log holds. Its encoding is
+/// part of the log's format (kind 32) as of the ABI's: variants are only
+/// appended.
+pub use reel_plugin_sdk::Network;
 
 /// When a job is run again without being asked (`retry:` in a job file).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -217,6 +217,9 @@ pub enum Network {
 }
 
 impl Network {
+    /// Every choice.
+    pub const ALL: [Network; 3] = [Network::Default, Network::None, Network::User];
+
     /// The job file's spelling: `default`, `none` or `user`.
     pub fn name(self) -> &'static str {
         match self {
@@ -224,6 +227,11 @@ impl Network {
             Network::None => "none",
             Network::User => "user",
         }
+    }
+
+    /// The choice a job file's word names.
+    pub fn parse(word: &str) -> Option<Network> {
+        Network::ALL.into_iter().find(|n| n.name() == word)
     }
 }
 
