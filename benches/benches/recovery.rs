@@ -384,6 +384,8 @@ struct Sample {
     sled_open: Duration,
     /// CPU time (user + system) of this process from open to every job done.
     cpu: Duration,
+    /// Of which until `ready` (the log's open and fold, the plugins' load).
+    cpu_ready: Duration,
 }
 
 /// This process's CPU time so far (user + system, and that of waited-for
@@ -446,6 +448,7 @@ fn recover_all(bins: &Bins, state: &Path, mode: Mode, expect: usize) -> anyhow::
     )?);
     let live = log.live_jobs()?;
     let ready = t0.elapsed();
+    let cpu_ready = cpu_time().saturating_sub(cpu0);
     ensure!(
         live.len() == expect,
         "{} live jobs, expected {expect}",
@@ -545,6 +548,7 @@ fn recover_all(bins: &Bins, state: &Path, mode: Mode, expect: usize) -> anyhow::
         append,
         sled_open,
         cpu,
+        cpu_ready,
     })
 }
 
@@ -901,9 +905,17 @@ fn main() -> anyhow::Result<()> {
         .map(|s| s.cpu / reap_n.max(1) as u32)
         .collect();
     let cpu = median_duration(&per_job);
+    let ready_per_job = median_duration(
+        &samples
+            .values()
+            .flatten()
+            .map(|s| s.cpu_ready / reap_n.max(1) as u32)
+            .collect::<Vec<_>>(),
+    );
     println!(
         "(ii) reel's CPU per reaped job with {UNRELATED} unrelated processes on the host: {:.3} ms \
-         (median of {} runs, [{}] ms; log writes included); against one /proc scan {}: {}; \
+         (median of {} runs, [{}] ms; log writes included; of which the open and plugin load \
+         {:.3} ms); against one /proc scan {}: {}; \
          goal <= {} ms per job: {}",
         cpu.as_secs_f64() * 1e3,
         per_job.len(),
@@ -912,6 +924,7 @@ fn main() -> anyhow::Result<()> {
             .map(|d| format!("{:.3}", d.as_secs_f64() * 1e3))
             .collect::<Vec<_>>()
             .join(", "),
+        ready_per_job.as_secs_f64() * 1e3,
         ms(scan),
         ratio(cpu.as_secs_f64(), scan.as_secs_f64()),
         REAP_CPU_GOAL.as_millis(),
