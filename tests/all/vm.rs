@@ -453,18 +453,12 @@ impl Outside {
         let host_link = format!("rto{id}h");
         let peer = format!("rto{id}o");
         let sh = |args: &[&str]| {
-            let out = std::process::Command::new("ip")
-                .args(args)
-                .output()
-                .unwrap();
+            let out = ip(args);
             assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
         };
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "delete", &netns])
-            .output();
-        let _ = std::process::Command::new("ip")
-            .args(["link", "delete", &host_link])
-            .output();
+        // What an earlier run of this test may have left.
+        ip(&["netns", "delete", &netns]);
+        ip(&["link", "delete", &host_link]);
         sh(&["netns", "add", &netns]);
         sh(&[
             "link", "add", &host_link, "type", "veth", "peer", "name", &peer,
@@ -510,13 +504,17 @@ impl Drop for Outside {
     fn drop(&mut self) {
         let _ = self.httpd.kill();
         let _ = self.httpd.wait();
-        let _ = std::process::Command::new("ip")
-            .args(["link", "delete", &self.host_link])
-            .output();
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "delete", &self.netns])
-            .output();
+        ip(&["link", "delete", &self.host_link]);
+        ip(&["netns", "delete", &self.netns]);
     }
+}
+
+/// Runs `ip ARGS` and returns what it did.
+fn ip(args: &[&str]) -> std::process::Output {
+    std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip (iproute2)")
 }
 
 /// A shell function for a step: `try NAME URL` prints `NAME reached: BODY` or

@@ -195,9 +195,11 @@ impl From<JobSpecV2> for JobSpec {
     }
 }
 
-impl From<JobSpecV1> for JobSpec {
-    fn from(v: JobSpecV1) -> JobSpec {
-        JobSpec {
+/// Each old format is read as its successor, and that as the next: a new
+/// format adds one conversion and leaves the older ones alone.
+impl From<JobSpecV1> for JobSpecV2 {
+    fn from(v: JobSpecV1) -> JobSpecV2 {
+        JobSpecV2 {
             name: v.name,
             runner: v.runner,
             image: v.image,
@@ -211,8 +213,13 @@ impl From<JobSpecV1> for JobSpec {
             retry: Retry::default(),
             cancel_grace_ms: None,
             origin: Origin::default(),
-            network: Network::Default,
         }
+    }
+}
+
+impl From<JobSpecV1> for JobSpec {
+    fn from(v: JobSpecV1) -> JobSpec {
+        JobSpecV2::from(v).into()
     }
 }
 

@@ -308,9 +308,11 @@ pub struct JobRequestV1_1 {
     pub environment: BTreeMap<String, String>,
 }
 
-impl From<JobRequestV1_1> for JobRequest {
-    fn from(v: JobRequestV1_1) -> JobRequest {
-        JobRequest {
+// Each older form converts to and from its successor only, so a new minor
+// adds one pair of conversions and leaves the older ones alone.
+impl From<JobRequestV1_1> for JobRequestV1_2 {
+    fn from(v: JobRequestV1_1) -> JobRequestV1_2 {
+        JobRequestV1_2 {
             job_id: v.job_id,
             sandbox_id: v.sandbox_id,
             name: v.name,
@@ -318,21 +320,32 @@ impl From<JobRequestV1_1> for JobRequest {
             resources: v.resources,
             environment: v.environment,
             cancel_grace_ms: None,
-            network: Network::Default,
         }
+    }
+}
+
+impl From<JobRequestV1_2> for JobRequestV1_1 {
+    fn from(v: JobRequestV1_2) -> JobRequestV1_1 {
+        JobRequestV1_1 {
+            job_id: v.job_id,
+            sandbox_id: v.sandbox_id,
+            name: v.name,
+            image: v.image,
+            resources: v.resources,
+            environment: v.environment,
+        }
+    }
+}
+
+impl From<JobRequestV1_1> for JobRequest {
+    fn from(v: JobRequestV1_1) -> JobRequest {
+        JobRequestV1_2::from(v).into()
     }
 }
 
 impl From<&JobRequest> for JobRequestV1_1 {
     fn from(j: &JobRequest) -> JobRequestV1_1 {
-        JobRequestV1_1 {
-            job_id: j.job_id,
-            sandbox_id: j.sandbox_id,
-            name: j.name.clone(),
-            image: j.image.clone(),
-            resources: j.resources.clone(),
-            environment: j.environment.clone(),
-        }
+        JobRequestV1_2::from(j).into()
     }
 }
 

@@ -356,11 +356,6 @@ impl Cgroup {
         self.path.is_dir()
     }
 
-    /// Moves `pid` into the cgroup.
-    pub fn add(&self, pid: i32) -> io::Result<()> {
-        write(&self.path.join("cgroup.procs"), &pid.to_string())
-    }
-
     /// Every directory of the cgroup's subtree, each after all of its descendants
     /// (the order to remove them in); empty if the cgroup does not exist. Walked
     /// without recursion: a step decides how deep its child cgroups nest.

@@ -311,26 +311,32 @@ impl ProcessRunner {
         found
     }
 
-    /// Every process of the job still alive. With cgroups: those in its cgroup(s)
-    /// or any cgroup below them, and its agent (by handle or pidfile) — the agent
-    /// joins them before its first instruction, so nothing of the job is outside
-    /// them, and the host's other processes are never looked at. Without cgroups:
-    /// also every process in an agent's session, and any agent (a half-started
-    /// one too) found by its socket argument, from a scan of `/proc`. Sorted.
+    /// Every process of the job still alive: those in its cgroup(s) or any cgroup
+    /// below them, and its agent (by handle or pidfile). The agent joins the
+    /// cgroups before its first instruction, so nothing of the job is outside
+    /// them and the host's other processes are never looked at; only a job
+    /// without cgroups is looked for in `/proc` ([`Self::scanned`]). Sorted.
     fn job_processes(state: &JobState) -> Vec<Process> {
         let me = std::process::id() as i32;
-        let mut pids: Vec<i32> = state.cgroups.iter().flat_map(Cgroup::procs).collect();
         let agents = Self::agents(state);
-        if !state.cgroups.is_empty() {
-            pids.extend(agents.iter().map(|a| a.pid));
-            pids.sort_unstable();
-            pids.dedup();
-            return pids
-                .into_iter()
-                .filter(|&p| p != me)
-                .filter_map(Process::of)
-                .collect();
+        let mut pids: Vec<i32> = state.cgroups.iter().flat_map(Cgroup::procs).collect();
+        pids.extend(agents.iter().map(|a| a.pid));
+        if state.cgroups.is_empty() {
+            pids.extend(Self::scanned(state, &agents));
         }
+        pids.sort_unstable();
+        pids.dedup();
+        pids.into_iter()
+            .filter(|&p| p != me)
+            .filter_map(Process::of)
+            .collect()
+    }
+
+    /// A job without cgroups, from a scan of `/proc`: every live process in an
+    /// agent's session, and any agent (a half-started one too) found by its
+    /// socket argument.
+    fn scanned(state: &JobState, agents: &[AgentId]) -> Vec<i32> {
+        let me = std::process::id() as i32;
         // Sessions whose leader is (or was) the agent. A pid is not reused while it
         // still names a session, so a dead agent's pid still names only its session,
         // unless the pid now belongs to another live process.
@@ -340,28 +346,21 @@ impl ProcessRunner {
         {
             sessions.push((a.pid, a.start_time));
         }
-        for pid in procfs::all_pids() {
-            if pid == me || pids.contains(&pid) {
-                continue;
-            }
-            let Some(stat) = procfs::stat(pid) else {
-                continue;
-            };
-            if stat.state == 'Z' {
-                continue;
-            }
-            let in_session = sessions
-                .iter()
-                .any(|&(sid, start)| stat.session == sid && stat.start_time >= start);
-            if in_session || procfs::has_arg_pair(pid, "--socket", &state.socket) {
-                pids.push(pid);
-            }
-        }
-        pids.sort_unstable();
-        pids.dedup();
-        pids.into_iter()
-            .filter(|&p| p != me)
-            .filter_map(Process::of)
+        procfs::all_pids()
+            .into_iter()
+            .filter(|&pid| pid != me)
+            .filter(|&pid| {
+                let Some(stat) = procfs::stat(pid) else {
+                    return false;
+                };
+                if stat.state == 'Z' {
+                    return false;
+                }
+                let in_session = sessions
+                    .iter()
+                    .any(|&(sid, start)| stat.session == sid && stat.start_time >= start);
+                in_session || procfs::has_arg_pair(pid, "--socket", &state.socket)
+            })
             .collect()
     }
 

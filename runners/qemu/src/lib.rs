@@ -131,11 +131,31 @@ pub const BOOT_RETRY_NOTICE: &str = "boot-retry";
 /// The notice kind that says which accelerator a VM got.
 pub const ACCEL_NOTICE: &str = "accelerator";
 
-/// QEMU: pid and start time (clock ticks after boot).
+/// A process of the job in its handle (QEMU, slirp4netns): pid and start time
+/// (clock ticks after boot).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct QemuId {
+struct ProcId {
     pid: i32,
     start_time: u64,
+}
+
+impl ProcId {
+    /// The process, if it still runs (same pid and start time).
+    fn live(self) -> Option<Process> {
+        (procfs::start_time(self.pid) == Some(self.start_time)).then_some(Process {
+            pid: self.pid,
+            start_time: self.start_time,
+        })
+    }
+}
+
+impl From<Process> for ProcId {
+    fn from(p: Process) -> ProcId {
+        ProcId {
+            pid: p.pid,
+            start_time: p.start_time,
+        }
+    }
 }
 
 /// One volume of the job.
@@ -171,7 +191,7 @@ struct VmState {
     /// Set by `prepare`.
     session_token: Option<String>,
     /// Set by `boot`.
-    qemu: Option<QemuId>,
+    qemu: Option<ProcId>,
     /// `tcg` or `kvm`, set by `boot`.
     accel: Option<String>,
     /// QEMU starts so far (a hung boot is retried once).
@@ -443,15 +463,7 @@ impl QemuRunner {
     /// also any process whose command line names this job's pidfile (a QEMU that
     /// had not written it yet). Sorted.
     fn qemus(state: &VmState) -> Vec<Process> {
-        let mut found: Vec<Process> = Vec::new();
-        if let Some(q) = state.qemu
-            && procfs::start_time(q.pid) == Some(q.start_time)
-        {
-            found.push(Process {
-                pid: q.pid,
-                start_time: q.start_time,
-            });
-        }
+        let mut found: Vec<Process> = state.qemu.and_then(ProcId::live).into_iter().collect();
         let names_us = |pid: i32| procfs::has_arg_pair(pid, "-pidfile", &state.pidfile);
         if let Some(pid) = sandbox::read_pidfile(&state.pidfile)
             && names_us(pid)
@@ -500,9 +512,9 @@ impl QemuRunner {
     }
 
     /// The job's QEMU as the handle or the pidfile names it, if it runs.
-    fn qemu_alive(state: &VmState) -> Option<QemuId> {
+    fn qemu_alive(state: &VmState) -> Option<ProcId> {
         if let Some(q) = state.qemu
-            && procfs::start_time(q.pid) == Some(q.start_time)
+            && q.live().is_some()
         {
             return Some(q);
         }
@@ -510,7 +522,7 @@ impl QemuRunner {
         if !procfs::has_arg_pair(pid, "-pidfile", &state.pidfile) {
             return None;
         }
-        procfs::start_time(pid).map(|start_time| QemuId { pid, start_time })
+        procfs::start_time(pid).map(|start_time| ProcId { pid, start_time })
     }
 
     /// SIGKILLs every process of the job until none is left or `deadline` passes
@@ -654,15 +666,7 @@ impl QemuRunner {
         // The guest's way out runs before the guest does.
         let netns = match &mut state.net {
             Some(net) => {
-                match net.slirps(&state.cgroups).first() {
-                    Some(p) => {
-                        net.slirp = Some(net::Pid {
-                            pid: p.pid,
-                            start_time: p.start_time,
-                        })
-                    }
-                    None => net.start_slirp(&self.settings.slirp4netns, &state.cgroups)?,
-                }
+                net.ensure_slirp(&self.settings.slirp4netns, &state.cgroups)?;
                 Some(net.open()?)
             }
             None => None,
@@ -786,7 +790,7 @@ impl QemuRunner {
         })?;
         let start_time = procfs::start_time(pid)
             .ok_or_else(|| RunnerError::failed("QEMU exited as soon as it started"))?;
-        state.qemu = Some(QemuId { pid, start_time });
+        state.qemu = Some(ProcId { pid, start_time });
         state.accel = Some(accel);
         tracing::debug!(pid, sandbox = state.sandbox_id, "qemu started");
         self.wait_running(state)
@@ -1304,9 +1308,11 @@ impl Runner for QemuRunner {
             }
             if gone {
                 self.sessions.remove(state.key());
-                // The guest is gone; its way out goes too.
-                let left = Self::kill_all(&state, deadline);
-                sandbox::warn_left_at_poweroff(&left, state.sandbox_id);
+                if state.net.is_some() {
+                    // The guest is gone; its way out goes too.
+                    let left = Self::kill_all(&state, deadline);
+                    sandbox::warn_left_at_poweroff(&left, state.sandbox_id);
+                }
                 return Ok(());
             }
         }

@@ -37,6 +37,7 @@ use reel_plugin_sdk::RunnerError;
 use reel_runner_kit::Cgroup;
 use serde::{Deserialize, Serialize};
 
+use crate::ProcId;
 use crate::spec::Machine;
 
 /// What the guest may never reach, besides the host's own addresses.
@@ -65,13 +66,6 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The `PATH` the runner's helpers get.
 const HELPER_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// A process named by pid and start time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Pid {
-    pub pid: i32,
-    pub start_time: u64,
-}
-
 /// The job's network namespace and its slirp4netns (in the handle).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmNet {
@@ -82,7 +76,7 @@ pub struct VmNet {
     /// The ranges blocked when the namespace was made (set by `prepare`).
     pub blocked: Vec<String>,
     /// slirp4netns (set by `boot`).
-    pub slirp: Option<Pid>,
+    pub(crate) slirp: Option<ProcId>,
 }
 
 impl VmNet {
@@ -127,18 +121,20 @@ impl VmNet {
     /// first) with its prohibit routes; records what it blocked.
     pub fn create(&mut self) -> Result<(), RunnerError> {
         self.remove()?;
-        ip(&["netns", "add", &self.name])?;
         let mut blocked: Vec<String> = BLOCKED.iter().map(|r| (*r).to_owned()).collect();
         blocked.extend(
-            host_addresses()?
+            parse_addresses(&ip(&["-o", "-4", "addr", "show"], None)?)
                 .into_iter()
                 .filter(|a| !a.starts_with("127."))
                 .map(|a| format!("{a}/32")),
         );
-        blocked.dedup();
-        for range in &blocked {
-            ip(&["-n", &self.name, "route", "add", "prohibit", range])?;
-        }
+        ip(&["netns", "add", &self.name], None)?;
+        // Every route in one `ip` (a job's prepare is on every job's path).
+        let routes: String = blocked
+            .iter()
+            .map(|range| format!("route add prohibit {range}\n"))
+            .collect();
+        ip(&["-n", &self.name, "-batch", "-"], Some(&routes))?;
         self.blocked = blocked;
         Ok(())
     }
@@ -148,7 +144,7 @@ impl VmNet {
         if std::fs::symlink_metadata(self.path()).is_err() {
             return Ok(());
         }
-        ip(&["netns", "delete", &self.name])
+        ip(&["netns", "delete", &self.name], None).map(drop)
     }
 
     /// The live slirp4netns processes of this namespace: the one in the handle
@@ -159,14 +155,10 @@ impl VmNet {
         let path = self.path();
         let ours = |pid: i32| procfs::has_arg_pair(pid, "--netns-type=path", &path);
         let mut found: Vec<Process> = Vec::new();
-        if let Some(p) = self.slirp
-            && procfs::start_time(p.pid) == Some(p.start_time)
+        if let Some(p) = self.slirp.and_then(ProcId::live)
             && ours(p.pid)
         {
-            found.push(Process {
-                pid: p.pid,
-                start_time: p.start_time,
-            });
+            found.push(p);
         }
         let me = std::process::id() as i32;
         // slirp4netns joins the job's cgroups before its first instruction: only
@@ -186,18 +178,15 @@ impl VmNet {
         found
     }
 
-    /// Starts slirp4netns for the namespace (after killing any left from an
-    /// earlier boot), in `cgroups`, and waits until it configured `tap0`; then
-    /// prohibits its gateway.
-    pub fn start_slirp(&mut self, binary: &Path, cgroups: &[Cgroup]) -> Result<(), RunnerError> {
-        let stale = self.slirps(cgroups);
-        for p in &stale {
-            p.signal(rustix::process::Signal::KILL);
+    /// The namespace's slirp4netns: the one that runs (an earlier boot's, which
+    /// a retried boot keeps), else a new one, in `cgroups`, once it configured
+    /// `tap0` and its gateway is prohibited.
+    pub fn ensure_slirp(&mut self, binary: &Path, cgroups: &[Cgroup]) -> Result<(), RunnerError> {
+        if let Some(running) = self.slirps(cgroups).first() {
+            self.slirp = Some(ProcId::from(*running));
+            return Ok(());
         }
         let until = Instant::now() + READY_TIMEOUT;
-        while !self.slirps(cgroups).is_empty() && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(5));
-        }
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -262,11 +251,14 @@ impl VmNet {
                 String::from_utf8_lossy(&tail).trim()
             )));
         }
-        self.slirp = start_time.map(|start_time| Pid { pid, start_time });
+        self.slirp = start_time.map(|start_time| ProcId { pid, start_time });
         // slirp4netns's gateway would be the host's loopback, which
         // --disable-host-loopback turns into a silent drop: refused at once instead
         // (the default route through it was made above and still holds).
-        ip(&["-n", &self.name, "route", "add", "prohibit", SLIRP_GATEWAY])?;
+        ip(
+            &["-n", &self.name, "route", "add", "prohibit", SLIRP_GATEWAY],
+            None,
+        )?;
         Ok(())
     }
 
@@ -367,15 +359,31 @@ fn wait_ready(fd: &OwnedFd, until: Instant) -> Result<(), String> {
     }
 }
 
-/// Runs `ip ARGS`, its stderr in the error.
-fn ip(args: &[&str]) -> Result<(), RunnerError> {
-    let out = Command::new("ip")
+/// Runs `ip ARGS` (with `input` on its standard input) and returns what it
+/// printed; its stderr is in the error.
+fn ip(args: &[&str], input: Option<&str>) -> Result<String, RunnerError> {
+    use std::io::Write as _;
+    let mut child = Command::new("ip")
         .env_clear()
         .env("PATH", HELPER_PATH)
         .args(args)
-        .stdin(Stdio::null())
-        .output()
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .map_err(|e| RunnerError::failed(format!("cannot run ip: {e} (install iproute2)")))?;
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin
+            .write_all(text.as_bytes())
+            .map_err(|e| RunnerError::failed(format!("ip {}: {e}", args.join(" "))))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| RunnerError::failed(format!("ip {}: {e}", args.join(" "))))?;
     if !out.status.success() {
         return Err(RunnerError::failed(format!(
             "ip {} failed ({}): {}",
@@ -384,21 +392,10 @@ fn ip(args: &[&str]) -> Result<(), RunnerError> {
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The host's IPv4 addresses (`ip -o -4 addr show`).
-fn host_addresses() -> Result<Vec<String>, RunnerError> {
-    let out = Command::new("ip")
-        .env_clear()
-        .env("PATH", HELPER_PATH)
-        .args(["-o", "-4", "addr", "show"])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| RunnerError::failed(format!("cannot run ip: {e} (install iproute2)")))?;
-    Ok(parse_addresses(&String::from_utf8_lossy(&out.stdout)))
-}
-
+/// The host's IPv4 addresses, from `ip -o -4 addr show`.
 fn parse_addresses(text: &str) -> Vec<String> {
     let mut list: Vec<String> = text
         .lines()
