@@ -254,8 +254,9 @@ impl Daemon {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 self.child = None;
                 panic!(
-                    "reel serve exited ({status}) before it answered:\n{}",
-                    self.stderr()
+                    "reel serve exited ({status}) before it answered:\n{}\nprocesses with a file of the state directory open:\n{}",
+                    self.stderr(),
+                    holders(&self.state)
                 );
             }
             if let Some(url) = endpoint(&self.state, pid) {
@@ -624,7 +625,7 @@ fn farm_200_jobs_from_3_owners_survive_2_sigkills_and_fair_share_pulls_small_for
     let all = d.jobs("");
     assert_eq!(all.len(), total, "no job was made twice or retried");
     let mut problems = Vec::new();
-    let mut granted: HashMap<&str, Vec<u64>> = HashMap::new();
+    let mut granted: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
     let mut touched_by_recovery = 0;
     let mut lost_in_setup = Vec::new();
     for id in 1..=total as u64 {
@@ -647,10 +648,15 @@ fn farm_200_jobs_from_3_owners_survive_2_sigkills_and_fair_share_pulls_small_for
                 .as_str()
                 .is_some_and(|r| r.starts_with("the engine died "));
         if grants == 1 {
-            let at = events[position(&events, "SlotGranted").unwrap()]["at_ms"]
-                .as_u64()
-                .unwrap();
-            granted.entry(owner_of[&id]).or_default().push(at);
+            let at = |name| {
+                events[position(&events, name).unwrap()]["at_ms"]
+                    .as_u64()
+                    .unwrap()
+            };
+            granted
+                .entry(owner_of[&id])
+                .or_default()
+                .push((at("Submitted"), at("SlotGranted")));
         }
         if reaped_in_setup && terminals.len() == 1 && grants == 1 {
             lost_in_setup.push(id);
@@ -686,14 +692,28 @@ fn farm_200_jobs_from_3_owners_survive_2_sigkills_and_fair_share_pulls_small_for
         "{} jobs lost in setup: {lost_in_setup:?}",
         lost_in_setup.len()
     );
-    let mut big = granted["big"].clone();
-    big.sort_unstable();
-    let median_big = big[big.len() / 2];
-    for (i, at) in granted["small"].iter().enumerate() {
+    // Each small job is compared with the big jobs still waiting when it was
+    // submitted (the submissions take a while; those granted before it came
+    // cannot be overtaken): it must start before the median of them.
+    for (i, &(submitted, at)) in granted["small"].iter().enumerate() {
+        let mut waiting: Vec<u64> = granted["big"]
+            .iter()
+            .map(|&(_, granted)| granted)
+            .filter(|&granted| granted > submitted)
+            .collect();
+        waiting.sort_unstable();
         assert!(
-            *at < median_big,
-            "small job {i} was granted at {at}, after the median big job ({median_big}): \
-             fair share did not pull it forward"
+            waiting.len() >= 20,
+            "only {} big jobs were waiting when small job {i} was submitted: \
+             the test no longer shows fair share",
+            waiting.len()
+        );
+        let median_big = waiting[waiting.len() / 2];
+        assert!(
+            at < median_big,
+            "small job {i} was granted at {at}, after the median ({median_big}) of the {} big \
+             jobs waiting when it was submitted at {submitted}: fair share did not pull it forward",
+            waiting.len()
         );
     }
     d.stop();
@@ -1755,4 +1775,49 @@ fn a_daemon_killed_at_each_point_of_a_job_takes_it_back_and_the_key_names_it() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Every process with a file under `dir` open: pid, state, command line and
+/// the files, one line each (what a refused start is asked about).
+fn holders(dir: &Path) -> String {
+    let mut out = String::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let open: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .filter(|target| target.starts_with(dir))
+            .map(|target| target.display().to_string())
+            .collect();
+        if open.is_empty() {
+            continue;
+        }
+        let read =
+            |f: &str| std::fs::read_to_string(format!("/proc/{pid}/{f}")).unwrap_or_default();
+        let state = read("status")
+            .lines()
+            .find(|l| l.starts_with("State:"))
+            .unwrap_or_default()
+            .to_owned();
+        out.push_str(&format!(
+            "  {pid} {state} wchan={} cmd={:?} ppid-line={:?}: {}\n",
+            read("wchan"),
+            read("cmdline").replace('\0', " "),
+            read("status")
+                .lines()
+                .find(|l| l.starts_with("PPid:"))
+                .unwrap_or_default()
+                .to_owned(),
+            open.join(", ")
+        ));
+    }
+    out
 }

@@ -417,3 +417,76 @@ fn every_new_file_and_directory_has_its_parent_synced() {
     let n = synced.iter().filter(|s| Path::new(s) == job_dir).count();
     assert_eq!(n, 3, "{synced:?}");
 }
+
+/// A child an engine was starting holds a copy of sled's locked descriptor
+/// from its fork until its exec, and after a SIGKILL of the engine it goes on
+/// holding it until it execs: on a loaded machine, past the moment the next
+/// engine opens the log. Here another process holds the lock the same way
+/// (its own descriptor of `log/db`, locked) after the engine that recorded its
+/// pid was killed: the next engine waits for it, and a lock that stays is
+/// refused naming who holds it, not the dead engine.
+#[test]
+fn a_lock_left_behind_by_a_killed_engine_is_waited_for_then_named() {
+    let state = tempfile::tempdir().unwrap();
+    let job = state.path().join("job.yml");
+    std::fs::write(
+        &job,
+        "name: hold\nsteps:\n  - name: say\n    command: echo started; sleep 1\n",
+    )
+    .unwrap();
+    let mut run =
+        reel_tests::start_run_until_output(state.path(), &job, &[], 1, Duration::from_secs(30));
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let engine: u32 = std::fs::read_to_string(state.path().join("engine.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(engine, run.id(), "the killed engine recorded its pid");
+
+    let lock = || {
+        let db = std::fs::File::open(state.path().join("log/db")).unwrap();
+        rustix::fs::flock(&db, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+            .expect("the killed engine's lock is free");
+        db
+    };
+
+    // Let go after 1.5 s: recover waits for it and finishes the job.
+    let held = lock();
+    let let_go = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        drop(held);
+    });
+    let started = std::time::Instant::now();
+    let out = reel(state.path(), &["recover"], &[]);
+    ok(&out, "recover while a lock left behind is let go");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "recover opened a log whose lock was held"
+    );
+    let_go.join().unwrap();
+    let out = reel(state.path(), &["jobs"], &[]);
+    ok(&out, "jobs");
+    assert!(
+        text(&out.stdout).contains("succeeded"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // Held for good: refused once the wait is over, naming this process and
+    // the (gone) engine that last recorded its pid, recover.
+    let recorded = std::fs::read_to_string(state.path().join("engine.pid")).unwrap();
+    let _held = lock();
+    let out = reel(state.path(), &["jobs"], &[]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("{}, is gone", recorded.trim())),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("pid {} ", std::process::id())),
+        "the refusal names the process holding the lock: {err}"
+    );
+}

@@ -14,15 +14,14 @@ use crate::store::output;
 pub enum LogError {
     /// Another process (a running engine) has the log open.
     #[error(
-        "the log at {} is in use by another process{}; stop it, or ask the running engine instead",
-        path.display(),
-        holder.map(|p| format!(" (engine pid {p})")).unwrap_or_default()
+        "the log at {} is in use by another process{holder}; stop it, or ask the running engine instead",
+        path.display()
     )]
     Locked {
         /// The log directory.
         path: PathBuf,
-        /// The pid recorded by the engine that holds it, if known.
-        holder: Option<u32>,
+        /// Who holds it, as far as can be told.
+        holder: crate::store::Holder,
     },
     /// No log exists at the path (only for read-only opens).
     #[error("no reel log at {}", .0.display())]

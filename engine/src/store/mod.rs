@@ -98,6 +98,7 @@ pub use event_log::EventLog;
 pub use output::{OutputChunk, Stream};
 pub use reader::{LogReader, OutputChunks};
 pub use reconcile::Repair;
+pub use snapshot::Holder;
 pub use summary::{JobSummary, KIND_SUMMARY};
 pub use trees::{TREES, event_key, exists};
 

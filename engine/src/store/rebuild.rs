@@ -98,12 +98,14 @@ pub(super) fn clear_unfinished_snapshots(dir: &Path, how: Opening<'_>) -> Result
         Err(source) => return Err(io("cannot open", &db)(source)),
     };
     if let Some(f) = &lock {
-        rustix::fs::flock(f, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
-            |_| LogError::Locked {
-                path: log.clone(),
-                holder: read_holder(dir),
-            },
-        )?;
+        super::snapshot::patient(|| {
+            rustix::fs::flock(f, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+                |_| LogError::Locked {
+                    path: log.clone(),
+                    holder: read_holder(dir),
+                },
+            )
+        })?;
     }
     for p in &stale {
         let size = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);

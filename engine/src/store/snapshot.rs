@@ -60,24 +60,117 @@ impl Drop for Snapshot {
     }
 }
 
-/// Runs `open` again while it fails because this very process holds the log's
-/// lock: a log this process closed a moment ago stays locked until sled's
-/// threads finish their last flush. Waits at most 3 s; any other result,
-/// including a lock another process holds, is returned at once.
+/// Runs `open` again while the log's lock is held by no live engine: by this
+/// very process (a log it closed a moment ago stays locked until sled's
+/// threads finish their last flush; at most 3 s), or after its engine died (at
+/// most 10 s). A child an engine was starting holds a copy of every descriptor
+/// of the engine, sled's locked one too, from its fork until its exec, and
+/// goes on to exec after a SIGKILL of the engine; on a loaded machine that can
+/// take a while. A lock still held then is refused naming who holds it. A lock
+/// a live engine holds is refused at once, and any other result returned.
 pub(super) fn patient<T>(mut open: impl FnMut() -> Result<T, LogError>) -> Result<T, LogError> {
-    let poll = std::time::Duration::from_millis(20);
-    let mut waited = std::time::Duration::ZERO;
+    use std::time::{Duration, Instant};
+    let started = Instant::now();
     loop {
-        match open() {
-            Err(LogError::Locked {
-                holder: Some(pid), ..
-            }) if pid == std::process::id() && waited < std::time::Duration::from_secs(3) => {
-                std::thread::sleep(poll);
-                waited += poll;
-            }
+        let locked = match open() {
+            Err(LogError::Locked { path, holder }) => (path, holder),
             other => return other,
+        };
+        let limit = match locked.1 {
+            Holder::Engine(pid) if pid == std::process::id() => Duration::from_secs(3),
+            Holder::Engine(pid) if !running(pid) => Duration::from_secs(10),
+            _ => Duration::ZERO,
+        };
+        if started.elapsed() >= limit {
+            let (path, holder) = locked;
+            let holder = match holder {
+                Holder::Engine(engine) if engine != std::process::id() && !running(engine) => {
+                    Holder::Left {
+                        engine,
+                        by: holders_of(&path.join("db")),
+                    }
+                }
+                other => other,
+            };
+            return Err(LogError::Locked { path, holder });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Who holds a log's lock, as far as can be told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    /// No engine recorded its pid.
+    Unknown,
+    /// The engine that recorded its pid when it opened the log.
+    Engine(u32),
+    /// The engine that recorded its pid is gone; these processes (pid and
+    /// command) have the lock's file open.
+    Left {
+        /// The gone engine's pid.
+        engine: u32,
+        /// `pid command` of each process that has the file open.
+        by: Vec<String>,
+    },
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Holder::Unknown => Ok(()),
+            Holder::Engine(pid) => write!(f, " (engine pid {pid})"),
+            Holder::Left { engine, by } if by.is_empty() => write!(
+                f,
+                " (the engine that recorded its pid, {engine}, is gone; no process with the lock's file open was found)"
+            ),
+            Holder::Left { engine, by } => write!(
+                f,
+                " (the engine that recorded its pid, {engine}, is gone; the lock's file is open in: {})",
+                by.join("; ")
+            ),
         }
     }
+}
+
+/// Whether a process with this pid runs (a zombie holds no files: it does not).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // `pid (comm) S ...`: the state follows the last `)`.
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
+/// `pid command` of every process with `file` open (read from `/proc/*/fd`;
+/// only asked when a lock is refused).
+fn holders_of(file: &Path) -> Vec<String> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in procs.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        if fds
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == file))
+        {
+            let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            found.push(format!("pid {pid} {}", cmd.trim()));
+        }
+    }
+    found
 }
 
 pub(super) fn check_unlocked(state_dir: &Path) -> Result<(), LogError> {

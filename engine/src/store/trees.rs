@@ -44,12 +44,12 @@ pub fn exists(state_dir: &Path) -> bool {
     state_dir.join(DB_DIR).join("conf").exists()
 }
 
-pub(super) fn read_holder(state_dir: &Path) -> Option<u32> {
+/// The engine that recorded its pid when it opened the log.
+pub(super) fn read_holder(state_dir: &Path) -> super::Holder {
     std::fs::read_to_string(state_dir.join(PID_FILE))
-        .ok()?
-        .trim()
-        .parse()
         .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .map_or(super::Holder::Unknown, super::Holder::Engine)
 }
 
 fn open_db(state_dir: &Path) -> Result<sled::Db, LogError> {
