@@ -437,6 +437,7 @@ impl Drop for Unrelated {
 }
 
 fn recover_all(bins: &Bins, state: &Path, mode: Mode, expect: usize) -> anyhow::Result<Sample> {
+    let profile = Profile::start(mode);
     let cpu0 = cpu_time();
     let t0 = Instant::now();
     let log = EventLog::open(state, LogOptions::default())?;
@@ -490,6 +491,7 @@ fn recover_all(bins: &Bins, state: &Path, mode: Mode, expect: usize) -> anyhow::
     finished.store(true, Ordering::SeqCst);
     let all_done = t0.elapsed();
     let cpu = cpu_time().saturating_sub(cpu0);
+    drop(profile);
     let watched = watcher
         .map(|w| {
             w.join()
@@ -680,6 +682,46 @@ fn reattach_once(bins: &Bins, log: &Log, files: &[PathBuf]) -> anyhow::Result<(S
 
 /// Reap: start `n` real jobs in rounds, crash the engine and kill every agent
 /// after each round, recover.
+/// With `REEL_BENCH_PERF=FILE`, `perf record -g` of this process during each
+/// reap's recovery alone (appended to `FILE.N`), to see where its CPU goes.
+struct Profile(Option<std::process::Child>);
+
+impl Profile {
+    fn start(mode: Mode) -> Profile {
+        static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let Some(file) = std::env::var_os("REEL_BENCH_PERF").filter(|_| mode == Mode::Reap) else {
+            return Profile(None);
+        };
+        let n = RUN.fetch_add(1, Ordering::SeqCst);
+        let mut out = file;
+        out.push(format!(".{n}"));
+        let child = std::process::Command::new("perf")
+            .args(["record", "-q", "-e", "cpu-clock", "-F", "2000", "-g", "-p"])
+            .arg(std::process::id().to_string())
+            .arg("-o")
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| eprintln!("cannot start perf: {e}"))
+            .ok();
+        // perf needs a moment to attach.
+        std::thread::sleep(Duration::from_millis(500));
+        Profile(child)
+    }
+}
+
+impl Drop for Profile {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_child(&child),
+                rustix::process::Signal::INT,
+            );
+            let _ = child.wait();
+        }
+    }
+}
+
 fn reap_once(
     bins: &Bins,
     log: &Log,
