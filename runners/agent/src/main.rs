@@ -15,10 +15,10 @@
 //!
 //! With `--daemonize` the process re-executes itself (with the hidden `--daemon-child`
 //! flag) detached from its stdio; the child calls `setsid` to get its own session and
-//! process group, binds the socket and only then writes the pidfile. The parent waits
-//! until the pidfile names the child (or, without `--pidfile`, until the socket accepts
-//! connections), prints the child's pid and exits 0; if the child dies first, the parent
-//! fails. Instead of a second fork the child simply never opens a terminal, so being a
+//! process group, binds the socket, writes the pidfile and only then says `ready` on its
+//! stdout, a pipe to the parent (and points stdout at /dev/null). The parent waits on
+//! that pipe, prints the child's pid and exits 0; if the child dies first (end of file
+//! on the pipe), the parent fails. Instead of a second fork the child simply never opens a terminal, so being a
 //! session leader cannot give it a controlling terminal. Without `--daemonize` the
 //! agent still starts a session of its own where it can (when it does not lead a
 //! process group already).
@@ -119,7 +119,8 @@ fn parse() -> Result<Args, String> {
     Ok(args)
 }
 
-fn daemonize_parent(args: &Args, socket: &std::path::Path) -> Result<(), String> {
+fn daemonize_parent(args: &Args) -> Result<(), String> {
+    use std::io::Read as _;
     let exe = std::env::current_exe().map_err(|e| format!("Cannot find own executable: {e}."))?;
     let child_args: Vec<_> = std::env::args_os()
         .skip(1)
@@ -136,42 +137,77 @@ fn daemonize_parent(args: &Args, socket: &std::path::Path) -> Result<(), String>
         ),
         None => Stdio::null(),
     };
+    // The child says it is ready on its stdout (a pipe to here), once it
+    // listens and its pidfile names it, then points its stdout at /dev/null.
+    // Waiting on the pipe wakes this process the moment the child is ready
+    // (or gone: end of file), where polling the pidfile slept in steps.
     let mut child = Command::new(exe)
         .args(child_args)
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(stderr)
         .spawn()
         .map_err(|e| format!("Cannot start the agent: {e}."))?;
     let pid = child.id();
+    let mut ready = child.stdout.take().expect("the child's stdout is piped");
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut poll = 1;
+    let mut said = Vec::new();
     loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("The agent exited during startup ({status})."));
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err("The agent did not start listening within 30 seconds.".to_owned());
         }
-        let ready = match &args.pidfile {
-            Some(p) => std::fs::read_to_string(p).is_ok_and(|s| s.trim() == pid.to_string()),
-            None => std::os::unix::net::UnixStream::connect(socket).is_ok(),
-        };
-        if ready {
+        let timeout = rustix::event::Timespec::try_from(left).unwrap_or(rustix::event::Timespec {
+            tv_sec: 30,
+            tv_nsec: 0,
+        });
+        let mut fds = [rustix::event::PollFd::new(
+            &ready,
+            rustix::event::PollFlags::IN,
+        )];
+        match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Ok(0) | Err(rustix::io::Errno::INTR) => continue,
+            Ok(_) => {}
+            Err(e) => return Err(format!("Cannot wait for the agent: {e}.")),
+        }
+        let mut buf = [0u8; 16];
+        let n = ready
+            .read(&mut buf)
+            .map_err(|e| format!("Cannot read from the agent: {e}."))?;
+        said.extend_from_slice(&buf[..n]);
+        if said.ends_with(READY) {
             println!("{pid}");
             return Ok(());
         }
-        if Instant::now() >= deadline {
-            return Err("The agent did not start listening within 30 seconds.".to_owned());
+        if n == 0 {
+            let status = child
+                .wait()
+                .map_or_else(|e| format!("unknown: {e}"), |s| s.to_string());
+            return Err(format!("The agent exited during startup ({status})."));
         }
-        // 1 ms at first (the child is usually ready within a few), up to 10 ms.
-        std::thread::sleep(Duration::from_millis(poll.min(10)));
-        poll *= 2;
     }
 }
 
+/// What a `--daemon-child` writes on its stdout once it is ready.
+const READY: &[u8] = b"ready\n";
+
+/// Tells the waiting `--daemonize` parent that this agent is ready, then
+/// points stdout at /dev/null (the parent is gone a moment later).
+fn say_ready() -> Result<(), String> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    out.write_all(READY)
+        .and_then(|()| out.flush())
+        .map_err(|e| format!("Cannot tell the starting process the agent is ready: {e}."))?;
+    let null =
+        std::fs::File::open("/dev/null").map_err(|e| format!("Cannot open /dev/null: {e}."))?;
+    rustix::stdio::dup2_stdout(&null).map_err(|e| format!("Cannot redirect stdout: {e}."))?;
+    Ok(())
+}
+
 fn run(args: Args) -> Result<(), String> {
-    if args.daemonize
-        && let Endpoint::Socket(socket) = &args.endpoint
-    {
-        return daemonize_parent(&args, socket);
+    if args.daemonize && matches!(args.endpoint, Endpoint::Socket(_)) {
+        return daemonize_parent(&args);
     }
     // The agent leads a session of its own, which only its steps' processes share:
     // that is how it tells a finished step's process group from a later one with the
@@ -205,6 +241,9 @@ fn run(args: Args) -> Result<(), String> {
             if let Some(p) = &pidfile {
                 server::write_pidfile(p, std::process::id())
                     .map_err(|e| format!("Cannot write pidfile {}: {e}.", p.display()))?;
+            }
+            if args.daemon_child {
+                say_ready()?;
             }
             opts.socket = Some(socket);
             opts.pidfile = pidfile;

@@ -655,6 +655,37 @@ fn daemonized_agent_survives_parent() {
     assert!(!pidfile.exists());
 }
 
+/// A daemonized agent that cannot start (here: its socket's directory does
+/// not exist) fails its parent at once, with the child's reason in the log,
+/// and leaves no process behind.
+#[test]
+fn a_daemonized_agent_that_cannot_listen_fails_its_parent_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("agent.log");
+    let started = Instant::now();
+    let out = Command::new(BIN)
+        .arg("--socket")
+        .arg(dir.path().join("missing/d.sock"))
+        .arg("--pidfile")
+        .arg(dir.path().join("d.pid"))
+        .arg("--log")
+        .arg(&log)
+        .arg("--daemonize")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the parent waited for a child that had failed"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("exited during startup"), "{err}");
+    assert!(out.stdout.is_empty(), "no pid is printed");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("Cannot listen on"), "{logged}");
+    assert!(!dir.path().join("d.pid").exists());
+}
+
 fn process_gone(pid: i32) -> bool {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
