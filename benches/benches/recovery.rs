@@ -27,6 +27,9 @@
 //!     per job (issue 13, point 5: a job's processes are found from its cgroup,
 //!     pidfile and start time, never by scanning the host's processes).
 //!
+//! With `REEL_BENCH_PERF=FILE`, `perf record -g` is attached to the bench during
+//! each reap's recovery alone (from the open to the CPU reading), into `FILE.N`.
+//!
 //! Both run on a log with 1,000,000 events of history and, as the baseline, on
 //! one with 10x less (100,000): finished jobs of 2 steps, 20 events each,
 //! appended with `simulate::run_job` by 1,024 concurrent submitters and
