@@ -611,7 +611,7 @@ fn a_sigkill_at_every_point_of_a_commit_loses_no_acknowledged_event() {
         let mut stderr = String::new();
         std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
         assert!(
-            stderr.contains(&format!("killing the engine at {}", stage.name())),
+            stderr.contains(&format!("killing the process at {}", stage.name())),
             "{stage:?}: the child was not killed there ({status}): {stderr}"
         );
         assert!(!acks.is_empty(), "{stage:?}: nothing was acknowledged");

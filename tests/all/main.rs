@@ -1,5 +1,6 @@
 //! Workspace integration tests, one module per area.
 mod crash;
+mod gc;
 mod isolation;
 mod limits;
 mod plugins;

@@ -63,6 +63,9 @@ pub enum Command {
     Output(replay::OutputArgs),
     /// Check every stored event and output chunk; report each corrupt one.
     Verify(replay::VerifyArgs),
+    /// Delete the jobs that ended before a horizon (--keep 30d): their events,
+    /// journal frames, output and artifacts. Never touches a job still running.
+    Gc(crate::gc::GcArgs),
     /// Run the daemon: take jobs over HTTP (docs/api.md), schedule them under a
     /// resource budget, fairly between owners, and survive kill -9.
     Serve(serve::ServeArgs),
@@ -147,6 +150,7 @@ pub fn main() -> ExitCode {
         Command::Inspect(a) => replay::inspect(&dir, a, &cli.daemon),
         Command::Export(a) => replay::export(&dir, a, &cli.daemon),
         Command::Verify(a) => replay::verify(&dir, a),
+        Command::Gc(a) => crate::gc::run(&dir, a),
         Command::Output(a) => replay::output(&dir, a, &cli.daemon),
         Command::Plugins(a) => plugins::run(a).map(|()| ExitCode::SUCCESS),
         Command::Submit(a) => remote::submit(&dir, &cli.daemon, a),

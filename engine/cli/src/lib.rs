@@ -7,6 +7,7 @@
 
 mod app;
 mod client;
+mod gc;
 mod plugins;
 mod print;
 mod recover;

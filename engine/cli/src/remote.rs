@@ -1059,9 +1059,10 @@ fn download(
 
 /// Every job the daemon lists (all pages, newest first as it sends them),
 /// as the rows `reel jobs` prints: oldest first, as the log lists them.
-pub fn job_rows(client: &Client) -> Result<Vec<Value>> {
+pub fn job_rows(client: &Client) -> Result<(Vec<Value>, Option<u64>)> {
     let mut rows = Vec::new();
     let mut cursor: Option<String> = None;
+    let mut deleted_before: Option<u64>;
     loop {
         let mut query = vec![("limit", "1000".to_owned())];
         if let Some(c) = &cursor {
@@ -1071,6 +1072,7 @@ pub fn job_rows(client: &Client) -> Result<Vec<Value>> {
         if let Some(jobs) = page.get("jobs").and_then(Value::as_array) {
             rows.extend(jobs.iter().map(job_row));
         }
+        deleted_before = page.get("deleted_before_ms").and_then(Value::as_u64);
         cursor = match page.get("next_cursor") {
             Some(Value::String(c)) if !c.is_empty() => Some(c.clone()),
             Some(Value::Number(n)) => Some(n.to_string()),
@@ -1082,7 +1084,7 @@ pub fn job_rows(client: &Client) -> Result<Vec<Value>> {
     }
     rows.sort_by_key(|r| r["id"].as_u64().unwrap_or(0));
     rows.dedup_by_key(|r| r["id"].as_u64());
-    Ok(rows)
+    Ok((rows, deleted_before))
 }
 
 /// A daemon's `JOB` as a row of `reel jobs`: the keys the offline listing

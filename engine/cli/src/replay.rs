@@ -228,8 +228,8 @@ pub fn jobs(dir: &Path, args: &JobsArgs, daemon: &DaemonArgs) -> Result<ExitCode
     let o = match open_or_ask(dir, daemon)? {
         Source::Log(o) => o,
         Source::Daemon(client) => {
-            let rows = remote::job_rows(&client)?;
-            print_jobs(dir, &rows, args.json)?;
+            let (rows, deleted_before) = remote::job_rows(&client)?;
+            print_jobs(dir, &rows, deleted_before, args.json)?;
             return Ok(code(false));
         }
     };
@@ -277,12 +277,15 @@ pub fn jobs(dir: &Path, args: &JobsArgs, daemon: &DaemonArgs) -> Result<ExitCode
         }
         rows.push(row);
     }
-    print_jobs(dir, &rows, args.json)?;
+    let deleted_before = log.retention()?.map(|r| r.horizon_ms);
+    print_jobs(dir, &rows, deleted_before, args.json)?;
     Ok(code(corrupt))
 }
 
-/// `reel jobs`'s table (or JSON) of its rows, read from the log or the daemon.
-fn print_jobs(dir: &Path, rows: &[Value], json: bool) -> Result<()> {
+/// `reel jobs`'s table (or JSON) of its rows, read from the log or the daemon;
+/// `deleted_before`: jobs that ended before this time were deleted by gc (the
+/// table says so below it; JSON, an array of rows, does not).
+fn print_jobs(dir: &Path, rows: &[Value], deleted_before: Option<u64>, json: bool) -> Result<()> {
     let mut out = std::io::stdout().lock();
     if json {
         serde_json::to_writer_pretty(&mut out, &rows)?;
@@ -315,6 +318,13 @@ fn print_jobs(dir: &Path, rows: &[Value], json: bool) -> Result<()> {
                     .map_or("-".into(), format_duration_ms),
             )?;
         }
+    }
+    if let (Some(ms), false) = (deleted_before, json) {
+        writeln!(
+            out,
+            "history: jobs that ended before {} were deleted by reel gc",
+            format_ms(ms)
+        )?;
     }
     Ok(())
 }

@@ -218,16 +218,20 @@ async fn list(svc: &Service, req: &Request) -> Response {
     };
     let svc2 = svc.clone();
     let page = blocking::unblock(move || {
-        svc2.list(&filter, limit, cursor).map(|(states, next)| {
-            let rows: Vec<Value> = states.iter().map(|s| row(&svc2, s)).collect();
-            (rows, next)
-        })
+        let (states, next) = svc2.list(&filter, limit, cursor)?;
+        let rows: Vec<Value> = states.iter().map(|s| row(&svc2, s)).collect();
+        let retention = svc2.log().retention()?;
+        Ok::<_, reel_engine::store::LogError>((rows, next, retention))
     })
     .await;
     match page {
-        Ok((rows, next)) => http::json(
+        Ok((rows, next, retention)) => http::json(
             StatusCode::OK,
-            &json!({"jobs": rows, "next_cursor": next.map(|n| n.to_string())}),
+            &json!({
+                "jobs": rows,
+                "next_cursor": next.map(|n| n.to_string()),
+                "deleted_before_ms": retention.map(|r| r.horizon_ms),
+            }),
         ),
         Err(e) => log_error(&e),
     }

@@ -99,6 +99,11 @@ impl LogReader {
                 journal::Item::Frame {
                     job, seq, envelope, ..
                 } => {
+                    // A job an interrupted gc chose is as good as gone:
+                    // sled may have forgotten it already (`gc.rs`).
+                    if self.settled().gc.contains_key(job.to_be_bytes())? {
+                        continue;
+                    }
                     let stored = self.settled().events.get(event_key(job, seq))?;
                     if stored.as_deref() == Some(envelope.as_slice()) {
                         continue;

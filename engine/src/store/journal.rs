@@ -269,6 +269,79 @@ impl Journal {
     pub fn write_at(&self, bytes: &[u8], offset: u64) -> std::io::Result<()> {
         self.file.write_all_at(bytes, offset)
     }
+
+    /// Calls `each` with every item of the journal between `from` and `to`
+    /// (frame boundaries), in order, with the item's bytes as they are in
+    /// the file. Reads [`SCAN_WINDOW`] bytes at a time, so memory stays
+    /// bounded however long the journal is: a frame cut by the end of a
+    /// window is read again at the start of the next.
+    pub fn scan(
+        &self,
+        from: u64,
+        to: u64,
+        each: impl FnMut(&Item, &[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        self.scan_in(SCAN_WINDOW, from, to, each)
+    }
+
+    fn scan_in(
+        &self,
+        window: usize,
+        from: u64,
+        to: u64,
+        mut each: impl FnMut(&Item, &[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        let mut at = from;
+        let mut buf = Vec::new();
+        while at < to {
+            let n = (to - at).min(window as u64) as usize;
+            buf.resize(n, 0);
+            self.file.read_exact_at(&mut buf, at)?;
+            let last = at + n as u64 == to;
+            let items = parse(&buf, at);
+            let mut next = at + n as u64;
+            for (i, item) in items.iter().enumerate() {
+                let (offset, len) = item.span();
+                // Damage at the end of a window that is not the last may be
+                // a whole frame the window cut: read it again from there
+                // (unless it starts the window, which a whole frame of at
+                // most 16 MiB cannot: then it is damage, and is passed on).
+                if !last && i + 1 == items.len() && item.is_damaged() && offset > at {
+                    next = offset;
+                    break;
+                }
+                let start = (offset - at) as usize;
+                each(item, &buf[start..start + len as usize])?;
+                next = offset + len;
+            }
+            if next <= at {
+                next = at + n as u64;
+            }
+            at = next;
+        }
+        Ok(())
+    }
+}
+
+/// How much of the journal [`Journal::scan`] reads at a time: more than the
+/// largest frame.
+pub const SCAN_WINDOW: usize = 2 * MAX_ENVELOPE + 2 * (HEAD + TAIL);
+
+impl Item {
+    /// Where the item starts and how many bytes it covers.
+    pub fn span(&self) -> (u64, u64) {
+        match self {
+            Item::Frame {
+                offset, envelope, ..
+            } => (*offset, frame_len(envelope)),
+            Item::Damaged { offset, len, .. } => (*offset, *len),
+        }
+    }
+
+    /// Whether it is damage, not a frame.
+    pub fn is_damaged(&self) -> bool {
+        matches!(self, Item::Damaged { .. })
+    }
 }
 
 #[cfg(test)]
@@ -333,6 +406,40 @@ mod tests {
                 indexed: 40
             }
         );
+    }
+
+    #[test]
+    fn a_scan_in_small_windows_sees_what_one_parse_sees() {
+        let tmp = tempfile::tempdir().unwrap();
+        let j = Journal::open(tmp.path(), false).unwrap();
+        let mut bytes = Vec::new();
+        for i in 1..=40u32 {
+            bytes.extend(frame(
+                u64::from(i % 7),
+                i,
+                &vec![i as u8; (i * 3) as usize % 50],
+            ));
+            if i % 9 == 0 {
+                bytes.extend(marker(bytes.len() as u64, 0));
+            }
+        }
+        let damaged = bytes.len() / 2;
+        bytes[damaged] ^= 0x55;
+        j.write_at(&bytes, 0).unwrap();
+        let whole = parse(&bytes, 0);
+        assert!(whole.iter().any(Item::is_damaged));
+        for window in [80, 100, 257, 4096] {
+            let mut seen = Vec::new();
+            let mut copy = Vec::new();
+            j.scan_in(window, 0, bytes.len() as u64, |item, raw| {
+                seen.push(item.clone());
+                copy.extend_from_slice(raw);
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(seen, whole, "window {window}");
+            assert_eq!(copy, bytes, "window {window}");
+        }
     }
 
     #[test]

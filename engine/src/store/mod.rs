@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //!
-//! One sled `Db` in `<state dir>/log/`, with four trees. Keys are raw big-endian
+//! One sled `Db` in `<state dir>/log/`, with five trees. Keys are raw big-endian
 //! bytes (never bincode) so they sort numerically; values are envelopes
 //! (`model/codec.rs`).
 //!
@@ -11,7 +11,9 @@
 //! | `events` | job id u64 ++ seq u32                 | event envelope (kind 1..=0x7fff) |
 //! | `jobs`   | job id u64                            | [`JobSummary`] (kind 0x8001)     |
 //! | `live`   | job id u64                            | empty: the job is not terminal   |
+//! | `gc`     | job id u64                            | empty: a gc chose to delete it   |
 //! | `meta`   | `format`, `next_job`, `journal_end`   | u16 BE, u64 BE, u64 BE           |
+//! |          | `gc_horizon`, `gc_journal` (`gc.rs`)  | u64 BE, u64 BE                   |
 //!
 //! Beside it, `<state dir>/journal` holds a second copy of every event
 //! ([`journal`]), so that damage sled would silently truncate is found and
@@ -36,6 +38,7 @@
 //! | `output.rs` | step output files |
 //! | `artifacts.rs` | a job's artifact files: where they are, the checks before `ArtifactStored`, the sweep of partial copies |
 //! | `salvage.rs` | live jobs that do not fold: repaired from the journal or set aside |
+//! | `gc.rs` | retention: deleting ended jobs past a horizon, crash-safe, in bounded memory |
 //! | `snapshot.rs` | temporary copies for offline readers; the lock probe |
 //! | `error.rs` | [`LogError`] |
 //!
@@ -78,6 +81,7 @@ mod audit;
 mod durable;
 mod error;
 mod event_log;
+mod gc;
 pub mod journal;
 pub mod output;
 mod reader;
@@ -95,6 +99,7 @@ pub use audit::{
 };
 pub use error::LogError;
 pub use event_log::EventLog;
+pub use gc::{GcReport, NEW_JOURNAL, Retention, collect as gc, due as gc_due};
 pub use output::{OutputChunk, Stream};
 pub use reader::{LogReader, OutputChunks};
 pub use reconcile::Repair;

@@ -124,6 +124,12 @@ impl LogReader {
         &self.dir
     }
 
+    /// How far back the log's history goes: `None` if no gc ever deleted
+    /// a job from it.
+    pub fn retention(&self) -> Result<Option<super::Retention>, LogError> {
+        super::gc::retention(self.settled())
+    }
+
     /// What opening the log found and repaired (events restored from the
     /// journal after sled lost them, a torn journal tail cut), one sentence each.
     pub fn repairs(&self) -> &[Repair] {
@@ -350,6 +356,16 @@ pub(super) fn open_reconciled<T>(
         Ok(t) => Ok(t),
         Err(e) if is_corrupt(&e) => Err(e),
         Err(e) => return Err(e),
+    };
+    // A gc killed while it switched journals is finished before the
+    // journal is opened (`gc.rs`).
+    let first = match first {
+        Ok(t) => match super::gc::finish_switch(dir, &t) {
+            Ok(()) => Ok(t),
+            Err(e) if is_corrupt(&e) => Err(e),
+            Err(e) => return Err(e),
+        },
+        Err(e) => Err(e),
     };
     let journal = Journal::open(dir, how.durable()).map_err(|source| LogError::Io {
         what: "cannot open the journal in",

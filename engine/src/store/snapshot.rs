@@ -35,15 +35,19 @@ impl Snapshot {
         // Owned from here: a failed copy removes what it copied.
         let snapshot = Snapshot { dir };
         copy_dir(&state_dir.join(DB_DIR), &snapshot.dir.join(DB_DIR))?;
-        let journal = state_dir.join(journal::FILE_NAME);
-        if journal.exists() {
-            std::fs::copy(&journal, snapshot.dir.join(journal::FILE_NAME)).map_err(|source| {
-                LogError::Io {
-                    what: "cannot copy",
-                    path: journal.clone(),
-                    source,
-                }
-            })?;
+        // The journal, and the new one an interrupted gc may have left
+        // beside it (the copy's open finishes that gc's switch).
+        for name in [journal::FILE_NAME, super::gc::NEW_JOURNAL] {
+            let journal = state_dir.join(name);
+            if journal.exists() {
+                std::fs::copy(&journal, snapshot.dir.join(name)).map_err(|source| {
+                    LogError::Io {
+                        what: "cannot copy",
+                        path: journal.clone(),
+                        source,
+                    }
+                })?;
+            }
         }
         Ok(snapshot)
     }

@@ -34,6 +34,9 @@ pub(super) struct Trees {
     pub jobs: sled::Tree,
     pub live: sled::Tree,
     pub meta: sled::Tree,
+    /// Jobs a `reel gc` chose to delete and has not finished deleting
+    /// (`gc.rs`): empty but while a gc runs or after one was interrupted.
+    pub gc: sled::Tree,
 }
 
 pub(super) const PID_FILE: &str = "engine.pid";
@@ -69,7 +72,7 @@ fn open_db(state_dir: &Path) -> Result<sled::Db, LogError> {
 }
 
 /// The sled trees of the log, in the order `open_trees` opens them.
-pub const TREES: [&str; 4] = ["meta", "events", "jobs", "live"];
+pub const TREES: [&str; 5] = ["meta", "events", "jobs", "live", "gc"];
 
 pub(super) fn open_trees(state_dir: &Path) -> Result<Trees, LogError> {
     let db = super::snapshot::patient(|| open_db(state_dir))?;
@@ -96,6 +99,7 @@ pub(super) fn open_trees(state_dir: &Path) -> Result<Trees, LogError> {
         events: db.open_tree("events")?,
         jobs: db.open_tree("jobs")?,
         live: db.open_tree("live")?,
+        gc: db.open_tree("gc")?,
         meta,
         db,
     })

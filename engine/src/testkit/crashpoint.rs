@@ -134,38 +134,89 @@ impl Stage {
     }
 }
 
-struct WriterPoint {
-    stage: &'static str,
+/// A named point armed by an environment variable `<name>[:<n>]`: the
+/// process is killed on its `n`th pass (the writer's stages, gc's points).
+struct Counted {
+    name: &'static str,
     nth: u32,
     seen: AtomicU32,
 }
 
-fn writer_point() -> Option<&'static WriterPoint> {
-    static POINT: OnceLock<Option<WriterPoint>> = OnceLock::new();
-    POINT
-        .get_or_init(|| {
-            let spec = std::env::var(WRITER_ENV).ok()?;
-            let (stage, nth) = spec.split_once(':').unwrap_or((&spec, "1"));
-            let stage = Stage::ALL.into_iter().find(|s| s.name() == stage)?.name();
-            Some(WriterPoint {
-                stage,
-                nth: nth.parse().ok()?,
-                seen: AtomicU32::new(0),
-            })
+impl Counted {
+    fn from_env(env: &str, names: &[&'static str]) -> Option<Counted> {
+        let spec = std::env::var(env).ok()?;
+        let (name, nth) = spec.split_once(':').unwrap_or((&spec, "1"));
+        Some(Counted {
+            name: names.iter().copied().find(|n| *n == name)?,
+            nth: nth.parse().ok()?,
+            seen: AtomicU32::new(0),
         })
+    }
+}
+
+fn writer_point() -> Option<&'static Counted> {
+    static POINT: OnceLock<Option<Counted>> = OnceLock::new();
+    POINT
+        .get_or_init(|| Counted::from_env(WRITER_ENV, &Stage::ALL.map(Stage::name)))
         .as_ref()
 }
 
 /// Kills this process with SIGKILL if the writer's switch names `stage` and
 /// this is its `n`th pass.
 pub fn writer(stage: Stage) {
-    let Some(p) = writer_point() else {
+    kill_on_nth(writer_point(), stage.name(), WRITER_ENV);
+}
+
+/// Kills this process with SIGKILL if `point` is armed, names `name`, and this
+/// is its `n`th pass.
+fn kill_on_nth(point: Option<&Counted>, name: &str, env: &str) {
+    let Some(p) = point else {
         return;
     };
-    if p.stage == stage.name() && p.seen.fetch_add(1, Ordering::SeqCst) + 1 == p.nth {
-        eprintln!("reel: {WRITER_ENV}: killing the engine at {}", p.stage);
+    if p.name == name && p.seen.fetch_add(1, Ordering::SeqCst) + 1 == p.nth {
+        eprintln!("reel: {env}: killing the process at {name}");
         let _ =
             rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
         std::process::abort();
     }
+}
+
+/// The environment variable that arms gc's switch: `REEL_TEST_GC_CRASH=<point>[:<n>]`
+/// kills `reel gc` the `n`th time it passes `<point>` (one of [`GC_POINTS`]).
+pub const GC_ENV: &str = "REEL_TEST_GC_CRASH";
+
+/// The points of a gc, in the order it passes them (see `store/gc.rs`):
+/// `chosen` (the jobs to delete are recorded), `forgetting` (after each job's
+/// summary and events are removed from sled, not flushed), `forgotten`
+/// (flushed), `files` (after each job's output and artifacts are removed),
+/// `copied` (the new journal is written and synced beside the old),
+/// `staged` (its length is recorded in sled), `switched` (renamed over the
+/// old journal), `checkpointed` (sled's checkpoint follows it; the chosen
+/// jobs are still recorded), `compacted` (a new sled store with every record
+/// is written beside the old), `exchanged` (swapped in; the old one is still
+/// there).
+pub const GC_POINTS: [&str; 10] = [
+    "chosen",
+    "forgetting",
+    "forgotten",
+    "files",
+    "copied",
+    "staged",
+    "switched",
+    "checkpointed",
+    "compacted",
+    "exchanged",
+];
+
+fn gc_point() -> Option<&'static Counted> {
+    static POINT: OnceLock<Option<Counted>> = OnceLock::new();
+    POINT
+        .get_or_init(|| Counted::from_env(GC_ENV, &GC_POINTS))
+        .as_ref()
+}
+
+/// Kills this process with SIGKILL if gc's switch names `point` and this is
+/// its `n`th pass.
+pub fn gc(point: &'static str) {
+    kill_on_nth(gc_point(), point, GC_ENV);
 }
