@@ -1821,3 +1821,43 @@ fn holders(dir: &Path) -> String {
     }
     out
 }
+
+// ---------------------------------------------------------------------------------
+// Retention on start.
+
+#[test]
+fn a_daemon_with_gc_keep_deletes_ended_jobs_on_start_and_says_how_far_back() {
+    let state = tempfile::tempdir().unwrap();
+    for _ in 0..2 {
+        let out = reel(state.path(), &["run", "-q", "examples/hello.yml"], &[]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    // Ended within the hour: kept.
+    let mut d = Daemon::start(state.path(), &["--gc-keep", "1h"]);
+    assert_eq!(d.jobs("").len(), 2);
+    d.stop();
+    let mut d = Daemon::start(state.path(), &["--gc-keep", "0s"]);
+    assert!(d.jobs("").is_empty(), "{:?}", d.jobs(""));
+    let out = reel(state.path(), &["jobs"], &[]);
+    assert!(
+        text(&out.stdout).contains("were deleted by reel gc"),
+        "{}",
+        text(&out.stdout)
+    );
+    let id = d.submit(
+        "alice",
+        "after.yml",
+        "name: after\nsteps:\n  - name: s\n    command: echo after\n",
+    );
+    assert_eq!(id, 3, "a deleted job's id was used again");
+    d.wait_ended(id, Duration::from_secs(60));
+    d.stop();
+    let out = reel(state.path(), &["verify"], &[]);
+    assert!(
+        out.status.success() && text(&out.stdout).contains("checked 1 jobs"),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert_nothing_left(state.path(), "gc on start");
+}

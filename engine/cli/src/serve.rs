@@ -33,6 +33,9 @@ SIGTERM or SIGINT drains: no new jobs, running jobs get until --drain, then are
 cancelled cleanly; queued jobs stay queued for the next start. A second signal
 cancels at once.
 
+With --gc-keep, each start first deletes the jobs that ended longer ago than that
+(what `reel gc --keep` does; gc needs the log to itself, so it runs only then).
+
 Config file (YAML; flags win):
   listen: 127.0.0.1:7117
   socket: /run/reel.sock
@@ -40,7 +43,8 @@ Config file (YAML; flags win):
   default_request: { memory: 512M, vcpus: 1, disk: 1G }
   aging: 1m
   drain: 5m
-  max_connections: 256")]
+  max_connections: 256
+  gc_keep: 30d")]
 pub struct ServeArgs {
     /// TCP address to listen on (loopback; default 127.0.0.1:7117).
     #[arg(long, value_name = "ADDR")]
@@ -71,6 +75,10 @@ pub struct ServeArgs {
     /// Most connections open at once; more get 503 (default 256).
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
+    /// On each start, before taking the log, delete the jobs that ended longer
+    /// ago than this (as `reel gc --keep`); default: keep everything.
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub gc_keep: Option<Duration>,
     /// How reel's own log lines look on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
@@ -138,6 +146,7 @@ struct Config {
     aging: Option<Scalar>,
     drain: Option<Scalar>,
     max_connections: Option<usize>,
+    gc_keep: Option<Scalar>,
 }
 
 fn read_config(path: &Path) -> Result<Config> {
@@ -213,8 +222,25 @@ pub fn run(state_dir: &Path, args: &ServeArgs) -> Result<ExitCode> {
     if let Some(n) = args.max_connections.or(config.max_connections) {
         limits.max_connections = n.max(1);
     }
+    let gc_keep = match (args.gc_keep, &config.gc_keep) {
+        (Some(k), _) => Some(k),
+        (None, Some(k)) => Some(k.duration("gc_keep")?),
+        (None, None) => None,
+    };
     let secrets = secret_source(&args.engine.secrets_file)?;
     let plugins = plugin::load_dir(&plugin_dir(&args.engine.plugin_dir)?);
+    if let (Some(keep), true) = (gc_keep, reel_engine::store::exists(state_dir)) {
+        let horizon = reel_engine::time::now_ms().saturating_sub(keep.as_millis() as u64);
+        let r = reel_engine::store::gc(state_dir, horizon).context("gc on start")?;
+        tracing::info!(
+            deleted_jobs = r.jobs,
+            kept_jobs = r.kept,
+            journal_before = r.journal_before,
+            journal_after = r.journal_after,
+            "gc on start: deleted the jobs that ended before {}",
+            reel_engine::time::format_ms(r.horizon_ms)
+        );
+    }
     let (_log, executor) = open_engine(state_dir, &args.engine, plugins)?;
     tracing::info!(
         memory_mib = budget.memory_mib,

@@ -52,6 +52,9 @@ use crate::testkit::crashpoint;
 /// The new journal a gc writes beside the old one before it renames it over.
 pub const NEW_JOURNAL: &str = "journal.gc";
 
+/// sled's cache for the store a compaction writes.
+const COMPACT_CACHE_BYTES: u64 = 4 << 20;
+
 /// The new sled store a gc's compaction writes beside `log/`.
 pub const NEW_DB_DIR: &str = "log.gc";
 
@@ -201,9 +204,11 @@ fn compact(state_dir: &Path, t: &Trees) -> Result<(), LogError> {
         move |source| LogError::Io { what, path, source }
     };
     remove_new_store(state_dir)?;
+    // Only written to: a small cache, so the two stores together take little
+    // more than the old one's.
     let db = sled::Config::new()
         .path(&new_dir)
-        .cache_capacity(super::CACHE_BYTES)
+        .cache_capacity(COMPACT_CACHE_BYTES)
         .flush_every_ms(None)
         .open()?;
     for name in TREES {

@@ -274,7 +274,9 @@ impl Journal {
     /// (frame boundaries), in order, with the item's bytes as they are in
     /// the file. Reads [`SCAN_WINDOW`] bytes at a time, so memory stays
     /// bounded however long the journal is: a frame cut by the end of a
-    /// window is read again at the start of the next.
+    /// window is read again at the start of the next, and a window that a
+    /// frame longer than it starts is doubled until it holds it (up to
+    /// [`MAX_SCAN_WINDOW`]).
     pub fn scan(
         &self,
         from: u64,
@@ -293,19 +295,31 @@ impl Journal {
     ) -> std::io::Result<()> {
         let mut at = from;
         let mut buf = Vec::new();
+        let mut size = window;
         while at < to {
-            let n = (to - at).min(window as u64) as usize;
+            let n = (to - at).min(size as u64) as usize;
             buf.resize(n, 0);
             self.file.read_exact_at(&mut buf, at)?;
             let last = at + n as u64 == to;
             let items = parse(&buf, at);
+            if !last
+                && size < MAX_SCAN_WINDOW.max(window)
+                && items
+                    .first()
+                    .is_some_and(|i| i.is_damaged() && i.span().0 == at)
+            {
+                // A frame longer than the window, or damage: look further.
+                size *= 2;
+                continue;
+            }
+            size = window;
             let mut next = at + n as u64;
             for (i, item) in items.iter().enumerate() {
                 let (offset, len) = item.span();
                 // Damage at the end of a window that is not the last may be
                 // a whole frame the window cut: read it again from there
-                // (unless it starts the window, which a whole frame of at
-                // most 16 MiB cannot: then it is damage, and is passed on).
+                // (unless it starts the window, which the largest window
+                // holds a whole frame at: then it is damage, passed on).
                 if !last && i + 1 == items.len() && item.is_damaged() && offset > at {
                     next = offset;
                     break;
@@ -323,9 +337,11 @@ impl Journal {
     }
 }
 
-/// How much of the journal [`Journal::scan`] reads at a time: more than the
-/// largest frame.
-pub const SCAN_WINDOW: usize = 2 * MAX_ENVELOPE + 2 * (HEAD + TAIL);
+/// How much of the journal [`Journal::scan`] reads at a time.
+pub const SCAN_WINDOW: usize = 4 << 20;
+
+/// The most [`Journal::scan`] reads at once: more than the largest frame.
+pub const MAX_SCAN_WINDOW: usize = 2 * MAX_ENVELOPE + 2 * (HEAD + TAIL);
 
 impl Item {
     /// Where the item starts and how many bytes it covers.
@@ -423,7 +439,10 @@ mod tests {
                 bytes.extend(marker(bytes.len() as u64, 0));
             }
         }
-        let damaged = bytes.len() / 2;
+        // A frame longer than the smaller windows.
+        bytes.extend(frame(3, 41, &[7u8; 300]));
+        bytes.extend(frame(3, 42, b"after"));
+        let damaged = bytes.len() / 3;
         bytes[damaged] ^= 0x55;
         j.write_at(&bytes, 0).unwrap();
         let whole = parse(&bytes, 0);
