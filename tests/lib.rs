@@ -383,3 +383,39 @@ pub fn time_after(output: &str, word: &str) -> f64 {
         .and_then(|t| t.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {word:?} line in {output:?}"))
 }
+
+/// Panics with the command's exit code and output unless `out` is a success.
+pub fn ok(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: exit {:?}\n{}\n{}",
+        out.status.code(),
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+/// Copies the directories and regular files under `from` to `to`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(e.file_name());
+        let ty = e.file_type().unwrap();
+        if ty.is_dir() {
+            copy_dir(&e.path(), &target);
+        } else if ty.is_file() {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+/// The ids `reel jobs --json` lists.
+pub fn job_ids(state: &Path) -> Vec<u64> {
+    let out = reel(state, &["jobs", "--json"], &[]);
+    json(&out)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_u64().unwrap())
+        .collect()
+}

@@ -5,43 +5,8 @@
 
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::Path;
-use std::process::Output;
 
-use reel_tests::{json, reel, text};
-
-fn ok(out: &Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what}: exit {:?}\n{}\n{}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let target = to.join(e.file_name());
-        let ty = e.file_type().unwrap();
-        if ty.is_dir() {
-            copy_dir(&e.path(), &target);
-        } else if ty.is_file() {
-            std::fs::copy(e.path(), target).unwrap();
-        }
-    }
-}
-
-fn job_ids(state: &Path) -> Vec<u64> {
-    let out = reel(state, &["jobs", "--json"], &[]);
-    ok(&out, "jobs");
-    json(&out)
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|j| j["id"].as_u64().unwrap())
-        .collect()
-}
+use reel_tests::{copy_dir, job_ids, json, ok, reel, text};
 
 fn names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)

@@ -3,33 +3,10 @@
 //! back in bounded memory, and new files' directories synced.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use reel_tests::{json, kill_sandboxes, reel, target_dir, text};
-
-fn ok(out: &Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what}: exit {:?}\n{}\n{}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let target = to.join(e.file_name());
-        let ty = e.file_type().unwrap();
-        if ty.is_dir() {
-            copy_dir(&e.path(), &target);
-        } else if ty.is_file() {
-            std::fs::copy(e.path(), target).unwrap();
-        }
-    }
-}
+use reel_tests::{copy_dir, job_ids, kill_sandboxes, ok, reel, target_dir, text};
 
 fn damaged_dirs(state: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(state)
@@ -37,16 +14,6 @@ fn damaged_dirs(state: &Path) -> Vec<PathBuf> {
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with("log.damaged-"))
         .map(|e| e.path())
-        .collect()
-}
-
-fn job_ids(state: &Path) -> Vec<u64> {
-    let out = reel(state, &["jobs", "--json"], &[]);
-    json(&out)
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|j| j["id"].as_u64().unwrap())
         .collect()
 }
 
