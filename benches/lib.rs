@@ -260,3 +260,50 @@ pub fn fdatasync_latency(path: &Path) -> anyhow::Result<Duration> {
     }
     Ok(median_duration(&lat[10..]))
 }
+
+/// Peak RSS (VmHWM, KiB) of a process, while it lives.
+pub fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Opens (creating) the log in `dir` with `Durability::Flush` and appends
+/// `jobs` jobs from `builders` concurrent submitters: job `n` is whatever
+/// `job(log, n)` appends. Closes the log; returns how many jobs it left live.
+pub fn build_log<F, Fut>(dir: &Path, jobs: u64, builders: u64, job: F) -> anyhow::Result<u64>
+where
+    F: Fn(reel_engine::store::EventLog, u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    use reel_engine::store::{Durability, EventLog, LogOptions};
+    let log = EventLog::open(
+        dir,
+        LogOptions {
+            durability: Durability::Flush,
+        },
+    )?;
+    let ex = smol::Executor::new();
+    let tasks: Vec<_> = (0..builders.min(jobs))
+        .map(|b| {
+            let (log, job) = (log.clone(), job.clone());
+            ex.spawn(async move {
+                let mut n = b;
+                while n < jobs {
+                    job(log.clone(), n).await?;
+                    n += builders;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    smol::block_on(ex.run(async {
+        for t in tasks {
+            t.await?;
+        }
+        anyhow::Ok(())
+    }))?;
+    let live = log.live_jobs()?.len() as u64;
+    log.close();
+    Ok(live)
+}

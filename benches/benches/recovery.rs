@@ -61,8 +61,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use reel_benches::{
-    BenchDir, ReleaseBins, dir_size, median_duration, ms, quick, ratio, scale, scaled, sled_open,
-    thousands,
+    BenchDir, ReleaseBins, build_log, dir_size, median_duration, ms, quick, ratio, scale, scaled,
+    sled_open, thousands,
 };
 use reel_engine::input::secrets::ResolvedSecrets;
 use reel_engine::lifecycle::executor::{Executor, Runners};
@@ -70,7 +70,7 @@ use reel_engine::lifecycle::observer::{Cancel, Observer, Report};
 use reel_engine::lifecycle::recover::{Action, assess, recover};
 use reel_engine::model::event::{Event, JobId, Outcome};
 use reel_engine::plugin;
-use reel_engine::store::{Durability, EventLog, LogOptions};
+use reel_engine::store::{EventLog, LogOptions};
 use reel_engine::testkit::simulate::{self, Ending};
 
 const BUILDERS: u64 = 1024;
@@ -216,42 +216,17 @@ impl Drop for ProcessGuard {
 /// Appends `jobs` finished jobs (20 events each; one in 10 fails) to the log in `dir`.
 fn build_history(dir: &Path, jobs: u64) -> anyhow::Result<()> {
     let start = Instant::now();
-    let log = EventLog::open(
-        dir,
-        LogOptions {
-            durability: Durability::Flush,
-        },
-    )?;
-    let ex = smol::Executor::new();
-    let tasks: Vec<_> = (0..BUILDERS.min(jobs))
-        .map(|b| {
-            let log = log.clone();
-            ex.spawn(async move {
-                let mut n = b;
-                while n < jobs {
-                    let cid = u32::try_from(n % 60_000).unwrap_or(0) + 1_000;
-                    let ending = if n % 10 == 9 {
-                        Ending::FailAt(HISTORY_STEPS - 1)
-                    } else {
-                        Ending::Success
-                    };
-                    let spec = simulate::spec(&format!("history-{n}"), HISTORY_STEPS);
-                    simulate::run_job(&log, spec, cid, ending).await?;
-                    n += BUILDERS;
-                }
-                anyhow::Ok(())
-            })
-        })
-        .collect();
-    smol::block_on(ex.run(async {
-        for t in tasks {
-            t.await?;
-        }
-        anyhow::Ok(())
-    }))?;
-    let live = log.live_jobs()?.len();
-    log.close();
-    drop(log);
+    let live = build_log(dir, jobs, BUILDERS, |log, n| async move {
+        let cid = u32::try_from(n % 60_000).unwrap_or(0) + 1_000;
+        let ending = if n % 10 == 9 {
+            Ending::FailAt(HISTORY_STEPS - 1)
+        } else {
+            Ending::Success
+        };
+        let spec = simulate::spec(&format!("history-{n}"), HISTORY_STEPS);
+        simulate::run_job(&log, spec, cid, ending).await?;
+        Ok(())
+    })?;
     ensure!(live == 0, "the history left {live} live jobs");
     let took = start.elapsed();
     // Built with Flush, the journal was never synced: push everything to disk now,

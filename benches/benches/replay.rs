@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use reel_benches::{
-    BenchDir, dir_size, median_duration, ms, quick, ratio, scaled, sled_open, thousands,
+    BenchDir, build_log, dir_size, median_duration, ms, quick, ratio, scaled, sled_open, thousands,
 };
 use reel_engine::model::event::{Event, Handle, JobId, Outcome};
-use reel_engine::store::{Durability, EventLog, LogOptions};
+use reel_engine::store::{EventLog, LogOptions};
 use reel_engine::testkit::simulate;
 
 const FOLD_RUNS: usize = 3;
@@ -108,36 +108,11 @@ async fn job(log: &EventLog, n: u64, live: bool) -> anyhow::Result<JobId> {
 /// Builds a log of `jobs` jobs of which `live` (spread evenly) stay live.
 fn build(dir: &Path, jobs: u64, live: u64) -> anyhow::Result<()> {
     let start = Instant::now();
-    let log = EventLog::open(
-        dir,
-        LogOptions {
-            durability: Durability::Flush,
-        },
-    )?;
     let every = (jobs / live.max(1)).max(1);
-    let ex = smol::Executor::new();
-    let tasks: Vec<_> = (0..BUILDERS.min(jobs))
-        .map(|b| {
-            let log = log.clone();
-            ex.spawn(async move {
-                let mut n = b;
-                while n < jobs {
-                    job(&log, n, n.is_multiple_of(every) && n / every < live).await?;
-                    n += BUILDERS;
-                }
-                anyhow::Ok(())
-            })
-        })
-        .collect();
-    smol::block_on(ex.run(async {
-        for t in tasks {
-            t.await?;
-        }
-        anyhow::Ok(())
-    }))?;
-    let live_now = log.live_jobs()?.len() as u64;
-    log.close();
-    drop(log);
+    let live_now = build_log(dir, jobs, BUILDERS, move |log, n| async move {
+        job(&log, n, n.is_multiple_of(every) && n / every < live).await?;
+        Ok(())
+    })?;
     let took = start.elapsed();
     ensure!(
         live_now == live,

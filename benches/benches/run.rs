@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail, ensure};
 use reel_benches::{
     BenchDir, ReleaseBins, check_output, fdatasync_latency, fresh_dir, median, ms, quick, ratio,
-    scaled, verdict,
+    scaled, verdict, vm_hwm_kib,
 };
 use reel_engine::store::LogReader;
 
@@ -275,13 +275,6 @@ impl Timeline {
             per_job_ms - flush_per_job_ms
         );
     }
-}
-
-/// Peak RSS (VmHWM, KiB) of a process, while it lives.
-fn vm_hwm_kib(pid: u32) -> Option<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Pids of `reel-agent` processes whose command line mentions `needle`.
