@@ -219,3 +219,55 @@ fn a_gc_killed_at_any_point_leaves_a_clean_log_that_the_next_gc_finishes() {
         only_the_live_job_is_left(state, before, &what);
     }
 }
+
+/// The operator's case: the disk is full of old output. gc must still run
+/// (sled needs room to open and to record what gc chose: the journal's
+/// written-ahead zeros give it back), and free the space.
+#[test]
+fn gc_frees_a_full_disk() {
+    let Some(disk) = crate::store::Tmpfs::mount("40m") else {
+        return;
+    };
+    let state = disk.path().join("state");
+    let job = disk.path().join("big.yml");
+    std::fs::write(
+        &job,
+        "name: big\nsteps:\n  - name: s\n    command: head -c 3000000 /dev/zero | tr '\\0' x\n",
+    )
+    .unwrap();
+    for _ in 0..6 {
+        ok(
+            &reel(&state, &["run", "-q", job.to_str().unwrap()], &[]),
+            "run",
+        );
+    }
+    // Fill what is left.
+    let fill = disk.path().join("fill");
+    let out = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M"])
+        .arg(format!("of={}", fill.display()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "dd did not fill the disk");
+    let free = || {
+        rustix::fs::statvfs(disk.path())
+            .map(|s| s.f_bavail * s.f_frsize)
+            .unwrap()
+    };
+    assert!(free() < 1 << 20, "{} bytes still free", free());
+    let out = reel(&state, &["gc", "--keep", "0s"], &[]);
+    ok(&out, "gc on a full disk");
+    assert!(
+        free() > 15 << 20,
+        "gc freed too little: {} bytes free",
+        free()
+    );
+    verify_clean(&state, "after gc on a full disk");
+    assert!(job_ids(&state).is_empty());
+    ok(
+        &reel(&state, &["run", "-q", "examples/hello.yml"], &[]),
+        "run after",
+    );
+    std::fs::remove_dir_all(&state).unwrap();
+    std::fs::remove_file(&fill).unwrap();
+}

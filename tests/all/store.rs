@@ -135,12 +135,12 @@ fn a_truncated_sled_store_locks_no_command_out() {
 }
 
 /// A tmpfs of a given size, unmounted when dropped.
-struct Tmpfs {
+pub(crate) struct Tmpfs {
     dir: tempfile::TempDir,
 }
 
 impl Tmpfs {
-    fn mount(size: &str) -> Option<Tmpfs> {
+    pub(crate) fn mount(size: &str) -> Option<Tmpfs> {
         if !rustix::process::geteuid().is_root() {
             println!("skipped: mounting a tmpfs needs root (CI runs as root)");
             return None;
@@ -155,7 +155,7 @@ impl Tmpfs {
         Some(Tmpfs { dir })
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.dir.path()
     }
 }

@@ -5,7 +5,9 @@
 //! A gc holds the log as an engine does (sled's lock), so it runs while no
 //! engine does. It goes in steps, each made durable before the next, and the
 //! first one records what the rest will do, so a gc killed at any point
-//! leaves a log that opens and verifies clean, and the next gc finishes it:
+//! leaves a log that opens and verifies clean, and the next gc finishes it.
+//! Before it opens sled it cuts the journal's written-ahead zeros
+//! ([`give_back_reserve`]), so that it can run on a full disk.
 //!
 //! 1. **Chosen.** Every ended job whose end is before the horizon is put in
 //!    the `gc` tree (job id → empty), and the horizon in `meta/gc_horizon`;
@@ -105,6 +107,7 @@ pub fn collect(state_dir: &Path, horizon_ms: u64) -> Result<GcReport, LogError> 
     if !super::exists(state_dir) {
         return Err(LogError::Missing(state_dir.to_path_buf()));
     }
+    give_back_reserve(state_dir)?;
     let opened = open_reconciled(state_dir, Opening::Engine, |_| Ok(()))?;
     let _ = std::fs::write(state_dir.join(PID_FILE), std::process::id().to_string());
     let (t, journal, journal_end) = (opened.trees, opened.journal, opened.journal_end);
@@ -252,6 +255,51 @@ fn remove_new_store(state_dir: &Path) -> Result<(), LogError> {
             source,
         }),
     }
+}
+
+/// Cuts the zeros the writer keeps ahead of the journal's last frame (8 MiB,
+/// [`super::writer`]), holding the log's lock: on a full disk — when a gc is
+/// most wanted — they are the room sled needs to open and to record what gc
+/// chose. The next engine writes them again. Sixteen zero bytes are kept after
+/// the last non-zero one: a frame may end in zero bytes (its checksums), never
+/// in sixteen.
+fn give_back_reserve(state_dir: &Path) -> Result<(), LogError> {
+    let Some(_lock) = super::rebuild::lock_db(state_dir)? else {
+        return Ok(());
+    };
+    let path = state_dir.join(journal::FILE_NAME);
+    let io = |what: &'static str| {
+        let path = path.clone();
+        move |source| LogError::Io { what, path, source }
+    };
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io("cannot open")(e)),
+    };
+    let len = file.metadata().map_err(io("cannot read"))?.len();
+    let mut end = len;
+    let mut buf = vec![0u8; 1 << 20];
+    while end > 0 {
+        let n = end.min(buf.len() as u64) as usize;
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf[..n], end - n as u64)
+            .map_err(io("cannot read"))?;
+        if let Some(i) = buf[..n].iter().rposition(|&b| b != 0) {
+            end = end - n as u64 + i as u64 + 1;
+            break;
+        }
+        end -= n as u64;
+    }
+    let keep = (end + 16).min(len);
+    if keep < len {
+        file.set_len(keep)
+            .map_err(io("cannot cut the zeros after the frames of"))?;
+    }
+    Ok(())
 }
 
 fn job_of(key: &[u8]) -> Result<JobId, LogError> {

@@ -91,22 +91,7 @@ pub(super) fn clear_unfinished_snapshots(dir: &Path, how: Opening<'_>) -> Result
     }
     // sled takes an exclusive flock on `db` before it writes a snapshot; taking
     // it here first means no engine is in the middle of writing this one.
-    let db = log.join("db");
-    let lock = match std::fs::File::open(&db) {
-        Ok(f) => Some(f),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(source) => return Err(io("cannot open", &db)(source)),
-    };
-    if let Some(f) = &lock {
-        super::snapshot::patient(|| {
-            rustix::fs::flock(f, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
-                |_| LogError::Locked {
-                    path: log.clone(),
-                    holder: read_holder(dir),
-                },
-            )
-        })?;
-    }
+    let lock = lock_db(dir)?;
     for p in &stale {
         let size = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         std::fs::remove_file(p).map_err(io("cannot remove", p))?;
@@ -130,6 +115,34 @@ pub(super) fn clear_unfinished_snapshots(dir: &Path, how: Opening<'_>) -> Result
     // Dropping the file releases the lock; sled takes its own on open.
     drop(lock);
     Ok(())
+}
+
+/// Takes the exclusive `flock` sled takes on `log/db` (waiting as every open
+/// does for a dead engine's), so no engine has the log open while it is held;
+/// released when the file is dropped. `None` if there is no `log/db`.
+pub(super) fn lock_db(dir: &Path) -> Result<Option<std::fs::File>, LogError> {
+    let log = dir.join(DB_DIR);
+    let db = log.join("db");
+    let lock = match std::fs::File::open(&db) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(LogError::Io {
+                what: "cannot open",
+                path: db,
+                source,
+            });
+        }
+    };
+    super::snapshot::patient(|| {
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+            |_| LogError::Locked {
+                path: log.clone(),
+                holder: read_holder(dir),
+            },
+        )
+    })?;
+    Ok(Some(lock))
 }
 
 /// Whether a failure means sled found its store on disk corrupt (and
