@@ -883,6 +883,12 @@ fn every_example_of_docs_api_md_runs_as_written() {
                 &what,
             );
             assert_eq!(steps[0]["step"], 1, "{what}{v}");
+        } else if block.contains("/v1/gc?") {
+            let v = json();
+            // Job 1 ended moments ago: kept.
+            assert_eq!(v["deleted_jobs"], 0, "{what}{v}");
+            assert_eq!(v["kept_jobs"], 1, "{what}{v}");
+            assert_eq!(v["online"], true, "{what}{v}");
         } else if block.contains("/v1/jobs?") {
             let v = json();
             let jobs = v["jobs"].as_array().unwrap();
@@ -1860,4 +1866,91 @@ fn a_daemon_with_gc_keep_deletes_ended_jobs_on_start_and_says_how_far_back() {
         text(&out.stderr)
     );
     assert_nothing_left(state.path(), "gc on start");
+}
+
+#[test]
+fn gc_through_the_daemon_deletes_ended_jobs_while_a_job_runs_and_survives_a_sigkill() {
+    let state = tempfile::tempdir().unwrap();
+    for _ in 0..3 {
+        let out = reel(state.path(), &["run", "-q", "examples/hello.yml"], &[]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let mut d = Daemon::start(state.path(), &[]);
+    let running = d.submit(
+        "alice",
+        "slow.yml",
+        "name: slow\nsteps:\n  - name: s\n    command: echo started; sleep 3; echo done\n",
+    );
+    d.wait_job(running, Duration::from_secs(60), "running", |j| {
+        j["state"] == "running"
+    });
+    let out = reel(state.path(), &["gc", "--keep", "0s"], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("deleted 3 jobs") && said.contains("done by the running daemon"),
+        "{said}"
+    );
+    let ids: Vec<u64> = d
+        .jobs("")
+        .iter()
+        .map(|j| j["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![running]);
+    for gone in 1..=3 {
+        assert!(!state.path().join(format!("output/{gone}")).exists());
+    }
+    let j = d.wait_ended(running, Duration::from_secs(60));
+    assert_eq!(j["outcome"], "succeeded", "{j:#}");
+    let out = reel(state.path(), &["output", &running.to_string()], &[]);
+    assert_eq!(text(&out.stdout), "started\ndone\n");
+
+    // A daemon SIGKILLed in the middle of a gc: the next one finishes it.
+    let more: Vec<u64> = (0..2)
+        .map(|i| {
+            d.submit(
+                "alice",
+                "quick.yml",
+                &format!("name: quick{i}\nsteps:\n  - name: s\n    command: echo {i}\n"),
+            )
+        })
+        .collect();
+    for id in &more {
+        d.wait_ended(*id, Duration::from_secs(60));
+    }
+    d.sigkill();
+    d.env
+        .push(("REEL_TEST_GC_CRASH".into(), "forgotten:1".into()));
+    d.spawn();
+    let out = reel(state.path(), &["gc", "--keep", "0s"], &[]);
+    assert!(!out.status.success(), "the gc outlived its daemon");
+    let status = d.wait_exit(Duration::from_secs(30));
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "{}",
+        d.stderr()
+    );
+    d.spawn();
+    let out = reel(state.path(), &["gc", "--keep", "0s", "--json"], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["deleted_jobs"], 3, "{r}");
+    assert_eq!(r["resumed_jobs"], 3, "{r}");
+    assert!(d.jobs("").is_empty());
+    d.stop();
+    // The journal frames go once gc has the log to itself.
+    let out = reel(state.path(), &["verify"], &[]);
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    let out = reel(state.path(), &["gc", "--keep", "0s", "--json"], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["journal_bytes_after"], 0, "{r}");
+    let out = reel(state.path(), &["verify"], &[]);
+    assert!(
+        out.status.success() && text(&out.stdout).contains("checked 0 jobs"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_nothing_left(state.path(), "gc through the daemon");
 }

@@ -150,7 +150,7 @@ pub fn main() -> ExitCode {
         Command::Inspect(a) => replay::inspect(&dir, a, &cli.daemon),
         Command::Export(a) => replay::export(&dir, a, &cli.daemon),
         Command::Verify(a) => replay::verify(&dir, a),
-        Command::Gc(a) => crate::gc::run(&dir, a),
+        Command::Gc(a) => crate::gc::run(&dir, a, &cli.daemon),
         Command::Output(a) => replay::output(&dir, a, &cli.daemon),
         Command::Plugins(a) => plugins::run(a).map(|()| ExitCode::SUCCESS),
         Command::Submit(a) => remote::submit(&dir, &cli.daemon, a),

@@ -7,9 +7,12 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use reel_engine::store::{self, LogReader};
+
+use crate::client::DaemonArgs;
+use crate::replay::held_by_daemon;
 use reel_engine::time::{format_ms, now_ms};
 
 #[derive(Args, Debug)]
@@ -19,9 +22,11 @@ horizon: now minus --keep. Its events, summary, journal frames, step output and
 artifacts all go; a job that has not ended is never touched, however old. The job ids
 of deleted jobs are never used again, and `reel jobs` says how far back history goes.
 
-gc needs the log to itself: it is refused while an engine (`reel run`, `reel recover`,
-`reel serve`) holds it. It is safe to kill at any point: the log still opens and
-verifies clean, and the next `reel gc` finishes what the killed one began.")]
+While a daemon (`reel serve`) holds the log, gc asks it (POST /v1/gc): the jobs, their
+events, output and artifacts go at once; their journal frames go at the next gc that
+has the log to itself. It is refused while `reel run` or `reel recover` holds the log.
+It is safe to kill at any point, the daemon too: the log still opens and verifies
+clean, and the next gc finishes what the killed one began.")]
 pub struct GcArgs {
     /// Keep the jobs that ended within this long before now, e.g. 30d, 12h, 90m,
     /// 0s (delete every ended job).
@@ -50,7 +55,7 @@ fn size(n: u64) -> String {
     format!("{n} B")
 }
 
-pub fn run(state_dir: &Path, args: &GcArgs) -> Result<ExitCode> {
+pub fn run(state_dir: &Path, args: &GcArgs, daemon: &DaemonArgs) -> Result<ExitCode> {
     if !store::exists(state_dir) {
         anyhow::bail!(
             "no reel log in {} (give --state-dir or set REEL_STATE_DIR)",
@@ -62,59 +67,73 @@ pub fn run(state_dir: &Path, args: &GcArgs) -> Result<ExitCode> {
         return dry_run(state_dir, horizon, args.json);
     }
     let started = Instant::now();
-    let r = store::gc(state_dir, horizon).context("gc failed")?;
-    let took = started.elapsed();
-    let mut out = std::io::stdout().lock();
+    let mut report = match store::gc(state_dir, horizon) {
+        Ok(r) => serde_json::to_value(r)?,
+        Err(e @ store::LogError::Locked { .. }) => {
+            // A daemon holds the log: it deletes while it runs.
+            let client = held_by_daemon(state_dir, daemon, e.into())?;
+            client
+                .post("/v1/gc", &[("keep", format!("{}ms", args.keep))], &[], b"")?
+                .json()?
+        }
+        Err(e) => return Err(e).context("gc failed"),
+    };
+    report["seconds"] = json!(started.elapsed().as_secs_f64());
+    let horizon = report["horizon_ms"].as_u64().unwrap_or(horizon);
+    report["horizon"] = json!(format_ms(horizon));
+    print(&report, args.json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints a gc's report (`GcReport` as JSON, from this process or a daemon).
+fn print(r: &Value, json: bool) -> Result<()> {
     use std::io::Write as _;
-    if args.json {
-        serde_json::to_writer_pretty(
-            &mut out,
-            &json!({
-                "horizon": format_ms(r.horizon_ms),
-                "horizon_ms": r.horizon_ms,
-                "deleted_jobs": r.jobs,
-                "resumed_jobs": r.resumed,
-                "deleted_events": r.events,
-                "deleted_file_bytes": r.file_bytes,
-                "journal_bytes_before": r.journal_before,
-                "journal_bytes_after": r.journal_after,
-                "kept_jobs": r.kept,
-                "kept_live_jobs": r.live,
-                "index_bytes_before": r.index_before,
-                "index_bytes_after": r.index_after,
-                "seconds": took.as_secs_f64(),
-            }),
-        )?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, r)?;
         writeln!(out)?;
-        return Ok(ExitCode::SUCCESS);
+        return Ok(());
     }
-    if r.resumed > 0 {
+    let n = |k: &str| r[k].as_u64().unwrap_or(0);
+    if n("resumed_jobs") > 0 {
         writeln!(
             out,
             "finished an interrupted gc: {} jobs it had chosen",
-            r.resumed
+            n("resumed_jobs")
         )?;
     }
     writeln!(
         out,
         "deleted {} jobs that ended before {} ({} events, {} of output and artifacts)",
-        r.jobs,
-        format_ms(r.horizon_ms),
-        r.events,
-        size(r.file_bytes)
+        n("deleted_jobs"),
+        r["horizon"].as_str().unwrap_or("?"),
+        n("deleted_events"),
+        size(n("deleted_file_bytes"))
     )?;
-    writeln!(
-        out,
-        "journal {} -> {}, index {} -> {}; kept {} jobs ({} not ended); took {:.2} s",
-        size(r.journal_before),
-        size(r.journal_after),
-        size(r.index_before),
-        size(r.index_after),
-        r.kept,
-        r.live,
-        took.as_secs_f64()
-    )?;
-    Ok(ExitCode::SUCCESS)
+    if r["online"].as_bool() == Some(true) {
+        writeln!(
+            out,
+            "kept {} jobs ({} not ended); done by the running daemon: the deleted jobs' journal \
+             frames go at the next gc with the log to itself (reel gc while no engine runs, or \
+             reel serve --gc-keep at start); took {:.2} s",
+            n("kept_jobs"),
+            n("kept_live_jobs"),
+            r["seconds"].as_f64().unwrap_or(0.0)
+        )?;
+    } else {
+        writeln!(
+            out,
+            "journal {} -> {}, index {} -> {}; kept {} jobs ({} not ended); took {:.2} s",
+            size(n("journal_bytes_before")),
+            size(n("journal_bytes_after")),
+            size(n("index_bytes_before")),
+            size(n("index_bytes_after")),
+            n("kept_jobs"),
+            n("kept_live_jobs"),
+            r["seconds"].as_f64().unwrap_or(0.0)
+        )?;
+    }
+    Ok(())
 }
 
 fn dry_run(state_dir: &Path, horizon: u64, json: bool) -> Result<ExitCode> {

@@ -174,10 +174,20 @@ enum Source {
 /// names a live daemon that answers, that daemon (said on stderr). When no
 /// daemon answers, the refusal of a held log stands.
 fn open_or_ask(dir: &Path, daemon: &DaemonArgs) -> Result<Source> {
-    let held = match open(dir) {
-        Ok(o) => return Ok(Source::Log(o)),
-        Err(e) => e,
-    };
+    match open(dir) {
+        Ok(o) => Ok(Source::Log(o)),
+        Err(held) => held_by_daemon(dir, daemon, held).map(Source::Daemon),
+    }
+}
+
+/// When `held` is the refusal of a log a live daemon holds (named by
+/// `<state>/serve/endpoint.json` and answering), a client of that daemon;
+/// else `held` itself.
+pub(crate) fn held_by_daemon(
+    dir: &Path,
+    daemon: &DaemonArgs,
+    held: anyhow::Error,
+) -> Result<Client> {
     if !matches!(
         held.downcast_ref::<LogError>(),
         Some(LogError::Locked { .. })
@@ -203,7 +213,7 @@ fn open_or_ask(dir: &Path, daemon: &DaemonArgs) -> Result<Source> {
         endpoint.pid,
         client.url()
     );
-    Ok(Source::Daemon(client))
+    Ok(client)
 }
 
 fn code(corrupt: bool) -> ExitCode {

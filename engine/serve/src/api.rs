@@ -84,6 +84,7 @@ async fn route(svc: Service, req: Request) -> Response {
         ),
         (Method::POST, ["v1", "jobs"]) => submit(&svc, &req).await,
         (Method::GET, ["v1", "jobs"]) => list(&svc, &req).await,
+        (Method::POST, ["v1", "gc"]) => gc(&svc, &req).await,
         (method, ["v1", "jobs", id, rest @ ..]) => {
             let Ok(job) = id.parse::<JobId>() else {
                 return bad(&format!("{id:?} is not a job id"));
@@ -299,6 +300,22 @@ async fn events(svc: &Service, job: JobId, req: &Request) -> Response {
     match blocking::unblock(move || svc2.events(job)).await {
         Ok(records) => http::json(StatusCode::OK, &json!({"events": records})),
         Err(e) => log_error(&e),
+    }
+}
+
+async fn gc(svc: &Service, req: &Request) -> Response {
+    let Some(keep) = req.query("keep") else {
+        return bad("give how long to keep ended jobs: ?keep=30d");
+    };
+    let keep_ms = match reel_engine::input::jobfile::parse_duration(keep) {
+        Ok(ms) => ms,
+        Err(e) => return bad(&format!("keep: {e}")),
+    };
+    let horizon = reel_engine::time::now_ms().saturating_sub(keep_ms);
+    match svc.gc(horizon).await {
+        None => http::error(StatusCode::CONFLICT, "a gc is already running"),
+        Some(Ok(report)) => http::json(StatusCode::OK, &json!(report)),
+        Some(Err(e)) => log_error(&e),
     }
 }
 

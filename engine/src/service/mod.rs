@@ -250,6 +250,8 @@ struct Inner {
     key_done: event_listener::Event,
     /// Job → its next attempt.
     retried_as: Mutex<HashMap<JobId, JobId>>,
+    /// A gc is running (`Service::gc`): one at a time.
+    collecting: AtomicBool,
     watchers: Mutex<HashMap<JobId, Arc<event_listener::Event>>>,
     secrets: SecretSource,
     accepting: AtomicBool,
@@ -341,6 +343,7 @@ impl Service {
             keys: Mutex::new(Keys::default()),
             key_done: event_listener::Event::new(),
             retried_as: Mutex::new(HashMap::new()),
+            collecting: AtomicBool::new(false),
             watchers: Mutex::new(HashMap::new()),
             secrets: opts.secrets,
             accepting: AtomicBool::new(false),
@@ -665,6 +668,26 @@ impl Service {
         }
         self.inner.poke();
         Ok(job)
+    }
+
+    /// Deletes the jobs that ended before `horizon_ms` while the daemon runs
+    /// ([`EventLog::gc_online`]), and forgets their idempotency keys and retry
+    /// links. `None` if a gc is already running.
+    pub async fn gc(&self, horizon_ms: u64) -> Option<Result<crate::store::GcReport, LogError>> {
+        if self.inner.collecting.swap(true, Ordering::SeqCst) {
+            return None;
+        }
+        let log = self.log().clone();
+        let report = blocking::unblock(move || log.gc_online(horizon_ms)).await;
+        if report.is_ok() {
+            let log = self.log();
+            lock(&self.inner.keys)
+                .done
+                .retain(|_, job| log.summary(*job).is_ok());
+            lock(&self.inner.retried_as).retain(|of, _| log.summary(*of).is_ok());
+        }
+        self.inner.collecting.store(false, Ordering::SeqCst);
+        Some(report)
     }
 
     /// Cancels a job: a queued one ends `Cancelled` now; a running one is

@@ -235,6 +235,22 @@ impl EventLog {
         lock(&self.shared.live).get(&job).map(f)
     }
 
+    /// Deletes the jobs that ended before `horizon_ms` while this engine runs
+    /// (`reel gc` through the daemon): their summaries, events, output and
+    /// artifacts go now; their journal frames stay, skipped by audits, until
+    /// a gc that has the log to itself rewrites the journal (`gc.rs`). A job
+    /// in the live set or in memory is never touched. Blocking: call it off
+    /// the executor.
+    pub fn gc_online(&self, horizon_ms: u64) -> Result<super::GcReport, LogError> {
+        let live = &self.shared.live;
+        super::gc::forget_online(
+            self.dir(),
+            self.shared.reader.settled(),
+            horizon_ms,
+            &|job| lock(live).contains_key(&job),
+        )
+    }
+
     /// Stops the writer after it has answered every request sent before, and
     /// flushes. Further appends fail with [`LogError::WriterStopped`].
     pub fn close(&self) {

@@ -3,14 +3,16 @@
 //! touches a job that has not ended.
 //!
 //! A gc holds the log as an engine does (sled's lock), so it runs while no
-//! engine does. It goes in steps, each made durable before the next, and the
+//! engine does; a running daemon does steps 1 to 3 itself
+//! ([`forget_online`]) and leaves the journal to the next such gc. It goes in
+//! steps, each made durable before the next, and the
 //! first one records what the rest will do, so a gc killed at any point
 //! leaves a log that opens and verifies clean, and the next gc finishes it.
 //! Before it opens sled it cuts the journal's written-ahead zeros
 //! ([`give_back_reserve`]), so that it can run on a full disk.
 //!
 //! 1. **Chosen.** Every ended job whose end is before the horizon is put in
-//!    the `gc` tree (job id → empty), and the horizon in `meta/gc_horizon`;
+//!    the `gc` tree (job id → its state: chosen, then forgotten, then deleted), and the horizon in `meta/gc_horizon`;
 //!    sled is flushed. From here on the jobs are as good as gone: the journal
 //!    audit skips their frames.
 //! 2. **Forgotten.** Each chosen job's summary (first, so no listing shows a
@@ -60,32 +62,46 @@ const COMPACT_CACHE_BYTES: u64 = 4 << 20;
 /// The new sled store a gc's compaction writes beside `log/`.
 pub const NEW_DB_DIR: &str = "log.gc";
 
-/// What a gc did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// What a gc did; serialized (`reel gc --json`, `POST /v1/gc`) with the
+/// names given.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct GcReport {
     /// Jobs deleted.
+    #[serde(rename = "deleted_jobs")]
     pub jobs: u64,
     /// Of them, jobs an earlier, interrupted gc had chosen.
+    #[serde(rename = "resumed_jobs")]
     pub resumed: u64,
     /// Their events.
+    #[serde(rename = "deleted_events")]
     pub events: u64,
     /// Bytes of output files and artifacts removed.
+    #[serde(rename = "deleted_file_bytes")]
     pub file_bytes: u64,
     /// The journal's length (its frames) before and after.
+    #[serde(rename = "journal_bytes_before")]
     pub journal_before: u64,
     /// See `journal_before`.
+    #[serde(rename = "journal_bytes_after")]
     pub journal_after: u64,
     /// Jobs kept: every job that had not ended, or ended after the horizon.
+    #[serde(rename = "kept_jobs")]
     pub kept: u64,
     /// Of them, jobs that have not ended.
+    #[serde(rename = "kept_live_jobs")]
     pub live: u64,
     /// Jobs that ended before this time (Unix ms) are gone.
     pub horizon_ms: u64,
     /// Bytes of sled's directory before and after; the same unless the
     /// store was compacted.
+    #[serde(rename = "index_bytes_before")]
     pub index_before: u64,
     /// See `index_before`.
+    #[serde(rename = "index_bytes_after")]
     pub index_after: u64,
+    /// Done by a running engine: the deleted jobs' journal frames (and sled's
+    /// freed space) stay until a gc that has the log to itself.
+    pub online: bool,
 }
 
 /// How far back a log's history goes: what its last gc deleted.
@@ -115,58 +131,19 @@ pub fn collect(state_dir: &Path, horizon_ms: u64) -> Result<GcReport, LogError> 
         tracing::warn!(log = %state_dir.display(), "{r}");
     }
     let mut report = GcReport {
-        resumed: t.gc.len() as u64,
         journal_before: journal_end,
-        horizon_ms,
         ..GcReport::default()
     };
-    // 1. Chosen.
-    let earlier = t.meta.get("gc_horizon")?.and_then(|v| be_u64(&v));
-    for item in until_failed(t.jobs.iter()) {
-        let (k, v) = item?;
-        let live = t.live.contains_key(&k)?;
-        if JobSummary::decode(&v)
-            .ok()
-            .is_some_and(|s| due(&s, live, horizon_ms))
-        {
-            t.gc.insert(&k, &[])?;
-        } else if !t.gc.contains_key(&k)? {
-            report.kept += 1;
-            report.live += u64::from(live);
-        }
-    }
-    if earlier.is_none_or(|e| e < horizon_ms) {
-        t.meta.insert("gc_horizon", &horizon_ms.to_be_bytes())?;
-    }
-    t.db.flush()?;
-    crashpoint::gc("chosen");
-    // 2. Forgotten.
-    for k in t.gc.iter().keys() {
-        let job = job_of(&k?)?;
-        t.jobs.remove(job.to_be_bytes())?;
-        let mut batch = sled::Batch::default();
-        for item in until_failed(t.events.range(event_key(job, 0)..=event_key(job, Seq::MAX))) {
-            batch.remove(item?.0);
-            report.events += 1;
-        }
-        t.events.apply_batch(batch)?;
-        report.jobs += 1;
-        crashpoint::gc("forgetting");
-    }
-    t.db.flush()?;
-    crashpoint::gc("forgotten");
-    // 3. Files.
-    let out = state_dir.join(output::DIR_NAME);
-    for k in t.gc.iter().keys() {
-        let job = job_of(&k?)?;
-        for dir in [
-            out.join(job.to_string()),
-            artifacts::job_dir(state_dir, job),
-            artifacts::partial_dir(state_dir, job),
-        ] {
-            report.file_bytes += remove_tree(&dir)?;
-        }
-        crashpoint::gc("files");
+    forget(state_dir, &t, horizon_ms, &|_| false, &mut report)?;
+    // Every job the `gc` tree names has frames in the journal: this gc's, an
+    // interrupted one's, and those an online gc deleted.
+    let pending = t.gc.len() as u64;
+    if pending == 0 {
+        // Nothing chosen, now or by an interrupted gc: nothing to rewrite.
+        report.journal_after = journal_end;
+        let index = tree_size(&state_dir.join(DB_DIR));
+        (report.index_before, report.index_after) = (index, index);
+        return Ok(report);
     }
     // 4. Journal.
     report.journal_after = rewrite_journal(state_dir, &t, &journal, journal_end)?;
@@ -177,7 +154,7 @@ pub fn collect(state_dir: &Path, horizon_ms: u64) -> Result<GcReport, LogError> 
     let index = state_dir.join(DB_DIR);
     report.index_before = tree_size(&index);
     report.index_after = report.index_before;
-    if report.jobs > 0 && report.jobs >= report.kept {
+    if pending >= report.kept {
         compact(state_dir, &t)?;
         report.index_after = tree_size(&index);
     }
@@ -300,6 +277,118 @@ fn give_back_reserve(state_dir: &Path) -> Result<(), LogError> {
             .map_err(io("cannot cut the zeros after the frames of"))?;
     }
     Ok(())
+}
+
+/// Steps 1 to 3 on the trees `t` of the log in `state_dir`: chooses every job
+/// that ended before `horizon_ms` (and that `running` does not name: the
+/// jobs an engine holds in memory), then forgets it in sled and removes its
+/// files, with the jobs an interrupted gc had chosen. Fills in `report`'s
+/// counts of jobs, events, files and kept jobs.
+fn forget(
+    state_dir: &Path,
+    t: &Trees,
+    horizon_ms: u64,
+    running: &dyn Fn(JobId) -> bool,
+    report: &mut GcReport,
+) -> Result<(), LogError> {
+    report.resumed = unfinished(t)?;
+    report.horizon_ms = horizon_ms;
+    // 1. Chosen.
+    let earlier = t.meta.get("gc_horizon")?.and_then(|v| be_u64(&v));
+    for item in until_failed(t.jobs.iter()) {
+        let (k, v) = item?;
+        let live = t.live.contains_key(&k)? || running(job_of(&k)?);
+        if JobSummary::decode(&v)
+            .ok()
+            .is_some_and(|s| due(&s, live, horizon_ms))
+        {
+            // A job chosen before keeps the state it reached.
+            let _ = t.gc.compare_and_swap(&k, None::<&[u8]>, Some(CHOSEN))?;
+        } else if !t.gc.contains_key(&k)? {
+            report.kept += 1;
+            report.live += u64::from(live);
+        }
+    }
+    if earlier.is_none_or(|e| e < horizon_ms) {
+        t.meta.insert("gc_horizon", &horizon_ms.to_be_bytes())?;
+    }
+    t.db.flush()?;
+    crashpoint::gc("chosen");
+    report.jobs = unfinished(t)?;
+    // 2. Forgotten.
+    for item in t.gc.iter() {
+        let (k, state) = item?;
+        if state != CHOSEN {
+            continue;
+        }
+        let job = job_of(&k)?;
+        t.jobs.remove(job.to_be_bytes())?;
+        let mut batch = sled::Batch::default();
+        for item in until_failed(t.events.range(event_key(job, 0)..=event_key(job, Seq::MAX))) {
+            batch.remove(item?.0);
+            report.events += 1;
+        }
+        t.events.apply_batch(batch)?;
+        t.gc.insert(&k, FORGOTTEN)?;
+        crashpoint::gc("forgetting");
+    }
+    t.db.flush()?;
+    crashpoint::gc("forgotten");
+    // 3. Files.
+    let out = state_dir.join(output::DIR_NAME);
+    for item in t.gc.iter() {
+        let (k, state) = item?;
+        if state != FORGOTTEN {
+            continue;
+        }
+        let job = job_of(&k)?;
+        for dir in [
+            out.join(job.to_string()),
+            artifacts::job_dir(state_dir, job),
+            artifacts::partial_dir(state_dir, job),
+        ] {
+            report.file_bytes += remove_tree(&dir)?;
+        }
+        t.gc.insert(&k, DELETED)?;
+        crashpoint::gc("files");
+    }
+    t.db.flush()?;
+    Ok(())
+}
+
+/// A job's state in the `gc` tree: chosen, forgotten by sled, its files
+/// deleted too (only its journal frames are left: an online gc stops here).
+const CHOSEN: &[u8] = b"";
+const FORGOTTEN: &[u8] = b"s";
+const DELETED: &[u8] = b"d";
+
+/// Jobs in the `gc` tree whose summary, events or files may still be there.
+fn unfinished(t: &Trees) -> Result<u64, LogError> {
+    let mut n = 0;
+    for item in t.gc.iter() {
+        n += u64::from(item?.1 != DELETED);
+    }
+    Ok(n)
+}
+
+/// Steps 1 to 3 on a running engine's log (`EventLog::gc_online`): the jobs'
+/// summaries, events and files go now; their journal frames stay, skipped by
+/// every audit while the `gc` tree names them, until the next gc that has
+/// the log to itself rewrites the journal.
+pub(super) fn forget_online(
+    state_dir: &Path,
+    t: &Trees,
+    horizon_ms: u64,
+    running: &dyn Fn(JobId) -> bool,
+) -> Result<GcReport, LogError> {
+    let mut report = GcReport {
+        online: true,
+        ..GcReport::default()
+    };
+    forget(state_dir, t, horizon_ms, running, &mut report)?;
+    let index = tree_size(&state_dir.join(DB_DIR));
+    (report.index_before, report.index_after) = (index, index);
+    Ok(report)
 }
 
 fn job_of(key: &[u8]) -> Result<JobId, LogError> {

@@ -11,7 +11,7 @@
 //! | `events` | job id u64 ++ seq u32                 | event envelope (kind 1..=0x7fff) |
 //! | `jobs`   | job id u64                            | [`JobSummary`] (kind 0x8001)     |
 //! | `live`   | job id u64                            | empty: the job is not terminal   |
-//! | `gc`     | job id u64                            | empty: a gc chose to delete it   |
+//! | `gc`     | job id u64                            | its state in a gc (`gc.rs`)      |
 //! | `meta`   | `format`, `next_job`, `journal_end`   | u16 BE, u64 BE, u64 BE           |
 //! |          | `gc_horizon`, `gc_journal` (`gc.rs`)  | u64 BE, u64 BE                   |
 //!
