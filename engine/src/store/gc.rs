@@ -12,8 +12,8 @@
 //! ([`give_back_reserve`]), so that it can run on a full disk.
 //!
 //! 1. **Chosen.** Every ended job whose end is before the horizon is put in
-//!    the `gc` tree (job id → its state: chosen, then forgotten, then deleted), and the horizon in `meta/gc_horizon`;
-//!    sled is flushed. From here on the jobs are as good as gone: the journal
+//!    the `gc` tree (job id → its state: chosen, then forgotten, then
+//!    deleted), and the horizon in `meta/gc_horizon`; sled is flushed. From here on the jobs are as good as gone: the journal
 //!    audit skips their frames.
 //! 2. **Forgotten.** Each chosen job's summary (first, so no listing shows a
 //!    job with part of its events) and then its events leave sled; flushed.
