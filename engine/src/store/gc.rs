@@ -309,7 +309,7 @@ fn forget(
             report.live += u64::from(live);
         }
     }
-    if earlier.is_none_or(|e| e < horizon_ms) {
+    if horizon_ms > 0 && earlier.is_none_or(|e| e < horizon_ms) {
         t.meta.insert("gc_horizon", &horizon_ms.to_be_bytes())?;
     }
     t.db.flush()?;
