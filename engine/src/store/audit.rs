@@ -93,6 +93,10 @@ impl LogReader {
         })?;
         let mut findings = Vec::new();
         let mut good_copies = HashMap::new();
+        // Empty but during or after an interrupted or online gc: then, and
+        // only then, each frame's job is looked up in it.
+        let gc = &self.settled().gc;
+        let gc_empty = gc.is_empty();
         for item in journal::parse(&bytes, 0) {
             match item {
                 journal::Item::Frame { job: 0, .. } => {}
@@ -101,7 +105,7 @@ impl LogReader {
                 } => {
                     // A job an interrupted gc chose is as good as gone:
                     // sled may have forgotten it already (`gc.rs`).
-                    if self.settled().gc.contains_key(job.to_be_bytes())? {
+                    if !gc_empty && gc.contains_key(job.to_be_bytes())? {
                         continue;
                     }
                     let stored = self.settled().events.get(event_key(job, seq))?;
