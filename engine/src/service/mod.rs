@@ -677,15 +677,28 @@ impl Service {
         if self.inner.collecting.swap(true, Ordering::SeqCst) {
             return None;
         }
-        let log = self.log().clone();
-        let report = blocking::unblock(move || log.gc_online(horizon_ms)).await;
-        if report.is_ok() {
-            let log = self.log();
-            lock(&self.inner.keys)
+        let svc = self.clone();
+        let report = blocking::unblock(move || {
+            let log = svc.log();
+            let report = log.gc_online(horizon_ms)?;
+            // Which jobs the maps name are gone is read from the log without
+            // their locks held, so submissions are not held up meanwhile.
+            let named: Vec<JobId> = {
+                let keys = lock(&svc.inner.keys);
+                let links = lock(&svc.inner.retried_as);
+                keys.done.values().chain(links.keys()).copied().collect()
+            };
+            let gone: std::collections::HashSet<JobId> = named
+                .into_iter()
+                .filter(|job| matches!(log.summary(*job), Err(LogError::UnknownJob(_))))
+                .collect();
+            lock(&svc.inner.keys)
                 .done
-                .retain(|_, job| log.summary(*job).is_ok());
-            lock(&self.inner.retried_as).retain(|of, _| log.summary(*of).is_ok());
-        }
+                .retain(|_, job| !gone.contains(job));
+            lock(&svc.inner.retried_as).retain(|of, _| !gone.contains(of));
+            Ok(report)
+        })
+        .await;
         self.inner.collecting.store(false, Ordering::SeqCst);
         Some(report)
     }
