@@ -66,13 +66,10 @@ fn build(dir: &Path, ended: u64, live: u64) -> anyhow::Result<()> {
 /// the zeros the writer keeps ahead of the frames (8 MiB, written back by the
 /// next engine that opens the log) are not data of any job.
 fn state_bytes(dir: &Path) -> anyhow::Result<u64> {
-    let journal = dir.join("journal");
-    let bytes = std::fs::read(&journal).unwrap_or_default();
-    let frames = bytes
-        .iter()
-        .rposition(|&b| b != 0)
-        .map_or(0, |i| i as u64 + 1);
-    Ok(dir_size(dir) - bytes.len() as u64 + frames)
+    let journal = std::fs::File::open(dir.join("journal"))?;
+    let len = journal.metadata()?.len();
+    let written = reel_engine::store::journal::written_end(&journal)?;
+    Ok(dir_size(dir) - len + written)
 }
 
 fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {

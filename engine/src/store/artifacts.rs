@@ -94,11 +94,8 @@ pub(crate) fn prepare(state_dir: &Path, job: JobId) -> Result<(PathBuf, PathBuf)
 /// Removes the job's partial directory and what is in it.
 pub(crate) fn clear_partial(state_dir: &Path, job: JobId) -> Result<(), LogError> {
     let partial = partial_dir(state_dir, job);
-    match std::fs::remove_dir_all(&partial) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_error("cannot remove", &partial)(e)),
-    }
+    super::durable::gone_is_fine(std::fs::remove_dir_all(&partial))
+        .map_err(io_error("cannot remove", &partial))
 }
 
 /// Checks that the runner's copy of `name` is in place, a regular file of

@@ -85,6 +85,14 @@ pub(super) fn open_or_create(path: &Path, sync: bool) -> io::Result<(File, bool)
     }
 }
 
+/// A removal's result, with a target that was already gone counted as removed.
+pub(super) fn gone_is_fine(removed: io::Result<()>) -> io::Result<()> {
+    match removed {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
 fn parent_of(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,

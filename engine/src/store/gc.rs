@@ -137,26 +137,23 @@ pub fn collect(state_dir: &Path, horizon_ms: u64) -> Result<GcReport, LogError> 
     forget(state_dir, &t, horizon_ms, &|_| false, &mut report)?;
     // Every job the `gc` tree names has frames in the journal: this gc's, an
     // interrupted one's, and those an online gc deleted.
+    // Nothing chosen, now or before: nothing to rewrite.
     let pending = t.gc.len() as u64;
-    if pending == 0 {
-        // Nothing chosen, now or by an interrupted gc: nothing to rewrite.
-        report.journal_after = journal_end;
-        let index = tree_size(&state_dir.join(DB_DIR));
-        (report.index_before, report.index_after) = (index, index);
-        return Ok(report);
-    }
-    // 4. Journal.
-    report.journal_after = rewrite_journal(state_dir, &t, &journal, journal_end)?;
-    // 5. Done.
-    t.gc.clear()?;
-    t.db.flush()?;
-    // 6. Compacted.
     let index = state_dir.join(DB_DIR);
     report.index_before = tree_size(&index);
     report.index_after = report.index_before;
-    if pending >= report.kept {
-        compact(state_dir, &t)?;
-        report.index_after = tree_size(&index);
+    report.journal_after = journal_end;
+    if pending > 0 {
+        // 4. Journal.
+        report.journal_after = rewrite_journal(state_dir, &t, &journal, journal_end)?;
+        // 5. Done.
+        t.gc.clear()?;
+        t.db.flush()?;
+        // 6. Compacted.
+        if pending >= report.kept {
+            compact(state_dir, &t)?;
+            report.index_after = tree_size(&index);
+        }
     }
     Ok(report)
 }
@@ -223,23 +220,18 @@ fn compact(state_dir: &Path, t: &Trees) -> Result<(), LogError> {
 /// gc is running then.
 fn remove_new_store(state_dir: &Path) -> Result<(), LogError> {
     let dir = state_dir.join(NEW_DB_DIR);
-    match std::fs::remove_dir_all(&dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(LogError::Io {
-            what: "cannot remove an earlier gc's store copy",
-            path: dir,
-            source,
-        }),
-    }
+    durable::gone_is_fine(std::fs::remove_dir_all(&dir)).map_err(|source| LogError::Io {
+        what: "cannot remove an earlier gc's store copy",
+        path: dir,
+        source,
+    })
 }
 
 /// Cuts the zeros the writer keeps ahead of the journal's last frame (8 MiB,
 /// [`super::writer`]), holding the log's lock: on a full disk — when a gc is
 /// most wanted — they are the room sled needs to open and to record what gc
-/// chose. The next engine writes them again. Sixteen zero bytes are kept after
-/// the last non-zero one: a frame may end in zero bytes (its checksums), never
-/// in sixteen.
+/// chose. The next engine writes them again. The file is cut at
+/// [`journal::written_end`].
 fn give_back_reserve(state_dir: &Path) -> Result<(), LogError> {
     let Some(_lock) = super::rebuild::lock_db(state_dir)? else {
         return Ok(());
@@ -259,19 +251,7 @@ fn give_back_reserve(state_dir: &Path) -> Result<(), LogError> {
         Err(e) => return Err(io("cannot open")(e)),
     };
     let len = file.metadata().map_err(io("cannot read"))?.len();
-    let mut end = len;
-    let mut buf = vec![0u8; 1 << 20];
-    while end > 0 {
-        let n = end.min(buf.len() as u64) as usize;
-        std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf[..n], end - n as u64)
-            .map_err(io("cannot read"))?;
-        if let Some(i) = buf[..n].iter().rposition(|&b| b != 0) {
-            end = end - n as u64 + i as u64 + 1;
-            break;
-        }
-        end -= n as u64;
-    }
-    let keep = (end + 16).min(len);
+    let keep = journal::written_end(&file).map_err(io("cannot read"))?;
     if keep < len {
         file.set_len(keep)
             .map_err(io("cannot cut the zeros after the frames of"))?;
@@ -442,18 +422,12 @@ fn remove_tree(dir: &Path) -> Result<u64, LogError> {
             bytes += remove_tree(&entry.path())?;
         } else {
             bytes += meta.len();
-            match std::fs::remove_file(entry.path()) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io("cannot remove a file in")(e)),
-            }
+            durable::gone_is_fine(std::fs::remove_file(entry.path()))
+                .map_err(io("cannot remove a file in"))?;
         }
     }
-    match std::fs::remove_dir(dir) {
-        Ok(()) => Ok(bytes),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(bytes),
-        Err(e) => Err(io("cannot remove")(e)),
-    }
+    durable::gone_is_fine(std::fs::remove_dir(dir)).map_err(io("cannot remove"))?;
+    Ok(bytes)
 }
 
 /// Step 4: the journal without the chosen jobs' frames. Returns its length.
@@ -548,15 +522,13 @@ pub(super) fn finish_switch(state_dir: &Path, t: &Trees) -> Result<(), LogError>
             tracing::info!(log = %state_dir.display(), "finishing an interrupted gc's switch to its new journal");
             switch(state_dir, t, len)
         }
-        None => match std::fs::remove_file(state_dir.join(NEW_JOURNAL)) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(LogError::Io {
+        None => durable::gone_is_fine(std::fs::remove_file(state_dir.join(NEW_JOURNAL))).map_err(
+            |source| LogError::Io {
                 what: "cannot remove an unfinished gc's journal copy",
                 path: state_dir.join(NEW_JOURNAL),
                 source,
-            }),
-        },
+            },
+        ),
     }
 }
 

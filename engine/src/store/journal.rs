@@ -185,6 +185,26 @@ pub fn parse(bytes: &[u8], base: u64) -> Vec<Item> {
     items
 }
 
+/// Where the written part of a journal file ends, without parsing it: 16
+/// bytes past its last non-zero byte (a frame may end in zero bytes, its
+/// checksums, never in sixteen), or the file's length if that is nearer. What
+/// follows is the zeros the writer keeps ahead of its frames
+/// ([`Journal::ensure_len`]). Reads back from the end, a MiB at a time.
+pub fn written_end(file: &File) -> std::io::Result<u64> {
+    let len = file.metadata()?.len();
+    let mut end = len;
+    let mut buf = vec![0u8; 1 << 20];
+    while end > 0 {
+        let n = end.min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], end - n as u64)?;
+        if let Some(i) = buf[..n].iter().rposition(|&b| b != 0) {
+            return Ok((end - n as u64 + i as u64 + 1 + 16).min(len));
+        }
+        end -= n as u64;
+    }
+    Ok(0)
+}
+
 /// The journal file, opened for appending at a known end.
 #[derive(Debug)]
 pub struct Journal {
@@ -459,6 +479,20 @@ mod tests {
             assert_eq!(seen, whole, "window {window}");
             assert_eq!(copy, bytes, "window {window}");
         }
+    }
+
+    #[test]
+    fn the_written_end_is_past_the_last_frame_and_before_the_zeros() {
+        let tmp = tempfile::tempdir().unwrap();
+        let j = Journal::open(tmp.path(), false).unwrap();
+        let f = frame(1, 1, b"one");
+        j.write_at(&f, 0).unwrap();
+        let file = File::open(j.path()).unwrap();
+        assert_eq!(written_end(&file).unwrap(), f.len() as u64);
+        j.ensure_len(3 << 20).unwrap();
+        assert_eq!(written_end(&file).unwrap(), f.len() as u64 + 16);
+        j.truncate(0).unwrap();
+        assert_eq!(written_end(&file).unwrap(), 0);
     }
 
     #[test]
