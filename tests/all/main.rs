@@ -8,3 +8,4 @@ mod run;
 mod serve;
 mod store;
 mod vm;
+mod web;

@@ -26,14 +26,14 @@ const TERMINALS: [&str; 5] = ["Succeeded", "Failed", "Cancelled", "TimedOut", "L
 
 /// An HTTP answer, its body whole (chunked bodies decoded).
 #[derive(Debug)]
-struct Resp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
+pub(crate) struct Resp {
+    pub(crate) status: u16,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: Vec<u8>,
 }
 
 impl Resp {
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
             panic!(
                 "HTTP {}: the body is not JSON ({e}): {}",
@@ -43,7 +43,7 @@ impl Resp {
         })
     }
 
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
@@ -51,7 +51,7 @@ impl Resp {
     }
 
     /// The body as JSON, after checking the status.
-    fn expect(&self, status: u16, what: &str) -> Value {
+    pub(crate) fn expect(&self, status: u16, what: &str) -> Value {
         assert_eq!(
             self.status,
             status,
@@ -163,7 +163,13 @@ fn request_head(
     head
 }
 
-fn request(addr: &str, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+pub(crate) fn request(
+    addr: &str,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Resp {
     let head = request_head(addr, method, target, headers, body);
     let raw = exchange(addr, &head, body, Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("{method} {target} to {addr}: {e}"));
@@ -176,15 +182,15 @@ fn request(addr: &str, method: &str, target: &str, headers: &[(&str, &str)], bod
 /// `reel serve` on a state directory: started, SIGKILLed, SIGTERMed and
 /// restarted on the same port. Dropping it SIGKILLs the daemon and whatever
 /// its jobs left running.
-struct Daemon {
-    state: PathBuf,
+pub(crate) struct Daemon {
+    pub(crate) state: PathBuf,
     args: Vec<String>,
     /// Extra environment of the next start only.
     env: Vec<(String, String)>,
     child: Option<Child>,
     /// `127.0.0.1:PORT`; the port is 0 until the first start.
-    addr: String,
-    token: String,
+    pub(crate) addr: String,
+    pub(crate) token: String,
     logs: tempfile::TempDir,
     starts: usize,
 }
@@ -199,7 +205,7 @@ fn endpoint(state: &Path, pid: u32) -> Option<String> {
 impl Daemon {
     /// Starts `reel --state-dir STATE serve --listen 127.0.0.1:0 ARGS` and waits
     /// until it answers `/healthz`.
-    fn start(state: &Path, args: &[&str]) -> Daemon {
+    pub(crate) fn start(state: &Path, args: &[&str]) -> Daemon {
         let mut d = Daemon {
             state: state.to_path_buf(),
             args: args.iter().map(|s| s.to_string()).collect(),
@@ -214,16 +220,16 @@ impl Daemon {
         d
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.as_ref().expect("the daemon runs").id()
     }
 
     /// Starts the daemon again (after a kill or a stop) on the port it had.
-    fn spawn(&mut self) {
+    pub(crate) fn spawn(&mut self) {
         assert!(self.child.is_none(), "the daemon already runs");
         self.starts += 1;
         let log = self
@@ -284,14 +290,14 @@ impl Daemon {
     }
 
     /// SIGKILL, as the OOM killer or a power cut would; waits for the process.
-    fn sigkill(&mut self) {
+    pub(crate) fn sigkill(&mut self) {
         let mut child = self.child.take().expect("the daemon runs");
         child.kill().unwrap();
         child.wait().unwrap();
     }
 
     /// Sends SIGTERM (the start of a drain) and returns.
-    fn term(&self) {
+    pub(crate) fn term(&self) {
         rustix::process::kill_process(
             rustix::process::Pid::from_raw(self.pid() as i32).unwrap(),
             rustix::process::Signal::TERM,
@@ -300,13 +306,13 @@ impl Daemon {
     }
 
     /// SIGTERM and wait (at most `within`) for the daemon to exit.
-    fn sigterm(&mut self, within: Duration) -> ExitStatus {
+    pub(crate) fn sigterm(&mut self, within: Duration) -> ExitStatus {
         self.term();
         self.wait_exit(within)
     }
 
     /// Waits (at most `within`) for the daemon to exit.
-    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+    pub(crate) fn wait_exit(&mut self, within: Duration) -> ExitStatus {
         let started = Instant::now();
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -323,19 +329,19 @@ impl Daemon {
     }
 
     /// A clean stop: SIGTERM, exit status 0.
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         let status = self.sigterm(Duration::from_secs(60));
         assert!(status.success(), "reel serve: {status}\n{}", self.stderr());
     }
 
     /// SIGKILL, then start again.
-    fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         self.sigkill();
         self.spawn();
     }
 
     /// Everything every start of the daemon wrote on stderr.
-    fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         (1..=self.starts)
             .map(|n| {
                 std::fs::read_to_string(self.logs.path().join(format!("serve-{n}.stderr")))
@@ -345,11 +351,11 @@ impl Daemon {
             .join("")
     }
 
-    fn auth(&self) -> String {
+    pub(crate) fn auth(&self) -> String {
         format!("Bearer {}", self.token)
     }
 
-    fn get(&self, target: &str) -> Resp {
+    pub(crate) fn get(&self, target: &str) -> Resp {
         request(
             &self.addr,
             "GET",
@@ -359,11 +365,11 @@ impl Daemon {
         )
     }
 
-    fn get_json(&self, target: &str) -> Value {
+    pub(crate) fn get_json(&self, target: &str) -> Value {
         self.get(target).expect(200, &format!("GET {target}"))
     }
 
-    fn post(&self, target: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+    pub(crate) fn post(&self, target: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
         let auth = self.auth();
         let mut all = vec![("Authorization", auth.as_str())];
         all.extend_from_slice(headers);
@@ -371,7 +377,7 @@ impl Daemon {
     }
 
     /// Submits `yaml` as `owner`; returns the job id.
-    fn submit(&self, owner: &str, file: &str, yaml: &str) -> u64 {
+    pub(crate) fn submit(&self, owner: &str, file: &str, yaml: &str) -> u64 {
         let v = self
             .post(
                 &format!("/v1/jobs?owner={owner}&file={file}"),
@@ -383,11 +389,11 @@ impl Daemon {
         v["job"].as_u64().unwrap()
     }
 
-    fn job(&self, id: u64) -> Value {
+    pub(crate) fn job(&self, id: u64) -> Value {
         self.get_json(&format!("/v1/jobs/{id}"))
     }
 
-    fn events(&self, id: u64) -> Vec<Value> {
+    pub(crate) fn events(&self, id: u64) -> Vec<Value> {
         self.get_json(&format!("/v1/jobs/{id}/events"))["events"]
             .as_array()
             .unwrap()
@@ -395,14 +401,14 @@ impl Daemon {
     }
 
     /// Every job, newest first.
-    fn jobs(&self, query: &str) -> Vec<Value> {
+    pub(crate) fn jobs(&self, query: &str) -> Vec<Value> {
         let v = self.get_json(&format!("/v1/jobs?limit=1000{query}"));
         assert_eq!(v["next_cursor"], Value::Null, "more than one page");
         v["jobs"].as_array().unwrap().clone()
     }
 
     /// Polls `GET /healthz` until it answers `status`; returns its body.
-    fn wait_health(&self, status: u16, within: Duration) -> Value {
+    pub(crate) fn wait_health(&self, status: u16, within: Duration) -> Value {
         let started = Instant::now();
         loop {
             let r = request(&self.addr, "GET", "/healthz", &[], b"");
@@ -419,7 +425,7 @@ impl Daemon {
     }
 
     /// Polls `GET /v1/jobs/{id}` until `done` says yes; panics after `within`.
-    fn wait_job(
+    pub(crate) fn wait_job(
         &self,
         id: u64,
         within: Duration,
@@ -441,12 +447,12 @@ impl Daemon {
         }
     }
 
-    fn wait_ended(&self, id: u64, within: Duration) -> Value {
+    pub(crate) fn wait_ended(&self, id: u64, within: Duration) -> Value {
         self.wait_job(id, within, "ended", |j| j["state"] == "ended")
     }
 
     /// Waits until the job's first step has started (the job is running it).
-    fn wait_step_started(&self, id: u64, within: Duration) -> Value {
+    pub(crate) fn wait_step_started(&self, id: u64, within: Duration) -> Value {
         self.wait_job(id, within, "running its first step", |j| {
             j["steps"][0]["started_ms"].is_u64()
         })
@@ -846,6 +852,21 @@ fn every_example_of_docs_api_md_runs_as_written() {
             assert_eq!(events[0]["event"], "Submitted", "{what}{v}");
             assert!(events[0]["at_ms"].is_u64(), "{what}{v}");
             events_output = Some(events.clone());
+        } else if block.contains("/logs") && block.contains("format=chunks") {
+            let chunks: Vec<Value> = text(&out.stdout)
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{what}{e}: {l}")))
+                .collect();
+            assert!(!chunks.is_empty(), "{what}no chunks");
+            assert_eq!(chunks[0]["offset"], 0, "{what}{chunks:?}");
+            assert_eq!(chunks[0]["step"], 1, "{what}{chunks:?}");
+            assert_eq!(chunks[0]["stream"], "stdout", "{what}{chunks:?}");
+            assert!(
+                chunks[0]["text"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("Hello from reel")),
+                "{what}{chunks:?}"
+            );
         } else if block.contains("/logs") {
             logs_output = Some(out.stdout.clone());
         } else if block.contains("/artifacts") {
@@ -856,6 +877,23 @@ fn every_example_of_docs_api_md_runs_as_written() {
             let m = text(&out.stdout);
             assert!(m.lines().any(|l| l.starts_with("reel_jobs{")), "{what}{m}");
             assert!(m.contains("# TYPE reel_jobs gauge"), "{what}{m}");
+        } else if block.contains("/v1/scheduler") {
+            let v = json();
+            has_keys(
+                &v,
+                &[
+                    "budget",
+                    "used",
+                    "free",
+                    "queued",
+                    "running",
+                    "queue_by_owner",
+                    "running_by_owner",
+                ],
+                &what,
+            );
+            assert!(v["budget"]["vcpus"].as_u64() > Some(0), "{what}{v}");
+            assert_eq!(v["running"], 0, "{what}{v}");
         } else if block.contains("/healthz") {
             assert_eq!(json(), serde_json::json!({"status": "ok"}), "{what}");
         } else if block.contains("/v1/jobs/1\"") {

@@ -30,7 +30,7 @@ use reel_engine::time::{format_duration_ms, format_ms};
 
 use crate::client::{ApiError, Client, DaemonArgs, live_endpoint};
 use crate::remote;
-use crate::views::{chunk_json, state_json};
+use crate::views::state_json;
 
 #[derive(Args, Debug)]
 pub struct JobsArgs {
@@ -760,7 +760,7 @@ pub fn output(dir: &Path, args: &OutputArgs, daemon: &DaemonArgs) -> Result<Exit
                 c.offset = args.offset;
             }
             if args.json {
-                serde_json::to_writer(&mut out, &chunk_json(index, &c))?;
+                serde_json::to_writer(&mut out, &c.view(index))?;
                 writeln!(out)?;
             } else {
                 out.write_all(&c.bytes)?;

@@ -6,7 +6,6 @@ use serde_json::{Value, json};
 use reel_engine::lifecycle::recover::outlook;
 use reel_engine::model::state::JobState;
 use reel_engine::plugin::PluginSet;
-use reel_engine::store::OutputChunk;
 
 /// A plugin set as JSON, for `reel plugins --json`:
 /// `{"plugin_dir", "loaded": [{name, version, abi, abi_major, abi_minor,
@@ -81,24 +80,4 @@ pub fn state_json(state: &JobState) -> Value {
         }
     }
     v
-}
-
-/// A stored output chunk as JSON: step (from 1), stream, offset and the bytes
-/// (as text when they are UTF-8, else as `bytes_hex`).
-pub fn chunk_json(step: u32, c: &OutputChunk) -> Value {
-    let mut v = json!({
-        "step": step + 1,
-        "stream": c.stream,
-        "offset": c.offset,
-        "len": c.bytes.len(),
-    });
-    match std::str::from_utf8(&c.bytes) {
-        Ok(text) => v["text"] = json!(text),
-        Err(_) => v["bytes_hex"] = json!(hex(&c.bytes)),
-    }
-    v
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -38,6 +38,13 @@ impl Api {
 }
 
 impl Handler for Api {
+    fn public(&self, method: &Method, path: &str) -> bool {
+        // The web view's pages and assets are the same bytes for everyone and
+        // hold nothing about jobs; a browser cannot send the bearer token with
+        // a page load. Everything they show comes from token-checked calls.
+        *method == Method::GET && (path == "/healthz" || crate::web::is_public(path))
+    }
+
     fn handle(&self, req: Request) -> Pin<Box<dyn Future<Output = Response> + Send + 'static>> {
         let svc = self.svc.clone();
         Box::pin(async move { route(svc, req).await })
@@ -85,6 +92,8 @@ async fn route(svc: Service, req: Request) -> Response {
         (Method::POST, ["v1", "jobs"]) => submit(&svc, &req).await,
         (Method::GET, ["v1", "jobs"]) => list(&svc, &req).await,
         (Method::POST, ["v1", "gc"]) => gc(&svc, &req).await,
+        (Method::GET, ["v1", "scheduler"]) => scheduler(&svc),
+        (Method::GET, page) if crate::web::is_page(page) => crate::web::page(page),
         (method, ["v1", "jobs", id, rest @ ..]) => {
             let Ok(job) = id.parse::<JobId>() else {
                 return bad(&format!("{id:?} is not a job id"));
@@ -303,6 +312,24 @@ async fn events(svc: &Service, job: JobId, req: &Request) -> Response {
     }
 }
 
+/// The scheduler's budget and queues now: what `/metrics` says of them, as JSON.
+fn scheduler(svc: &Service) -> Response {
+    let view = svc.sched_view();
+    http::json(
+        StatusCode::OK,
+        &json!({
+            "budget": view.budget,
+            "used": view.used,
+            "free": view.free,
+            "queued": view.queued,
+            "running": view.running,
+            "queue_by_owner": view.queue_by_owner,
+            "running_by_owner": view.running_by_owner,
+            "accepting": svc.accepting(),
+        }),
+    )
+}
+
 async fn gc(svc: &Service, req: &Request) -> Response {
     let Some(keep) = req.query("keep") else {
         return bad("give how long to keep ended jobs: ?keep=30d");
@@ -376,22 +403,63 @@ async fn logs(svc: &Service, job: JobId, req: &Request) -> Response {
         Some("true") | Some("1") => true,
         Some(f) => return bad(&format!("follow {f:?}: expected true or false")),
     };
-    let mut f = svc.follow(job, (step - 1) as u32, offset, follow);
+    let mut limit = match req.query("limit").map(str::parse::<u64>) {
+        None => None,
+        Some(Ok(n)) => Some(n),
+        Some(Err(_)) => return bad("limit: expected a number of bytes"),
+    };
+    let chunks = match req.query("format") {
+        None | Some("") | Some("raw") => false,
+        Some("chunks") => true,
+        Some(f) => return bad(&format!("format {f:?}: expected raw or chunks")),
+    };
+    let index = (step - 1) as u32;
+    let log = svc.log().clone();
+    let end = match blocking::unblock(move || log.output_end(job, index)).await {
+        Ok(end) => end,
+        Err(e) => return log_error(&e),
+    };
+    let content_type = if chunks {
+        "application/x-ndjson"
+    } else {
+        "application/octet-stream"
+    };
+    let mut f = svc.follow(job, index, offset, follow);
     let (resp, tx) = http::stream(
         StatusCode::OK,
-        "application/octet-stream",
-        &[("x-reel-offset", offset.to_string())],
+        content_type,
+        &[
+            ("x-reel-offset", offset.to_string()),
+            ("x-reel-stored", end.to_string()),
+        ],
     );
     smol::spawn(async move {
-        while let Some(chunk) = f.next().await {
-            let Ok(c) = chunk else {
-                // The body ends early; the client resumes from its offset.
+        while limit != Some(0) {
+            let Some(Ok(mut c)) = f.next().await else {
+                // The end, or the body ends early; the client resumes from its offset.
                 break;
             };
+            // Counted in the combined stream, so that `offset + limit` is where
+            // the next page starts whatever `stream` is.
+            if let Some(left) = limit.as_mut() {
+                let take = (*left).min(c.bytes.len() as u64);
+                c.bytes.truncate(take as usize);
+                *left -= take;
+            }
             if only.is_some_and(|s| s != c.stream) {
                 continue;
             }
-            if tx.send(Bytes::from(c.bytes)).await.is_err() {
+            let body = if chunks {
+                let mut line = match serde_json::to_vec(&c.view(index)) {
+                    Ok(line) => line,
+                    Err(_) => break,
+                };
+                line.push(b'\n');
+                line
+            } else {
+                c.bytes
+            };
+            if tx.send(Bytes::from(body)).await.is_err() {
                 // The client went away.
                 break;
             }

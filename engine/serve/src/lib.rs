@@ -1,5 +1,5 @@
 //! `reel serve`, the daemon: its HTTP layer ([`http`]), the API routes of
-//! `docs/api.md` ([`api`]), `/metrics` ([`metrics`]) and the daemon's life
+//! `docs/api.md` ([`api`]), `/metrics` ([`metrics`]), the web view ([`web`]) and the daemon's life
 //! ([`daemon`]: token, recovery, listeners, signals, drain). A front end: every
 //! rule about jobs is the engine's (`reel_engine::service`).
 
@@ -8,3 +8,4 @@ mod artifacts;
 pub mod daemon;
 pub mod http;
 pub mod metrics;
+pub mod web;

@@ -100,7 +100,7 @@ pub use audit::{
 pub use error::LogError;
 pub use event_log::EventLog;
 pub use gc::{GcReport, NEW_JOURNAL, Retention, collect as gc, due as gc_due};
-pub use output::{OutputChunk, Stream};
+pub use output::{ChunkView, OutputChunk, Stream};
 pub use reader::{LogReader, OutputChunks};
 pub use reconcile::Repair;
 pub use snapshot::Holder;

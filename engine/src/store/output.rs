@@ -75,6 +75,44 @@ pub struct OutputChunk {
     pub bytes: Vec<u8>,
 }
 
+/// A stored chunk as `reel output --json` prints it and the API's
+/// `logs?format=chunks` sends it: step (from 1), stream, offset, length and
+/// the bytes — as `text` when they are UTF-8, else as `bytes_hex`.
+#[derive(Debug, Serialize)]
+pub struct ChunkView<'a> {
+    /// The step, numbered from 1.
+    pub step: u32,
+    /// Which stream.
+    pub stream: Stream,
+    /// Byte offset in the step's combined output.
+    pub offset: u64,
+    /// How many bytes.
+    pub len: usize,
+    /// The bytes, when they are UTF-8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<&'a str>,
+    /// The bytes in hex, when they are not UTF-8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_hex: Option<String>,
+}
+
+impl OutputChunk {
+    /// The chunk as [`ChunkView`]; `index` is the step's index (from 0).
+    pub fn view(&self, index: u32) -> ChunkView<'_> {
+        let text = std::str::from_utf8(&self.bytes).ok();
+        ChunkView {
+            step: index + 1,
+            stream: self.stream,
+            offset: self.offset,
+            len: self.bytes.len(),
+            text,
+            bytes_hex: text
+                .is_none()
+                .then(|| self.bytes.iter().map(|b| format!("{b:02x}")).collect()),
+        }
+    }
+}
+
 impl Stream {
     /// The stream's byte in a frame header.
     pub fn byte(self) -> u8 {

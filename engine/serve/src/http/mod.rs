@@ -37,6 +37,13 @@ pub type Response = hyper::Response<Body>;
 /// The API: one value that answers every request that got past the HTTP layer
 /// (authenticated, head and body within the limits).
 pub trait Handler: Send + Sync + 'static {
+    /// Whether a TCP request for `path` is answered without the bearer token
+    /// (it then reaches [`Handler::handle`] like any other): `GET /healthz`
+    /// unless the handler says otherwise.
+    fn public(&self, method: &hyper::Method, path: &str) -> bool {
+        *method == hyper::Method::GET && path == "/healthz"
+    }
+
     /// Answers one request. The future runs on the connection's own task; a
     /// panic in it is caught and answered `500 {"error": "internal error"}`.
     fn handle(&self, req: Request) -> Pin<Box<dyn Future<Output = Response> + Send + 'static>>;

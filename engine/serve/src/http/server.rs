@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 use async_io::Timer;
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, FutureExt, future};
+use hyper::StatusCode;
 use hyper::body::Incoming;
 use hyper::header::{AUTHORIZATION, HeaderValue, WWW_AUTHENTICATE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Method, StatusCode};
 use smol_hyper::rt::FuturesIo;
 
 use super::io::{Activity, ConnIo, HeadTimer};
@@ -40,8 +40,9 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// The HTTP server: one [`Handler`] behind one or more listeners.
 ///
 /// Every connection is its own smol task (`smol::spawn`), so one slow or
-/// malformed client never holds up another. Over TCP every request but
-/// `GET /healthz` needs the bearer token; over the unix socket none does.
+/// malformed client never holds up another. Over TCP every request but those
+/// the handler calls public ([`Handler::public`]: `GET /healthz` by default)
+/// needs the bearer token; over the unix socket none does.
 pub struct Server {
     shared: Arc<Shared>,
 }
@@ -368,7 +369,7 @@ async fn linger<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, within: Durati
 async fn answer(shared: &Shared, via: Via, mut req: hyper::Request<Incoming>) -> Response {
     let started = Instant::now();
     if let (Via::Tcp(peer), Some(token)) = (via, &shared.token) {
-        let open = req.method() == Method::GET && req.uri().path() == "/healthz";
+        let open = shared.handler.public(req.method(), req.uri().path());
         let authorized = open
             || req
                 .headers()
