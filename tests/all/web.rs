@@ -187,23 +187,29 @@ impl Browser {
         .and_then(|v| v[ELEMENT].as_str().map(str::to_owned))
     }
 
-    /// Waits for an element matching `css`.
-    fn wait_for(&self, css: &str, within: Duration) -> String {
+    /// Polls `f` until it gives something; panics after `within` with a
+    /// screenshot and the page's text.
+    fn poll<T>(&self, what: &str, within: Duration, f: impl Fn() -> Option<T>) -> T {
         let started = Instant::now();
         loop {
-            if let Some(e) = self.find(css) {
-                return e;
+            if let Some(v) = f() {
+                return v;
             }
             if started.elapsed() > within {
                 let shot = self.screenshot("timeout");
                 panic!(
-                    "no {css:?} within {within:?} (screenshot {}); the page says:\n{}",
+                    "{what}: not within {within:?} (screenshot {}); the page says:\n{}",
                     shot.display(),
                     self.js("return document.body.innerText")
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits for an element matching `css`.
+    fn wait_for(&self, css: &str, within: Duration) -> String {
+        self.poll(&format!("an element {css:?}"), within, || self.find(css))
     }
 
     /// Runs `script` (a function body) in the page; what it returns.
@@ -217,8 +223,7 @@ impl Browser {
 
     /// Waits until `script` returns something truthy; returns it.
     fn wait_js(&self, script: &str, what: &str, within: Duration) -> Value {
-        let started = Instant::now();
-        loop {
+        self.poll(what, within, || {
             let v = self.js(script);
             let yes = match &v {
                 Value::Null => false,
@@ -227,19 +232,8 @@ impl Browser {
                 Value::String(s) => !s.is_empty(),
                 _ => true,
             };
-            if yes {
-                return v;
-            }
-            if started.elapsed() > within {
-                let shot = self.screenshot("timeout");
-                panic!(
-                    "{what}: not within {within:?} (screenshot {}); the page says:\n{}",
-                    shot.display(),
-                    self.js("return document.body.innerText")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            yes.then_some(v)
+        })
     }
 
     fn click(&self, element: &str) {
