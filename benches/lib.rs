@@ -6,7 +6,11 @@
 //! command line) or `REEL_BENCH_QUICK=1` shrinks them for a smoke run.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use serde_json::Value;
 
 /// The size multiplier from `REEL_BENCH_SCALE` (default 1.0), times 0.1 in quick mode.
 pub fn scale() -> f64 {
@@ -306,4 +310,123 @@ where
     let live = log.live_jobs()?.len() as u64;
     log.close();
     Ok(live)
+}
+
+/// How long a daemon ([`Daemon`]) gets to start, and to stop after SIGTERM.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A running `reel serve` (release, from [`ReleaseBins`]), killed if dropped before [`Daemon::stop`].
+pub struct Daemon {
+    child: Option<Child>,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    /// The bearer token.
+    pub token: String,
+    stderr: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `BINS/reel --state-dir STATE serve --listen 127.0.0.1:0
+    /// --plugin-dir BINS ARGS` with `TMPDIR=tmp`, its stderr to `stderr`, and
+    /// waits for its endpoint file.
+    pub fn start(
+        bins: &Path,
+        state: &Path,
+        tmp: &Path,
+        stderr: &Path,
+        args: &[&str],
+    ) -> anyhow::Result<Daemon> {
+        let err = std::fs::File::create(stderr)?;
+        let child = Command::new(bins.join("reel"))
+            .arg("--state-dir")
+            .arg(state)
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--plugin-dir"])
+            .arg(bins)
+            .args(args)
+            .env("TMPDIR", tmp)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .context("cannot start reel serve")?;
+        let mut d = Daemon {
+            child: Some(child),
+            addr: String::new(),
+            token: String::new(),
+            stderr: stderr.to_path_buf(),
+        };
+        let endpoint = state.join("serve").join("endpoint.json");
+        let started = Instant::now();
+        loop {
+            if let Some(st) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("reel serve exited at start ({st}): {}", d.stderr_tail());
+            }
+            if let Ok(bytes) = std::fs::read(&endpoint)
+                && let Ok(v) = serde_json::from_slice::<Value>(&bytes)
+                && let Some(url) = v["url"].as_str()
+            {
+                d.addr = url.trim_start_matches("http://").to_string();
+                break;
+            }
+            if started.elapsed() > START_TIMEOUT {
+                bail!(
+                    "reel serve did not start in {START_TIMEOUT:?}: {}",
+                    d.stderr_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        d.token = std::fs::read_to_string(state.join("serve").join("token"))
+            .context("cannot read the daemon's token")?
+            .trim()
+            .to_string();
+        Ok(d)
+    }
+
+    /// The last 20 lines the daemon wrote on stderr.
+    pub fn stderr_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// SIGTERM, then waits for the exit; returns how long that took. On an
+    /// error the daemon is killed and waited for by `Drop`.
+    pub fn stop(mut self) -> anyhow::Result<Duration> {
+        let id = self.child.as_ref().expect("stopped once").id();
+        let pid = rustix::process::Pid::from_raw(id as i32).context("pid 0")?;
+        let t = Instant::now();
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM)?;
+        let status = loop {
+            if let Some(st) = self.child.as_mut().expect("stopped once").try_wait()? {
+                break st;
+            }
+            if t.elapsed() > STOP_TIMEOUT {
+                bail!(
+                    "reel serve did not exit within {STOP_TIMEOUT:?} of SIGTERM (killed): {}",
+                    self.stderr_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let took = t.elapsed();
+        self.child = None;
+        ensure!(
+            status.success(),
+            "reel serve exited {status} after SIGTERM: {}",
+            self.stderr_tail()
+        );
+        Ok(took)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }

@@ -38,14 +38,14 @@ use std::fs;
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use reel_benches::{
-    BenchDir, check_output, fdatasync_latency, fresh_dir, median, median_duration, ms, quick,
-    ratio, verdict,
+    BenchDir, Daemon, check_output, fdatasync_latency, fresh_dir, median, median_duration, ms,
+    quick, ratio, verdict,
 };
 use serde_json::Value;
 
@@ -63,9 +63,6 @@ const POLL: Duration = Duration::from_millis(100);
 const ALONE: usize = 10;
 /// The largest response head read.
 const MAX_HEAD: usize = 64 << 10;
-/// How long the daemon gets to start, and to stop after SIGTERM.
-const START_TIMEOUT: Duration = Duration::from_secs(60);
-const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn job_text(i: u64) -> String {
     format!("name: trivial-{i}\nsteps:\n  - name: step\n    command: \"true\"\n")
@@ -288,128 +285,14 @@ fn metrics(conn: &mut Conn) -> anyhow::Result<Metrics> {
     })
 }
 
-/// A running `reel serve`, killed if dropped before [`Daemon::stop`].
-struct Daemon {
-    child: Option<Child>,
-    addr: String,
-    token: String,
-    stderr: PathBuf,
-}
-
-impl Daemon {
-    fn start(bins: &Path, state: &Path, tmp: &Path, stderr: &Path) -> anyhow::Result<Daemon> {
-        let err = fs::File::create(stderr)?;
-        let child = Command::new(bins.join("reel"))
-            .arg("--state-dir")
-            .arg(state)
-            .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--plugin-dir"])
-            .arg(bins)
-            .args([
-                "--durability",
-                "fsync",
-                "--vcpus",
-                &PARALLEL.to_string(),
-                "--memory",
-                &format!("{}M", 512 * PARALLEL),
-                "--disk",
-                &format!("{}M", 1024 * PARALLEL),
-                "--drain",
-                "30s",
-            ])
-            .env("TMPDIR", tmp)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .context("cannot start reel serve")?;
-        let mut d = Daemon {
-            child: Some(child),
-            addr: String::new(),
-            token: String::new(),
-            stderr: stderr.to_path_buf(),
-        };
-        let endpoint = state.join("serve").join("endpoint.json");
-        let started = Instant::now();
-        loop {
-            if let Some(st) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("reel serve exited at start ({st}): {}", d.stderr_tail());
-            }
-            if let Ok(bytes) = fs::read(&endpoint)
-                && let Ok(v) = serde_json::from_slice::<Value>(&bytes)
-                && let Some(url) = v["url"].as_str()
-            {
-                d.addr = url.trim_start_matches("http://").to_string();
-                break;
-            }
-            if started.elapsed() > START_TIMEOUT {
-                bail!(
-                    "reel serve did not start in {START_TIMEOUT:?}: {}",
-                    d.stderr_tail()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        d.token = fs::read_to_string(state.join("serve").join("token"))
-            .context("cannot read the daemon's token")?
-            .trim()
-            .to_string();
-        Ok(d)
-    }
-
-    /// A new connection, with one request made on it: a connection's first
-    /// request head must come within 10 s of its accept, a later one may come
-    /// after up to 60 s idle (docs/api.md, Limits).
-    fn conn(&self) -> anyhow::Result<Conn> {
-        let mut c = Conn::open(&self.addr, &self.token)?;
-        let a = c.get("/healthz")?;
-        ensure!(a.status == 200, "GET /healthz: {} {}", a.status, a.text());
-        Ok(c)
-    }
-
-    fn stderr_tail(&self) -> String {
-        let s = fs::read_to_string(&self.stderr).unwrap_or_default();
-        let lines: Vec<&str> = s.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-
-    /// SIGTERM, then waits for the exit; returns how long that took. On an
-    /// error the daemon is killed and waited for by `Drop`.
-    fn stop(mut self) -> anyhow::Result<Duration> {
-        let id = self.child.as_ref().expect("stopped once").id();
-        let pid = rustix::process::Pid::from_raw(id as i32).context("pid 0")?;
-        let t = Instant::now();
-        rustix::process::kill_process(pid, rustix::process::Signal::TERM)?;
-        let status = loop {
-            if let Some(st) = self.child.as_mut().expect("stopped once").try_wait()? {
-                break st;
-            }
-            if t.elapsed() > STOP_TIMEOUT {
-                bail!(
-                    "reel serve did not exit within {STOP_TIMEOUT:?} of SIGTERM (killed): {}",
-                    self.stderr_tail()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let took = t.elapsed();
-        self.child = None;
-        ensure!(
-            status.success(),
-            "reel serve exited {status} after SIGTERM: {}",
-            self.stderr_tail()
-        );
-        Ok(took)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+/// A new connection to `d`, with one request made on it: a connection's first
+/// request head must come within 10 s of its accept, a later one may come
+/// after up to 60 s idle (docs/api.md, Limits).
+fn conn(d: &Daemon) -> anyhow::Result<Conn> {
+    let mut c = Conn::open(&d.addr, &d.token)?;
+    let a = c.get("/healthz")?;
+    ensure!(a.status == 200, "GET /healthz: {} {}", a.status, a.text());
+    Ok(c)
 }
 
 /// One serve run's figures.
@@ -444,11 +327,28 @@ fn serve_run(
     texts: &[Vec<u8>],
 ) -> anyhow::Result<ServeRun> {
     let n = texts.len() as u64;
-    let daemon = Daemon::start(bins, state, tmp, stderr)?;
-    let mut poller = daemon.conn()?;
+    let daemon = Daemon::start(
+        bins,
+        state,
+        tmp,
+        stderr,
+        &[
+            "--durability",
+            "fsync",
+            "--vcpus",
+            &PARALLEL.to_string(),
+            "--memory",
+            &format!("{}M", 512 * PARALLEL),
+            "--disk",
+            &format!("{}M", 1024 * PARALLEL),
+            "--drain",
+            "30s",
+        ],
+    )?;
+    let mut poller = conn(&daemon)?;
     // Each connection made one request already: accepted and warm before the clock starts.
     let mut clients = (0..CLIENTS)
-        .map(|_| daemon.conn())
+        .map(|_| conn(&daemon))
         .collect::<anyhow::Result<Vec<_>>>()?;
 
     let (ref_instant, ref_unix_ms) = (Instant::now(), reel_engine::time::now_ms());

@@ -28,6 +28,8 @@
 //! neither race nor build at once (the second one finds the build done and cargo
 //! checks it in a fraction of a second); within one process the answer is cached.
 
+pub mod browser;
+
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
