@@ -34,7 +34,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -202,6 +202,8 @@ pub struct FrameReader {
     pos: u64,
     len: u64,
     done: bool,
+    /// Whether the frames before the first `from` asked for were stepped over.
+    skipped: bool,
 }
 
 impl FrameReader {
@@ -213,7 +215,34 @@ impl FrameReader {
             pos: 0,
             len,
             done: false,
+            skipped: false,
         })
+    }
+
+    /// Steps over the frames wholly before `from` by their headers alone, one
+    /// positioned read of a header each, without reading (or checking) their
+    /// bytes: reading the last page of a large output touches its headers,
+    /// not every byte before it. Stops at the first header that is not whole
+    /// or not plausible, where [`FrameReader::step`] reports it.
+    fn skip_before(&mut self, from: u64) -> std::io::Result<()> {
+        let mut pos = self.pos;
+        let mut head = [0u8; HEAD];
+        while self.len - pos >= (HEAD + TAIL) as u64 {
+            self.file.get_ref().read_exact_at(&mut head, pos)?;
+            let Some((_, n, offset)) = header(&head) else {
+                break;
+            };
+            let whole = (HEAD + n + TAIL) as u64;
+            if offset + n as u64 > from || self.len - pos < whole {
+                break;
+            }
+            pos += whole;
+        }
+        if pos != self.pos {
+            self.file.seek(SeekFrom::Start(pos))?;
+            self.pos = pos;
+        }
+        Ok(())
     }
 
     /// Where the next frame starts (after the last one read, once stopped:
@@ -227,6 +256,13 @@ impl FrameReader {
     /// (or checking) their bytes. `None` at the end of the file; after an
     /// error, every later call returns `None`.
     pub fn next_from(&mut self, from: u64) -> Option<Result<Frame, ReadError>> {
+        if !self.skipped && !self.done {
+            self.skipped = true;
+            if let Err(e) = self.skip_before(from) {
+                self.done = true;
+                return Some(Err(ReadError::Io(e)));
+            }
+        }
         while !self.done && self.pos < self.len {
             match self.step(from) {
                 Ok(Some(f)) => return Some(Ok(f)),
@@ -552,6 +588,42 @@ mod tests {
             read_all(&buf, 0).1,
             Some(FrameError::Damaged { at: second as u64 })
         );
+    }
+
+    #[test]
+    fn frames_before_the_offset_are_stepped_over_by_their_headers() {
+        // 300 frames of 1,000 bytes, the streams alternating.
+        let mut buf = Vec::new();
+        let mut starts = Vec::new();
+        for i in 0..300u64 {
+            starts.push(buf.len());
+            buf.extend(frame(
+                i * 1000,
+                (i % 2) as u8,
+                &vec![b'a' + (i % 26) as u8; 1000],
+            ));
+        }
+        // From inside frame 250: that frame first (whole), then the rest.
+        let (frames, err) = read_all(&buf, 250_500);
+        assert_eq!(err, None);
+        assert_eq!(frames.len(), 50);
+        assert_eq!(frames[0].0, 250_000);
+        assert_eq!(frames[49].0, 299_000);
+        // A frame's bytes before the offset are not read, so damage there is
+        // not seen; a damaged header is, where it is.
+        let mut bytes_hit = buf.clone();
+        bytes_hit[starts[10] + HEAD + 3] ^= 1;
+        assert_eq!(read_all(&bytes_hit, 250_500).0.len(), 50);
+        let mut header_hit = buf.clone();
+        header_hit[starts[10]] ^= 0xff;
+        assert_eq!(
+            read_all(&header_hit, 250_500).1,
+            Some(FrameError::Damaged {
+                at: starts[10] as u64
+            })
+        );
+        // Past the end: nothing, no error.
+        assert_eq!(read_all(&buf, 400_000), (vec![], None));
     }
 
     #[test]
