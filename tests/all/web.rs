@@ -61,7 +61,7 @@ fn the_web_view_shows_jobs_live_timelines_and_logs_and_cancels_a_job_in_a_real_b
     b.js("window.reelTestMark = 'same page'; return true");
 
     // A job submitted now shows up without a reload, and runs.
-    let printer = "name: printer\nartifacts: [dist/report.txt]\nsteps:\n  - name: count\n    command: |\n      for i in $(seq 1 60); do echo \"line $i\"; printf '\\033[32mgreen %s\\033[0m\\n' $i; echo \"err $i\" >&2; sleep 0.1; done\n  - name: after\n    command: mkdir -p dist && echo report-body > dist/report.txt && echo done\n";
+    let printer = "name: printer\nartifacts: [dist/report.txt]\nsteps:\n  - name: count\n    command: |\n      for i in $(seq 1 100); do echo \"line $i\"; printf '\\033[32mgreen %s\\033[0m\\n' $i; echo \"err $i\" >&2; sleep 0.1; done\n  - name: after\n    command: mkdir -p dist && echo report-body > dist/report.txt && echo done\n";
     let job = d.submit("alice", "printer.yml", printer);
     let row = format!("tr[data-job='{job}']");
     b.wait_for(&row, secs(20));
