@@ -190,6 +190,12 @@ fn the_web_view_shows_jobs_live_timelines_and_logs_and_cancels_a_job_in_a_real_b
         secs(60),
     );
     assert_eq!(d.job(sleeper)["outcome"], "cancelled");
+    // The page stops following once the step has ended.
+    b.wait_js(
+        "return !document.querySelector('#log-state').textContent.includes('live') && document.querySelector('#log').textContent === 'napping\\n'",
+        "the log no longer following, with the step's output",
+        secs(20),
+    );
     b.wait_for("#timeline .mark.m-cancel", secs(5));
     b.screenshot("web-job-cancelled");
 

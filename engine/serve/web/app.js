@@ -701,11 +701,11 @@ function logPanel(jobId, getJob) {
     pre.dataset.end = lv.end;
   };
 
-  const stepRunning = () => {
-    const j = getJob();
+  const runningIn = (j) => {
     const s = j && j.steps.find((x) => x.step === step);
     return !!(s && s.started_ms && !s.finished_ms && j.state !== "ended");
   };
+  const stepRunning = () => runningIn(getJob());
 
   async function sizeOf() {
     const r = await api(`/v1/jobs/${jobId}/logs?step=${step}&limit=0`);
@@ -750,8 +750,10 @@ function logPanel(jobId, getJob) {
     lv.reset(Math.max(0, stored - LOG_PAGE));
     info();
     let tries = 0;
+    // The job as last asked here, when newer than the page's poll.
+    let fresh = null;
     for (;;) {
-      const live = stepRunning();
+      const live = fresh ? runningIn(fresh) : stepRunning();
       try {
         const r = await api(`/v1/jobs/${jobId}/logs?step=${step}&offset=${lv.end}&format=chunks${live ? "&follow=true" : `&limit=${Math.max(stored - lv.end, 0)}`}`, { signal: c.signal });
         if (!r.ok) throw new Error(`HTTP ${r.status}`);
@@ -765,15 +767,20 @@ function logPanel(jobId, getJob) {
         pre.dataset.ready = "1";
         window.reelLogShownMs = window.reelLogShownMs || performance.now();
         if (!live || c.signal.aborted) break;
-        // The body ended: the step ended, or the connection was lost.
-        await new Promise((ok) => setTimeout(ok, 300));
-        if (!stepRunning() && !c.signal.aborted) {
+        // The body ended whole: the step (or the job) ended, or the daemon
+        // stopped following. A lost connection throws instead (below).
+        fresh = await apiJson(`/v1/jobs/${jobId}`);
+        if (c.signal.aborted) return;
+        if (!runningIn(fresh)) {
           const end = await sizeOf();
           if (end <= lv.end) break;
           stored = end;
+        } else {
+          await new Promise((ok) => setTimeout(ok, 300));
         }
       } catch (e) {
         if (c.signal.aborted || e instanceof Unauthorized) return;
+        fresh = null;
         tries++;
         state.textContent = `connection lost (${e.message}); reconnecting from byte ${lv.end.toLocaleString()}…`;
         await new Promise((ok) => setTimeout(ok, Math.min(5000, 500 * tries)));
