@@ -1159,6 +1159,56 @@ impl Drop for Follower {
     }
 }
 
+/// `reel_log_followers` from `/metrics`.
+fn followers(d: &Daemon) -> u64 {
+    let m = text(&d.get("/metrics").body);
+    m.lines()
+        .find_map(|l| l.strip_prefix("reel_log_followers "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no reel_log_followers in /metrics:\n{m}"))
+}
+
+#[test]
+fn a_follower_that_goes_away_from_a_silent_step_is_let_go_while_the_step_runs() {
+    let state = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let d = Daemon::start(state.path(), &[]);
+    let job = d.submit(
+        "alice",
+        "quiet.yml",
+        "name: quiet\nsteps:\n  - name: quiet\n    command: echo hi; sleep 120\n",
+    );
+    d.wait_step_started(job, Duration::from_secs(30));
+    let mut f = Follower::start(
+        state.path(),
+        logs.path(),
+        "f",
+        &[&job.to_string(), "--step", "1"],
+    );
+    let started = Instant::now();
+    while f.stdout() != b"hi\n" {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no output: {}",
+            f.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(followers(&d), 1);
+    // The client dies; the step goes on printing nothing.
+    f.child.kill().unwrap();
+    f.child.wait().unwrap();
+    let gone = Instant::now();
+    while followers(&d) != 0 {
+        assert!(
+            gone.elapsed() < Duration::from_secs(15),
+            "the follow of a client that went away is still open"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(d.job(job)["state"], "running", "the step is still running");
+}
+
 #[test]
 fn logs_follow_survives_a_daemon_sigkill_byte_exact() {
     let state = tempfile::tempdir().unwrap();

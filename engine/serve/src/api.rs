@@ -424,7 +424,6 @@ async fn logs(svc: &Service, job: JobId, req: &Request) -> Response {
     } else {
         "application/octet-stream"
     };
-    let mut f = svc.follow(job, index, offset, follow);
     let (resp, tx) = http::stream(
         StatusCode::OK,
         content_type,
@@ -433,6 +432,10 @@ async fn logs(svc: &Service, job: JobId, req: &Request) -> Response {
             ("x-reel-stored", end.to_string()),
         ],
     );
+    let reader = tx.clone();
+    let mut f = svc
+        .follow(job, index, offset, follow)
+        .until_gone(move || reader.is_closed());
     smol::spawn(async move {
         while limit != Some(0) {
             let Some(Ok(mut c)) = f.next().await else {

@@ -154,6 +154,13 @@ pub fn render(svc: &Service) -> String {
     let _ = writeln!(out, "reel_retries_total {}", load(&c.retried));
     family(
         &mut out,
+        "reel_log_followers",
+        "gauge",
+        "Step-output follows open now (GET /v1/jobs/{id}/logs responses being sent).",
+    );
+    let _ = writeln!(out, "reel_log_followers {}", load(&c.followers));
+    family(
+        &mut out,
         "reel_engine_errors_total",
         "counter",
         "Jobs the engine could not finish (e.g. a failed cleanup), since this daemon started.",

@@ -23,7 +23,8 @@ const BATCH_BYTES: usize = 1024 * 1024;
 const RECHECK: Duration = Duration::from_secs(2);
 
 /// A step's output from an offset, then (when following) as it is stored:
-/// see [`Service::follow`].
+/// see [`Service::follow`]. Counted in [`Counters::followers`](super::Counters)
+/// from its creation to its drop.
 #[derive(Debug)]
 pub struct Follow {
     svc: Service,
@@ -33,6 +34,29 @@ pub struct Follow {
     keep_following: bool,
     pending: VecDeque<OutputChunk>,
     done: bool,
+    gone: Gone,
+}
+
+/// What says the follower's reader has gone ([`Follow::until_gone`]).
+struct Gone(Option<Box<dyn Fn() -> bool + Send>>);
+
+impl std::fmt::Debug for Gone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Gone(set)"
+        } else {
+            "Gone(none)"
+        })
+    }
+}
+
+impl Drop for Follow {
+    fn drop(&mut self) {
+        self.svc
+            .counters()
+            .followers
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Whether the step can store no more output: it finished, or the job is
@@ -53,6 +77,9 @@ impl Follow {
         offset: u64,
         keep_following: bool,
     ) -> Follow {
+        svc.counters()
+            .followers
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Follow {
             svc,
             job,
@@ -61,7 +88,17 @@ impl Follow {
             keep_following,
             pending: VecDeque::new(),
             done: false,
+            gone: Gone(None),
         }
+    }
+
+    /// Ends the follow (`next` gives `None`) once `gone` says yes, looked at
+    /// each time the follower wakes while it waits for output (at least every
+    /// two seconds): a reader that went away while the step is silent does not
+    /// keep the follow alive until the step prints or ends.
+    pub fn until_gone(mut self, gone: impl Fn() -> bool + Send + 'static) -> Follow {
+        self.gone = Gone(Some(Box::new(gone)));
+        self
     }
 
     /// Where the next byte comes from: the offset after everything returned.
@@ -78,6 +115,10 @@ impl Follow {
                 return Some(Ok(c));
             }
             if self.done {
+                return None;
+            }
+            if self.gone.0.as_ref().is_some_and(|gone| gone()) {
+                self.done = true;
                 return None;
             }
             let watcher = self

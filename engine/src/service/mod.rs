@@ -229,6 +229,8 @@ pub struct Counters {
     pub retried: AtomicU64,
     /// Jobs the engine could not finish (an engine error, e.g. a failed cleanup).
     pub engine_errors: AtomicU64,
+    /// Step-output follows open now ([`Follow`]s not yet dropped).
+    pub followers: AtomicU64,
 }
 
 /// A job this daemon queued or runs.
