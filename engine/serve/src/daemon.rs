@@ -110,6 +110,10 @@ async fn run_async(ex: Arc<Executor>, opts: DaemonOptions) -> Result<()> {
     write_endpoint(&opts.state_dir, &url, opts.socket.as_deref())?;
     tracing::info!(%url, socket = ?opts.socket, "reel serve: listening");
     eprintln!("reel serve: listening on {url}");
+    eprintln!(
+        "reel serve: web view at {url}/ (sign in with the token in {})",
+        token_path(&opts.state_dir).display()
+    );
 
     let api = Api::new(svc.clone());
     let server = Arc::new(Server::new(
