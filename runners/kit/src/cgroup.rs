@@ -358,20 +358,32 @@ impl Cgroup {
 
     /// Every directory of the cgroup's subtree, each after all of its descendants
     /// (the order to remove them in); empty if the cgroup does not exist. Walked
-    /// without recursion: a step decides how deep its child cgroups nest.
+    /// without recursion: a step decides how deep its child cgroups nest. A
+    /// directory whose link count is 2 has no subdirectories (cgroupfs keeps a
+    /// directory's count at 2 + its subdirectories, as ext4 and tmpfs do) and is
+    /// not listed: one `stat` instead of reading its dozens of control files'
+    /// entries. Any other count (a filesystem that does not keep it) is listed.
     pub fn subtree(&self) -> Vec<PathBuf> {
+        use std::os::unix::fs::MetadataExt as _;
         let mut parents_first = Vec::new();
         let mut stack = vec![self.path.clone()];
         while let Some(dir) = stack.pop() {
-            let Ok(entries) = std::fs::read_dir(&dir) else {
+            let Ok(meta) = std::fs::symlink_metadata(&dir) else {
                 continue;
             };
-            stack.extend(
-                entries
-                    .flatten()
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .map(|e| e.path()),
-            );
+            if !meta.is_dir() {
+                continue;
+            }
+            if meta.nlink() != 2
+                && let Ok(entries) = std::fs::read_dir(&dir)
+            {
+                stack.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
+            }
             parents_first.push(dir);
         }
         // Each directory was listed before anything below it.
@@ -442,6 +454,12 @@ impl Cgroup {
     /// Removes the directory and every cgroup below it, children first; a missing
     /// one is fine. Fails while a process is left in any of them.
     pub fn remove(&self) -> io::Result<()> {
+        // Most often the group has no children: gone in one rmdir.
+        match std::fs::remove_dir(&self.path) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(_) => {}
+        }
         for dir in self.subtree() {
             match std::fs::remove_dir(&dir) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => {
