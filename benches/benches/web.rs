@@ -78,10 +78,7 @@ fn main() -> anyhow::Result<()> {
     let (big_id, small_id) = (1, 2);
 
     let b = Browser::start();
-    b.goto(&url);
-    let input = b.wait_for("#token", Duration::from_secs(20));
-    b.type_text(&input, &daemon.token);
-    b.click(&b.wait_for("#sign-in", Duration::from_secs(5)));
+    b.sign_in(&url, "/", &daemon.token);
     b.wait_for("#budget", Duration::from_secs(20));
 
     let open = |id: u64| -> anyhow::Result<(f64, Duration)> {

@@ -9,14 +9,6 @@ use serde_json::{Value, json};
 use crate::serve::{Daemon, request};
 use reel_test_artefacts::browser::Browser;
 
-/// Opens the daemon's page at `path` and signs in with its token.
-fn sign_in(b: &Browser, d: &Daemon, path: &str) {
-    b.goto(&format!("{}{path}", d.url()));
-    let input = b.wait_for("#token", Duration::from_secs(20));
-    b.type_text(&input, &d.token);
-    b.click(&b.wait_for("#sign-in", Duration::from_secs(5)));
-}
-
 fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
 }
@@ -222,7 +214,7 @@ fn a_job_recovered_after_a_sigkill_shows_the_engine_death_and_its_log_reconnects
         "name: slow\nsteps:\n  - name: slow\n    command: for i in $(seq 1 50); do echo \"line $i\"; sleep 0.1; done\n",
     );
     let b = Browser::start();
-    sign_in(&b, &d, &format!("/jobs/{job}"));
+    b.sign_in(&d.url(), &format!("/jobs/{job}"), &d.token);
     // The page follows the step's output live when the daemon is killed.
     b.wait_js(
         "return document.querySelector('#log-state').textContent.includes('live') && document.querySelector('#log').textContent.includes('line 5\\n')",
@@ -303,7 +295,7 @@ fn a_job_with_200_mib_of_output_opens_with_one_page_of_it() {
     assert_eq!(lines[0]["text"].as_str().map(str::len), Some(5));
 
     let b = Browser::start();
-    sign_in(&b, &d, "/");
+    b.sign_in(&d.url(), "/", &d.token);
     b.wait_for("#budget", secs(20));
     let started = Instant::now();
     b.goto(&format!("{}/jobs/{job}", d.url()));

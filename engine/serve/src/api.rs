@@ -71,9 +71,7 @@ pub(crate) fn log_error(e: &LogError) -> Response {
 }
 
 async fn route(svc: Service, req: Request) -> Response {
-    let path = req.path.trim_end_matches('/').to_string();
-    let parts: Vec<&str> = path.split('/').skip(1).collect();
-    match (req.method.clone(), parts.as_slice()) {
+    match (req.method.clone(), http::segments(&req.path).as_slice()) {
         (Method::GET, ["healthz"]) => {
             if svc.accepting() {
                 http::json(StatusCode::OK, &json!({"status": "ok"}))

@@ -36,15 +36,10 @@ fn asset(parts: &[&str]) -> Option<(&'static str, &'static str)> {
     }
 }
 
-fn parts(path: &str) -> Vec<&str> {
-    let path = path.trim_end_matches('/');
-    path.split('/').skip(1).collect()
-}
-
 /// Whether `path` (as requested, before any trimming) is a page or asset of
 /// the web view.
 pub fn is_public(path: &str) -> bool {
-    asset(&parts(path)).is_some()
+    asset(&http::segments(path)).is_some()
 }
 
 /// Whether the path's segments (as the router splits them) name a page or an

@@ -726,11 +726,13 @@ function logPanel(jobId, getJob) {
     const c = new AbortController();
     ctl = c;
     state.textContent = "loading…";
-    stored = await sizeOf();
-    from = Math.max(0, Math.min(from, Math.max(stored - 1, 0)));
+    // `from` is a page start the buttons computed from what is shown: within
+    // the output; the answer says how much is stored now.
     lv.reset(from);
-    info();
     const r = await api(`/v1/jobs/${jobId}/logs?step=${step}&offset=${from}&limit=${LOG_PAGE}&format=chunks`, { signal: c.signal });
+    if (!r.ok) throw new Error(`HTTP ${r.status}`);
+    stored = Number(r.headers.get("X-Reel-Stored") || 0);
+    info();
     await readChunks(r, (ch) => lv.add(ch), c.signal);
     if (ctl === c) ctl = null;
     state.textContent = stepRunning() ? "the step is running: Latest follows it" : "";

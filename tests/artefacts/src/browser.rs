@@ -21,14 +21,10 @@ fn ensure_browser() {
     if Path::new(CHROMEDRIVER).exists() && Path::new(CHROMIUM).exists() {
         return;
     }
-    let install = workspace_root().join("scripts/install-vm-deps");
-    let status = Command::new(&install)
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", install.display()));
+    crate::install_deps("Debian's chromium and chromium-driver");
     assert!(
-        status.success() && Path::new(CHROMEDRIVER).exists(),
-        "{} failed ({status}): Debian's chromium and chromium-driver are needed (run it as root)",
-        install.display()
+        Path::new(CHROMEDRIVER).exists(),
+        "scripts/install-vm-deps left no {CHROMEDRIVER}"
     );
 }
 
@@ -176,6 +172,14 @@ impl Browser {
         } else {
             Err(v["value"].clone())
         }
+    }
+
+    /// Opens `url` + `path` (the daemon's web view) and signs in with `token`.
+    pub fn sign_in(&self, url: &str, path: &str, token: &str) {
+        self.goto(&format!("{url}{path}"));
+        let input = self.wait_for("#token", Duration::from_secs(20));
+        self.type_text(&input, token);
+        self.click(&self.wait_for("#sign-in", Duration::from_secs(5)));
     }
 
     /// Where the browser saves what it downloads.

@@ -345,6 +345,21 @@ impl Lock {
     }
 }
 
+/// Runs `scripts/install-vm-deps` (as root, from Debian's repositories: QEMU,
+/// the image's tools, curl, Chromium); panics saying `what` was needed if it
+/// fails.
+pub(crate) fn install_deps(what: &str) {
+    let install = workspace_root().join("scripts/install-vm-deps");
+    let status = Command::new(&install)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", install.display()));
+    assert!(
+        status.success(),
+        "{} failed ({status}): {what} are needed (run it as root)",
+        install.display()
+    );
+}
+
 /// The QEMU runner's guest image directory (holding `spec.json`), built by
 /// `scripts/build-guest-image` (cached by its inputs, so cheap after the first
 /// time) once per test process. On a machine without QEMU 10 it first runs
@@ -363,15 +378,7 @@ pub fn guest_image() -> PathBuf {
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("version 10."));
     if !qemu10 {
-        let install = root.join("scripts/install-vm-deps");
-        let status = Command::new(&install)
-            .status()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", install.display()));
-        assert!(
-            status.success(),
-            "{} failed ({status}): QEMU 10 and the image's tools are needed (run it as root)",
-            install.display()
-        );
+        install_deps("QEMU 10 and the image's tools");
     }
     let script = root.join("scripts/build-guest-image");
     let out = Command::new(&script)

@@ -22,7 +22,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-pub use request::{Request, Via, percent_decode};
+pub use request::{Request, Via, percent_decode, segments};
 pub use response::{bytes, error, json, stream, text};
 pub use server::Server;
 pub use token::Token;

@@ -52,6 +52,12 @@ impl Request {
     }
 }
 
+/// The segments of a request path as sent (not decoded), a trailing `/`
+/// ignored: `/v1/jobs/3/` is `["v1", "jobs", "3"]`, `/` is `[]`.
+pub fn segments(path: &str) -> Vec<&str> {
+    path.trim_end_matches('/').split('/').skip(1).collect()
+}
+
 /// Percent-decodes `s` (`%2F` → `/`); `None` when the result is not UTF-8. A `%`
 /// not followed by two hex digits stays as it is. `+` is left alone (only the
 /// query decodes it as a space).
